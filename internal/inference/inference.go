@@ -1,0 +1,146 @@
+package inference
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+)
+
+// Kind of request: what the engine is asked to do.
+type Kind int
+
+const (
+	// Generate completes a prompt.
+	Generate Kind = iota + 1
+	// Chat answers a list of messages.
+	Chat
+	// Embed returns one vector per input.
+	Embed
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Generate:
+		return "generate"
+	case Chat:
+		return "chat"
+	case Embed:
+		return "embed"
+	default:
+		return "unknown"
+	}
+}
+
+// Message is one chat turn.
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+// Request is one validated item of work.
+type Request struct {
+	Kind     Kind
+	Model    string
+	Prompt   string    // Generate
+	System   string    // Generate and Chat
+	Messages []Message // Chat
+	Input    []string  // Embed
+	// Options are engine options (temperature, num_predict, seed, ...),
+	// already type-checked by the decoder.
+	Options map[string]any
+	// Format is the requested output format ("json" or a JSON schema), raw.
+	Format json.RawMessage
+	// Stream, when set, receives text deltas as the engine produces them,
+	// in order, from one goroutine. It must not block for long.
+	Stream func(delta string)
+}
+
+// Usage counts tokens.
+type Usage struct {
+	InputTokens  int `json:"input_tokens"`
+	OutputTokens int `json:"output_tokens"`
+}
+
+// Response is the engine's answer to one Request.
+type Response struct {
+	Text       string      // Generate
+	Message    *Message    // Chat
+	Embeddings [][]float32 // Embed
+	DoneReason string
+	Usage      Usage
+}
+
+// Result pairs a Response with the error that replaced it.
+type Result struct {
+	Response Response
+	Err      error
+}
+
+// ErrorKind classifies an engine failure once, so that the settle decision
+// is made from the kind alone.
+type ErrorKind int
+
+const (
+	// Retryable: the engine is down, timed out or answered 5xx. The request
+	// is requeued.
+	Retryable ErrorKind = iota + 1
+	// Overloaded: the engine ran out of memory or answered "too many
+	// requests". The batch is retried smaller; the batch ceiling shrinks.
+	Overloaded
+	// Permanent: the request itself is wrong (unknown model, bad options).
+	// Retrying cannot help; it is answered with an error and dead-lettered.
+	Permanent
+)
+
+func (k ErrorKind) String() string {
+	switch k {
+	case Retryable:
+		return "retryable"
+	case Overloaded:
+		return "overloaded"
+	case Permanent:
+		return "permanent"
+	default:
+		return "unknown"
+	}
+}
+
+// Error is an engine failure with its class and a short code for results
+// and dead-letter headers.
+type Error struct {
+	Kind ErrorKind
+	// Code is machine-readable: "engine_unavailable", "engine_timeout",
+	// "model_not_found", "out_of_memory", ...
+	Code string
+	// Status is the HTTP status the engine answered, 0 when none.
+	Status int
+	Err    error
+}
+
+func (e *Error) Error() string {
+	if e.Status != 0 {
+		return fmt.Sprintf("engine %s (HTTP %d): %v", e.Code, e.Status, e.Err)
+	}
+	return fmt.Sprintf("engine %s: %v", e.Code, e.Err)
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// KindOf returns the class of err: the Kind of an *Error in its chain, else
+// Retryable (an unknown failure is assumed transient so nothing is lost).
+func KindOf(err error) ErrorKind {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Kind
+	}
+	return Retryable
+}
+
+// CodeOf returns the Code of an *Error in err's chain, else "engine_error".
+func CodeOf(err error) string {
+	var e *Error
+	if errors.As(err, &e) && e.Code != "" {
+		return e.Code
+	}
+	return "engine_error"
+}
