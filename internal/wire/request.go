@@ -1,0 +1,275 @@
+package wire
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/sous-run/sous/internal/inference"
+)
+
+// Request is the body a producer publishes.
+type Request struct {
+	ID       string              `json:"id,omitempty"`
+	Model    string              `json:"model,omitempty"`
+	Prompt   *string             `json:"prompt,omitempty"`
+	Messages []inference.Message `json:"messages,omitempty"`
+	// Input asks for embeddings: a string or a list of strings.
+	Input   json.RawMessage `json:"input,omitempty"`
+	System  string          `json:"system,omitempty"`
+	Options map[string]any  `json:"options,omitempty"`
+	// Format is "json" or a JSON schema object.
+	Format   json.RawMessage `json:"format,omitempty"`
+	Stream   bool            `json:"stream,omitempty"`
+	Deadline *time.Time      `json:"deadline,omitempty"`
+}
+
+// Limits bound what a request may ask for. Zero values mean "no limit"
+// except where noted.
+type Limits struct {
+	// MaxBodyBytes bounds the raw body (required, > 0).
+	MaxBodyBytes int
+	// MaxPromptBytes bounds prompt + system + all message contents + inputs.
+	MaxPromptBytes int
+	// MaxNumPredict bounds options.num_predict.
+	MaxNumPredict int
+	// DefaultModel fills in a request without a model.
+	DefaultModel string
+	// AllowedModels lists the models a request may name; empty means only
+	// DefaultModel.
+	AllowedModels []string
+}
+
+// Decoded is a validated request, ready for the engine.
+type Decoded struct {
+	ID       string
+	Stream   bool
+	Deadline time.Time // zero when none
+	Req      inference.Request
+}
+
+// Reason codes for rejected input; they appear in dead-letter headers and
+// error results.
+const (
+	ReasonBodyTooLarge     = "body_too_large"
+	ReasonInvalidUTF8      = "invalid_utf8"
+	ReasonInvalidJSON      = "invalid_json"
+	ReasonInvalidRequest   = "invalid_request"
+	ReasonMissingPrompt    = "missing_prompt"
+	ReasonInvalidOption    = "invalid_option"
+	ReasonModelNotAllowed  = "model_not_allowed"
+	ReasonPromptTooLarge   = "prompt_too_large"
+	ReasonDeadlineExceeded = "deadline_exceeded"
+	ReasonContentType      = "unsupported_content_type"
+)
+
+// InputError says why a request was rejected. Its message is safe to send
+// back to the producer: it never echoes the body.
+type InputError struct {
+	Reason  string
+	Message string
+}
+
+func (e *InputError) Error() string { return e.Reason + ": " + e.Message }
+
+func inputErr(reason, format string, args ...any) *InputError {
+	return &InputError{Reason: reason, Message: fmt.Sprintf(format, args...)}
+}
+
+// DecodeRequest validates body and returns the request it carries. fallbackID
+// is used when the body has no id (the broker message id). now is compared
+// with the request's deadline. A non-nil error is always an *InputError.
+func DecodeRequest(body []byte, contentType, fallbackID string, lim Limits, now time.Time) (*Decoded, error) {
+	if lim.MaxBodyBytes > 0 && len(body) > lim.MaxBodyBytes {
+		return nil, inputErr(ReasonBodyTooLarge, "body is %d bytes, the limit is %d (SOUS_MAX_BODY_BYTES)", len(body), lim.MaxBodyBytes)
+	}
+	if ct := strings.TrimSpace(strings.ToLower(strings.SplitN(contentType, ";", 2)[0])); ct != "" && ct != "application/json" && ct != "text/json" {
+		return nil, inputErr(ReasonContentType, "content type %q is not supported; send application/json", truncate(ct, 64))
+	}
+	if !utf8.Valid(body) {
+		return nil, inputErr(ReasonInvalidUTF8, "body is not valid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	dec.UseNumber()
+	var r Request
+	if err := dec.Decode(&r); err != nil {
+		return nil, describeJSONError(err)
+	}
+	if dec.More() {
+		return nil, inputErr(ReasonInvalidJSON, "body holds more than one JSON value")
+	}
+	if strings.ContainsRune(r.ID, 0) || len(r.ID) > 256 {
+		return nil, inputErr(ReasonInvalidRequest, "id must be at most 256 bytes and contain no NUL")
+	}
+	d := &Decoded{ID: r.ID, Stream: r.Stream}
+	if d.ID == "" {
+		d.ID = fallbackID
+	}
+	if r.Deadline != nil {
+		d.Deadline = *r.Deadline
+		if !now.Before(d.Deadline) {
+			return d, inputErr(ReasonDeadlineExceeded, "deadline %s has passed", d.Deadline.Format(time.RFC3339))
+		}
+	}
+	model := r.Model
+	if model == "" {
+		model = lim.DefaultModel
+	}
+	if model == "" {
+		return d, inputErr(ReasonInvalidRequest, "no model: set \"model\" in the request or SOUS_MODEL on the worker")
+	}
+	allowed := lim.AllowedModels
+	if len(allowed) == 0 {
+		allowed = []string{lim.DefaultModel}
+	}
+	if !slices.Contains(allowed, model) {
+		return d, inputErr(ReasonModelNotAllowed, "model %q is not allowed on this worker (SOUS_MODELS_ALLOWED)", truncate(model, 128))
+	}
+	req := inference.Request{Model: model, System: r.System}
+	kinds := 0
+	if r.Prompt != nil {
+		kinds++
+		req.Kind, req.Prompt = inference.Generate, *r.Prompt
+	}
+	if r.Messages != nil {
+		kinds++
+		req.Kind, req.Messages = inference.Chat, r.Messages
+	}
+	if len(r.Input) > 0 {
+		kinds++
+		in, err := decodeInput(r.Input)
+		if err != nil {
+			return d, err
+		}
+		req.Kind, req.Input = inference.Embed, in
+	}
+	switch {
+	case kinds == 0:
+		return d, inputErr(ReasonMissingPrompt, "request has none of \"prompt\", \"messages\" or \"input\"")
+	case kinds > 1:
+		return d, inputErr(ReasonInvalidRequest, "request must have exactly one of \"prompt\", \"messages\" or \"input\"")
+	}
+	if err := checkContent(req); err != nil {
+		return d, err
+	}
+	if req.Kind == inference.Embed && r.Stream {
+		return d, inputErr(ReasonInvalidRequest, "embedding requests cannot be streamed")
+	}
+	size := len(req.Prompt) + len(req.System)
+	for _, m := range req.Messages {
+		size += len(m.Content)
+	}
+	for _, s := range req.Input {
+		size += len(s)
+	}
+	if lim.MaxPromptBytes > 0 && size > lim.MaxPromptBytes {
+		return d, inputErr(ReasonPromptTooLarge, "prompt is %d bytes, the limit is %d (SOUS_MAX_PROMPT_BYTES)", size, lim.MaxPromptBytes)
+	}
+	opts, err := checkOptions(r.Options, lim)
+	if err != nil {
+		return d, err
+	}
+	req.Options = opts
+	if len(r.Format) > 0 {
+		if err := checkFormat(r.Format); err != nil {
+			return d, err
+		}
+		req.Format = r.Format
+	}
+	d.Req = req
+	return d, nil
+}
+
+var validRoles = []string{"system", "user", "assistant", "tool"}
+
+func checkContent(req inference.Request) *InputError {
+	switch req.Kind {
+	case inference.Generate:
+		if strings.TrimSpace(req.Prompt) == "" {
+			return inputErr(ReasonMissingPrompt, "\"prompt\" is empty")
+		}
+	case inference.Chat:
+		if len(req.Messages) == 0 {
+			return inputErr(ReasonMissingPrompt, "\"messages\" is empty")
+		}
+		for i, m := range req.Messages {
+			if !slices.Contains(validRoles, m.Role) {
+				return inputErr(ReasonInvalidRequest, "messages[%d].role must be one of %s", i, strings.Join(validRoles, ", "))
+			}
+		}
+	case inference.Embed:
+		if len(req.Input) == 0 {
+			return inputErr(ReasonMissingPrompt, "\"input\" is empty")
+		}
+	}
+	return nil
+}
+
+func decodeInput(raw json.RawMessage) ([]string, *InputError) {
+	var one string
+	if err := json.Unmarshal(raw, &one); err == nil {
+		return []string{one}, nil
+	}
+	var many []string
+	if err := json.Unmarshal(raw, &many); err != nil {
+		return nil, inputErr(ReasonInvalidRequest, "\"input\" must be a string or a list of strings")
+	}
+	return many, nil
+}
+
+func checkFormat(raw json.RawMessage) *InputError {
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		if s != "json" {
+			return inputErr(ReasonInvalidRequest, "\"format\" must be \"json\" or a JSON schema object")
+		}
+		return nil
+	}
+	var obj map[string]any
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return inputErr(ReasonInvalidRequest, "\"format\" must be \"json\" or a JSON schema object")
+	}
+	return nil
+}
+
+func describeJSONError(err error) *InputError {
+	var typeErr *json.UnmarshalTypeError
+	if errors.As(err, &typeErr) {
+		return inputErr(ReasonInvalidRequest, "field %q must be %s, not a JSON %s", typeErr.Field, typeErr.Type.String(), typeErr.Value)
+	}
+	var synErr *json.SyntaxError
+	if errors.As(err, &synErr) {
+		return inputErr(ReasonInvalidJSON, "body is not JSON: %s at offset %d", synErr.Error(), synErr.Offset)
+	}
+	msg := err.Error()
+	if strings.HasPrefix(msg, "json: unknown field ") {
+		return inputErr(ReasonInvalidRequest, "unknown field %s; see docs/messages.md", truncate(strings.TrimPrefix(msg, "json: unknown field "), 80))
+	}
+	if errors.Is(err, errEOF(err)) {
+		return inputErr(ReasonInvalidJSON, "body is empty or truncated")
+	}
+	return inputErr(ReasonInvalidJSON, "body is not a JSON request object: %s", truncate(msg, 120))
+}
+
+func errEOF(err error) error {
+	if err.Error() == "EOF" || err.Error() == "unexpected EOF" {
+		return err
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}

@@ -1,0 +1,201 @@
+package wire_test
+
+import (
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/santhosh-tekuri/jsonschema/v6"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+var now = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+
+func limits() wire.Limits {
+	return wire.Limits{MaxBodyBytes: 4096, MaxPromptBytes: 1024, MaxNumPredict: 256, DefaultModel: "tiny", AllowedModels: []string{"tiny", "big"}}
+}
+
+func schema(t testing.TB, name string) *jsonschema.Schema {
+	t.Helper()
+	c := jsonschema.NewCompiler()
+	c.AssertFormat()
+	path, err := filepath.Abs(filepath.Join("..", "..", "docs", "schemas", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := c.Compile(path)
+	if err != nil {
+		t.Fatalf("compile %s: %v", name, err)
+	}
+	return s
+}
+
+func validates(t testing.TB, s *jsonschema.Schema, body []byte) error {
+	t.Helper()
+	v, err := jsonschema.UnmarshalJSON(strings.NewReader(string(body)))
+	if err != nil {
+		return err
+	}
+	return s.Validate(v)
+}
+
+func TestDecodeRequest(t *testing.T) {
+	t.Parallel()
+	reqSchema := schema(t, "request.schema.json")
+	tests := []struct {
+		name   string
+		body   string
+		ctype  string
+		reason string // "" = valid
+		// schemaAgrees is false where the JSON Schema cannot express the rule
+		// (limits that are worker configuration, UTF-8, deadlines).
+		schemaAgrees bool
+		check        func(t *testing.T, d *wire.Decoded)
+	}{
+		{name: "prompt", body: `{"prompt":"hi"}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if d.Req.Kind != inference.Generate || d.Req.Model != "tiny" || d.ID != "msg-1" {
+				t.Errorf("got %+v", d)
+			}
+			if d.Req.Options["num_predict"] != int64(256) {
+				t.Errorf("num_predict defaults to the limit, got %v", d.Req.Options["num_predict"])
+			}
+		}},
+		{name: "chat with options", body: `{"id":"a","model":"big","messages":[{"role":"user","content":"hi"}],"options":{"temperature":0.5,"seed":7,"num_predict":8,"stop":["\n"]},"format":"json","stream":true}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if d.Req.Kind != inference.Chat || d.ID != "a" || d.Req.Model != "big" || !d.Stream {
+				t.Errorf("got %+v", d)
+			}
+			if d.Req.Options["seed"] != int64(7) || d.Req.Options["temperature"] != 0.5 || d.Req.Options["num_predict"] != int64(8) {
+				t.Errorf("options %v", d.Req.Options)
+			}
+		}},
+		{name: "embed list", body: `{"input":["a","b"]}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if d.Req.Kind != inference.Embed || len(d.Req.Input) != 2 {
+				t.Errorf("got %+v", d.Req)
+			}
+		}},
+		{name: "embed string", body: `{"input":"a"}`, schemaAgrees: true},
+		{name: "content type with charset", body: `{"prompt":"x"}`, ctype: "application/json; charset=utf-8", schemaAgrees: true},
+		{name: "future deadline", body: `{"prompt":"x","deadline":"2030-01-01T00:00:00Z"}`, schemaAgrees: true},
+		{name: "not json", body: `hello`, reason: wire.ReasonInvalidJSON, schemaAgrees: true},
+		{name: "empty", body: ``, reason: wire.ReasonInvalidJSON, schemaAgrees: true},
+		{name: "two values", body: `{"prompt":"a"}{"prompt":"b"}`, reason: wire.ReasonInvalidJSON},
+		{name: "invalid utf8", body: "{\"prompt\":\"\xff\xfe\"}", reason: wire.ReasonInvalidUTF8},
+		{name: "wrong type", body: `{"prompt":42}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
+		{name: "option wrong type", body: `{"prompt":"x","options":{"num_predict":"many"}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
+		{name: "option negative", body: `{"prompt":"x","options":{"num_predict":-5}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
+		{name: "option fraction", body: `{"prompt":"x","options":{"top_k":1.5}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
+		{name: "option absurd", body: `{"prompt":"x","options":{"num_predict":100000000}}`, reason: wire.ReasonInvalidOption},
+		{name: "option unknown", body: `{"prompt":"x","options":{"tempurature":1}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
+		{name: "unknown field", body: `{"prompt":"x","colour":"red"}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
+		{name: "no prompt", body: `{"model":"tiny"}`, reason: wire.ReasonMissingPrompt, schemaAgrees: true},
+		{name: "blank prompt", body: `{"prompt":"  "}`, reason: wire.ReasonMissingPrompt},
+		{name: "prompt and messages", body: `{"prompt":"x","messages":[{"role":"user","content":"y"}]}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
+		{name: "bad role", body: `{"messages":[{"role":"god","content":"y"}]}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
+		{name: "model not allowed", body: `{"prompt":"x","model":"secret-model"}`, reason: wire.ReasonModelNotAllowed},
+		{name: "too large", body: `{"prompt":"` + strings.Repeat("a", 5000) + `"}`, reason: wire.ReasonBodyTooLarge},
+		{name: "prompt too large", body: `{"prompt":"` + strings.Repeat("a", 2000) + `"}`, reason: wire.ReasonPromptTooLarge},
+		{name: "expired deadline", body: `{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, reason: wire.ReasonDeadlineExceeded},
+		{name: "bad deadline", body: `{"prompt":"x","deadline":"tomorrow"}`, reason: wire.ReasonInvalidJSON, schemaAgrees: true},
+		{name: "stream embeddings", body: `{"input":"x","stream":true}`, reason: wire.ReasonInvalidRequest},
+		{name: "xml", body: `{"prompt":"x"}`, ctype: "application/xml", reason: wire.ReasonContentType},
+		{name: "deep nesting", body: `{"format":` + strings.Repeat("[", 20000) + strings.Repeat("]", 20000) + `,"prompt":"x"}`, reason: wire.ReasonBodyTooLarge},
+		{name: "NUL in id", body: `{"id":"a\u0000b","prompt":"x"}`, reason: wire.ReasonInvalidRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, err := wire.DecodeRequest([]byte(tt.body), tt.ctype, "msg-1", limits(), now)
+			if tt.reason == "" {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				if tt.check != nil {
+					tt.check(t, d)
+				}
+			} else {
+				var ie *wire.InputError
+				if !errors.As(err, &ie) {
+					t.Fatalf("want InputError %s, got %v", tt.reason, err)
+				}
+				if ie.Reason != tt.reason {
+					t.Fatalf("reason = %s (%s), want %s", ie.Reason, ie.Message, tt.reason)
+				}
+				if strings.Contains(ie.Message, strings.Repeat("a", 100)) {
+					t.Errorf("error message echoes the body: %q", ie.Message)
+				}
+			}
+			if tt.schemaAgrees {
+				serr := validates(t, reqSchema, []byte(tt.body))
+				if (serr == nil) != (tt.reason == "") {
+					t.Errorf("schema disagrees with decoder: schema error %v, decoder reason %q", serr, tt.reason)
+				}
+			}
+		})
+	}
+}
+
+func TestResultsMatchSchema(t *testing.T) {
+	t.Parallel()
+	resSchema := schema(t, "result.schema.json")
+	chunkSchema := schema(t, "chunk.schema.json")
+	done := true
+	ok := wire.OKResult("r1", inference.Request{Kind: inference.Generate, Model: "tiny"}, inference.Response{Text: "hi", DoneReason: "stop", Usage: inference.Usage{InputTokens: 3, OutputTokens: 1}})
+	ok.Worker, ok.Batch, ok.Attempt = "w1", &wire.BatchInfo{ID: "b1", Size: 4}, 1
+	chat := wire.OKResult("r2", inference.Request{Kind: inference.Chat, Model: "tiny"}, inference.Response{Message: &inference.Message{Role: "assistant", Content: "yo"}})
+	chat.Worker, chat.Done = "w1", &done
+	emb := wire.OKResult("r3", inference.Request{Kind: inference.Embed, Model: "tiny"}, inference.Response{Embeddings: [][]float32{{0.1, 0.2}}})
+	emb.Worker = "w1"
+	bad := wire.ErrorResult("r4", "tiny", "invalid_json", "body is not JSON")
+	bad.Worker = "w1"
+	for _, v := range []wire.Result{ok, chat, emb, bad} {
+		b, _ := json.Marshal(v)
+		if err := validates(t, resSchema, b); err != nil {
+			t.Errorf("result %s does not match schema: %v\n%s", v.ID, err, b)
+		}
+	}
+	broken := ok
+	broken.Error = &wire.ErrorInfo{Code: "x", Message: "y"}
+	b, _ := json.Marshal(broken)
+	if validates(t, resSchema, b) == nil {
+		t.Error("schema accepts an ok result with an error")
+	}
+	c, _ := json.Marshal(wire.Chunk{ID: "r1", Seq: 0, Delta: "he", Attempt: 1})
+	if err := validates(t, chunkSchema, c); err != nil {
+		t.Errorf("chunk does not match schema: %v", err)
+	}
+}
+
+func FuzzDecodeRequest(f *testing.F) {
+	seeds, _ := filepath.Glob(filepath.Join("testdata", "corpus", "*.json"))
+	for _, s := range seeds {
+		b, err := os.ReadFile(s)
+		if err == nil {
+			f.Add(b, "application/json")
+		}
+	}
+	f.Add([]byte(`{"prompt":"hi","options":{"num_predict":5,"stop":["a"]}}`), "")
+	f.Add([]byte(`{"messages":[{"role":"user","content":"x"}],"format":{"type":"object"}}`), "application/json")
+	f.Add([]byte(`{"input":["a"],"deadline":"2030-01-01T00:00:00Z"}`), "text/json")
+	f.Fuzz(func(t *testing.T, body []byte, ctype string) {
+		d, err := wire.DecodeRequest(body, ctype, "fallback", limits(), now)
+		if err != nil {
+			var ie *wire.InputError
+			if !errors.As(err, &ie) || ie.Reason == "" {
+				t.Fatalf("error is not a classified InputError: %v", err)
+			}
+			return
+		}
+		if d.ID == "" || d.Req.Model == "" || d.Req.Kind == 0 {
+			t.Fatalf("accepted an incomplete request: %+v", d)
+		}
+		if n, ok := d.Req.Options["num_predict"].(int64); !ok || n < 1 || n > 256 {
+			t.Fatalf("num_predict out of bounds: %v", d.Req.Options["num_predict"])
+		}
+	})
+}
