@@ -1,0 +1,11 @@
+// Package ollama is the Ollama engine driver, on the official client
+// github.com/ollama/ollama/api.
+//
+// Generation and chat items of a batch run as concurrent calls: Ollama
+// schedules them onto its parallel slots (OLLAMA_NUM_PARALLEL) and batches
+// them on the GPU itself. Embedding items of a batch go as ONE /api/embed
+// call with a list input, and the vectors are split back per item.
+//
+// Concurrency: an *Engine is safe for concurrent use and shares one
+// http.Client across all calls.
+package ollama

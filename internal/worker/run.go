@@ -1,0 +1,138 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/sous-run/sous/internal/batch"
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// runBatch runs one batch on the engine and settles every item.
+func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
+	start := w.now()
+	info := &wire.BatchInfo{ID: bt.ID, Size: len(bt.Items)}
+	w.cfg.Observer.BatchStarted(bt.ID, len(bt.Items), string(bt.Reason))
+	w.log.Debug("batch", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
+
+	live := make([]*item, 0, len(bt.Items))
+	for _, it := range bt.Items {
+		it.dispatched = start
+		if !it.dec.Deadline.IsZero() && !start.Before(it.dec.Deadline) {
+			w.settle(it, outcome{err: errDeadline, batch: info})
+			continue
+		}
+		live = append(live, it)
+	}
+	results := w.infer(ctx, live)
+	elapsed := w.now().Sub(start)
+	w.cfg.Observer.BatchFinished(bt.ID, len(bt.Items), elapsed)
+
+	var wg sync.WaitGroup
+	for i, it := range live {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			w.settle(it, outcome{resp: results[i].Response, err: results[i].Err, batch: info, inference: elapsed})
+		}()
+	}
+	wg.Wait()
+}
+
+// infer calls the engine. Items rejected for overload are retried in halves
+// before their error stands, and the sizer learns of it.
+func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
+	if len(items) == 0 {
+		return nil
+	}
+	reqs := make([]inference.Request, len(items))
+	streams := make([]*chunker, len(items))
+	for i, it := range items {
+		reqs[i] = it.dec.Req
+		if it.dec.Stream {
+			streams[i] = w.newChunker(ctx, it)
+			reqs[i].Stream = streams[i].add
+		}
+	}
+	results, err := w.callEngine(ctx, reqs)
+	if err == nil && len(results) != len(reqs) {
+		err = &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("engine returned a result count that does not match the batch")}
+	}
+	if err != nil {
+		results = make([]inference.Result, len(reqs))
+		for i := range results {
+			results[i].Err = err
+		}
+	}
+	var overloaded []int
+	retryable := 0
+	var lastErr error
+	for i, r := range results {
+		switch {
+		case r.Err == nil:
+		case inference.KindOf(r.Err) == inference.Overloaded:
+			overloaded = append(overloaded, i)
+		case inference.KindOf(r.Err) == inference.Retryable && !errors.Is(r.Err, context.Canceled):
+			retryable++
+			lastErr = r.Err
+		}
+	}
+	switch {
+	case len(overloaded) > 0:
+		w.sizer.Overloaded()
+	case retryable == len(results):
+		w.engineFailed(lastErr)
+	default:
+		w.engineOK()
+		w.sizer.Succeeded(len(items))
+	}
+	for _, s := range streams {
+		if s != nil {
+			s.flush()
+		}
+	}
+	if len(overloaded) > 1 && ctx.Err() == nil {
+		// Split the rejected part in halves and retry each before anything
+		// is requeued: a smaller batch may fit.
+		half := len(overloaded) / 2
+		for _, part := range [][]int{overloaded[:half], overloaded[half:]} {
+			sub := make([]*item, len(part))
+			for j, i := range part {
+				sub[j] = items[i]
+			}
+			w.log.Info("engine overloaded: retrying a smaller batch", "batch_size", len(sub))
+			for j, r := range w.infer(ctx, sub) {
+				results[part[j]] = r
+			}
+		}
+	}
+	return results
+}
+
+// outcome is what happened to one item; settle turns it into a decision.
+type outcome struct {
+	resp      inference.Response
+	err       error
+	batch     *wire.BatchInfo
+	inference time.Duration
+	// requeue, when set, returns the delivery untouched with this reason
+	// (shutdown, or a result that could not be published).
+	requeue string
+}
+
+// callEngine calls the engine with the engine timeout, turning a panic in the
+// driver into a retryable error so one bad call cannot stop the worker.
+func (w *Worker) callEngine(ctx context.Context, reqs []inference.Request) (res []inference.Result, err error) {
+	callCtx, cancel := context.WithTimeout(ctx, w.cfg.EngineTimeout)
+	defer cancel()
+	defer func() {
+		if p := recover(); p != nil {
+			w.log.Error("engine driver panicked", "panic", p)
+			res, err = nil, &inference.Error{Kind: inference.Retryable, Code: "internal_error", Err: errPanic}
+		}
+	}()
+	return w.engine.Infer(callCtx, reqs)
+}

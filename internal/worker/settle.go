@@ -1,0 +1,151 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+const settleTimeout = 30 * time.Second
+
+// settle is the one place that decides ack, requeue or dead-letter for a
+// delivery, publishes its result first where there is one, and recovers
+// panics. It is called exactly once per delivery.
+func (w *Worker) settle(it *item, out outcome) {
+	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+	defer cancel()
+	defer func() {
+		w.inflight.Add(-1)
+		select {
+		case w.freed <- struct{}{}:
+		default:
+		}
+	}()
+	defer func() {
+		if p := recover(); p != nil {
+			w.log.Error("panic while settling; requeueing", "id", it.d.ID, "panic", p, "stack", string(debug.Stack()))
+			w.apply(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "internal_error"})
+		}
+	}()
+	s := w.decide(ctx, it, out)
+	w.apply(ctx, it, s)
+}
+
+func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settlement {
+	d := it.d
+	if out.requeue != "" {
+		return queue.Settlement{Action: queue.Requeue, Reason: out.requeue}
+	}
+	id := d.CorrelationKey()
+	model := ""
+	if it.dec != nil {
+		id, model = it.dec.ID, it.dec.Req.Model
+	}
+	if out.err == nil {
+		res := wire.OKResult(id, it.dec.Req, out.resp)
+		if it.dec.Stream {
+			done := true
+			res.Done = &done
+		}
+		if err := w.publishResult(ctx, it, res, out); err != nil {
+			w.log.Warn("publish result failed; requeueing", "id", id, "err", err)
+			return queue.Settlement{Action: queue.Requeue, Reason: "publish_failed"}
+		}
+		return queue.Settlement{Action: queue.Ack}
+	}
+
+	var inErr *wire.InputError
+	switch {
+	case errors.As(out.err, &inErr):
+		w.publishError(ctx, it, out, id, model, inErr.Reason, inErr.Message)
+		return queue.Settlement{Action: queue.DeadLetter, Reason: inErr.Reason, Description: inErr.Message}
+	case inference.KindOf(out.err) == inference.Permanent:
+		code := inference.CodeOf(out.err)
+		w.publishError(ctx, it, out, id, model, code, out.err.Error())
+		return queue.Settlement{Action: queue.DeadLetter, Reason: code, Description: out.err.Error()}
+	case d.Attempt >= w.cfg.MaxAttempts:
+		code := inference.CodeOf(out.err)
+		msg := fmt.Sprintf("gave up after %d attempts; last error: %v", d.Attempt, out.err)
+		w.publishError(ctx, it, out, id, model, "max_attempts", msg)
+		return queue.Settlement{Action: queue.DeadLetter, Reason: "max_attempts", Description: code + ": " + out.err.Error()}
+	default:
+		return queue.Settlement{Action: queue.Requeue, Reason: inference.CodeOf(out.err)}
+	}
+}
+
+func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement) {
+	err := w.broker.Settle(ctx, it.d, s)
+	w.cfg.Observer.Settled(it.d, s, err)
+	switch {
+	case err == nil:
+		if s.Action != queue.Ack {
+			w.log.Info("settled", "id", it.d.ID, "action", s.Action.String(), "reason", s.Reason, "attempt", it.d.Attempt)
+		}
+	case errors.Is(err, queue.ErrStale):
+		w.log.Warn("delivery went stale before it was settled; the broker redelivers it", "id", it.d.ID, "action", s.Action.String())
+	default:
+		w.log.Error("settle failed", "id", it.d.ID, "action", s.Action.String(), "err", err)
+		if s.Action == queue.DeadLetter {
+			// Never drop: if the dead-letter path failed, give it back.
+			if rerr := w.broker.Settle(ctx, it.d, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); rerr != nil {
+				w.log.Error("requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
+			}
+		}
+	}
+}
+
+func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, model, code, msg string) {
+	res := wire.ErrorResult(id, model, code, msg)
+	if it.dec != nil && it.dec.Stream {
+		done := true
+		res.Done = &done
+	}
+	if err := w.publishResult(ctx, it, res, out); err != nil {
+		// The dead-letter queue still holds the request with its reason.
+		w.log.Warn("publish error result", "id", id, "err", err)
+	}
+}
+
+func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, out outcome) error {
+	d := it.d
+	res.Worker = w.cfg.WorkerID
+	res.Attempt = d.Attempt
+	res.Batch = out.batch
+	if !d.EnqueuedAt.IsZero() {
+		res.Timing.QueueMS = max(0, d.ReceivedAt.Sub(d.EnqueuedAt).Milliseconds())
+	}
+	if !it.dispatched.IsZero() {
+		res.Timing.BatchWaitMS = max(0, it.dispatched.Sub(d.ReceivedAt).Milliseconds())
+	}
+	res.Timing.InferenceMS = out.inference.Milliseconds()
+	body, err := wire.Marshal(res)
+	if err != nil {
+		return err
+	}
+	return w.broker.Publish(ctx, w.reply(d, body, res.Status))
+}
+
+func (w *Worker) reply(d *queue.Delivery, body []byte, status string) queue.Message {
+	to := d.ReplyTo
+	if to == "" {
+		to = w.cfg.ResultsQueue
+	}
+	h := map[string]string{"x-sous-status": status}
+	w.cfg.Observer.Inject(d, h)
+	return queue.Message{
+		To:            to,
+		SessionID:     d.ReplyToSessionID,
+		CorrelationID: d.CorrelationKey(),
+		MessageID:     d.CorrelationKey() + "/result",
+		ContentType:   "application/json",
+		Body:          body,
+		Headers:       h,
+		Persistent:    true,
+	}
+}

@@ -1,0 +1,87 @@
+package worker
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// chunker coalesces streamed deltas into chunk messages: a chunk goes out
+// when StreamBytes have gathered or StreamInterval has passed since the last
+// one, so a fast model does not send one message per token.
+type chunker struct {
+	w    *Worker
+	ctx  context.Context
+	it   *item
+	mu   sync.Mutex
+	buf  strings.Builder
+	seq  int
+	last time.Time
+	dead bool // a chunk failed to publish; stop trying, the result still goes
+}
+
+func (w *Worker) newChunker(ctx context.Context, it *item) *chunker {
+	return &chunker{w: w, ctx: ctx, it: it, last: w.now()}
+}
+
+func (c *chunker) add(delta string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.buf.WriteString(delta)
+	if c.buf.Len() >= c.w.cfg.StreamBytes || c.w.now().Sub(c.last) >= c.w.cfg.StreamInterval {
+		c.send()
+	}
+}
+
+func (c *chunker) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.buf.Len() > 0 {
+		c.send()
+	}
+}
+
+func (c *chunker) send() {
+	if c.dead {
+		c.buf.Reset()
+		return
+	}
+	d := c.it.d
+	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), Attempt: d.Attempt, Restart: c.seq == 0 && d.Attempt > 1}
+	c.buf.Reset()
+	c.seq++
+	c.last = c.w.now()
+	body, _ := wire.Marshal(ch)
+	m := c.w.reply(d, body, "chunk")
+	m.Persistent = false
+	m.MessageID = ""
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(c.ctx), 10*time.Second)
+	defer cancel()
+	if err := c.w.broker.Publish(ctx, m); err != nil {
+		c.dead = true
+		c.w.log.Warn("publish stream chunk failed; the final result will still be sent", "id", c.it.dec.ID, "err", err)
+	}
+}
+
+// Observer receives the worker's events, for metrics and traces. Methods
+// must be quick and safe for concurrent use.
+type Observer interface {
+	Received(d *queue.Delivery)
+	BatchStarted(id string, size int, reason string)
+	BatchFinished(id string, size int, elapsed time.Duration)
+	Settled(d *queue.Delivery, s queue.Settlement, err error)
+	// Inject adds trace context for d to outgoing headers.
+	Inject(d *queue.Delivery, headers map[string]string)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Received(*queue.Delivery)                         {}
+func (nopObserver) BatchStarted(string, int, string)                 {}
+func (nopObserver) BatchFinished(string, int, time.Duration)         {}
+func (nopObserver) Settled(*queue.Delivery, queue.Settlement, error) {}
+func (nopObserver) Inject(*queue.Delivery, map[string]string)        {}

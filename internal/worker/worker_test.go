@@ -1,0 +1,297 @@
+package worker_test
+
+import (
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/wire"
+	"github.com/sous-run/sous/internal/worker"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+func replyTo(to string) func(*queue.Delivery) { return func(d *queue.Delivery) { d.ReplyTo = to } }
+func attempt(n int) func(*queue.Delivery)     { return func(d *queue.Delivery) { d.Attempt = n } }
+
+func TestResultPublishedBeforeAck(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{}, &fakeEngine{})
+	h.b.send("m1", `{"prompt":"hello"}`, replyTo("amq.rabbitmq.reply-to.abc"))
+	h.b.send("m2", `{"messages":[{"role":"user","content":"hi"}]}`)
+	h.b.waitSettled(t, 2)
+	h.stop(t)
+	for _, id := range []string{"m1", "m2"} {
+		pub := slices.IndexFunc(h.b.events, func(e string) bool { return strings.HasPrefix(e, "publish:") && strings.HasSuffix(e, ":"+id) })
+		ack := slices.Index(h.b.events, "ack:"+id+":")
+		if pub < 0 || ack < 0 || pub > ack {
+			t.Fatalf("%s: want publish before ack, events %v", id, h.b.events)
+		}
+	}
+	if !slices.Contains(h.b.events, "publish:amq.rabbitmq.reply-to.abc:m1") || !slices.Contains(h.b.events, "publish:results:m2") {
+		t.Fatalf("results not routed to reply_to / results queue: %v", h.b.events)
+	}
+	res := h.b.results(t)
+	if r := res["m1"]; r.Status != wire.StatusOK || r.Response == nil || *r.Response != "echo: hello" || r.ID != "m1" || r.Worker != "w-test" || r.Batch == nil || r.Usage.OutputTokens != 2 {
+		t.Fatalf("prompt result: %+v", r)
+	}
+	if r := res["m2"]; r.Message == nil || r.Message.Role != "assistant" {
+		t.Fatalf("chat result: %+v", r)
+	}
+}
+
+func TestBadInputDeadLettersWithoutHurtingBatchMates(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{}, &fakeEngine{})
+	bad := map[string]string{
+		"notjson":  `nope`,
+		"badopt":   `{"prompt":"x","options":{"num_predict":"many"}}`,
+		"noprompt": `{"model":"tiny"}`,
+		"model":    `{"prompt":"x","model":"forbidden"}`,
+		"utf8":     "{\"prompt\":\"\xff\"}",
+		"expired":  `{"prompt":"x","deadline":"2001-01-01T00:00:00Z"}`,
+	}
+	for id, body := range bad {
+		h.b.send(id, body, replyTo("replies"))
+	}
+	h.b.send("good", `{"prompt":"fine"}`)
+	h.b.waitSettled(t, len(bad)+1)
+	for id := range bad {
+		s, _ := h.b.settlement(id)
+		if s.Action != queue.DeadLetter || s.Reason == "" || s.Description == "" {
+			t.Errorf("%s: settlement %+v, want dead-letter with a reason", id, s)
+		}
+	}
+	if s, _ := h.b.settlement("good"); s.Action != queue.Ack {
+		t.Errorf("good message: %+v", s)
+	}
+	res := h.b.results(t)
+	if r := res["badopt"]; r.Status != wire.StatusError || r.Error == nil || r.Error.Code != wire.ReasonInvalidOption {
+		t.Errorf("error result for bad option: %+v", r)
+	}
+	if r := res["model"]; r.Error == nil || r.Error.Code != wire.ReasonModelNotAllowed {
+		t.Errorf("error result for model: %+v", r)
+	}
+}
+
+func TestRetryableThenMaxAttempts(t *testing.T) {
+	t.Parallel()
+	down := &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("connection refused")}
+	e := &fakeEngine{answer: func([]inference.Request) ([]inference.Result, error) { return nil, down }}
+	h := setup(t, worker.Config{MaxAttempts: 3}, e)
+	h.b.send("early", `{"prompt":"x"}`, attempt(2))
+	h.b.send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
+	h.b.waitSettled(t, 2)
+	if s, _ := h.b.settlement("early"); s.Action != queue.Requeue || s.Reason != "engine_unavailable" {
+		t.Errorf("attempt 2 of 3: %+v, want requeue", s)
+	}
+	if s, _ := h.b.settlement("last"); s.Action != queue.DeadLetter || s.Reason != "max_attempts" || !strings.Contains(s.Description, "engine_unavailable") {
+		t.Errorf("attempt 3 of 3: %+v, want dead-letter max_attempts", s)
+	}
+	if r := h.b.results(t)["last"]; r.Error == nil || r.Error.Code != "max_attempts" {
+		t.Errorf("no error result after the last attempt: %+v", r)
+	}
+	if _, ok := h.b.results(t)["early"]; ok {
+		t.Error("a requeued request got a result")
+	}
+}
+
+func TestPermanentEngineError(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{answer: func(reqs []inference.Request) ([]inference.Result, error) {
+		out := make([]inference.Result, len(reqs))
+		for i := range out {
+			out[i].Err = &inference.Error{Kind: inference.Permanent, Code: "model_not_found", Status: 404, Err: errors.New(`model "tiny" not found`)}
+		}
+		return out, nil
+	}}
+	h := setup(t, worker.Config{}, e)
+	h.b.send("m", `{"prompt":"x"}`)
+	h.b.waitSettled(t, 1)
+	if s, _ := h.b.settlement("m"); s.Action != queue.DeadLetter || s.Reason != "model_not_found" {
+		t.Fatalf("%+v", s)
+	}
+}
+
+func TestPublishFailureRequeuesNeverAcks(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{}, &fakeEngine{})
+	h.b.mu.Lock()
+	h.b.failPub = func(queue.Message) error { return errors.New("broker nacked") }
+	h.b.mu.Unlock()
+	h.b.send("m", `{"prompt":"x"}`)
+	h.b.waitSettled(t, 1)
+	if s, _ := h.b.settlement("m"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
+		t.Fatalf("%+v, want requeue", s)
+	}
+}
+
+func TestOverloadSplitsInHalves(t *testing.T) {
+	t.Parallel()
+	// The engine can run at most 2 items at once and rejects bigger batches
+	// whole, as an out-of-memory engine would.
+	e := &fakeEngine{}
+	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
+		if len(reqs) > 2 {
+			return nil, &inference.Error{Kind: inference.Overloaded, Code: "out_of_memory", Err: errors.New("cuda out of memory")}
+		}
+		out := make([]inference.Result, len(reqs))
+		for i := range out {
+			out[i].Response.Text = "ok"
+		}
+		return out, nil
+	}
+	block := make(chan struct{})
+	first := true
+	inner := e.answer
+	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
+		if first { // hold the first batch so the next four queue up together
+			first = false
+			<-block
+		}
+		return inner(reqs)
+	}
+	h := setup(t, worker.Config{}, e)
+	h.s.set(4)
+	h.b.send("hold", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return len(e.sizes()) == 1 }) // the rest must batch behind it
+	for _, id := range []string{"a", "b", "c", "d"} {
+		h.b.send(id, `{"prompt":"x"}`)
+	}
+	waitFor(t, func() bool { return h.w.InFlight() == 5 })
+	close(block)
+	h.b.waitSettled(t, 5)
+	for _, id := range []string{"hold", "a", "b", "c", "d"} {
+		if s, _ := h.b.settlement(id); s.Action != queue.Ack {
+			t.Errorf("%s: %+v, want ack after the split", id, s)
+		}
+	}
+	if got := e.sizes(); !slices.Equal(got, []int{1, 4, 2, 2}) {
+		t.Errorf("engine saw batches %v, want [1 4 2 2]", got)
+	}
+	if h.s.overloadCount() != 1 {
+		t.Errorf("sizer told of %d overloads, want 1", h.s.overloadCount())
+	}
+}
+
+func TestBatchesFormWhileEngineBusy(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})}
+	h := setup(t, worker.Config{BatchWait: time.Hour}, e)
+	h.s.set(8)
+	h.b.send("first", `{"prompt":"x"}`) // engine idle: goes at once, alone
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	for i := range 5 {
+		h.b.send(string(rune('a'+i)), `{"prompt":"x"}`)
+	}
+	h.b.send("other-model", `{"prompt":"x","model":"other"}`)
+	waitFor(t, func() bool { return h.w.InFlight() == 7 })
+	close(e.block)
+	h.b.waitSettled(t, 7)
+	got := e.sizes()
+	slices.Sort(got[1:])
+	if !slices.Equal(got, []int{1, 1, 5}) {
+		t.Fatalf("batches %v, want the first alone, then 5 of one model and 1 of the other", got)
+	}
+}
+
+func TestShutdownRequeuesWaitingAndFinishesRunning(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})}
+	h := setup(t, worker.Config{BatchWait: time.Hour, DrainTimeout: 5 * time.Second}, e)
+	h.s.set(8)
+	h.b.send("running", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	h.b.send("waiting", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return h.w.InFlight() == 2 })
+	h.cancel()
+	waitFor(t, func() bool { _, ok := h.b.settlement("waiting"); return ok })
+	if s, _ := h.b.settlement("waiting"); s.Action != queue.Requeue || s.Reason != "shutdown" {
+		t.Fatalf("waiting item: %+v, want requeue", s)
+	}
+	close(e.block) // the running batch finishes within the drain budget
+	h.stop(t)
+	if s, _ := h.b.settlement("running"); s.Action != queue.Ack {
+		t.Fatalf("running item: %+v, want ack", s)
+	}
+}
+
+func TestDrainTimeoutRequeuesRunning(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})} // never released
+	h := setup(t, worker.Config{DrainTimeout: 100 * time.Millisecond}, e)
+	h.b.send("stuck", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	h.stop(t)
+	if s, _ := h.b.settlement("stuck"); s.Action != queue.Requeue {
+		t.Fatalf("stuck item: %+v, want requeue after the drain timeout", s)
+	}
+}
+
+func TestEnginePanicDoesNotStopWorker(t *testing.T) {
+	t.Parallel()
+	calls := 0
+	e := &fakeEngine{}
+	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
+		calls++
+		if calls == 1 {
+			panic("driver bug")
+		}
+		return []inference.Result{{Response: inference.Response{Text: "fine"}}}, nil
+	}
+	h := setup(t, worker.Config{}, e)
+	h.b.send("boom", `{"prompt":"x"}`)
+	h.b.waitSettled(t, 1)
+	h.b.send("next", `{"prompt":"y"}`)
+	h.b.waitSettled(t, 2)
+	if s, _ := h.b.settlement("boom"); s.Action != queue.Requeue {
+		t.Errorf("panicking batch: %+v, want requeue", s)
+	}
+	if s, _ := h.b.settlement("next"); s.Action != queue.Ack {
+		t.Errorf("next: %+v, want ack", s)
+	}
+}
+
+func TestStreamingChunksThenResult(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{StreamBytes: 1}, &fakeEngine{})
+	h.b.send("s", `{"prompt":"abc","stream":true}`, replyTo("replies"), attempt(2))
+	h.b.waitSettled(t, 1)
+	h.b.mu.Lock()
+	defer h.b.mu.Unlock()
+	var text strings.Builder
+	var chunks []wire.Chunk
+	for _, m := range h.b.published[:len(h.b.published)-1] {
+		var c wire.Chunk
+		if err := jsonUnmarshal(m.Body, &c); err != nil || m.CorrelationID != "s" {
+			t.Fatalf("bad chunk %s: %v", m.Body, err)
+		}
+		chunks = append(chunks, c)
+		text.WriteString(c.Delta)
+	}
+	if len(chunks) != 3 || text.String() != "echo: abc" || !chunks[0].Restart || chunks[1].Restart || chunks[2].Seq != 2 {
+		t.Fatalf("chunks %+v", chunks)
+	}
+	var final wire.Result
+	_ = jsonUnmarshal(h.b.published[len(h.b.published)-1].Body, &final)
+	if final.Done == nil || !*final.Done || *final.Response != "echo: abc" {
+		t.Fatalf("final %+v", final)
+	}
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 5s")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
