@@ -197,7 +197,7 @@ type fixedSizer struct {
 }
 
 func (s *fixedSizer) Size() int { s.mu.Lock(); defer s.mu.Unlock(); return s.size }
-func (s *fixedSizer) Overloaded() {
+func (s *fixedSizer) Overloaded(int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.overloads++

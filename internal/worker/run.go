@@ -82,7 +82,7 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 	}
 	switch {
 	case len(overloaded) > 0:
-		w.sizer.Overloaded()
+		w.sizer.Overloaded(len(items))
 	case retryable == len(results):
 		w.engineFailed(lastErr)
 	default:

@@ -55,8 +55,9 @@ type pinger interface {
 // Sizer decides the batch size and learns from the engine's answers.
 type Sizer interface {
 	Size() int
-	// Overloaded is called when the engine ran out of memory or was busy.
-	Overloaded()
+	// Overloaded is called with the size of a batch the engine rejected
+	// for lack of memory or slots.
+	Overloaded(n int)
 	// Succeeded is called after a batch of n items ran without overload.
 	Succeeded(n int)
 }

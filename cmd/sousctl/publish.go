@@ -1,0 +1,233 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/internal/secret"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+type options struct {
+	url     string
+	queue   string
+	model   string
+	file    string
+	jsonOut bool
+	stream  bool
+	chat    bool
+	timeout time.Duration
+}
+
+func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	var o options
+	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.url, "url", envOr("SOUS_AMQP_URL", "amqp://guest:guest@localhost:5672/"), "broker URL (env SOUS_AMQP_URL)")
+	fs.StringVar(&o.queue, "queue", envOr("SOUS_QUEUE", "sous.requests"), "request queue (env SOUS_QUEUE)")
+	fs.StringVar(&o.model, "model", "", "model to ask for (default: the worker's SOUS_MODEL)")
+	fs.StringVar(&o.file, "f", "", "read JSON requests, one per line, from this file (- for stdin)")
+	fs.BoolVar(&o.jsonOut, "json", false, "print results as JSON lines")
+	fs.BoolVar(&o.stream, "stream", false, "ask for streamed output and print it as it arrives")
+	fs.BoolVar(&o.chat, "chat", false, "send each prompt as a chat message instead of a completion prompt")
+	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "how long to wait for all results")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	bodies, err := requests(o, fs.Args(), stdin)
+	if err != nil {
+		fmt.Fprintf(stderr, "sousctl: %v\n", err)
+		return 2
+	}
+	if len(bodies) == 0 {
+		fmt.Fprint(stderr, "sousctl: nothing to publish: give prompts as arguments or -f FILE\n")
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
+	if err := roundTrip(ctx, o, bodies, stdout); err != nil {
+		fmt.Fprintf(stderr, "sousctl: %s\n", secret.Scrub(err.Error(), secret.Value(o.url)))
+		return 1
+	}
+	return 0
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// requests turns arguments or request lines into JSON bodies.
+func requests(o options, prompts []string, stdin io.Reader) ([][]byte, error) {
+	var out [][]byte
+	for _, p := range prompts {
+		r := map[string]any{}
+		if o.chat {
+			r["messages"] = []map[string]string{{"role": "user", "content": p}}
+		} else {
+			r["prompt"] = p
+		}
+		if o.model != "" {
+			r["model"] = o.model
+		}
+		if o.stream {
+			r["stream"] = true
+		}
+		b, _ := json.Marshal(r)
+		out = append(out, b)
+	}
+	if o.file == "" {
+		return out, nil
+	}
+	var in io.Reader = stdin
+	if o.file != "-" {
+		f, err := os.Open(o.file)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		in = f
+	}
+	sc := bufio.NewScanner(in)
+	sc.Buffer(make([]byte, 64*1024), 16<<20)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !json.Valid([]byte(line)) {
+			return nil, fmt.Errorf("%s line %d is not JSON", o.file, n)
+		}
+		out = append(out, []byte(line))
+	}
+	return out, sc.Err()
+}
+
+func newID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// roundTrip publishes every body with direct reply-to and prints each result.
+func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer) error {
+	conn, err := amqp.DialConfig(o.url, amqp.Config{Properties: amqp.Table{"connection_name": "sousctl"}})
+	if err != nil {
+		return fmt.Errorf("connect to %s: %v (is RabbitMQ running? `rabbitmq-server -detached`)", secret.URL(o.url), err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		return err
+	}
+	// Direct reply-to: consume the pseudo-queue on the same channel we
+	// publish on, with auto-ack (RabbitMQ requires both).
+	replies, err := ch.Consume("amq.rabbitmq.reply-to", "", true, false, false, false, nil)
+	if err != nil {
+		return fmt.Errorf("consume direct reply-to: %w", err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		return err
+	}
+	pending := map[string]int{}
+	for i, body := range bodies {
+		id := newID()
+		pending[id] = i
+		conf, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", o.queue, false, false, amqp.Publishing{
+			ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
+			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: body,
+		})
+		if err != nil {
+			return fmt.Errorf("publish: %w", err)
+		}
+		if ok, err := conf.WaitContext(ctx); err != nil || !ok {
+			return fmt.Errorf("broker did not confirm the request (queue %q exists?): %v", o.queue, err)
+		}
+	}
+	if !o.jsonOut {
+		fmt.Fprintf(stdout, "published %d request(s) to %s; waiting for results…\n", len(bodies), o.queue)
+	}
+	failed := 0
+	for len(pending) > 0 {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%d result(s) did not arrive in time: %w (is a worker running?)", len(pending), ctx.Err())
+		case m, ok := <-replies:
+			if !ok {
+				return errors.New("connection closed while waiting for results")
+			}
+			if _, mine := pending[m.CorrelationId]; !mine {
+				continue
+			}
+			if m.Headers["x-sous-status"] == "chunk" {
+				if !o.jsonOut {
+					var c wire.Chunk
+					if json.Unmarshal(m.Body, &c) == nil {
+						if c.Restart {
+							fmt.Fprintf(stdout, "\n[%s] (stream restarted, attempt %d)\n", c.ID, c.Attempt)
+						}
+						fmt.Fprint(stdout, c.Delta)
+					}
+				} else {
+					fmt.Fprintln(stdout, string(m.Body))
+				}
+				continue
+			}
+			delete(pending, m.CorrelationId)
+			var r wire.Result
+			if err := json.Unmarshal(m.Body, &r); err != nil {
+				return fmt.Errorf("result is not JSON: %w", err)
+			}
+			if r.Status != wire.StatusOK {
+				failed++
+			}
+			if o.jsonOut {
+				fmt.Fprintln(stdout, string(m.Body))
+			} else {
+				printResult(stdout, r, o.stream)
+			}
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d request(s) failed", failed)
+	}
+	return nil
+}
+
+func printResult(w io.Writer, r wire.Result, streamed bool) {
+	if streamed {
+		fmt.Fprintln(w)
+	}
+	batch := ""
+	if r.Batch != nil {
+		batch = fmt.Sprintf(", batch %s of %d", r.Batch.ID, r.Batch.Size)
+	}
+	fmt.Fprintf(w, "[%s] %s model=%s queue=%dms wait=%dms inference=%dms%s worker=%s\n", r.ID, r.Status, r.Model, r.Timing.QueueMS, r.Timing.BatchWaitMS, r.Timing.InferenceMS, batch, r.Worker)
+	switch {
+	case r.Error != nil:
+		fmt.Fprintf(w, "  error %s: %s\n", r.Error.Code, r.Error.Message)
+	case r.Response != nil && !streamed:
+		fmt.Fprintf(w, "  %s\n", strings.ReplaceAll(*r.Response, "\n", "\n  "))
+	case r.Message != nil && !streamed:
+		fmt.Fprintf(w, "  %s: %s\n", r.Message.Role, strings.ReplaceAll(r.Message.Content, "\n", "\n  "))
+	case r.Embeddings != nil:
+		fmt.Fprintf(w, "  %d embedding(s)\n", len(r.Embeddings))
+	}
+	if r.Usage != nil {
+		fmt.Fprintf(w, "  tokens in=%d out=%d done=%s\n", r.Usage.InputTokens, r.Usage.OutputTokens, r.DoneReason)
+	}
+}

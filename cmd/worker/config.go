@@ -1,0 +1,276 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"reflect"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+
+	"github.com/sous-run/sous/internal/gpu"
+	"github.com/sous-run/sous/internal/secret"
+	"github.com/sous-run/sous/internal/sizing"
+)
+
+// Config is everything the worker reads from its environment. Each field
+// names its variable and default; README.md lists them all (a test checks).
+type Config struct {
+	// Broker
+	Broker          string       `env:"SOUS_BROKER" envDefault:"rabbitmq"`
+	AMQPURL         secret.Value `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	AMQPURLFile     string       `env:"SOUS_AMQP_URL_FILE"`
+	AMQPCAFile      string       `env:"SOUS_AMQP_CA_FILE"`
+	AMQPCertFile    string       `env:"SOUS_AMQP_CERT_FILE"`
+	AMQPKeyFile     string       `env:"SOUS_AMQP_KEY_FILE"`
+	Queue           string       `env:"SOUS_QUEUE" envDefault:"sous.requests"`
+	ResultsQueue    string       `env:"SOUS_RESULTS_QUEUE" envDefault:"sous.results"`
+	DeadLetterQueue string       `env:"SOUS_DEAD_LETTER_QUEUE"` // default <queue>.dlq
+	Declare         bool         `env:"SOUS_DECLARE" envDefault:"true"`
+
+	// Engine
+	Engine           string        `env:"SOUS_ENGINE" envDefault:"ollama"`
+	EngineURL        string        `env:"SOUS_ENGINE_URL" envDefault:"http://localhost:11434"`
+	EngineAPIKey     secret.Value  `env:"SOUS_ENGINE_API_KEY"`
+	EngineAPIKeyFile string        `env:"SOUS_ENGINE_API_KEY_FILE"`
+	EngineTimeout    time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
+	EngineParallel   int           `env:"SOUS_ENGINE_PARALLEL" envDefault:"4"`
+	EngineKeepAlive  time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
+	Model            string        `env:"SOUS_MODEL"`
+	ModelsAllowed    []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
+
+	// Batching
+	BatchMin         int           `env:"SOUS_BATCH_MIN" envDefault:"1"`
+	BatchMax         int           `env:"SOUS_BATCH_MAX" envDefault:"32"`
+	BatchWait        time.Duration `env:"SOUS_BATCH_WAIT" envDefault:"20ms"`
+	BatchConcurrency int           `env:"SOUS_BATCH_CONCURRENCY" envDefault:"1"`
+	BatchItemBytes   int64         `env:"SOUS_BATCH_ITEM_BYTES" envDefault:"0"`
+	BatchGrowthStep  int           `env:"SOUS_BATCH_GROWTH_STEP" envDefault:"1"`
+
+	// GPU
+	GPUDevices         string        `env:"SOUS_GPU_DEVICES"`
+	NvidiaVisible      string        `env:"NVIDIA_VISIBLE_DEVICES"`
+	GPUReserveBytes    int64         `env:"SOUS_GPU_RESERVE_BYTES" envDefault:"0"`
+	GPURefresh         time.Duration `env:"SOUS_GPU_REFRESH" envDefault:"2s"`
+	ModelContextLength int           `env:"SOUS_MODEL_CONTEXT_LENGTH" envDefault:"0"`
+	KVBytesPerToken    int           `env:"SOUS_KV_BYTES_PER_TOKEN" envDefault:"0"`
+
+	// Reliability and limits
+	MaxAttempts     int           `env:"SOUS_MAX_ATTEMPTS" envDefault:"5"`
+	MaxBodyBytes    int           `env:"SOUS_MAX_BODY_BYTES" envDefault:"1048576"`
+	MaxPromptBytes  int           `env:"SOUS_MAX_PROMPT_BYTES" envDefault:"262144"`
+	MaxNumPredict   int           `env:"SOUS_MAX_NUM_PREDICT" envDefault:"4096"`
+	DrainTimeout    time.Duration `env:"SOUS_DRAIN_TIMEOUT" envDefault:"25s"`
+	RetryBackoff    time.Duration `env:"SOUS_RETRY_BACKOFF" envDefault:"500ms"`
+	RetryBackoffMax time.Duration `env:"SOUS_RETRY_BACKOFF_MAX" envDefault:"30s"`
+
+	// Streaming
+	StreamInterval time.Duration `env:"SOUS_STREAM_INTERVAL" envDefault:"50ms"`
+	StreamBytes    int           `env:"SOUS_STREAM_BYTES" envDefault:"256"`
+
+	// Operations
+	HTTPAddr  string `env:"SOUS_HTTP_ADDR" envDefault:":8080"`
+	LogLevel  string `env:"SOUS_LOG_LEVEL" envDefault:"info"`
+	LogFormat string `env:"SOUS_LOG_FORMAT" envDefault:"json"`
+	WorkerID  string `env:"SOUS_WORKER_ID"` // default: host name
+	Pprof     bool   `env:"SOUS_PPROF" envDefault:"false"`
+}
+
+// configError names the variable that is wrong; main exits 2 on it.
+type configError struct {
+	Var string
+	Msg string
+}
+
+func (e *configError) Error() string { return e.Var + ": " + e.Msg }
+
+func bad(v, format string, args ...any) error {
+	return &configError{Var: v, Msg: fmt.Sprintf(format, args...)}
+}
+
+// loadConfig reads the environment (environ as os.Environ gives it).
+func loadConfig(environ []string) (Config, error) {
+	vars := make(map[string]string, len(environ))
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			vars[k] = v
+		}
+	}
+	var c Config
+	if err := env.ParseWithOptions(&c, env.Options{Environment: vars}); err != nil {
+		return c, describeEnvError(err)
+	}
+	if err := c.readSecretFiles(); err != nil {
+		return c, err
+	}
+	if c.DeadLetterQueue == "" {
+		c.DeadLetterQueue = c.Queue + ".dlq"
+	}
+	if c.WorkerID == "" {
+		c.WorkerID, _ = os.Hostname()
+	}
+	return c, c.validate()
+}
+
+// describeEnvError keeps env's message, which names the variable, and drops
+// the value it could not parse (it may be a secret).
+func describeEnvError(err error) error {
+	var agg env.AggregateError
+	if errors.As(err, &agg) && len(agg.Errors) > 0 {
+		var pe env.ParseError
+		if errors.As(agg.Errors[0], &pe) {
+			return bad(envName(pe.Name), "cannot parse as %s: %v", pe.Type, pe.Err)
+		}
+		return fmt.Errorf("configuration: %w", agg.Errors[0])
+	}
+	return fmt.Errorf("configuration: %w", err)
+}
+
+func envName(field string) string {
+	t, ok := configFieldTags()[field]
+	if !ok {
+		return field
+	}
+	return t
+}
+
+func (c *Config) readSecretFiles() error {
+	for _, f := range []struct {
+		name, path string
+		dst        *secret.Value
+	}{
+		{"SOUS_AMQP_URL_FILE", c.AMQPURLFile, &c.AMQPURL},
+		{"SOUS_ENGINE_API_KEY_FILE", c.EngineAPIKeyFile, &c.EngineAPIKey},
+	} {
+		if f.path == "" {
+			continue
+		}
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			return bad(f.name, "cannot read the secret file: %v", err)
+		}
+		*f.dst = secret.Value(strings.TrimSpace(string(b)))
+	}
+	return nil
+}
+
+func (c Config) validate() error {
+	switch c.Broker {
+	case "rabbitmq":
+		u, err := url.Parse(c.AMQPURL.Reveal())
+		if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+			return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
+		}
+		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
+			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
+		}
+	default:
+		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq or servicebus", c.Broker)
+	}
+	for _, q := range []struct{ name, v string }{{"SOUS_QUEUE", c.Queue}, {"SOUS_RESULTS_QUEUE", c.ResultsQueue}, {"SOUS_DEAD_LETTER_QUEUE", c.DeadLetterQueue}} {
+		if q.v == "" || len(q.v) > 255 {
+			return bad(q.name, "must be a queue name of 1 to 255 bytes")
+		}
+	}
+	if c.DeadLetterQueue == c.Queue {
+		return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
+	}
+	switch c.Engine {
+	case "ollama":
+	default:
+		return bad("SOUS_ENGINE", "%q is not an engine sous knows; use ollama or openai", c.Engine)
+	}
+	if u, err := url.Parse(c.EngineURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return bad("SOUS_ENGINE_URL", "must be an http:// or https:// URL such as http://localhost:11434")
+	}
+	if c.Model == "" {
+		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")
+	}
+	positive := []struct {
+		name string
+		v    int64
+	}{
+		{"SOUS_ENGINE_PARALLEL", int64(c.EngineParallel)}, {"SOUS_BATCH_MIN", int64(c.BatchMin)}, {"SOUS_BATCH_MAX", int64(c.BatchMax)},
+		{"SOUS_BATCH_CONCURRENCY", int64(c.BatchConcurrency)}, {"SOUS_MAX_ATTEMPTS", int64(c.MaxAttempts)},
+		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
+		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_STREAM_BYTES", int64(c.StreamBytes)},
+		{"SOUS_ENGINE_TIMEOUT", int64(c.EngineTimeout)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
+		{"SOUS_BATCH_WAIT", int64(c.BatchWait)}, {"SOUS_RETRY_BACKOFF", int64(c.RetryBackoff)},
+		{"SOUS_RETRY_BACKOFF_MAX", int64(c.RetryBackoffMax)}, {"SOUS_STREAM_INTERVAL", int64(c.StreamInterval)},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			return bad(p.name, "must be greater than zero")
+		}
+	}
+	if c.BatchMin > c.BatchMax {
+		return bad("SOUS_BATCH_MIN", "is %d, above SOUS_BATCH_MAX (%d)", c.BatchMin, c.BatchMax)
+	}
+	if c.BatchMax > 4096 {
+		return bad("SOUS_BATCH_MAX", "is %d; at most 4096", c.BatchMax)
+	}
+	if c.RetryBackoff > c.RetryBackoffMax {
+		return bad("SOUS_RETRY_BACKOFF", "is above SOUS_RETRY_BACKOFF_MAX")
+	}
+	if _, err := gpu.ParseDevices(c.GPUDevices, c.NvidiaVisible); err != nil {
+		return bad("SOUS_GPU_DEVICES", "%v", err)
+	}
+	if c.GPURefresh <= 0 {
+		return bad("SOUS_GPU_REFRESH", "must be greater than zero")
+	}
+	if _, err := sizing.New(nil, c.sizingConfig()); err != nil {
+		return err // sizing names the variable
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		return bad("SOUS_LOG_LEVEL", "%v", err)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		return bad("SOUS_LOG_FORMAT", "must be json or text")
+	}
+	if c.HTTPAddr != "" && c.HTTPAddr != "off" {
+		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+			return bad("SOUS_HTTP_ADDR", "must be host:port or :port (or off), got %q", c.HTTPAddr)
+		}
+	}
+	return nil
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	err := l.UnmarshalText([]byte(s))
+	if err != nil {
+		return l, fmt.Errorf("%q is not one of debug, info, warn, error", s)
+	}
+	return l, nil
+}
+
+// configFieldTags maps Config field names to their variables.
+func configFieldTags() map[string]string {
+	out := map[string]string{}
+	t := reflect.TypeFor[Config]()
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if tag := f.Tag.Get("env"); tag != "" {
+			out[f.Name] = strings.Split(tag, ",")[0]
+		}
+	}
+	return out
+}
+
+func (c Config) sizingConfig() sizing.Config {
+	return sizing.Config{
+		Min:             c.BatchMin,
+		Max:             c.BatchMax,
+		ReserveBytes:    c.GPUReserveBytes,
+		BytesPerItem:    c.BatchItemBytes,
+		ContextLength:   c.ModelContextLength,
+		KVBytesPerToken: c.KVBytesPerToken,
+		EngineParallel:  c.EngineParallel,
+		GrowthStep:      c.BatchGrowthStep,
+	}
+}

@@ -1,0 +1,43 @@
+// Command worker is the sous daemon: it drains a request queue, runs batches
+// on the local inference engine and publishes the results. Configuration is
+// environment variables only; see README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	cfg, err := loadConfig(os.Environ())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "sous worker: invalid configuration: %v\n", err)
+		os.Exit(2)
+	}
+	log := newLogger(cfg, os.Stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, cfg, log); err != nil {
+		log.Error("worker stopped", "err", err)
+		var ce *configError
+		if errors.As(err, &ce) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+func newLogger(cfg Config, w *os.File) *slog.Logger {
+	level, _ := parseLevel(cfg.LogLevel)
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewJSONHandler(w, opts)
+	if cfg.LogFormat == "text" {
+		h = slog.NewTextHandler(w, opts)
+	}
+	return slog.New(h).With("worker", cfg.WorkerID)
+}

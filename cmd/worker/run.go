@@ -1,0 +1,183 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"time"
+
+	"github.com/sous-run/sous/internal/inference/ollama"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
+	"github.com/sous-run/sous/internal/wire"
+	"github.com/sous-run/sous/internal/worker"
+)
+
+// run builds the parts, runs the worker until ctx is cancelled, then shuts
+// down in stages: drain the worker, close the broker, stop the HTTP server.
+func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", cfg.EngineURL, "model", cfg.Model, "amqp_url", cfg.AMQPURL)
+
+	engine, err := newEngine(cfg)
+	if err != nil {
+		return err
+	}
+	sizer, stopSizer, err := startSizer(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer stopSizer()
+
+	tlsCfg, err := amqpTLS(cfg)
+	if err != nil {
+		return err
+	}
+	connectCtx, cancelConnect := context.WithTimeout(ctx, 2*time.Minute)
+	broker, err := rabbitmq.Open(connectCtx, rabbitmq.Config{
+		URL:             cfg.AMQPURL,
+		TLS:             tlsCfg,
+		Queue:           cfg.Queue,
+		DeadLetterQueue: cfg.DeadLetterQueue,
+		Declare:         cfg.Declare,
+		ExtraQueues:     []string{cfg.ResultsQueue},
+		DeliveryLimit:   cfg.MaxAttempts,
+		Prefetch:        1,
+		ConnectionName:  "sous-worker " + cfg.WorkerID,
+		Consume:         true,
+	}, log)
+	cancelConnect()
+	if err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	defer broker.Close()
+
+	w := worker.New(worker.Config{
+		WorkerID:     cfg.WorkerID,
+		ResultsQueue: cfg.ResultsQueue,
+		Limits: wire.Limits{
+			MaxBodyBytes:   cfg.MaxBodyBytes,
+			MaxPromptBytes: cfg.MaxPromptBytes,
+			MaxNumPredict:  cfg.MaxNumPredict,
+			DefaultModel:   cfg.Model,
+			AllowedModels:  allowedModels(cfg),
+		},
+		MaxAttempts:     cfg.MaxAttempts,
+		BatchWait:       cfg.BatchWait,
+		Concurrency:     cfg.BatchConcurrency,
+		EngineTimeout:   cfg.EngineTimeout,
+		DrainTimeout:    cfg.DrainTimeout,
+		RetryBackoff:    cfg.RetryBackoff,
+		RetryBackoffMax: cfg.RetryBackoffMax,
+		StreamInterval:  cfg.StreamInterval,
+		StreamBytes:     cfg.StreamBytes,
+	}, broker, engine, sizer, log)
+
+	srv, err := startHTTP(cfg, w, log)
+	if err != nil {
+		return err
+	}
+	log.Info("ready to work", "http_addr", cfg.HTTPAddr)
+	runErr := w.Run(ctx)
+	if srv != nil {
+		shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutCtx)
+	}
+	log.Info("stopped")
+	return runErr
+}
+
+func allowedModels(cfg Config) []string {
+	if len(cfg.ModelsAllowed) == 0 {
+		return []string{cfg.Model}
+	}
+	return cfg.ModelsAllowed
+}
+
+type engine interface {
+	worker.Engine
+}
+
+func newEngine(cfg Config) (engine, error) {
+	switch cfg.Engine {
+	case "ollama":
+		e, err := ollama.New(ollama.Config{URL: cfg.EngineURL, KeepAlive: cfg.EngineKeepAlive})
+		if err != nil {
+			return nil, bad("SOUS_ENGINE_URL", "%v", err)
+		}
+		return e, nil
+	}
+	return nil, bad("SOUS_ENGINE", "unknown engine %q", cfg.Engine)
+}
+
+func amqpTLS(cfg Config) (*tls.Config, error) {
+	if cfg.AMQPCAFile == "" && cfg.AMQPCertFile == "" {
+		return nil, nil
+	}
+	t := &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.AMQPCAFile != "" {
+		pem, err := os.ReadFile(cfg.AMQPCAFile)
+		if err != nil {
+			return nil, bad("SOUS_AMQP_CA_FILE", "cannot read: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, bad("SOUS_AMQP_CA_FILE", "holds no PEM certificate")
+		}
+		t.RootCAs = pool
+	}
+	if cfg.AMQPCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.AMQPCertFile, cfg.AMQPKeyFile)
+		if err != nil {
+			return nil, bad("SOUS_AMQP_CERT_FILE", "cannot load the client certificate and key: %v", err)
+		}
+		t.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
+}
+
+// readiness is what /readyz asks.
+type readiness interface {
+	Ready(ctx context.Context) error
+}
+
+func startHTTP(cfg Config, r readiness, log *slog.Logger) (*http.Server, error) {
+	if cfg.HTTPAddr == "" || cfg.HTTPAddr == "off" {
+		return nil, nil
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, req *http.Request) {
+		ctx, cancel := context.WithTimeout(req.Context(), 2*time.Second)
+		defer cancel()
+		if err := r.Ready(ctx); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	if cfg.Pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return nil, bad("SOUS_HTTP_ADDR", "cannot listen on %s: %v", cfg.HTTPAddr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("http server", "err", err)
+		}
+	}()
+	return srv, nil
+}
