@@ -1,0 +1,6 @@
+// Package integration holds the end-to-end tests of sous: the real worker
+// and sousctl binaries, a real RabbitMQ (RABBITMQ_URL, default the local
+// broker on 127.0.0.1:5672) and a real Ollama server with a tiny model made
+// by the tests (integration/ollamatest). Each test uses its own queues, so
+// tests run in parallel against one broker.
+package integration

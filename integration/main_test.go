@@ -1,0 +1,310 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/integration/ollamatest"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+var (
+	binDir    string
+	ollama    *ollamatest.Server
+	brokerURL = "amqp://guest:guest@127.0.0.1:5672/"
+	seq       atomic.Int64
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(testMain(m))
+}
+
+func testMain(m *testing.M) int {
+	if u := os.Getenv("RABBITMQ_URL"); u != "" {
+		brokerURL = u
+	}
+	dir, err := os.MkdirTemp("", "sous-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	binDir = dir
+	build := exec.Command("go", "build", "-race", "-o", binDir, "../cmd/worker", "../cmd/sousctl")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build binaries:", err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	ollama, err = ollamatest.Start(ctx, ollamatest.Options{NumParallel: 4, Aliases: []string{"tiny-alias"}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "start the dev Ollama:", err)
+		return 1
+	}
+	defer ollama.Stop(context.Background())
+	code := m.Run()
+	deleteQueues()
+	return code
+}
+
+// names returns fresh queue names for one test.
+func names(t *testing.T) (requests, results string) {
+	base := fmt.Sprintf("sous-it-%s-%d-%d", strings.ReplaceAll(t.Name(), "/", "-"), os.Getpid(), seq.Add(1))
+	remember(base, base+".dlq", base+".results", base+".replies")
+	return base, base + ".results"
+}
+
+var (
+	queuesMu sync.Mutex
+	queues   []string
+)
+
+func remember(qs ...string) {
+	queuesMu.Lock()
+	defer queuesMu.Unlock()
+	queues = append(queues, qs...)
+}
+
+func deleteQueues() {
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		return
+	}
+	for _, q := range queues {
+		_, _ = ch.QueueDelete(q, false, false, false)
+	}
+}
+
+// workerProc is a running worker binary.
+type workerProc struct {
+	cmd    *exec.Cmd
+	addr   string
+	mu     sync.Mutex
+	log    strings.Builder
+	exited chan struct{}
+	err    error
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// startWorker runs the worker binary on queue with env overrides and waits
+// until it is ready.
+func startWorker(t *testing.T, queue string, env ...string) *workerProc {
+	t.Helper()
+	return startWorkerWait(t, queue, "/readyz", env...)
+}
+
+func startWorkerWait(t *testing.T, queue, probe string, env ...string) *workerProc {
+	t.Helper()
+	addr := freeAddr(t)
+	cmd := exec.Command(filepath.Join(binDir, "worker"))
+	cmd.Env = append(os.Environ(),
+		"SOUS_AMQP_URL="+brokerURL, "SOUS_QUEUE="+queue, "SOUS_RESULTS_QUEUE="+queue+".results",
+		"SOUS_ENGINE_URL="+ollama.URL(), "SOUS_MODEL=tiny", "SOUS_HTTP_ADDR="+addr,
+		"SOUS_LOG_FORMAT=text", "SOUS_LOG_LEVEL=debug", "SOUS_MAX_NUM_PREDICT=16", "SOUS_WORKER_ID=it-"+queue,
+		"SOUS_DRAIN_TIMEOUT=20s", "SOUS_RETRY_BACKOFF=50ms", "SOUS_RETRY_BACKOFF_MAX=200ms",
+	)
+	cmd.Env = append(cmd.Env, env...)
+	w := &workerProc{cmd: cmd, addr: addr, exited: make(chan struct{})}
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			w.mu.Lock()
+			w.log.WriteString(sc.Text() + "\n")
+			w.mu.Unlock()
+		}
+	}()
+	go func() {
+		w.err = cmd.Wait()
+		pw.Close()
+		close(w.exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		<-w.exited
+		if t.Failed() {
+			t.Logf("worker log:\n%s", w.logs())
+		}
+	})
+	waitUntil(t, 60*time.Second, "worker "+probe, func() bool {
+		select {
+		case <-w.exited:
+			t.Fatalf("worker exited early: %v\n%s", w.err, w.logs())
+		default:
+		}
+		resp, err := http.Get("http://" + addr + probe)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+	return w
+}
+
+func (w *workerProc) logs() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.log.String()
+}
+
+// exitCode waits for the process to exit and returns its code.
+func (w *workerProc) exitCode(t *testing.T, within time.Duration) int {
+	t.Helper()
+	select {
+	case <-w.exited:
+	case <-time.After(within):
+		t.Fatalf("worker did not exit within %s", within)
+	}
+	if w.err == nil {
+		return 0
+	}
+	if ee, ok := w.err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	t.Fatalf("wait: %v", w.err)
+	return -1
+}
+
+func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// client is a producer with its own connection.
+type client struct {
+	t    *testing.T
+	conn *amqp.Connection
+	ch   *amqp.Channel
+}
+
+func newClient(t *testing.T) *client {
+	t.Helper()
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		t.Fatalf("connect to RabbitMQ at 127.0.0.1:5672 (`rabbitmq-server -detached`): %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		t.Fatal(err)
+	}
+	return &client{t: t, conn: conn, ch: ch}
+}
+
+func (c *client) declare(q string) {
+	c.t.Helper()
+	if _, err := c.ch.QueueDeclare(q, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		c.t.Fatalf("declare %s: %v", q, err)
+	}
+}
+
+func (c *client) publish(queue, id, replyTo, body string) {
+	c.t.Helper()
+	conf, err := c.ch.PublishWithDeferredConfirmWithContext(context.Background(), "", queue, false, false, amqp.Publishing{
+		MessageId: id, ReplyTo: replyTo, ContentType: "application/json", DeliveryMode: amqp.Persistent, Timestamp: time.Now(), Body: []byte(body)})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if !conf.Wait() {
+		c.t.Fatal("publish not confirmed")
+	}
+}
+
+// collect reads n messages from q (acking them), keyed by correlation id.
+func (c *client) collect(q string, n int, within time.Duration) map[string]amqp.Delivery {
+	c.t.Helper()
+	ch, err := c.conn.Channel()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer ch.Close()
+	ds, err := ch.Consume(q, "", true, false, false, false, nil)
+	if err != nil {
+		c.t.Fatalf("consume %s: %v", q, err)
+	}
+	out := map[string]amqp.Delivery{}
+	timeout := time.After(within)
+	for len(out) < n {
+		select {
+		case d := <-ds:
+			key := d.CorrelationId
+			if key == "" {
+				key = d.MessageId
+			}
+			out[key] = d
+		case <-timeout:
+			c.t.Fatalf("got %d of %d messages from %s within %s", len(out), n, q, within)
+		}
+	}
+	return out
+}
+
+// depth is the number of ready messages in q.
+func (c *client) depth(q string) int {
+	c.t.Helper()
+	ch, err := c.conn.Channel()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer ch.Close()
+	st, err := ch.QueueDeclarePassive(q, true, false, false, false, nil)
+	if err != nil {
+		c.t.Fatalf("inspect %s: %v", q, err)
+	}
+	return st.Messages
+}
+
+func decodeResult(t *testing.T, d amqp.Delivery) wire.Result {
+	t.Helper()
+	var r wire.Result
+	if err := json.Unmarshal(d.Body, &r); err != nil {
+		t.Fatalf("result is not JSON: %v: %s", err, d.Body)
+	}
+	return r
+}

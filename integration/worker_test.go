@@ -1,0 +1,354 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// TestPromptAndChatEndToEnd: producer -> RabbitMQ -> worker -> real Ollama
+// -> result on reply_to and on the results queue.
+func TestPromptAndChatEndToEnd(t *testing.T) {
+	t.Parallel()
+	q, results := names(t)
+	w := startWorker(t, q)
+	c := newClient(t)
+	replies := q + ".replies"
+	c.declare(replies)
+	c.publish(q, "p1", replies, `{"prompt":"Why is the sky blue?","options":{"seed":1,"num_predict":8}}`)
+	c.publish(q, "c1", replies, `{"messages":[{"role":"user","content":"hello"}],"options":{"num_predict":8}}`)
+	c.publish(q, "alias", "", `{"prompt":"hi","model":"tiny","options":{"num_predict":4}}`)
+	got := c.collect(replies, 2, 60*time.Second)
+	p := decodeResult(t, got["p1"])
+	if p.Status != wire.StatusOK || p.Response == nil || *p.Response == "" || p.Model != "tiny" || p.Usage == nil || p.Usage.OutputTokens == 0 || p.Usage.OutputTokens > 8 {
+		t.Fatalf("prompt result: %s", got["p1"].Body)
+	}
+	if p.Batch == nil || p.Batch.Size < 1 || p.Worker != "it-"+q || p.Attempt != 1 {
+		t.Fatalf("prompt result lacks batch/worker: %s", got["p1"].Body)
+	}
+	ch := decodeResult(t, got["c1"])
+	if ch.Status != wire.StatusOK || ch.Message == nil || ch.Message.Role != "assistant" {
+		t.Fatalf("chat result: %s", got["c1"].Body)
+	}
+	other := c.collect(results, 1, 60*time.Second)
+	if r := decodeResult(t, other["alias"]); r.Status != wire.StatusOK {
+		t.Fatalf("result without reply_to: %s", other["alias"].Body)
+	}
+	if c.depth(q) != 0 {
+		t.Fatal("requests left in the queue after their results")
+	}
+	_ = w
+}
+
+// TestSousctlDirectReplyTo runs the producer CLI against the worker: direct
+// reply-to, human output and JSON lines.
+func TestSousctlDirectReplyTo(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	startWorker(t, q)
+	out, err := exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "-json", "hello there", "second prompt").CombinedOutput()
+	if err != nil {
+		t.Fatalf("sousctl: %v\n%s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], `"status":"ok"`) || !strings.Contains(lines[1], `"status":"ok"`) {
+		t.Fatalf("sousctl output:\n%s", out)
+	}
+	out, err = exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "-stream", "-chat", "stream me").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), " ok model=tiny") {
+		t.Fatalf("sousctl stream: %v\n%s", err, out)
+	}
+}
+
+// TestBadInputDeadLettered: every kind of bad input is dead-lettered at once
+// with a reason header and an error result; the good message in the same
+// burst is answered; the worker keeps going.
+func TestBadInputDeadLettered(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	startWorker(t, q, "SOUS_MAX_BODY_BYTES=2048", "SOUS_MODELS_ALLOWED=tiny,ghost")
+	c := newClient(t)
+	replies := q + ".replies"
+	c.declare(replies)
+	bad := map[string]struct{ body, reason string }{
+		"notjson":  {`this is not json`, wire.ReasonInvalidJSON},
+		"utf8":     {"{\"prompt\":\"\xc3\x28\"}", wire.ReasonInvalidUTF8},
+		"types":    {`{"prompt":["a"]}`, wire.ReasonInvalidRequest},
+		"option":   {`{"prompt":"x","options":{"num_predict":"many"}}`, wire.ReasonInvalidOption},
+		"noprompt": {`{"model":"tiny"}`, wire.ReasonMissingPrompt},
+		"unknown":  {`{"prompt":"x","model":"nope"}`, wire.ReasonModelNotAllowed},
+		"big":      {`{"prompt":"` + strings.Repeat("x", 3000) + `"}`, wire.ReasonBodyTooLarge},
+		"expired":  {`{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, wire.ReasonDeadlineExceeded},
+		// Allowed by the worker but absent from the engine: the engine's 404.
+		"ghost": {`{"prompt":"x","model":"ghost"}`, "model_not_found"},
+	}
+	for id, b := range bad {
+		c.publish(q, id, replies, b.body)
+	}
+	c.publish(q, "good", replies, `{"prompt":"fine","options":{"num_predict":4}}`)
+	dead := c.collect(q+".dlq", len(bad), 60*time.Second)
+	for id, b := range bad {
+		d, ok := dead[id]
+		if !ok {
+			t.Errorf("%s not dead-lettered", id)
+			continue
+		}
+		if d.Headers[queue.HeaderDeadLetterReason] != b.reason || d.Headers[queue.HeaderDeadLetterDescription] == "" {
+			t.Errorf("%s: dead-letter headers %v, want reason %s", id, d.Headers, b.reason)
+		}
+	}
+	res := c.collect(replies, len(bad)+1, 60*time.Second)
+	for id, b := range bad {
+		r := decodeResult(t, res[id])
+		if r.Status != wire.StatusError || r.Error == nil || r.Error.Code != b.reason {
+			t.Errorf("%s: error result %s", id, res[id].Body)
+		}
+	}
+	if r := decodeResult(t, res["good"]); r.Status != wire.StatusOK {
+		t.Errorf("good message in the same burst: %s", res["good"].Body)
+	}
+}
+
+// TestEngineUnavailableRequeuesThenDeadLetters: with no engine answering,
+// the request is requeued (the broker counts deliveries) and dead-lettered
+// after SOUS_MAX_ATTEMPTS with the reason in a header.
+func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	dead := "http://" + freeAddr(t) // nothing listens there
+	w := startWorkerNoReady(t, q, "SOUS_ENGINE_URL="+dead, "SOUS_MAX_ATTEMPTS=3")
+	c := newClient(t)
+	c.publish(q, "m", "", `{"prompt":"x"}`)
+	d := c.collect(q+".dlq", 1, 60*time.Second)["m"]
+	if d.Headers[queue.HeaderDeadLetterReason] != "max_attempts" || !strings.Contains(fmt.Sprint(d.Headers[queue.HeaderDeadLetterDescription]), "engine_unavailable") {
+		t.Fatalf("dead-letter headers %v", d.Headers)
+	}
+	if got := fmt.Sprint(d.Headers[queue.HeaderAttempts]); got != "3" {
+		t.Fatalf("attempts header %s, want 3", got)
+	}
+	if n := strings.Count(w.logs(), "action=requeue"); n != 2 {
+		t.Fatalf("want 2 requeues before the dead-letter, log shows %d", n)
+	}
+	resp, err := http.Get("http://" + w.addr + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz with the engine down = %d, want 503", resp.StatusCode)
+	}
+	resp, err = http.Get("http://" + w.addr + "/healthz")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("/healthz = %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+// startWorkerNoReady starts a worker whose engine is expected to be down:
+// it waits for /healthz instead of /readyz.
+func startWorkerNoReady(t *testing.T, q string, env ...string) *workerProc {
+	t.Helper()
+	return startWorkerWait(t, q, "/healthz", env...)
+}
+
+// TestSIGTERMDrains: SIGTERM under load exits 0 within the drain timeout;
+// every request has a result or is back in the queue, none lost.
+func TestSIGTERMDrains(t *testing.T) {
+	t.Parallel()
+	q, results := names(t)
+	w := startWorker(t, q, "SOUS_BATCH_MAX=2", "SOUS_ENGINE_PARALLEL=2", "SOUS_MAX_NUM_PREDICT=64")
+	c := newClient(t)
+	const n = 20
+	for i := range n {
+		c.publish(q, fmt.Sprint("s", i), "", `{"prompt":"count to ten","options":{"num_predict":64}}`)
+	}
+	waitUntil(t, 30*time.Second, "a first result", func() bool { return c.depth(results) > 0 })
+	start := time.Now()
+	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := w.exitCode(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM\n%s", code, w.logs())
+	}
+	t.Logf("drained in %s", time.Since(start).Round(time.Millisecond))
+	done := c.depth(results)
+	left := c.depth(q)
+	if done+left != n {
+		t.Fatalf("%d results + %d requeued = %d, want %d: something was lost or duplicated", done, left, done+left, n)
+	}
+	if left == 0 {
+		t.Log("note: the worker finished everything before the signal landed")
+	}
+}
+
+// TestBrokerConnectionLost: the worker's connection is cut mid-stream by a
+// TCP proxy; it reconnects with backoff, resumes, and every request gets a
+// result (at least once).
+func TestBrokerConnectionLost(t *testing.T) {
+	t.Parallel()
+	q, results := names(t)
+	p := newProxy(t, "127.0.0.1:5672")
+	startWorker(t, q, "SOUS_AMQP_URL=amqp://guest:guest@"+p.addr+"/")
+	c := newClient(t)
+	const n = 30
+	for i := range n {
+		c.publish(q, fmt.Sprint("r", i), "", `{"prompt":"x","options":{"num_predict":4}}`)
+		if i == 10 {
+			waitUntil(t, 30*time.Second, "some results", func() bool { return c.depth(results) > 0 })
+			p.cut()
+		}
+	}
+	got := c.collect(results, n, 90*time.Second)
+	for i := range n {
+		if _, ok := got[fmt.Sprint("r", i)]; !ok {
+			t.Fatalf("request r%d got no result", i)
+		}
+	}
+	if p.cuts.Load() == 0 {
+		t.Fatal("the proxy never cut a connection")
+	}
+}
+
+// TestExistingQueues: the worker uses queues that exist with other
+// arguments (a classic queue), and with SOUS_DECLARE=false declares nothing.
+func TestExistingQueues(t *testing.T) {
+	t.Parallel()
+	q, results := names(t)
+	c := newClient(t)
+	for _, name := range []string{q, q + ".dlq", results} {
+		if _, err := c.ch.QueueDeclare(name, true, false, false, false, nil); err != nil { // classic
+			t.Fatal(err)
+		}
+	}
+	startWorker(t, q)
+	c.publish(q, "e1", "", `{"prompt":"x","options":{"num_predict":4}}`)
+	c.collect(results, 1, 60*time.Second)
+
+	q2, results2 := names(t)
+	for _, name := range []string{q2, q2 + ".dlq", results2} {
+		c.declare(name)
+	}
+	startWorker(t, q2, "SOUS_DECLARE=false")
+	c.publish(q2, "e2", "", `{"prompt":"x","options":{"num_predict":4}}`)
+	c.collect(results2, 1, 60*time.Second)
+}
+
+// TestInvalidConfigExits2: a bad value stops the worker at start with exit
+// code 2 and a message naming the variable, never the password.
+func TestInvalidConfigExits2(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ env, name string }{
+		{"SOUS_BATCH_MAX=lots", "SOUS_BATCH_MAX"},
+		{"SOUS_DRAIN_TIMEOUT=-1s", "SOUS_DRAIN_TIMEOUT"},
+		{"SOUS_AMQP_URL=http://u:s3cretpw@host/", "SOUS_AMQP_URL"},
+		{"SOUS_BROKER=kafka", "SOUS_BROKER"},
+		{"SOUS_MODEL=", "SOUS_MODEL"},
+		{"SOUS_ENGINE_PARALLEL=0", "SOUS_ENGINE_PARALLEL"},
+	}
+	for _, tt := range tests {
+		cmd := exec.Command(filepath.Join(binDir, "worker"))
+		cmd.Env = []string{"SOUS_MODEL=tiny", "SOUS_AMQP_URL=amqp://u:s3cretpw@127.0.0.1:1/", tt.env}
+		out, err := cmd.CombinedOutput()
+		ee, ok := err.(*exec.ExitError)
+		if !ok || ee.ExitCode() != 2 {
+			t.Errorf("%s: exit %v, want 2\n%s", tt.env, err, out)
+		}
+		if !strings.Contains(string(out), tt.name) {
+			t.Errorf("%s: message does not name the variable: %s", tt.env, out)
+		}
+		if strings.Contains(string(out), "s3cretpw") {
+			t.Errorf("%s: password leaked: %s", tt.env, out)
+		}
+	}
+}
+
+// proxy forwards TCP to target and can cut every connection.
+type proxy struct {
+	addr  string
+	mu    sync.Mutex
+	conns []net.Conn
+	cuts  atomicInt
+}
+
+type atomicInt struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (a *atomicInt) Add(d int) { a.mu.Lock(); a.n += d; a.mu.Unlock() }
+func (a *atomicInt) Load() int { a.mu.Lock(); defer a.mu.Unlock(); return a.n }
+
+func newProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{addr: l.Addr().String()}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() { cancel(); l.Close(); p.cut(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			in, err := l.Accept()
+			if err != nil {
+				return
+			}
+			out, err := (&net.Dialer{}).DialContext(ctx, "tcp", target)
+			if err != nil {
+				in.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, in, out)
+			p.mu.Unlock()
+			wg.Go(func() { pipe(in, out) })
+			wg.Go(func() { pipe(out, in) })
+		}
+	})
+	return p
+}
+
+func pipe(a, b net.Conn) {
+	buf := make([]byte, 32*1024)
+	for {
+		n, err := a.Read(buf)
+		if n > 0 {
+			if _, werr := b.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	a.Close()
+	b.Close()
+}
+
+func (p *proxy) cut() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	if len(p.conns) > 0 {
+		p.cuts.Add(1)
+	}
+	p.conns = nil
+}
+
+var _ = amqp.Table{}
