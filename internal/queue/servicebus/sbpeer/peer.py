@@ -62,6 +62,7 @@ from proton import (
     symbol,
     timestamp,
 )
+from cproton import pn_message_get_content_type
 from proton.handlers import MessagingHandler
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
@@ -106,7 +107,8 @@ def describe(msg):
         "session_id": msg.group_id,
         "reply_to": msg.reply_to,
         "reply_to_session_id": msg.reply_to_group_id,
-        "content_type": plain(msg.content_type),
+        # Message.content_type turns a missing value into the symbol "None".
+        "content_type": pn_message_get_content_type(msg._msg),
         "subject": msg.subject,
         "application_properties": plain(msg.properties or {}),
         "body": plain(msg.body),
@@ -519,16 +521,17 @@ class Peer(MessagingHandler):
             self.lock_ms_by_queue[cmd["queue"]] = int(cmd["ms"])
             emit("reply", id=cid)
         elif name == "send":
-            m = Message(
-                body=cmd.get("body", "").encode("utf-8"),
-                id=cmd.get("message_id"),
-                correlation_id=cmd.get("correlation_id"),
-                reply_to=cmd.get("reply_to"),
-                reply_to_group_id=cmd.get("reply_to_session_id"),
-                group_id=cmd.get("session_id"),
-                content_type=cmd.get("content_type"),
-                properties=cmd.get("application_properties") or None,
-            )
+            fields = {
+                "id": cmd.get("message_id"),
+                "correlation_id": cmd.get("correlation_id"),
+                "reply_to": cmd.get("reply_to"),
+                "reply_to_group_id": cmd.get("reply_to_session_id"),
+                "group_id": cmd.get("session_id"),
+                "content_type": cmd.get("content_type"),
+                "properties": cmd.get("application_properties"),
+            }
+            m = Message(body=cmd.get("body", "").encode("utf-8"),
+                        **{k: v for k, v in fields.items() if v})
             m.inferred = True
             rec = self.enqueue(cmd["queue"], m)
             emit("reply", id=cid, seq=rec.seq)
