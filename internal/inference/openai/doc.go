@@ -1,0 +1,14 @@
+// Package openai is the engine driver for OpenAI-compatible servers: vLLM,
+// the llama.cpp server, TGI, and Ollama's /v1 endpoints.
+//
+// Chat items go to /v1/chat/completions, one call each, concurrently.
+// Prompt items of a batch (same model and options) go as ONE
+// /v1/completions call with a list of prompts, which vLLM batches natively;
+// answers are matched back by choices[].index. Servers that refuse a list
+// (Ollama 0.6.5 answers 400) are detected on the first batch and from then
+// on get concurrent single-prompt calls; BatchPrompts forces either mode.
+// Embedding items go as one /v1/embeddings call with a list input.
+//
+// Concurrency: an *Engine is safe for concurrent use and shares one
+// http.Client.
+package openai
