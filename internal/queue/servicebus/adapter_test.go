@@ -158,3 +158,36 @@ func TestForwardCopyLeavesTheReceivedMessageAlone(t *testing.T) {
 		t.Errorf("copy = %+v", got)
 	}
 }
+
+// FuzzToDelivery feeds the mapping the shapes a producer controls: body
+// sections, property values and the delivery count.
+func FuzzToDelivery(f *testing.F) {
+	f.Add([]byte(`{"prompt":"hi"}`), "", "traceparent", "00-abc-01", int64(0), uint32(1), false)
+	f.Add([]byte(nil), `{"prompt":"v"}`, "n", "", int64(7), uint32(0), true)
+	f.Fuzz(func(t *testing.T, data []byte, value, key, str string, num int64, count uint32, split bool) {
+		m := &azservicebus.ReceivedMessage{
+			MessageID:             "m",
+			DeliveryCount:         count,
+			ApplicationProperties: map[string]any{key: str, key + "#n": num, key + "#b": data},
+			RawAMQPMessage:        &azservicebus.AMQPAnnotatedMessage{},
+		}
+		switch {
+		case split && len(data) > 1:
+			m.RawAMQPMessage.Body.Data = [][]byte{data[:1], data[1:]}
+		case value != "":
+			m.RawAMQPMessage.Body.Value = value
+		default:
+			m.Body = data
+		}
+		d := toDelivery(m, time.Time{})
+		if d.Attempt < 1 {
+			t.Fatalf("Attempt = %d", d.Attempt)
+		}
+		if d.Headers[key] != str || len(d.Headers) != 1 {
+			t.Fatalf("Headers = %v, want only the string property", d.Headers)
+		}
+		if split && len(data) > 1 && string(d.Body) != string(data) {
+			t.Fatalf("Body = %q, want %q", d.Body, data)
+		}
+	})
+}

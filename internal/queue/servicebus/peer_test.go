@@ -237,11 +237,15 @@ func TestPeerReplyToSessionID(t *testing.T) {
 // renews it through the $management link, and completing it still works.
 func TestPeerLockRenewal(t *testing.T) {
 	t.Parallel()
-	const lock = 600 * time.Millisecond
-	d, p := setupPeer(t, sbpeer.Options{LockDuration: lock}, func(c *Config) { c.LockRenewInterval = 150 * time.Millisecond })
+	// 12 renewals every 150ms or sooner hold the delivery past its 1.2s lock.
+	d, p := setupPeer(t, sbpeer.Options{LockDuration: 1200 * time.Millisecond}, func(c *Config) { c.LockRenewInterval = 150 * time.Millisecond })
 	publish(t, d, request("req-6"))
 	del := receiveOne(t, d)
-	renewals := p.WaitForN(wait, 6, "renewals", func(e sbpeer.Event) bool { return e.Name == "renew_lock" && e.Queue == "requests" })
+	held := time.Now()
+	renewals := p.WaitForN(wait, 12, "renewals", func(e sbpeer.Event) bool { return e.Name == "renew_lock" && e.Queue == "requests" })
+	if since := time.Since(held); since < 1200*time.Millisecond {
+		t.Fatalf("12 renewals in %v: too fast to outlast the lock", since)
+	}
 	for _, r := range renewals {
 		if !r.OK {
 			t.Fatalf("renewal failed: %s", r)
