@@ -308,3 +308,24 @@ func decodeResult(t *testing.T, d amqp.Delivery) wire.Result {
 	}
 	return r
 }
+
+// drain returns what is in q now, acking it.
+func drain(t *testing.T, c *client, q string) []amqp.Delivery {
+	t.Helper()
+	ch, err := c.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	var out []amqp.Delivery
+	for {
+		d, ok, err := ch.Get(q, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			return out
+		}
+		out = append(out, d)
+	}
+}

@@ -33,16 +33,26 @@ type Config struct {
 	DeadLetterQueue string       `env:"SOUS_DEAD_LETTER_QUEUE"` // default <queue>.dlq
 	Declare         bool         `env:"SOUS_DECLARE" envDefault:"true"`
 
+	// Service Bus
+	ServiceBusConnectionString     secret.Value  `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
+	ServiceBusConnectionStringFile string        `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`
+	ServiceBusNamespace            string        `env:"SOUS_SERVICEBUS_NAMESPACE"`
+	ServiceBusDeadLetterQueue      string        `env:"SOUS_SERVICEBUS_DEAD_LETTER_QUEUE"`
+	ServiceBusLockRenew            time.Duration `env:"SOUS_SERVICEBUS_LOCK_RENEW_INTERVAL" envDefault:"20s"`
+
 	// Engine
-	Engine           string        `env:"SOUS_ENGINE" envDefault:"ollama"`
-	EngineURL        string        `env:"SOUS_ENGINE_URL" envDefault:"http://localhost:11434"`
-	EngineAPIKey     secret.Value  `env:"SOUS_ENGINE_API_KEY"`
-	EngineAPIKeyFile string        `env:"SOUS_ENGINE_API_KEY_FILE"`
-	EngineTimeout    time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
-	EngineParallel   int           `env:"SOUS_ENGINE_PARALLEL" envDefault:"4"`
-	EngineKeepAlive  time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
-	Model            string        `env:"SOUS_MODEL"`
-	ModelsAllowed    []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
+	Engine             string        `env:"SOUS_ENGINE" envDefault:"ollama"`
+	EngineURL          string        `env:"SOUS_ENGINE_URL" envDefault:"http://localhost:11434"`
+	EngineAPIKey       secret.Value  `env:"SOUS_ENGINE_API_KEY"`
+	EngineAPIKeyFile   string        `env:"SOUS_ENGINE_API_KEY_FILE"`
+	EngineTimeout      time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
+	EngineParallel     int           `env:"SOUS_ENGINE_PARALLEL" envDefault:"4"`
+	EngineKeepAlive    time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
+	EngineExec         string        `env:"SOUS_ENGINE_EXEC"`
+	EngineStartTimeout time.Duration `env:"SOUS_ENGINE_START_TIMEOUT" envDefault:"5m"`
+	EngineBatchPrompts string        `env:"SOUS_ENGINE_BATCH_PROMPTS" envDefault:"auto"`
+	Model              string        `env:"SOUS_MODEL"`
+	ModelsAllowed      []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
 
 	// Batching
 	BatchMin         int           `env:"SOUS_BATCH_MIN" envDefault:"1"`
@@ -146,6 +156,7 @@ func (c *Config) readSecretFiles() error {
 	}{
 		{"SOUS_AMQP_URL_FILE", c.AMQPURLFile, &c.AMQPURL},
 		{"SOUS_ENGINE_API_KEY_FILE", c.EngineAPIKeyFile, &c.EngineAPIKey},
+		{"SOUS_SERVICEBUS_CONNECTION_STRING_FILE", c.ServiceBusConnectionStringFile, &c.ServiceBusConnectionString},
 	} {
 		if f.path == "" {
 			continue
@@ -169,6 +180,13 @@ func (c Config) validate() error {
 		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
 			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
 		}
+	case "servicebus":
+		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
+			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "set it (or SOUS_SERVICEBUS_NAMESPACE for workload identity) when SOUS_BROKER=servicebus")
+		}
+		if !c.ServiceBusConnectionString.IsZero() && !strings.Contains(c.ServiceBusConnectionString.Reveal(), "Endpoint=") {
+			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string (Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)")
+		}
 	default:
 		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq or servicebus", c.Broker)
 	}
@@ -181,12 +199,18 @@ func (c Config) validate() error {
 		return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
 	}
 	switch c.Engine {
-	case "ollama":
+	case "ollama", "openai":
 	default:
 		return bad("SOUS_ENGINE", "%q is not an engine sous knows; use ollama or openai", c.Engine)
 	}
 	if u, err := url.Parse(c.EngineURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return bad("SOUS_ENGINE_URL", "must be an http:// or https:// URL such as http://localhost:11434")
+	}
+	if c.EngineBatchPrompts != "auto" && c.EngineBatchPrompts != "list" && c.EngineBatchPrompts != "single" {
+		return bad("SOUS_ENGINE_BATCH_PROMPTS", "must be auto, list or single")
+	}
+	if c.EngineExec != "" && c.EngineStartTimeout <= 0 {
+		return bad("SOUS_ENGINE_START_TIMEOUT", "must be greater than zero")
 	}
 	if c.Model == "" {
 		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")

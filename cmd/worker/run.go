@@ -11,10 +11,14 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/sous-run/sous/internal/inference/ollama"
+	"github.com/sous-run/sous/internal/inference/openai"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
+	"github.com/sous-run/sous/internal/queue/servicebus"
+	"github.com/sous-run/sous/internal/supervisor"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
 )
@@ -24,38 +28,24 @@ import (
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", cfg.EngineURL, "model", cfg.Model, "amqp_url", cfg.AMQPURL)
 
-	engine, err := newEngine(cfg)
+	engine, stopEngine, err := startEngine(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
+	// Deferred calls run last-in first-out: the worker drains, then the
+	// broker closes, then the engine this worker owns stops.
+	defer stopEngine()
 	sizer, stopSizer, err := startSizer(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
 	defer stopSizer()
 
-	tlsCfg, err := amqpTLS(cfg)
-	if err != nil {
-		return err
-	}
-	connectCtx, cancelConnect := context.WithTimeout(ctx, 2*time.Minute)
-	broker, err := rabbitmq.Open(connectCtx, rabbitmq.Config{
-		URL:             cfg.AMQPURL,
-		TLS:             tlsCfg,
-		Queue:           cfg.Queue,
-		DeadLetterQueue: cfg.DeadLetterQueue,
-		Declare:         cfg.Declare,
-		ExtraQueues:     []string{cfg.ResultsQueue},
-		DeliveryLimit:   cfg.MaxAttempts,
-		Prefetch:        1,
-		ConnectionName:  "sous-worker " + cfg.WorkerID,
-		Consume:         true,
-	}, log)
-	cancelConnect()
+	broker, closeBroker, err := openBroker(ctx, cfg, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
-	defer broker.Close()
+	defer closeBroker()
 
 	w := worker.New(worker.Config{
 		WorkerID:     cfg.WorkerID,
@@ -100,11 +90,14 @@ func allowedModels(cfg Config) []string {
 	return cfg.ModelsAllowed
 }
 
-type engine interface {
+// readyEngine is an engine with a readiness check of its own.
+type readyEngine interface {
 	worker.Engine
+	Ping(ctx context.Context) error
+	Load(ctx context.Context, model string) error
 }
 
-func newEngine(cfg Config) (engine, error) {
+func newEngine(cfg Config) (readyEngine, error) {
 	switch cfg.Engine {
 	case "ollama":
 		e, err := ollama.New(ollama.Config{URL: cfg.EngineURL, KeepAlive: cfg.EngineKeepAlive})
@@ -112,8 +105,105 @@ func newEngine(cfg Config) (engine, error) {
 			return nil, bad("SOUS_ENGINE_URL", "%v", err)
 		}
 		return e, nil
+	case "openai":
+		e, err := openai.New(openai.Config{URL: cfg.EngineURL, APIKey: cfg.EngineAPIKey, BatchPrompts: cfg.EngineBatchPrompts})
+		if err != nil {
+			return nil, bad("SOUS_ENGINE_URL", "%v", err)
+		}
+		return openaiEngine{e}, nil
 	}
 	return nil, bad("SOUS_ENGINE", "unknown engine %q", cfg.Engine)
+}
+
+// openaiEngine has no way to preload a model: OpenAI-compatible servers
+// load theirs at start.
+type openaiEngine struct{ *openai.Engine }
+
+func (openaiEngine) Load(context.Context, string) error { return nil }
+
+// supervisedEngine is ready when the supervisor says so: the child engine
+// runs and has the model loaded.
+type supervisedEngine struct {
+	worker.Engine
+	sup *supervisor.Supervisor
+}
+
+func (e supervisedEngine) Ready(ctx context.Context) error { return e.sup.Ready(ctx) }
+
+// startEngine returns the engine, started as a child process first when
+// SOUS_ENGINE_EXEC is set. stop stops that child; it is a no-op otherwise.
+func startEngine(ctx context.Context, cfg Config, log *slog.Logger) (worker.Engine, func(), error) {
+	e, err := newEngine(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	if cfg.EngineExec == "" {
+		return e, func() {}, nil
+	}
+	sup := supervisor.New(supervisor.Config{
+		Command:      strings.Fields(cfg.EngineExec),
+		Model:        cfg.Model,
+		StartTimeout: cfg.EngineStartTimeout,
+	}, e, log)
+	log.Info("starting the engine as a child process", "command", cfg.EngineExec)
+	startCtx, cancel := context.WithTimeout(ctx, cfg.EngineStartTimeout)
+	defer cancel()
+	if err := sup.Start(startCtx); err != nil {
+		sup.Stop()
+		return nil, nil, fmt.Errorf("engine: %w", err)
+	}
+	return supervisedEngine{Engine: e, sup: sup}, sup.Stop, nil
+}
+
+// brokerDriver is what run needs of a queue driver beyond the worker's
+// Broker: a readiness check.
+type brokerDriver interface {
+	worker.Broker
+	Ready(ctx context.Context) error
+}
+
+func openBroker(ctx context.Context, cfg Config, log *slog.Logger) (brokerDriver, func(), error) {
+	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	switch cfg.Broker {
+	case "servicebus":
+		d, err := servicebus.New(connectCtx, servicebus.Config{
+			ConnectionString:  cfg.ServiceBusConnectionString,
+			Namespace:         cfg.ServiceBusNamespace,
+			Queue:             cfg.Queue,
+			DeadLetterQueue:   cfg.ServiceBusDeadLetterQueue,
+			LockRenewInterval: cfg.ServiceBusLockRenew,
+		}, log)
+		if err != nil {
+			return nil, nil, err
+		}
+		return d, func() {
+			closeCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = d.Close(closeCtx)
+		}, nil
+	default:
+		tlsCfg, err := amqpTLS(cfg)
+		if err != nil {
+			return nil, nil, err
+		}
+		d, err := rabbitmq.Open(connectCtx, rabbitmq.Config{
+			URL:             cfg.AMQPURL,
+			TLS:             tlsCfg,
+			Queue:           cfg.Queue,
+			DeadLetterQueue: cfg.DeadLetterQueue,
+			Declare:         cfg.Declare,
+			ExtraQueues:     []string{cfg.ResultsQueue},
+			DeliveryLimit:   cfg.MaxAttempts,
+			Prefetch:        1,
+			ConnectionName:  "sous-worker " + cfg.WorkerID,
+			Consume:         true,
+		}, log)
+		if err != nil {
+			return nil, nil, err
+		}
+		return d, func() { _ = d.Close() }, nil
+	}
 }
 
 func amqpTLS(cfg Config) (*tls.Config, error) {
