@@ -36,9 +36,15 @@ func TestMain(m *testing.M) {
 }
 
 func testMain(m *testing.M) int {
-	if u := os.Getenv("RABBITMQ_URL"); u != "" {
-		brokerURL = u
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	url, stopBroker, err := ensureBroker(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
 	}
+	defer stopBroker()
+	brokerURL = url
 	dir, err := os.MkdirTemp("", "sous-it-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -52,8 +58,6 @@ func testMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "build binaries:", err)
 		return 1
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
 	ollama, err = ollamatest.Start(ctx, ollamatest.Options{NumParallel: 4, Aliases: []string{"tiny-alias"}})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start the dev Ollama:", err)
