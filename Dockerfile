@@ -1,0 +1,60 @@
+# sous worker images. Docker cannot build here; deploy/dockerfile_test.go keeps
+# this file honest (stages, pinned bases, non-root users, the build command, glibc).
+#
+#   docker build --target worker        -t sous-worker .
+#   docker build --target worker-ollama -t sous-worker-ollama .
+#
+# Versions are pinned by tag. Pin digests in the release pipeline
+# (docker buildx imagetools inspect <ref>). No registry was reachable where this
+# file was written, and an unverified digest is worse than a tag.
+
+# The build stage's Debian release sets the glibc the cgo binary needs
+# (bookworm: 2.36). Every final stage must ship that glibc or newer.
+FROM golang:1.26.8-bookworm AS build
+WORKDIR /src
+# Fail instead of downloading a toolchain when go.mod asks for a newer Go.
+ENV GOTOOLCHAIN=local
+COPY go.mod go.sum ./
+RUN --mount=type=cache,target=/go/pkg/mod go mod download
+COPY . .
+# Exactly the Makefile's build command (GO_BUILD plus the build target's
+# packages), so what CI builds with `make build` is what ships.
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+    CGO_ENABLED=1 go build -trimpath -ldflags="-s -w" -o bin/ ./cmd/worker ./cmd/sousctl
+
+# worker: the worker alone, for an engine it does not own (SOUS_ENGINE_URL).
+# distroless/base has glibc, which go-nvml needs: it dlopens libnvidia-ml at run time.
+FROM gcr.io/distroless/base-debian12:nonroot AS worker
+COPY --from=build /src/bin/worker /usr/local/bin/sous-worker
+COPY --from=build /src/bin/sousctl /usr/local/bin/sousctl
+# Numeric, so that Kubernetes can check runAsNonRoot against the image.
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/sous-worker"]
+
+# worker-ollama: the official Ollama image plus the worker, which starts
+# `ollama serve` as its child (no sidecar). The tag matches the
+# github.com/ollama/ollama version in go.mod (the API client the worker is
+# built against); its base is ubuntu:24.04 (glibc 2.39). Ollama images before
+# that were ubuntu:20.04 (glibc 2.31) and could not run a bookworm cgo binary.
+FROM ollama/ollama:0.17.4 AS worker-ollama
+COPY --from=build /src/bin/worker /usr/local/bin/sous-worker
+COPY --from=build /src/bin/sousctl /usr/local/bin/sousctl
+# The engine listens on loopback only: nothing outside the pod reaches it.
+# Weights live on a volume mounted at OLLAMA_MODELS, never in the image.
+# OLLAMA_NOPRUNE: several pods share the model volume; one starting up must not
+# prune blobs that another pod (or the model-pull Job) is writing.
+# HOME: ollama serve writes its key pair under $HOME/.ollama at start.
+ENV SOUS_ENGINE=ollama \
+    SOUS_ENGINE_EXEC="ollama serve" \
+    SOUS_ENGINE_URL=http://127.0.0.1:11434 \
+    OLLAMA_HOST=127.0.0.1:11434 \
+    OLLAMA_MODELS=/models \
+    OLLAMA_NOPRUNE=1 \
+    HOME=/home/sous
+RUN mkdir -p /models /home/sous && chown 65532:65532 /models /home/sous
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/sous-worker"]
+# The base image's CMD ["serve"] is for ollama; the worker takes no arguments.
+CMD []
