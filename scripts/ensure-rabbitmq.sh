@@ -5,8 +5,16 @@ set -euo pipefail
 host=127.0.0.1
 port=5672
 up() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
+# The management API (port 15672) is what KEDA's rabbitmq scaler reads with
+# protocol http; the scale-to-zero tests read it the same way.
+enable_management() {
+  if command -v rabbitmq-plugins >/dev/null 2>&1; then
+    rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1 || echo "rabbitmq: could not enable rabbitmq_management" >&2
+  fi
+}
 if up; then
   echo "rabbitmq: answering on $host:$port"
+  [ -n "${RABBITMQ_URL:-}" ] || enable_management
   exit 0
 fi
 if [ -n "${RABBITMQ_URL:-}" ]; then
@@ -27,6 +35,7 @@ rabbitmq-server -detached
 for _ in $(seq 1 120); do
   if up; then
     rabbitmqctl await_startup >/dev/null 2>&1 || true
+    enable_management
     echo "rabbitmq: up"
     exit 0
   fi
