@@ -466,3 +466,16 @@ func (d *Driver) Ready(ctx context.Context) error {
 }
 
 func (d *Driver) markOK() { d.lastOK.Store(d.now().UnixNano()) }
+
+// Stale reports whether del's lock is known to be lost, so the worker can
+// skip publishing a result the broker will cause to be produced again on
+// redelivery. False when unknown.
+func (d *Driver) Stale(del *queue.Delivery) bool {
+	lm, ok := del.Handle.(*lockedMessage)
+	if !ok || lm == nil {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return lm.lost
+}

@@ -87,8 +87,14 @@ func TestRenewalFindsALostLock(t *testing.T) {
 	d := fx.received(t, lockedFor("m1", fx.clock.Now(), time.Minute))[0]
 	fx.recv.renewErr = &azservicebus.Error{Code: azservicebus.CodeLockLost}
 	ctx := testContext(t)
+	if fx.d.Stale(d) {
+		t.Fatal("stale before any renewal failed")
+	}
 	fx.clock.Advance(10 * time.Second)
 	fx.d.renewDue(ctx)
+	if !fx.d.Stale(d) {
+		t.Fatal("Stale is false after the renewal found the lock lost")
+	}
 	fx.clock.Advance(10 * time.Second)
 	fx.d.renewDue(ctx)
 	if n := fx.recv.count("renew m1"); n != 1 {
