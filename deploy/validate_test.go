@@ -839,8 +839,9 @@ func keepAlive(config map[string]string) (time.Duration, error) {
 }
 
 // workerCapacity is the most messages one worker holds (received, not yet
-// settled): SOUS_BATCH_MAX x (SOUS_BATCH_CONCURRENCY + 1), one batch filling
-// while the others run (internal/worker). Defaults as in cmd/worker.
+// settled): the batch size, min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL), x
+// (SOUS_BATCH_CONCURRENCY + 1), one batch filling while the others run
+// (internal/worker). Defaults as in cmd/worker.
 func workerCapacity(config map[string]string) (int, error) {
 	get := func(key string, def int) (int, error) {
 		v, ok := config[key]
@@ -857,11 +858,15 @@ func workerCapacity(config map[string]string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	parallel, err := get("SOUS_ENGINE_PARALLEL", 4)
+	if err != nil {
+		return 0, err
+	}
 	conc, err := get("SOUS_BATCH_CONCURRENCY", 1)
 	if err != nil {
 		return 0, err
 	}
-	return batch * (conc + 1), nil
+	return min(batch, parallel) * (conc + 1), nil
 }
 
 func checkProbe(c *corev1.Container, name string, p *corev1.Probe, want string) []error {
@@ -1094,7 +1099,7 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)
 	} else if m[valueKey] != strconv.Itoa(capacity) {
-		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = SOUS_BATCH_MAX x (SOUS_BATCH_CONCURRENCY + 1), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
+		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL) x (SOUS_BATCH_CONCURRENCY + 1), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
 	}
 	if act := m[activationKey]; act != "" && act != "0" && so.Spec.MinReplicaCount != nil && *so.Spec.MinReplicaCount == 0 {
 		errs = append(errs, fmt.Errorf("%s: %s %q with minReplicaCount 0 strands up to that many messages; use 0 (activate on the first message)", where, activationKey, act))
