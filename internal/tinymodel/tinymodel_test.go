@@ -215,3 +215,12 @@ func TestWriteFileReplacesAtomically(t *testing.T) {
 		t.Error("WriteFile into a missing dir: want an error")
 	}
 }
+
+func BenchmarkWriteFile(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "tiny.gguf")
+	for b.Loop() {
+		if err := tinymodel.WriteFile(path, tinymodel.Options{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
