@@ -59,13 +59,19 @@ func TestSousctlDirectReplyTo(t *testing.T) {
 	t.Parallel()
 	q, _ := names(t)
 	startWorker(t, q)
-	out, err := exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "-json", "hello there", "second prompt").CombinedOutput()
+	var stderr strings.Builder
+	cmd := exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "-json", "hello there", "second prompt")
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("sousctl: %v\n%s", err, out)
+		t.Fatalf("sousctl: %v\n%s%s", err, out, stderr.String())
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
 	if len(lines) != 2 || !strings.Contains(lines[0], `"status":"ok"`) || !strings.Contains(lines[1], `"status":"ok"`) {
 		t.Fatalf("sousctl output:\n%s", out)
+	}
+	if !strings.HasPrefix(stderr.String(), "trace_id=") { // JSON mode keeps the trace id off stdout
+		t.Fatalf("sousctl stderr: %q, want the trace id", stderr.String())
 	}
 	out, err = exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "-stream", "-chat", "stream me").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), " ok model=tiny") {

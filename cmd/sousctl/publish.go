@@ -29,6 +29,7 @@ type options struct {
 	stream  bool
 	chat    bool
 	timeout time.Duration
+	trace   *producerTrace // nil: no trace context in the requests
 }
 
 func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -57,10 +58,19 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
+	o.trace = startTrace(ctx, stderr)
+	traceOut := stdout
+	if o.jsonOut {
+		traceOut = stderr // stdout holds only JSON lines
+	}
+	fmt.Fprintf(traceOut, "trace_id=%s\n", o.trace.traceID())
 	if err := roundTrip(ctx, o, bodies, stdout); err != nil {
-		fmt.Fprintf(stderr, "sousctl: %s\n", secret.Scrub(err.Error(), secret.Value(o.url)))
+		msg := secret.Scrub(err.Error(), secret.Value(o.url))
+		o.trace.finish(msg)
+		fmt.Fprintf(stderr, "sousctl: %s\n", msg)
 		return 1
 	}
+	o.trace.finish("")
 	return 0
 }
 
@@ -147,16 +157,21 @@ func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer
 	for i, body := range bodies {
 		id := newID()
 		pending[id] = i
+		headers, sent := o.trace.send(o.queue, id)
 		conf, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", o.queue, false, false, amqp.Publishing{
 			ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
-			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: body,
+			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: body, Headers: headers,
 		})
 		if err != nil {
+			sent(err)
 			return fmt.Errorf("publish: %w", err)
 		}
 		if ok, err := conf.WaitContext(ctx); err != nil || !ok {
-			return fmt.Errorf("broker did not confirm the request (queue %q exists?): %v", o.queue, err)
+			err = fmt.Errorf("broker did not confirm the request (queue %q exists?): %v", o.queue, err)
+			sent(err)
+			return err
 		}
+		sent(nil)
 	}
 	if !o.jsonOut {
 		fmt.Fprintf(stdout, "published %d request(s) to %s; waiting for results…\n", len(bodies), o.queue)

@@ -89,6 +89,9 @@ type Config struct {
 	LogFormat string `env:"SOUS_LOG_FORMAT" envDefault:"json"`
 	WorkerID  string `env:"SOUS_WORKER_ID"` // default: host name
 	Pprof     bool   `env:"SOUS_PPROF" envDefault:"false"`
+
+	// OpenTelemetry: the standard OTEL_* variables (telemetry.go).
+	Telemetry telemetryConfig
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
@@ -261,7 +264,7 @@ func (c Config) validate() error {
 			return bad("SOUS_HTTP_ADDR", "must be host:port or :port (or off), got %q", c.HTTPAddr)
 		}
 	}
-	return nil
+	return c.Telemetry.validate()
 }
 
 func parseLevel(s string) (slog.Level, error) {

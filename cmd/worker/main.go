@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/sous-run/sous/internal/telemetry"
 )
 
 func main() {
@@ -39,5 +41,6 @@ func newLogger(cfg Config, w *os.File) *slog.Logger {
 	if cfg.LogFormat == "text" {
 		h = slog.NewTextHandler(w, opts)
 	}
-	return slog.New(h).With("worker", cfg.WorkerID)
+	// Records logged with a context carry its trace_id and span_id.
+	return slog.New(telemetry.LogHandler(h)).With("worker", cfg.WorkerID)
 }

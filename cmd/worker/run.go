@@ -40,8 +40,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer stopSizer()
+	tel, err := startTelemetry(ctx, cfg, sizer.Snapshot, log)
+	if err != nil {
+		return err
+	}
+	defer tel.close(log) // after the drain: flushes the last spans
 
-	broker, closeBroker, err := openBroker(ctx, cfg, log)
+	broker, closeBroker, err := openBroker(ctx, cfg, tel.obs.BrokerReconnected, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
@@ -66,9 +71,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		RetryBackoffMax: cfg.RetryBackoffMax,
 		StreamInterval:  cfg.StreamInterval,
 		StreamBytes:     cfg.StreamBytes,
+		Observer:        tel.obs,
 	}, broker, engine, sizer, log)
 
-	srv, err := startHTTP(cfg, w, log)
+	srv, err := startHTTP(cfg, w, tel.metrics, log)
 	if err != nil {
 		return err
 	}
@@ -162,7 +168,8 @@ type brokerDriver interface {
 	Ready(ctx context.Context) error
 }
 
-func openBroker(ctx context.Context, cfg Config, log *slog.Logger) (brokerDriver, func(), error) {
+// onReconnect is called after each RabbitMQ reconnect.
+func openBroker(ctx context.Context, cfg Config, onReconnect func(), log *slog.Logger) (brokerDriver, func(), error) {
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	switch cfg.Broker {
@@ -198,6 +205,7 @@ func openBroker(ctx context.Context, cfg Config, log *slog.Logger) (brokerDriver
 			Prefetch:        1,
 			ConnectionName:  "sous-worker " + cfg.WorkerID,
 			Consume:         true,
+			OnReconnect:     onReconnect,
 		}, log)
 		if err != nil {
 			return nil, nil, err
@@ -237,7 +245,8 @@ type readiness interface {
 	Ready(ctx context.Context) error
 }
 
-func startHTTP(cfg Config, r readiness, log *slog.Logger) (*http.Server, error) {
+// startHTTP serves the probes and, when metrics is not nil, GET /metrics.
+func startHTTP(cfg Config, r readiness, metrics http.Handler, log *slog.Logger) (*http.Server, error) {
 	if cfg.HTTPAddr == "" || cfg.HTTPAddr == "off" {
 		return nil, nil
 	}
@@ -254,6 +263,9 @@ func startHTTP(cfg Config, r readiness, log *slog.Logger) (*http.Server, error) 
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+	if metrics != nil {
+		mux.Handle("GET /metrics", metrics)
+	}
 	if cfg.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -15,8 +15,15 @@ import (
 func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
 	start := w.now()
 	info := &wire.BatchInfo{ID: bt.ID, Size: len(bt.Items)}
-	w.cfg.Observer.BatchStarted(bt.ID, len(bt.Items), string(bt.Reason))
-	w.log.Debug("batch", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
+	ev := &BatchEvent{ID: bt.ID, Reason: string(bt.Reason), Start: start, Items: make([]BatchItem, len(bt.Items))}
+	for i, it := range bt.Items {
+		ev.Items[i] = BatchItem{Ctx: it.ctx, Delivery: it.d}
+	}
+	if len(bt.Items) > 0 { // items of a batch share kind and model
+		ev.Kind, ev.Model = bt.Items[0].dec.Req.Kind, bt.Items[0].dec.Req.Model
+	}
+	ctx = w.cfg.Observer.BatchStarted(ctx, ev)
+	w.log.DebugContext(ctx, "batch", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
 
 	live := make([]*item, 0, len(bt.Items))
 	for _, it := range bt.Items {
@@ -29,7 +36,7 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
 	}
 	results := w.infer(ctx, live)
 	elapsed := w.now().Sub(start)
-	w.cfg.Observer.BatchFinished(bt.ID, len(bt.Items), elapsed)
+	w.cfg.Observer.BatchFinished(ctx, ev, elapsed)
 
 	var wg sync.WaitGroup
 	for i, it := range live {
@@ -57,7 +64,8 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 			reqs[i].Stream = streams[i].add
 		}
 	}
-	results, err := w.callEngine(ctx, reqs)
+	callCtx, end := w.cfg.Observer.EngineCall(ctx, EngineCall{Kind: reqs[0].Kind, Model: reqs[0].Model, Size: len(reqs)})
+	results, err := w.callEngine(callCtx, reqs)
 	if err == nil && len(results) != len(reqs) {
 		err = &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("engine returned a result count that does not match the batch")}
 	}
@@ -67,6 +75,7 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 			results[i].Err = err
 		}
 	}
+	end(results)
 	var overloaded []int
 	retryable := 0
 	var lastErr error
@@ -84,7 +93,7 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 	case len(overloaded) > 0:
 		w.sizer.Overloaded(len(items))
 	case retryable == len(results):
-		w.engineFailed(lastErr)
+		w.engineFailed(ctx, lastErr)
 	default:
 		w.engineOK()
 		w.sizer.Succeeded(len(items))
@@ -103,7 +112,7 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 			for j, i := range part {
 				sub[j] = items[i]
 			}
-			w.log.Info("engine overloaded: retrying a smaller batch", "batch_size", len(sub))
+			w.log.InfoContext(ctx, "engine overloaded: retrying a smaller batch", "batch_size", len(sub))
 			for j, r := range w.infer(ctx, sub) {
 				results[part[j]] = r
 			}
@@ -130,7 +139,7 @@ func (w *Worker) callEngine(ctx context.Context, reqs []inference.Request) (res 
 	defer cancel()
 	defer func() {
 		if p := recover(); p != nil {
-			w.log.Error("engine driver panicked", "panic", p)
+			w.log.ErrorContext(ctx, "engine driver panicked", "panic", p)
 			res, err = nil, &inference.Error{Kind: inference.Retryable, Code: "internal_error", Err: errPanic}
 		}
 	}()

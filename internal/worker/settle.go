@@ -18,9 +18,18 @@ const settleTimeout = 30 * time.Second
 // delivery, publishes its result first where there is one, and recovers
 // panics. It is called exactly once per delivery.
 func (w *Worker) settle(it *item, out outcome) {
-	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+	if it.ctx == nil {
+		it.ctx = context.Background()
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(it.ctx), settleTimeout)
 	defer cancel()
+	var s queue.Settlement
 	defer func() {
+		o := Outcome{Settlement: s, Err: out.err, Usage: out.resp.Usage}
+		if it.key != "" { // decoded: kind and model are validated
+			o.Kind, o.Model = it.dec.Req.Kind, it.dec.Req.Model
+		}
+		w.cfg.Observer.Done(it.ctx, it.d, o)
 		w.inflight.Add(-1)
 		select {
 		case w.freed <- struct{}{}:
@@ -29,11 +38,12 @@ func (w *Worker) settle(it *item, out outcome) {
 	}()
 	defer func() {
 		if p := recover(); p != nil {
-			w.log.Error("panic while settling; requeueing", "id", it.d.ID, "panic", p, "stack", string(debug.Stack()))
-			w.apply(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "internal_error"})
+			w.log.ErrorContext(ctx, "panic while settling; requeueing", "id", it.d.ID, "panic", p, "stack", string(debug.Stack()))
+			s = queue.Settlement{Action: queue.Requeue, Reason: "internal_error"}
+			w.apply(ctx, it, s)
 		}
 	}()
-	s := w.decide(ctx, it, out)
+	s = w.decide(ctx, it, out)
 	w.apply(ctx, it, s)
 }
 
@@ -54,7 +64,7 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 			res.Done = &done
 		}
 		if err := w.publishResult(ctx, it, res, out); err != nil {
-			w.log.Warn("publish result failed; requeueing", "id", id, "err", err)
+			w.log.WarnContext(ctx, "publish result failed; requeueing", "id", id, "err", err)
 			return queue.Settlement{Action: queue.Requeue, Reason: "publish_failed"}
 		}
 		return queue.Settlement{Action: queue.Ack}
@@ -80,24 +90,30 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 }
 
 func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement) {
-	err := w.broker.Settle(ctx, it.d, s)
-	w.cfg.Observer.Settled(it.d, s, err)
+	err := w.brokerSettle(ctx, it, s)
 	switch {
 	case err == nil:
 		if s.Action != queue.Ack {
-			w.log.Info("settled", "id", it.d.ID, "action", s.Action.String(), "reason", s.Reason, "attempt", it.d.Attempt)
+			w.log.InfoContext(ctx, "settled", "id", it.d.ID, "action", s.Action.String(), "reason", s.Reason, "attempt", it.d.Attempt)
 		}
 	case errors.Is(err, queue.ErrStale):
-		w.log.Warn("delivery went stale before it was settled; the broker redelivers it", "id", it.d.ID, "action", s.Action.String())
+		w.log.WarnContext(ctx, "delivery went stale before it was settled; the broker redelivers it", "id", it.d.ID, "action", s.Action.String())
 	default:
-		w.log.Error("settle failed", "id", it.d.ID, "action", s.Action.String(), "err", err)
+		w.log.ErrorContext(ctx, "settle failed", "id", it.d.ID, "action", s.Action.String(), "err", err)
 		if s.Action == queue.DeadLetter {
 			// Never drop: if the dead-letter path failed, give it back.
-			if rerr := w.broker.Settle(ctx, it.d, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); rerr != nil {
-				w.log.Error("requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
+			if rerr := w.brokerSettle(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); rerr != nil {
+				w.log.ErrorContext(ctx, "requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
 			}
 		}
 	}
+}
+
+func (w *Worker) brokerSettle(ctx context.Context, it *item, s queue.Settlement) error {
+	end := w.cfg.Observer.Settling(it.ctx, it.d, s)
+	err := w.broker.Settle(ctx, it.d, s)
+	end(err)
+	return err
 }
 
 func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, model, code, msg string) {
@@ -108,7 +124,7 @@ func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, mo
 	}
 	if err := w.publishResult(ctx, it, res, out); err != nil {
 		// The dead-letter queue still holds the request with its reason.
-		w.log.Warn("publish error result", "id", id, "err", err)
+		w.log.WarnContext(ctx, "publish error result", "id", id, "err", err)
 	}
 }
 
@@ -128,7 +144,15 @@ func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, o
 	if err != nil {
 		return err
 	}
-	return w.broker.Publish(ctx, w.reply(d, body, res.Status))
+	return w.publish(ctx, it, w.reply(d, body, res.Status), res.Status)
+}
+
+// publish publishes m, a result or chunk for it, through the Observer.
+func (w *Worker) publish(ctx context.Context, it *item, m queue.Message, status string) error {
+	end := w.cfg.Observer.Publishing(it.ctx, &m, status)
+	err := w.broker.Publish(ctx, m)
+	end(err)
+	return err
 }
 
 func (w *Worker) reply(d *queue.Delivery, body []byte, status string) queue.Message {
@@ -137,7 +161,6 @@ func (w *Worker) reply(d *queue.Delivery, body []byte, status string) queue.Mess
 		to = w.cfg.ResultsQueue
 	}
 	h := map[string]string{"x-sous-status": status}
-	w.cfg.Observer.Inject(d, h)
 	return queue.Message{
 		To:            to,
 		SessionID:     d.ReplyToSessionID,

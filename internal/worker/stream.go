@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -61,27 +60,8 @@ func (c *chunker) send() {
 	m.MessageID = ""
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(c.ctx), 10*time.Second)
 	defer cancel()
-	if err := c.w.broker.Publish(ctx, m); err != nil {
+	if err := c.w.publish(ctx, c.it, m, "chunk"); err != nil {
 		c.dead = true
-		c.w.log.Warn("publish stream chunk failed; the final result will still be sent", "id", c.it.dec.ID, "err", err)
+		c.w.log.WarnContext(c.it.ctx, "publish stream chunk failed; the final result will still be sent", "id", c.it.dec.ID, "err", err)
 	}
 }
-
-// Observer receives the worker's events, for metrics and traces. Methods
-// must be quick and safe for concurrent use.
-type Observer interface {
-	Received(d *queue.Delivery)
-	BatchStarted(id string, size int, reason string)
-	BatchFinished(id string, size int, elapsed time.Duration)
-	Settled(d *queue.Delivery, s queue.Settlement, err error)
-	// Inject adds trace context for d to outgoing headers.
-	Inject(d *queue.Delivery, headers map[string]string)
-}
-
-type nopObserver struct{}
-
-func (nopObserver) Received(*queue.Delivery)                         {}
-func (nopObserver) BatchStarted(string, int, string)                 {}
-func (nopObserver) BatchFinished(string, int, time.Duration)         {}
-func (nopObserver) Settled(*queue.Delivery, queue.Settlement, error) {}
-func (nopObserver) Inject(*queue.Delivery, map[string]string)        {}

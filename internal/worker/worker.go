@@ -89,7 +89,7 @@ type Config struct {
 	// (defaults 50ms and 256 bytes).
 	StreamInterval time.Duration
 	StreamBytes    int
-	// Observer receives events for metrics and traces; nil for none.
+	// Observer receives events for metrics and traces (default: none).
 	Observer Observer
 }
 
@@ -125,7 +125,7 @@ func (c Config) withDefaults() Config {
 		c.StreamBytes = 256
 	}
 	if c.Observer == nil {
-		c.Observer = nopObserver{}
+		c.Observer = NopObserver{}
 	}
 	return c
 }
@@ -157,9 +157,12 @@ func New(cfg Config, b Broker, e Engine, s Sizer, log *slog.Logger) *Worker {
 
 // item is one decoded delivery on its way through the worker.
 type item struct {
+	// ctx is the delivery's context from Observer.Received: it carries
+	// values (a span) for hooks and logs, never a cancellation.
+	ctx        context.Context
 	d          *queue.Delivery
 	dec        *wire.Decoded
-	key        string
+	key        string // empty until the request has decoded
 	dispatched time.Time
 }
 
@@ -220,6 +223,9 @@ func (w *Worker) capacity() int {
 // deliveries to the dispatcher.
 func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 	pf, _ := w.broker.(prefetcher)
+	// Delivery contexts keep ctx's values but not its cancellation: a
+	// delivery outlives the receive loop until it is settled.
+	base := context.WithoutCancel(ctx)
 	lastPrefetch := 0
 	errWait := 100 * time.Millisecond
 	for ctx.Err() == nil {
@@ -258,8 +264,8 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		w.inflight.Add(int64(len(ds)))
 		items := make([]*item, 0, len(ds))
 		for _, d := range ds {
-			w.cfg.Observer.Received(d)
-			if it := w.decode(d); it != nil {
+			dctx := w.cfg.Observer.Received(base, d)
+			if it := w.decode(dctx, d); it != nil {
 				items = append(items, it)
 			}
 		}
@@ -278,8 +284,8 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 }
 
 // decode validates d; bad input is settled here and nil returned.
-func (w *Worker) decode(d *queue.Delivery) *item {
-	it := &item{d: d}
+func (w *Worker) decode(ctx context.Context, d *queue.Delivery) *item {
+	it := &item{ctx: ctx, d: d}
 	dec, err := wire.DecodeRequest(d.Body, d.ContentType, d.ID, w.cfg.Limits, w.now())
 	it.dec = dec
 	if err != nil {
@@ -361,8 +367,9 @@ func (w *Worker) backoffLeft(now time.Time) time.Duration {
 }
 
 // engineFailed paces the next engine call after a retryable failure.
-func (w *Worker) engineFailed(err error) {
+func (w *Worker) engineFailed(ctx context.Context, err error) {
 	w.engineErr.Store(&err)
+	w.cfg.Observer.EngineHealth(err)
 	w.backoffMu.Lock()
 	defer w.backoffMu.Unlock()
 	if w.backoffStep == 0 {
@@ -371,11 +378,12 @@ func (w *Worker) engineFailed(err error) {
 		w.backoffStep = min(w.backoffStep*2, w.cfg.RetryBackoffMax)
 	}
 	w.backoffUntil = w.now().Add(w.backoffStep)
-	w.log.Warn("engine call failed; pausing batches", "err", err, "retry_in", w.backoffStep)
+	w.log.WarnContext(ctx, "engine call failed; pausing batches", "err", err, "retry_in", w.backoffStep)
 }
 
 func (w *Worker) engineOK() {
 	w.engineErr.Store(nil)
+	w.cfg.Observer.EngineHealth(nil)
 	w.backoffMu.Lock()
 	defer w.backoffMu.Unlock()
 	w.backoffStep = 0
@@ -389,14 +397,17 @@ func (w *Worker) Ready(ctx context.Context) error {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	var err error
 	if p, ok := w.engine.(pinger); ok {
-		if err := p.Ping(ctx); err != nil {
-			return fmt.Errorf("engine: %w", err)
-		}
+		err = p.Ping(ctx)
 	} else if r, ok := w.engine.(readier); ok {
-		if err := r.Ready(ctx); err != nil {
-			return fmt.Errorf("engine: %w", err)
-		}
+		err = r.Ready(ctx)
+	} else {
+		return nil
+	}
+	w.cfg.Observer.EngineHealth(err)
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
 	}
 	return nil
 }

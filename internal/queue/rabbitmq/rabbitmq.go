@@ -45,6 +45,10 @@ type Config struct {
 	ReconnectMin, ReconnectMax time.Duration
 	// Consume can be false for a driver that only publishes (sousctl).
 	Consume bool
+	// OnReconnect, if set, is called after each reconnect that follows a
+	// lost connection (not after the first connect), from the driver's
+	// supervisor goroutine. It must return quickly: for a metric.
+	OnReconnect func()
 }
 
 // Driver is a RabbitMQ queue driver. Create it with Open.
@@ -138,6 +142,9 @@ func (d *Driver) supervise(ctx context.Context) {
 		}
 		d.setSession(next)
 		d.log.Info("broker reconnected")
+		if d.cfg.OnReconnect != nil {
+			d.cfg.OnReconnect()
+		}
 	}
 }
 

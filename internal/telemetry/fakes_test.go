@@ -1,0 +1,283 @@
+package telemetry_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/telemetry"
+	"github.com/sous-run/sous/internal/wire"
+	"github.com/sous-run/sous/internal/worker"
+)
+
+// fakeBroker is an in-memory worker.Broker.
+type fakeBroker struct {
+	queue     chan *queue.Delivery
+	mu        sync.Mutex
+	published []queue.Message
+	settled   map[string]queue.Settlement
+	stopped   bool
+}
+
+func newBroker() *fakeBroker {
+	return &fakeBroker{queue: make(chan *queue.Delivery, 1024), settled: map[string]queue.Settlement{}}
+}
+
+func (b *fakeBroker) send(id, body string, opts ...func(*queue.Delivery)) {
+	now := time.Now()
+	d := &queue.Delivery{ID: id, Body: []byte(body), ContentType: "application/json", Attempt: 1, ReceivedAt: now, EnqueuedAt: now.Add(-50 * time.Millisecond)}
+	for _, o := range opts {
+		o(d)
+	}
+	b.queue <- d
+}
+
+func (b *fakeBroker) Receive(ctx context.Context, max int) ([]*queue.Delivery, error) {
+	b.mu.Lock()
+	stopped := b.stopped
+	b.mu.Unlock()
+	if stopped {
+		return nil, queue.ErrClosed
+	}
+	var out []*queue.Delivery
+	select {
+	case d := <-b.queue:
+		out = append(out, d)
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	for len(out) < max {
+		select {
+		case d := <-b.queue:
+			out = append(out, d)
+		default:
+			return out, nil
+		}
+	}
+	return out, nil
+}
+
+func (b *fakeBroker) Publish(_ context.Context, m queue.Message) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.published = append(b.published, m)
+	return nil
+}
+
+func (b *fakeBroker) Settle(_ context.Context, d *queue.Delivery, s queue.Settlement) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if _, dup := b.settled[d.ID]; dup {
+		return fmt.Errorf("delivery %s settled twice", d.ID)
+	}
+	b.settled[d.ID] = s
+	return nil
+}
+
+func (b *fakeBroker) StopReceiving(context.Context) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.stopped = true
+	return nil
+}
+
+func (b *fakeBroker) settlement(id string) (queue.Settlement, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	s, ok := b.settled[id]
+	return s, ok
+}
+
+func (b *fakeBroker) settledCount() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.settled)
+}
+
+// result returns the final result published for correlation id corr.
+func (b *fakeBroker) result(corr string) (queue.Message, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, m := range b.published {
+		if m.CorrelationID == corr && m.Headers["x-sous-status"] != "chunk" {
+			return m, true
+		}
+	}
+	return queue.Message{}, false
+}
+
+// fakeEngine answers every request, optionally after release is closed.
+type fakeEngine struct {
+	answer  func(reqs []inference.Request) ([]inference.Result, error)
+	release chan struct{}
+	calls   chan int // receives each call's size when set
+}
+
+func (e *fakeEngine) Infer(ctx context.Context, reqs []inference.Request) ([]inference.Result, error) {
+	if e.calls != nil {
+		e.calls <- len(reqs)
+	}
+	if e.release != nil {
+		select {
+		case <-e.release:
+		case <-ctx.Done():
+			return nil, &inference.Error{Kind: inference.Retryable, Code: "canceled", Err: ctx.Err()}
+		}
+	}
+	if e.answer != nil {
+		return e.answer(reqs)
+	}
+	out := make([]inference.Result, len(reqs))
+	for i, r := range reqs {
+		out[i].Response = inference.Response{Text: "echo: " + r.Prompt, DoneReason: "stop", Usage: inference.Usage{InputTokens: 3, OutputTokens: 5}}
+	}
+	return out, nil
+}
+
+type fixedSizer struct{ size int }
+
+func (s fixedSizer) Size() int      { return s.size }
+func (s fixedSizer) Overloaded(int) {}
+func (s fixedSizer) Succeeded(int)  {}
+
+// harness runs a worker with an Observer that records into memory.
+type harness struct {
+	b      *fakeBroker
+	spans  *tracetest.SpanRecorder
+	reader *sdkmetric.ManualReader
+	obs    *telemetry.Observer
+	logs   *syncBuffer
+	// start runs the worker; setup calls it unless options.startLater.
+	start func()
+}
+
+type options struct {
+	noTracing bool
+	batchSize int
+	batchWait time.Duration
+	engine    *fakeEngine
+	// startLater leaves the worker stopped until harness.start, so that
+	// messages sent before it form one batch.
+	startLater bool
+}
+
+func setup(t *testing.T, o options) *harness {
+	t.Helper()
+	h := &harness{b: newBroker(), spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader(), logs: &syncBuffer{}}
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(h.spans))
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(h.reader))
+	t.Cleanup(func() {
+		_ = tp.Shutdown(context.Background())
+		_ = mp.Shutdown(context.Background())
+	})
+	cfg := telemetry.Config{TracerProvider: tp, MeterProvider: mp, Queue: "requests"}
+	if o.noTracing {
+		cfg.TracerProvider = nil
+	}
+	obs, err := telemetry.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.obs = obs
+	if o.engine == nil {
+		o.engine = &fakeEngine{}
+	}
+	if o.batchSize == 0 {
+		o.batchSize = 4
+	}
+	log := slog.New(telemetry.LogHandler(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	w := worker.New(worker.Config{
+		WorkerID:     "w-test",
+		ResultsQueue: "results",
+		Limits:       wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny"}},
+		MaxAttempts:  3,
+		BatchWait:    o.batchWait,
+		RetryBackoff: time.Millisecond,
+		Observer:     obs,
+	}, h.b, o.engine, fixedSizer{o.batchSize}, log)
+	h.start = func() {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- w.Run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Error("worker did not stop")
+			}
+		})
+	}
+	if !o.startLater {
+		h.start()
+	}
+	return h
+}
+
+// waitFor polls cond until it holds or 5s pass.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// waitSpans waits until a span named name has ended n times.
+func (h *harness) waitSpans(t *testing.T, name string, n int) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("%d %q spans", n, name), func() bool { return len(h.ended(name)) >= n })
+}
+
+func (h *harness) ended(name string) []sdktrace.ReadOnlySpan {
+	var out []sdktrace.ReadOnlySpan
+	for _, s := range h.spans.Ended() {
+		if s.Name() == name {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func withHeader(k, v string) func(*queue.Delivery) {
+	return func(d *queue.Delivery) {
+		if d.Headers == nil {
+			d.Headers = map[string]string{}
+		}
+		d.Headers[k] = v
+	}
+}
+
+func withAttempt(n int) func(*queue.Delivery) { return func(d *queue.Delivery) { d.Attempt = n } }
+
+func withReplyTo(to string) func(*queue.Delivery) { return func(d *queue.Delivery) { d.ReplyTo = to } }

@@ -1,0 +1,124 @@
+package worker
+
+import (
+	"context"
+	"time"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
+)
+
+// Observer receives the worker's events, for metrics and traces
+// (internal/telemetry implements it with OpenTelemetry). Its methods are
+// called from several goroutines at once and must return quickly.
+//
+// Contexts thread the events together so that spans get proper parents:
+// Received returns a context for the delivery, and the worker passes that
+// context back to every later call about the delivery (Publishing,
+// Settling, Done, and through BatchItem to BatchStarted) and logs with it.
+// BatchStarted returns the batch's context, which EngineCall and
+// BatchFinished get. An Observer may store values in these contexts (a
+// span); it must derive them from the context it is given, because the
+// worker keeps the given context's cancellation. Delivery contexts carry no
+// cancellation: the worker uses them for values only.
+//
+// The interface has no OpenTelemetry types so that the worker does not
+// depend on a telemetry SDK; embed NopObserver to implement only some
+// methods.
+type Observer interface {
+	// Received is called once per delivery, when the worker takes it and
+	// before it is decoded.
+	Received(ctx context.Context, d *queue.Delivery) context.Context
+	// BatchStarted is called when a batch is dispatched, before the engine
+	// is called.
+	BatchStarted(ctx context.Context, b *BatchEvent) context.Context
+	// EngineCall is called before each engine call: one per batch, more
+	// when a batch the engine rejected as overloaded is retried in halves.
+	// end is called once, with one result per request, each carrying its
+	// error (a failed call gives every request the call's error).
+	EngineCall(ctx context.Context, c EngineCall) (_ context.Context, end func([]inference.Result))
+	// BatchFinished is called when the engine calls of b are over, before
+	// its deliveries are settled.
+	BatchFinished(ctx context.Context, b *BatchEvent, elapsed time.Duration)
+	// Publishing is called before a result or a stream chunk for the
+	// delivery whose context is ctx is published. It may add headers to m,
+	// such as trace context. status is wire.StatusOK, wire.StatusError or
+	// "chunk". end is called once, with the broker's answer.
+	Publishing(ctx context.Context, m *queue.Message, status string) (end func(error))
+	// Settling is called before each settlement the worker asks of the
+	// broker; end is called once, with the broker's answer.
+	Settling(ctx context.Context, d *queue.Delivery, s queue.Settlement) (end func(error))
+	// Done is called once per delivery, last, when the worker is finished
+	// with it.
+	Done(ctx context.Context, d *queue.Delivery, o Outcome)
+	// EngineHealth reports whether the engine answers: nil after an engine
+	// call that was not a total retryable failure or a good readiness
+	// probe, the error otherwise.
+	EngineHealth(err error)
+}
+
+// BatchEvent describes a batch going to the engine.
+type BatchEvent struct {
+	ID string
+	// Reason says why the batch was dispatched: full, window or idle.
+	Reason string
+	// Kind, Model: what every request in the batch asks for.
+	Kind  inference.Kind
+	Model string
+	// Start is when the batch was dispatched.
+	Start time.Time
+	// Items are the batch's deliveries, in batch order, with the contexts
+	// Received returned for them.
+	Items []BatchItem
+}
+
+// BatchItem is one delivery of a batch.
+type BatchItem struct {
+	Ctx      context.Context
+	Delivery *queue.Delivery
+}
+
+// EngineCall describes one call to the engine.
+type EngineCall struct {
+	Kind  inference.Kind
+	Model string
+	// Size is the number of requests in the call.
+	Size int
+}
+
+// Outcome is what became of a delivery.
+type Outcome struct {
+	// Settlement is the last settlement the worker asked for.
+	Settlement queue.Settlement
+	// Kind and Model are the request's; Model is empty when the request
+	// could not be decoded (then it has not been checked against the
+	// allowed models either).
+	Kind  inference.Kind
+	Model string
+	// Usage is the engine's token count for the request; zero without an
+	// answer.
+	Usage inference.Usage
+	// Err is why the request failed: an input error (*wire.InputError), an
+	// engine error (*inference.Error) or another failure; nil on success
+	// and for a delivery requeued untouched at shutdown.
+	Err error
+}
+
+// NopObserver ignores every event. Embed it in an Observer that needs only
+// some of them.
+type NopObserver struct{}
+
+func (NopObserver) Received(ctx context.Context, _ *queue.Delivery) context.Context { return ctx }
+func (NopObserver) BatchStarted(ctx context.Context, _ *BatchEvent) context.Context { return ctx }
+func (NopObserver) EngineCall(ctx context.Context, _ EngineCall) (context.Context, func([]inference.Result)) {
+	return ctx, func([]inference.Result) {}
+}
+func (NopObserver) BatchFinished(context.Context, *BatchEvent, time.Duration) {}
+func (NopObserver) Publishing(context.Context, *queue.Message, string) func(error) {
+	return func(error) {}
+}
+func (NopObserver) Settling(context.Context, *queue.Delivery, queue.Settlement) func(error) {
+	return func(error) {}
+}
+func (NopObserver) Done(context.Context, *queue.Delivery, Outcome) {}
+func (NopObserver) EngineHealth(error)                             {}
