@@ -128,7 +128,11 @@ func (e *Error) Unwrap() error { return e.Err }
 
 // KindOf returns the class of err: the Kind of an *Error in its chain, else
 // Retryable (an unknown failure is assumed transient so nothing is lost).
+// A nil error has no kind: KindOf(nil) is 0.
 func KindOf(err error) ErrorKind {
+	if err == nil {
+		return 0
+	}
 	var e *Error
 	if errors.As(err, &e) {
 		return e.Kind

@@ -75,6 +75,10 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 	stream := r.Stream != nil
 	var resp inference.Response
 	var err error
+	// The client library returns no error when the engine dies mid-stream
+	// (the stream just ends), so a call counts only once the engine said it
+	// was done.
+	done := false
 	switch r.Kind {
 	case inference.Chat:
 		msgs := make([]api.Message, 0, len(r.Messages)+1)
@@ -92,6 +96,7 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 			}
 			text = append(text, cr.Message.Content...)
 			if cr.Done {
+				done = true
 				resp.DoneReason = cr.DoneReason
 				resp.Usage = inference.Usage{InputTokens: cr.PromptEvalCount, OutputTokens: cr.EvalCount}
 			}
@@ -107,6 +112,7 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 			}
 			text = append(text, gr.Response...)
 			if gr.Done {
+				done = true
 				resp.DoneReason = gr.DoneReason
 				resp.Usage = inference.Usage{InputTokens: gr.PromptEvalCount, OutputTokens: gr.EvalCount}
 			}
@@ -116,6 +122,9 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 	}
 	if err != nil {
 		return inference.Response{}, classify(err)
+	}
+	if !done {
+		return inference.Response{}, &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("ollama: the answer ended before the engine said it was done (engine stopped?)")}
 	}
 	return resp, nil
 }

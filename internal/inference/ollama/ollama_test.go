@@ -116,7 +116,7 @@ func TestEngineKilledIsRetryable(t *testing.T) {
 	}
 	srv.Kill()
 	res := <-done
-	if inference.KindOf(res[0].Err) != inference.Retryable {
+	if res[0].Err == nil || inference.KindOf(res[0].Err) != inference.Retryable {
 		t.Fatalf("killed engine: %v (%s), want retryable", res[0].Err, inference.KindOf(res[0].Err))
 	}
 	if err := e.Ping(ctx); inference.CodeOf(err) != "engine_unavailable" {
