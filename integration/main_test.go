@@ -8,6 +8,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -333,3 +336,36 @@ func drain(t *testing.T, c *client, q string) []amqp.Delivery {
 		out = append(out, d)
 	}
 }
+
+// gate is a reverse proxy to an engine that holds generation and chat
+// calls until release is called; other calls pass.
+type gate struct {
+	url  string
+	open chan struct{}
+	once sync.Once
+}
+
+func newGate(t *testing.T, target string) *gate {
+	t.Helper()
+	u, err := neturl.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gate{open: make(chan struct{})}
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/api/generate" || r.URL.Path == "/api/chat" {
+			select {
+			case <-g.open:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	g.url = srv.URL
+	t.Cleanup(func() { g.release(); srv.Close() })
+	return g
+}
+
+func (g *gate) release() { g.once.Do(func() { close(g.open) }) }

@@ -8,8 +8,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/sous-run/sous/integration/ollamatest"
 )
 
 // managementURL is the RabbitMQ management API, as KEDA's rabbitmq scaler
@@ -65,10 +63,14 @@ func TestScaleToZeroSemantics(t *testing.T) {
 	c := newClient(t)
 	c.declare(q)
 	waitUntil(t, 30*time.Second, "stats for the idle queue", func() bool { return queueMessages(t, q) == 0 })
-	c.publish(q, "wake", "", `{"prompt":"x","model":"`+ollamatest.EndlessModelName+`","options":{"num_predict":4000}}`)
+	c.publish(q, "wake", "", `{"prompt":"x","options":{"num_predict":8}}`)
 	waitUntil(t, 30*time.Second, "a non-zero count (scale from zero)", func() bool { return queueMessages(t, q) == 1 })
 
-	w := startWorker(t, q, "SOUS_MODELS_ALLOWED=tiny,"+ollamatest.EndlessModelName, "SOUS_MAX_NUM_PREDICT=100000")
+	// The real Ollama behind a gate that holds generations until released,
+	// so the batch stays in flight as long as the management API needs to
+	// see it (its statistics refresh every 5s).
+	gate := newGate(t, ollama.URL())
+	w := startWorker(t, q, "SOUS_ENGINE_URL="+gate.url)
 	// In flight: nothing ready (what protocol amqp would count: zero, so
 	// KEDA would scale the busy worker away), one unacknowledged, and the
 	// management API's total, what protocol http counts, stays 1.
@@ -82,7 +84,8 @@ func TestScaleToZeroSemantics(t *testing.T) {
 	if n := queueMessages(t, q); n != 1 {
 		t.Fatalf("management API counts %d while a batch is in flight, want 1", n)
 	}
-	c.collect(results, 1, 180*time.Second)
+	gate.release()
+	c.collect(results, 1, 60*time.Second)
 	waitUntil(t, 30*time.Second, "a zero count after the work", func() bool { return queueMessages(t, q) == 0 })
 	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
