@@ -69,6 +69,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		DrainTimeout:    cfg.DrainTimeout,
 		RetryBackoff:    cfg.RetryBackoff,
 		RetryBackoffMax: cfg.RetryBackoffMax,
+		RestartGrace:    restartGrace(cfg),
 		StreamInterval:  cfg.StreamInterval,
 		StreamBytes:     cfg.StreamBytes,
 		Observer:        tel.obs,
@@ -87,6 +88,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	log.Info("stopped")
 	return runErr
+}
+
+// restartGrace: with SOUS_ENGINE_EXEC, batches wait for the engine's restart
+// up to its start timeout instead of spending their attempts on it.
+func restartGrace(cfg Config) time.Duration {
+	if cfg.EngineExec == "" {
+		return 0
+	}
+	return cfg.EngineStartTimeout
 }
 
 func allowedModels(cfg Config) []string {

@@ -216,6 +216,13 @@ type harness struct {
 
 func setup(t *testing.T, cfg worker.Config, e *fakeEngine) *harness {
 	t.Helper()
+	return setupEngine(t, cfg, e, e)
+}
+
+// setupEngine runs a worker on eng, whose calls fe records.
+func setupEngine(t *testing.T, cfg worker.Config, eng worker.Engine, fe *fakeEngine) *harness {
+	t.Helper()
+	e := fe
 	if cfg.Limits.MaxBodyBytes == 0 {
 		cfg.Limits = wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny", "other"}}
 	}
@@ -225,7 +232,7 @@ func setup(t *testing.T, cfg worker.Config, e *fakeEngine) *harness {
 		cfg.RetryBackoff = time.Millisecond
 	}
 	h := &harness{b: newBroker(), e: e, s: &fixedSizer{size: 4}, done: make(chan error, 1)}
-	h.w = worker.New(cfg, h.b, e, h.s, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h.w = worker.New(cfg, h.b, eng, h.s, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
 	go func() { h.done <- h.w.Run(ctx) }()

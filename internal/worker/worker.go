@@ -85,6 +85,10 @@ type Config struct {
 	// RetryBackoff and RetryBackoffMax pace engine calls after a retryable
 	// engine failure (defaults 500ms and 30s).
 	RetryBackoff, RetryBackoffMax time.Duration
+	// RestartGrace is how long batches wait for an engine this worker
+	// supervises to come back after a failure before they are tried (and
+	// requeued) anyway; 0 never waits.
+	RestartGrace time.Duration
 	// StreamInterval and StreamBytes coalesce streamed deltas into chunks
 	// (defaults 50ms and 256 bytes).
 	StreamInterval time.Duration
@@ -145,6 +149,7 @@ type Worker struct {
 	backoffMu    sync.Mutex
 	backoffUntil time.Time
 	backoffStep  time.Duration
+	downSince    time.Time // first failure of the current outage
 
 	engineErr atomic.Pointer[error] // last engine failure, nil after a success
 	running   atomic.Bool
@@ -342,6 +347,10 @@ func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
 			timer.Reset(wait)
 			continue
 		}
+		if b.Len() > 0 && w.waitForRestart(workCtx) {
+			timer.Reset(max(w.backoffLeft(w.now()), time.Millisecond))
+			continue
+		}
 		idle := running == 0 && len(in) == 0
 		for _, bt := range b.Ready(now, w.sizer.Size(), w.cfg.Concurrency-running, idle) {
 			running++
@@ -374,6 +383,7 @@ func (w *Worker) engineFailed(ctx context.Context, err error) {
 	defer w.backoffMu.Unlock()
 	if w.backoffStep == 0 {
 		w.backoffStep = w.cfg.RetryBackoff
+		w.downSince = w.now()
 	} else {
 		w.backoffStep = min(w.backoffStep*2, w.cfg.RetryBackoffMax)
 	}
@@ -397,6 +407,50 @@ func (w *Worker) Ready(ctx context.Context) error {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	if err := w.probeEngine(ctx); err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	return nil
+}
+
+// waitForRestart reports whether batches should wait because the engine
+// this worker owns (a supervised child, which has Ready but no Ping) is
+// restarting after a failure: work waits for it instead of spending the
+// waiting requests' attempts on an engine known to be down. The wait is
+// bounded by Config.RestartGrace; an engine this worker does not own is
+// never waited for (its requests are requeued so other workers can take
+// them).
+func (w *Worker) waitForRestart(ctx context.Context) bool {
+	if w.engineErr.Load() == nil || w.cfg.RestartGrace <= 0 {
+		return false
+	}
+	if _, ok := w.engine.(pinger); ok {
+		return false
+	}
+	r, ok := w.engine.(readier)
+	if !ok {
+		return false
+	}
+	w.backoffMu.Lock()
+	since := w.downSince
+	w.backoffMu.Unlock()
+	if w.now().Sub(since) > w.cfg.RestartGrace {
+		return false
+	}
+	err := r.Ready(ctx)
+	w.cfg.Observer.EngineHealth(err)
+	if err == nil {
+		return false
+	}
+	w.engineFailed(ctx, err)
+	return true
+}
+
+// probeEngine asks the engine whether it can take work: Ping where the
+// engine has it, else Ready (a supervised engine: running, model loaded).
+func (w *Worker) probeEngine(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
 	var err error
 	if p, ok := w.engine.(pinger); ok {
 		err = p.Ping(ctx)
@@ -406,10 +460,7 @@ func (w *Worker) Ready(ctx context.Context) error {
 		return nil
 	}
 	w.cfg.Observer.EngineHealth(err)
-	if err != nil {
-		return fmt.Errorf("engine: %w", err)
-	}
-	return nil
+	return err
 }
 
 // InFlight is the number of deliveries received and not yet settled.

@@ -1,7 +1,9 @@
 package worker_test
 
 import (
+	"context"
 	"errors"
+	"sync"
 	"slices"
 	"strings"
 	"testing"
@@ -293,5 +295,57 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 5s")
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// restarting is an engine this worker supervises: it has Ready, not Ping.
+type restarting struct {
+	fakeEngine
+	mu    sync.Mutex
+	ready bool
+}
+
+func (r *restarting) Ready(context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.ready {
+		return errors.New("engine restarting")
+	}
+	return nil
+}
+
+func (r *restarting) setReady(v bool) { r.mu.Lock(); r.ready = v; r.mu.Unlock() }
+
+func TestWorkWaitsForASupervisedEngineToRestart(t *testing.T) {
+	t.Parallel()
+	e := &restarting{}
+	calls := 0
+	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
+		calls++
+		if calls == 1 {
+			return nil, &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("engine died")}
+		}
+		return []inference.Result{{Response: inference.Response{Text: "back"}}}, nil
+	}
+	h := setupEngine(t, worker.Config{RestartGrace: time.Minute, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond}, e, &e.fakeEngine)
+	h.b.send("first", `{"prompt":"x"}`)
+	h.b.waitSettled(t, 1)
+	if s, _ := h.b.settlement("first"); s.Action != queue.Requeue {
+		t.Fatalf("first: %+v, want requeue", s)
+	}
+	h.b.send("second", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return h.w.InFlight() == 1 })
+	// The engine is down: the request waits instead of spending an attempt.
+	deadline := time.Now().Add(100 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		if n := len(e.sizes()); n != 1 {
+			t.Fatalf("the engine got %d calls while it was restarting, want 1", n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	e.setReady(true)
+	h.b.waitSettled(t, 2)
+	if s, _ := h.b.settlement("second"); s.Action != queue.Ack {
+		t.Fatalf("second: %+v, want ack once the engine is back", s)
 	}
 }
