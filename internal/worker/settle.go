@@ -57,6 +57,12 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 	if it.dec != nil {
 		id, model = it.dec.ID, it.dec.Req.Model
 	}
+	if st, ok := w.broker.(staler); ok && st.Stale(d) {
+		// The broker already took the delivery back (a lost lock): it will
+		// be redelivered and answered then, so don't answer it twice.
+		w.log.WarnContext(ctx, "delivery lost its lock before it was answered; not publishing", "id", id)
+		return queue.Settlement{Action: queue.Requeue, Reason: "lock_lost"}
+	}
 	if out.err == nil {
 		res := wire.OKResult(id, it.dec.Req, out.resp)
 		if it.dec.Stream {

@@ -36,6 +36,12 @@ type prefetcher interface {
 	SetPrefetch(ctx context.Context, n int) error
 }
 
+// staler is implemented by drivers that know when a delivery's lock is
+// lost (Service Bus): its result is then not published.
+type staler interface {
+	Stale(d *queue.Delivery) bool
+}
+
 // readier is implemented by drivers and engines that can say whether they
 // are usable.
 type readier interface {

@@ -3,6 +3,8 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"sync"
 	"slices"
 	"strings"
@@ -347,5 +349,29 @@ func TestWorkWaitsForASupervisedEngineToRestart(t *testing.T) {
 	h.b.waitSettled(t, 2)
 	if s, _ := h.b.settlement("second"); s.Action != queue.Ack {
 		t.Fatalf("second: %+v, want ack once the engine is back", s)
+	}
+}
+
+// staleBroker reports every delivery's lock as lost.
+type staleBroker struct{ *fakeBroker }
+
+func (staleBroker) Stale(*queue.Delivery) bool { return true }
+
+func TestLostLockIsNotAnswered(t *testing.T) {
+	t.Parallel()
+	b := newBroker()
+	w := worker.New(worker.Config{ResultsQueue: "results", Limits: wire.Limits{MaxBodyBytes: 1024, DefaultModel: "tiny"}}, staleBroker{b}, &fakeEngine{}, &fixedSizer{size: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	b.send("m", `{"prompt":"x"}`)
+	b.waitSettled(t, 1)
+	cancel()
+	<-done
+	if s, _ := b.settlement("m"); s.Action != queue.Requeue || s.Reason != "lock_lost" {
+		t.Fatalf("%+v", s)
+	}
+	if len(b.results(t)) != 0 {
+		t.Fatal("a result was published for a delivery whose lock was lost")
 	}
 }
