@@ -276,16 +276,22 @@ func parseLevel(s string) (slog.Level, error) {
 	return l, nil
 }
 
-// configFieldTags maps Config field names to their variables.
+// configFieldTags maps Config field names to their variables, nested
+// structs (Telemetry) included.
 func configFieldTags() map[string]string {
 	out := map[string]string{}
-	t := reflect.TypeFor[Config]()
-	for i := range t.NumField() {
-		f := t.Field(i)
-		if tag := f.Tag.Get("env"); tag != "" {
-			out[f.Name] = strings.Split(tag, ",")[0]
+	var walk func(t reflect.Type, prefix string)
+	walk = func(t reflect.Type, prefix string) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			if tag := f.Tag.Get("env"); tag != "" {
+				out[prefix+f.Name] = strings.Split(tag, ",")[0]
+			} else if f.Type.Kind() == reflect.Struct {
+				walk(f.Type, prefix+f.Name+".")
+			}
 		}
 	}
+	walk(reflect.TypeFor[Config](), "")
 	return out
 }
 
