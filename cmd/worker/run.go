@@ -18,6 +18,7 @@ import (
 	"github.com/sous-run/sous/internal/inference/openai"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/queue/servicebus"
+	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/supervisor"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
@@ -26,7 +27,9 @@ import (
 // run builds the parts, runs the worker until ctx is cancelled, then shuts
 // down in stages: drain the worker, close the broker, stop the HTTP server.
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", cfg.EngineURL, "model", cfg.Model, "amqp_url", cfg.AMQPURL)
+	// An engine URL may carry a password (basic auth in front of the
+	// engine): log it redacted, like the broker's.
+	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, "amqp_url", cfg.AMQPURL)
 
 	engine, stopEngine, err := startEngine(ctx, cfg, log)
 	if err != nil {
