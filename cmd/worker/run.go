@@ -12,6 +12,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/sous-run/sous/internal/inference/ollama"
@@ -31,13 +32,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// engine): log it redacted, like the broker's.
 	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, "amqp_url", cfg.AMQPURL)
 
-	engine, stopEngine, err := startEngine(ctx, cfg, log)
-	if err != nil {
-		return err
-	}
 	// Deferred calls run last-in first-out: the worker drains, then the
-	// broker closes, then the engine this worker owns stops.
-	defer stopEngine()
+	// broker closes, then the engine this worker owns stops, then telemetry
+	// flushes and the HTTP server stops.
 	sizer, stopSizer, err := startSizer(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -48,6 +45,28 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer tel.close(log) // after the drain: flushes the last spans
+
+	// /healthz answers from the start, so a liveness probe does not kill a
+	// pod that is still loading its model; /readyz says "starting" until the
+	// worker runs.
+	ready := &lateReadiness{}
+	srv, err := startHTTP(cfg, ready, tel.metrics, log)
+	if err != nil {
+		return err
+	}
+	if srv != nil {
+		defer func() {
+			shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(shutCtx)
+		}()
+	}
+
+	engine, stopEngine, err := startEngine(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer stopEngine()
 
 	broker, closeBroker, err := openBroker(ctx, cfg, tel.obs.BrokerReconnected, log)
 	if err != nil {
@@ -78,19 +97,24 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Observer:        tel.obs,
 	}, broker, engine, sizer, log)
 
-	srv, err := startHTTP(cfg, w, tel.metrics, log)
-	if err != nil {
-		return err
-	}
+	ready.set(w)
 	log.Info("ready to work", "http_addr", cfg.HTTPAddr)
 	runErr := w.Run(ctx)
-	if srv != nil {
-		shutCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(shutCtx)
-	}
 	log.Info("stopped")
 	return runErr
+}
+
+// lateReadiness is not ready until the worker exists.
+type lateReadiness struct{ r atomic.Pointer[readiness] }
+
+func (l *lateReadiness) set(r readiness) { l.r.Store(&r) }
+
+func (l *lateReadiness) Ready(ctx context.Context) error {
+	r := l.r.Load()
+	if r == nil {
+		return errors.New("starting: the engine and the broker are not up yet")
+	}
+	return (*r).Ready(ctx)
 }
 
 // restartGrace: with SOUS_ENGINE_EXEC, batches wait for the engine's restart
