@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"sync"
@@ -400,15 +401,21 @@ func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
 
 // attempt derives the 1-based attempt number: quorum queues count earlier
 // failed deliveries in x-delivery-count; classic queues only say whether the
-// message was delivered before.
+// message was delivered before. A classic queue passes a producer's own
+// x-delivery-count through, so a count below zero or absurdly high is
+// ignored rather than trusted (it would overflow into a negative attempt).
 func attempt(raw amqp.Delivery) int {
-	switch n := raw.Headers["x-delivery-count"].(type) {
+	n := int64(-1)
+	switch v := raw.Headers["x-delivery-count"].(type) {
 	case int64:
-		return int(n) + 1
+		n = v
 	case int32:
-		return int(n) + 1
+		n = int64(v)
 	case int:
-		return n + 1
+		n = int64(v)
+	}
+	if n >= 0 && n < math.MaxInt32 && (n > 0 || !raw.Redelivered) {
+		return int(n) + 1
 	}
 	if raw.Redelivered {
 		return 2
