@@ -33,6 +33,14 @@ type Config struct {
 	DeadLetterQueue string       `env:"SOUS_DEAD_LETTER_QUEUE"` // default <queue>.dlq
 	Declare         bool         `env:"SOUS_DECLARE" envDefault:"true"`
 
+	// AMQPConsumerTimeout is the broker's consumer_timeout (RabbitMQ's
+	// default is 30m): RabbitMQ closes the channel of a consumer that
+	// holds a delivery unacknowledged longer, and every delivery on it
+	// is redelivered. validate refuses an SOUS_ENGINE_TIMEOUT that could
+	// hold one that long; 0 turns the check off (SOUS_AMQP_CONSUMER_TIMEOUT,
+	// default 30m).
+	AMQPConsumerTimeout time.Duration `env:"SOUS_AMQP_CONSUMER_TIMEOUT" envDefault:"30m"`
+
 	// Service Bus
 	ServiceBusConnectionString     secret.Value  `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
 	ServiceBusConnectionStringFile string        `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`
@@ -182,6 +190,16 @@ func (c Config) validate() error {
 		}
 		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
 			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
+		}
+		if c.AMQPConsumerTimeout < 0 {
+			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")
+		}
+		// A prefetched delivery can wait for the batch ahead of it, then
+		// run in its own: two engine calls, a backoff and a batch window.
+		if hold := 2*c.EngineTimeout + c.RetryBackoffMax + c.BatchWait; c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
+			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (2 × SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT), "+
+				"which reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every batch in flight. "+
+				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, c.AMQPConsumerTimeout)
 		}
 	case "servicebus":
 		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
