@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -55,17 +56,28 @@ func TestEngineExecSupervised(t *testing.T) {
 		t.Fatal(err)
 	}
 	var final wire.Result
+	var restarted bool
 	waitUntil(t, 150*time.Second, "the final result after the restart", func() bool {
 		for _, d := range drain(t, c, replies) {
 			if d.Headers["x-sous-status"] != "chunk" {
 				final = decodeResult(t, d)
 				return true
 			}
+			var ch wire.Chunk
+			if err := json.Unmarshal(d.Body, &ch); err != nil {
+				t.Fatalf("chunk: %v", err)
+			}
+			if ch.Restart && ch.Seq == 0 && ch.Attempt >= 2 {
+				restarted = true
+			}
 		}
 		return false
 	})
 	if final.Status != wire.StatusOK || final.Attempt < 2 {
 		t.Fatalf("final result %+v, want ok on attempt 2 or later", final)
+	}
+	if !restarted {
+		t.Fatal("the redelivered stream did not start with a restart marker")
 	}
 	next := childPid(t, w.cmd.Process.Pid)
 	if next == 0 || next == engine {
