@@ -50,9 +50,18 @@ demo: build ollama rabbitmq
 run: build
 	./bin/worker
 
+# The figures in docs/benchmarks.md come from this target; each group runs
+# the designs it compares side by side, one after the other, in one run.
+# b.N is the number of requests, fixed here so every design does the same work.
+BENCH = SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -run='^$$' -count=1
 .PHONY: bench
 bench: ollama rabbitmq
-	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -run='^$$' -bench=. -benchtime=2s -count=1 ./...
+	$(BENCH) -bench='Overhead' -benchtime=3000x ./integration/bench
+	$(BENCH) -bench='Batching/design=sous' -benchtime=1280x ./integration/bench
+	$(BENCH) -bench='Batching/design=one' -benchtime=60x ./integration/bench
+	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
+	$(BENCH) -bench='RealOllama' -benchtime=400x ./integration/bench
+	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry
 
 .PHONY: fuzz
 fuzz:
