@@ -118,3 +118,13 @@ var ErrStale = errors.New("delivery is stale: its channel or lock was lost, the 
 
 // ErrClosed is returned by a driver that has been closed.
 var ErrClosed = errors.New("queue driver is closed")
+
+// ErrUnroutable is returned by Publish when the broker accepted a message
+// but had no queue to put it in (a results or reply queue that does not
+// exist). The message is not stored anywhere.
+var ErrUnroutable = errors.New("the broker has no queue for this message")
+
+// ReasonShutdown is the requeue reason for deliveries handed back because
+// the worker is stopping. Drivers that count attempts themselves do not
+// count such a requeue as an attempt.
+const ReasonShutdown = "shutdown"

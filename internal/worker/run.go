@@ -3,7 +3,9 @@ package worker
 import (
 	"context"
 	"errors"
+	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sous-run/sous/internal/batch"
@@ -13,6 +15,23 @@ import (
 
 // runBatch runs one batch on the engine and settles every item.
 func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
+	settled := make([]atomic.Bool, len(bt.Items))
+	defer func() {
+		// A panic here (an observer, a stream callback) must not stop the
+		// worker or strand deliveries: hand back what is not yet settled.
+		if p := recover(); p != nil {
+			w.log.ErrorContext(ctx, "panic in a batch; requeueing what it had not settled", "batch_id", bt.ID, "panic", p, "stack", string(debug.Stack()))
+			for i, it := range bt.Items {
+				if !settled[i].Load() {
+					w.settle(it, outcome{requeue: "internal_error"})
+				}
+			}
+		}
+	}()
+	index := make(map[*item]int, len(bt.Items))
+	for i, it := range bt.Items {
+		index[it] = i
+	}
 	start := w.now()
 	info := &wire.BatchInfo{ID: bt.ID, Size: len(bt.Items)}
 	ev := &BatchEvent{ID: bt.ID, Reason: string(bt.Reason), Start: start, Items: make([]BatchItem, len(bt.Items))}
@@ -29,6 +48,7 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
 	for _, it := range bt.Items {
 		it.dispatched = start
 		if !it.dec.Deadline.IsZero() && !start.Before(it.dec.Deadline) {
+			settled[index[it]].Store(true)
 			w.settle(it, outcome{err: errDeadline, batch: info})
 			continue
 		}
@@ -40,11 +60,10 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
 
 	var wg sync.WaitGroup
 	for i, it := range live {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+		settled[index[it]].Store(true)
+		wg.Go(func() {
 			w.settle(it, outcome{resp: results[i].Response, err: results[i].Err, batch: info, inference: elapsed})
-		}()
+		})
 	}
 	wg.Wait()
 }
@@ -76,6 +95,16 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 		}
 	}
 	end(results)
+	if err != nil && inference.KindOf(err) == inference.Permanent && len(items) > 1 && ctx.Err() == nil {
+		// The engine refused the whole call (one input over the context,
+		// say): find the culprit by running each request alone, so its
+		// batch-mates are not dead-lettered with it.
+		w.log.InfoContext(ctx, "engine refused a whole batch; retrying its requests one by one", "batch_size", len(items), "err", err)
+		for i, it := range items {
+			results[i] = w.infer(ctx, []*item{it})[0]
+		}
+		return results
+	}
 	var overloaded []int
 	retryable := 0
 	var lastErr error

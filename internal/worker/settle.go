@@ -2,6 +2,8 @@ package worker
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"runtime/debug"
@@ -24,6 +26,7 @@ func (w *Worker) settle(it *item, out outcome) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(it.ctx), settleTimeout)
 	defer cancel()
 	var s queue.Settlement
+	settled := false // set once the broker took the settlement
 	defer func() {
 		o := Outcome{Settlement: s, Err: out.err, Usage: out.resp.Usage}
 		if it.key != "" { // decoded: kind and model are validated
@@ -38,19 +41,26 @@ func (w *Worker) settle(it *item, out outcome) {
 	}()
 	defer func() {
 		if p := recover(); p != nil {
-			w.log.ErrorContext(ctx, "panic while settling; requeueing", "id", it.d.ID, "panic", p, "stack", string(debug.Stack()))
-			s = queue.Settlement{Action: queue.Requeue, Reason: "internal_error"}
-			w.apply(ctx, it, s)
+			w.log.ErrorContext(ctx, "panic while settling", "id", it.d.ID, "settled", settled, "panic", p, "stack", string(debug.Stack()))
+			if !settled { // settling twice would break the broker channel
+				s = queue.Settlement{Action: queue.Requeue, Reason: "internal_error"}
+				w.apply(ctx, it, s, &settled)
+			}
 		}
 	}()
 	s = w.decide(ctx, it, out)
-	w.apply(ctx, it, s)
+	w.apply(ctx, it, s, &settled)
 }
 
 func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settlement {
 	d := it.d
 	if out.requeue != "" {
 		return queue.Settlement{Action: queue.Requeue, Reason: out.requeue}
+	}
+	if out.err != nil && errors.Is(out.err, context.Canceled) {
+		// Cut off by the drain deadline: the engine did not fail, so this
+		// is no attempt's end and no reason to give up on the request.
+		return queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonShutdown}
 	}
 	id := d.CorrelationKey()
 	model := ""
@@ -69,11 +79,22 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 			done := true
 			res.Done = &done
 		}
-		if err := w.publishResult(ctx, it, res, out); err != nil {
+		err := w.publishResult(ctx, it, res, out)
+		switch {
+		case err == nil:
+			return queue.Settlement{Action: queue.Ack}
+		case errors.Is(err, queue.ErrUnroutable) && d.ReplyTo != "":
+			// The producer's reply queue is gone: nobody waits for this
+			// answer any more. Retrying would not bring the queue back.
+			w.log.WarnContext(ctx, "the request's reply_to queue does not exist; dropping its result", "id", id, "reply_to", d.ReplyTo)
+			return queue.Settlement{Action: queue.Ack}
+		case d.Attempt >= w.cfg.MaxAttempts:
+			// Keep the request, with the reason, rather than loop on it.
+			return queue.Settlement{Action: queue.DeadLetter, Reason: "publish_failed", Description: fmt.Sprintf("the result could not be published after %d attempts: %v", d.Attempt, err)}
+		default:
 			w.log.WarnContext(ctx, "publish result failed; requeueing", "id", id, "err", err)
 			return queue.Settlement{Action: queue.Requeue, Reason: "publish_failed"}
 		}
-		return queue.Settlement{Action: queue.Ack}
 	}
 
 	var inErr *wire.InputError
@@ -95,8 +116,14 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 	}
 }
 
-func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement) {
+// apply hands the settlement to the broker; settled is set as soon as the
+// broker has it (or has taken the delivery back), so a later panic does not
+// settle it again.
+func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settled *bool) {
 	err := w.brokerSettle(ctx, it, s)
+	if err == nil || errors.Is(err, queue.ErrStale) {
+		*settled = true
+	}
 	switch {
 	case err == nil:
 		if s.Action != queue.Ack {
@@ -110,6 +137,8 @@ func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement) {
 			// Never drop: if the dead-letter path failed, give it back.
 			if rerr := w.brokerSettle(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); rerr != nil {
 				w.log.ErrorContext(ctx, "requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
+			} else {
+				*settled = true
 			}
 		}
 	}
@@ -171,10 +200,21 @@ func (w *Worker) reply(d *queue.Delivery, body []byte, status string) queue.Mess
 		To:            to,
 		SessionID:     d.ReplyToSessionID,
 		CorrelationID: d.CorrelationKey(),
-		MessageID:     d.CorrelationKey() + "/result",
+		MessageID:     resultID(d.CorrelationKey()),
 		ContentType:   "application/json",
 		Body:          body,
 		Headers:       h,
 		Persistent:    true,
 	}
+}
+
+// resultID is the result's message id: the request's key + "/result", or a
+// digest of a key too long for AMQP's 255-byte message ids.
+func resultID(key string) string {
+	const suffix = "/result"
+	if len(key)+len(suffix) <= 255 {
+		return key + suffix
+	}
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:16]) + suffix
 }

@@ -194,8 +194,17 @@ func (w *Worker) Run(ctx context.Context) error {
 	recvDone := make(chan struct{})
 	go func() {
 		defer close(recvDone)
-		defer close(in)
 		w.receiveLoop(ctx, in)
+		// Stop the consumer before the dispatcher hands back what waits
+		// (it does when in closes): otherwise the broker would send those
+		// deliveries straight back to this consumer, to be handed back twice.
+		w.log.Info("draining: stop receiving", "drain_timeout", w.cfg.DrainTimeout)
+		stopCtx, cancelStop := context.WithTimeout(workCtx, 5*time.Second)
+		if err := w.broker.StopReceiving(stopCtx); err != nil {
+			w.log.Warn("stop receiving", "err", err)
+		}
+		cancelStop()
+		close(in)
 	}()
 
 	dispDone := make(chan struct{})
@@ -205,13 +214,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}()
 
 	<-ctx.Done()
-	w.log.Info("draining: stop receiving", "drain_timeout", w.cfg.DrainTimeout)
 	<-recvDone
-	stopCtx, cancelStop := context.WithTimeout(workCtx, 5*time.Second)
-	if err := w.broker.StopReceiving(stopCtx); err != nil {
-		w.log.Warn("stop receiving", "err", err)
-	}
-	cancelStop()
 	timer := time.NewTimer(w.cfg.DrainTimeout)
 	defer timer.Stop()
 	select {
@@ -221,9 +224,18 @@ func (w *Worker) Run(ctx context.Context) error {
 	case <-timer.C:
 		w.log.Warn("drain timeout: cancelling running batches; their deliveries are requeued", "in_flight", w.inflight.Load())
 		cancelWork()
-		<-dispDone
-		return nil
 	}
+	// Settling a cancelled batch is quick, unless the broker blocks
+	// publishing (a resource alarm): then stop waiting. What is left
+	// unsettled returns to the queue when the connection closes.
+	final := time.NewTimer(settleTimeout + 5*time.Second)
+	defer final.Stop()
+	select {
+	case <-dispDone:
+	case <-final.C:
+		w.log.Error("gave up waiting for settlements; the broker redelivers what is unsettled", "in_flight", w.inflight.Load())
+	}
+	return nil
 }
 
 func (w *Worker) capacity() int {
@@ -287,7 +299,7 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		case in <- items:
 		case <-ctx.Done():
 			for _, it := range items {
-				w.settle(it, outcome{requeue: "shutdown"})
+				w.settle(it, outcome{requeue: queue.ReasonShutdown})
 			}
 			return
 		}
@@ -339,7 +351,7 @@ func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
 		if draining {
 			// Requeue what waits; let running batches finish.
 			for _, it := range b.Drain() {
-				w.settle(it, outcome{requeue: "shutdown"})
+				w.settle(it, outcome{requeue: queue.ReasonShutdown})
 			}
 			for running > 0 {
 				<-done
@@ -367,7 +379,9 @@ func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
 				w.runBatch(workCtx, bt)
 			}()
 		}
-		if at, ok := b.Deadline(); ok {
+		// With every slot busy, only a finished batch can change anything:
+		// wait for it rather than wake for windows that already passed.
+		if at, ok := b.Deadline(); ok && running < w.cfg.Concurrency {
 			timer.Reset(max(at.Sub(now), time.Millisecond))
 		} else {
 			timer.Reset(time.Hour)

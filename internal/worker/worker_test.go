@@ -3,11 +3,12 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
-	"sync"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -373,5 +374,91 @@ func TestLostLockIsNotAnswered(t *testing.T) {
 	}
 	if len(b.results(t)) != 0 {
 		t.Fatal("a result was published for a delivery whose lock was lost")
+	}
+}
+
+func TestPermanentBatchErrorFindsTheCulprit(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})}
+	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
+		for _, r := range reqs {
+			if r.Prompt == "too long" {
+				return nil, &inference.Error{Kind: inference.Permanent, Code: "engine_rejected", Status: 400, Err: errors.New("input exceeds the context")}
+			}
+		}
+		out := make([]inference.Result, len(reqs))
+		for i := range out {
+			out[i].Response.Text = "ok"
+		}
+		return out, nil
+	}
+	h := setup(t, worker.Config{BatchWait: time.Hour}, e)
+	h.s.set(8)
+	h.b.send("first", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	for _, id := range []string{"a", "b", "c"} {
+		h.b.send(id, `{"prompt":"fine"}`)
+	}
+	h.b.send("bad", `{"prompt":"too long"}`)
+	waitFor(t, func() bool { return h.w.InFlight() == 5 })
+	close(e.block)
+	h.b.waitSettled(t, 5)
+	for _, id := range []string{"a", "b", "c"} {
+		if s, _ := h.b.settlement(id); s.Action != queue.Ack {
+			t.Errorf("%s: %+v, want ack: a batch-mate's bad input must not sink it", id, s)
+		}
+	}
+	if s, _ := h.b.settlement("bad"); s.Action != queue.DeadLetter || s.Reason != "engine_rejected" {
+		t.Errorf("bad: %+v", s)
+	}
+}
+
+func TestDrainCancelOnTheLastAttemptRequeues(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})} // never released: the drain deadline cancels it
+	h := setup(t, worker.Config{DrainTimeout: 50 * time.Millisecond, MaxAttempts: 3}, e)
+	h.b.send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	h.stop(t)
+	if s, _ := h.b.settlement("last"); s.Action != queue.Requeue || s.Reason != queue.ReasonShutdown {
+		t.Fatalf("%+v: a shutdown is not the engine failing; want a requeue", s)
+	}
+	if len(h.b.results(t)) != 0 {
+		t.Fatal("an error result was sent for a request cut off by shutdown")
+	}
+}
+
+func TestGoneReplyQueueIsNotRetried(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{}, &fakeEngine{})
+	h.b.mu.Lock()
+	h.b.failPub = func(m queue.Message) error {
+		if m.To == "gone" || m.To == "results" { // the results queue is missing too
+			return fmt.Errorf("publish: %w", queue.ErrUnroutable)
+		}
+		return nil
+	}
+	h.b.mu.Unlock()
+	h.b.send("m", `{"prompt":"x"}`, replyTo("gone"))
+	h.b.send("n", `{"prompt":"x"}`)
+	h.b.waitSettled(t, 2)
+	if s, _ := h.b.settlement("m"); s.Action != queue.Ack {
+		t.Errorf("result for a vanished requester: %+v, want ack", s)
+	}
+	if s, _ := h.b.settlement("n"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
+		t.Errorf("missing results queue: %+v, want requeue", s)
+	}
+}
+
+func TestLongCorrelationIDGetsABoundedResultID(t *testing.T) {
+	t.Parallel()
+	h := setup(t, worker.Config{}, &fakeEngine{})
+	long := strings.Repeat("c", 255)
+	h.b.send("m", `{"prompt":"x"}`, func(d *queue.Delivery) { d.CorrelationID = long })
+	h.b.waitSettled(t, 1)
+	h.b.mu.Lock()
+	defer h.b.mu.Unlock()
+	if m := h.b.published[0]; len(m.MessageID) > 255 || m.CorrelationID != long {
+		t.Fatalf("message id %d bytes, correlation kept: %v", len(m.MessageID), m.CorrelationID == long)
 	}
 }

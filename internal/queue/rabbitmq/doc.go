@@ -1,19 +1,30 @@
 // Package rabbitmq is the RabbitMQ driver for sous, on
 // github.com/rabbitmq/amqp091-go.
 //
-// It keeps one connection with two channels: a consumer channel (manual acks,
-// prefetch set by SetPrefetch) and a publisher channel in confirm mode, so
-// Publish returns only once the broker has taken responsibility for the
-// message. When the connection drops, a supervisor goroutine reconnects with
-// backoff; deliveries from the lost channel become stale (settling them
-// returns queue.ErrStale) and the broker redelivers them.
+// It keeps one connection with two channels: a consumer channel (manual
+// acks, prefetch set by SetPrefetch) and a publisher channel in confirm mode
+// with mandatory publishing, so Publish returns only once the broker has
+// stored the message in a queue, and reports queue.ErrUnroutable when there
+// was none. When the connection drops, a supervisor goroutine reconnects
+// with backoff; deliveries from the lost channel become stale (settling them
+// returns queue.ErrStale) and the broker redelivers them. A consumer the
+// broker cancels (its queue was deleted) is started again.
 //
-// Dead-lettering publishes a copy of the message to the dead-letter queue with
-// the reason in headers (confirmed), then acks the original. The input queue
-// is also declared with the dead-letter queue as its dead-letter target and a
-// delivery limit, so a message that keeps crashing workers still ends there.
+// Requeue publishes a copy of the message to the back of the input queue
+// with the attempts made so far in the x-sous-attempts header (confirmed),
+// then acks the original. Attempts therefore count on every queue type, and
+// a worker's shutdown (reason queue.ReasonShutdown) does not count as one.
+// The attempt of a delivery is x-sous-attempts plus the broker's own count of
+// failed deliveries (quorum queues' x-delivery-count, which grows when a
+// worker dies holding the message), plus one.
+//
+// Dead-lettering publishes a copy to the dead-letter queue with the reason in
+// headers (confirmed), then acks the original. The input queue is declared
+// with the dead-letter queue as its dead-letter target and a delivery limit,
+// so a message that keeps killing workers still ends there.
 //
 // Concurrency: Receive and SetPrefetch must be called from one goroutine (the
 // worker's receive loop). Publish, Settle, Ready and Close are safe for
-// concurrent use. Every goroutine the driver starts is stopped by Close.
+// concurrent use. Close stops the supervisor and closes the connection, which
+// ends the goroutines each connection starts.
 package rabbitmq

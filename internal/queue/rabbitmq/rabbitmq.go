@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -64,7 +65,12 @@ type Driver struct {
 	stopped  bool // StopReceiving was called
 	closed   bool
 
-	pending []amqp.Delivery // drained from a cancelled consumer, still valid
+	pending []pendingDelivery // drained from a cancelled consumer, still valid
+
+	// The receive goroutine's own state (Receive, SetPrefetch).
+	desired     int       // prefetch asked for by SetPrefetch
+	reconsumed  time.Time // last consumer restart for a prefetch change
+	consumeLost error     // set while the broker has cancelled the consumer
 
 	stop   context.CancelFunc
 	done   chan struct{}
@@ -77,11 +83,17 @@ type session struct {
 	conn       *amqp.Connection
 	cons       *amqp.Channel
 	pub        *amqp.Channel
-	consMu     sync.Mutex // serialises ack/nack/qos on cons
-	pubMu      sync.Mutex // serialises publishes on pub
-	deliveries <-chan amqp.Delivery
-	tag        string
-	dead       chan struct{} // closed when the connection or a channel closes
+	consMu     sync.Mutex           // serialises ack/nack/qos on cons
+	pubMu      sync.Mutex           // serialises publishes on pub
+	deliveries <-chan amqp.Delivery // owned by the receive goroutine
+	tag        string               // owned by the receive goroutine
+	cancelled  atomic.Bool          // the broker cancelled the consumer
+	dead       chan struct{}        // closed when the connection or a channel closes
+
+	pubSeq   atomic.Uint64
+	barrier  chan chan struct{} // syncs a publisher with the returns goroutine
+	retMu    sync.Mutex
+	returned map[string]string // publish id -> the broker's reply text
 }
 
 type handle struct {
@@ -89,6 +101,18 @@ type handle struct {
 	tag uint64
 	raw amqp.Delivery
 }
+
+type pendingDelivery struct {
+	s   *session
+	raw amqp.Delivery
+}
+
+// publishIDHeader tags each publish so a basic.return can be matched to it.
+const publishIDHeader = "x-sous-publish-id"
+
+// minReconsume spaces consumer restarts for prefetch changes: each restart
+// lets the broker send a fresh window while the old one is still held.
+const minReconsume = 5 * time.Second
 
 // Open connects (retrying until ctx is done) and starts the supervisor.
 func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
@@ -101,7 +125,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.Prefetch <= 0 {
 		cfg.Prefetch = 1
 	}
-	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), prefetch: cfg.Prefetch, done: make(chan struct{})}
+	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), prefetch: cfg.Prefetch, desired: cfg.Prefetch, done: make(chan struct{})}
 	s, err := d.connect(ctx)
 	if err != nil {
 		return nil, err
@@ -135,6 +159,7 @@ func (d *Driver) supervise(ctx context.Context) {
 		d.mu.Lock()
 		d.sess, d.ready = nil, make(chan struct{})
 		d.pending = nil // their channel is gone; the broker redelivers them
+		d.reconsumed = time.Time{}
 		d.mu.Unlock()
 		d.log.Warn("broker connection lost; reconnecting")
 		next, err := d.connect(ctx)
@@ -189,7 +214,7 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 			return nil, err
 		}
 	}
-	s = &session{conn: conn, dead: make(chan struct{})}
+	s = &session{conn: conn, dead: make(chan struct{}), barrier: make(chan chan struct{}), returned: map[string]string{}}
 	if s.pub, err = conn.Channel(); err != nil {
 		return nil, fmt.Errorf("open publish channel: %w", err)
 	}
@@ -214,6 +239,19 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	pubClosed := s.pub.NotifyClose(make(chan *amqp.Error, 1))
 	consClosed := s.cons.NotifyClose(make(chan *amqp.Error, 1))
 	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	// Unbuffered on purpose: amqp091-go hands a basic.return to this channel
+	// before it processes the basic.ack of the same message, so once a
+	// publisher's confirm is in and it has passed the barrier, the return
+	// (if any) is recorded. See publishRaw.
+	returns := s.pub.NotifyReturn(make(chan amqp.Return))
+	cancels := s.cons.NotifyCancel(make(chan string, 4))
+	go s.watchReturns(returns)
+	go func() {
+		for tag := range cancels {
+			d.log.Warn("the broker cancelled the consumer (queue deleted?); consuming again", "consumer", tag)
+			s.cancelled.Store(true)
+		}
+	}()
 	go func() {
 		var why *amqp.Error
 		select {
@@ -328,23 +366,38 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 	for {
 		d.mu.Lock()
 		stopped := d.stopped
-		if len(d.pending) > 0 && d.sess != nil {
-			n := min(max, len(d.pending))
-			out := make([]*queue.Delivery, 0, n)
-			for _, raw := range d.pending[:n] {
-				out = append(out, d.toDelivery(d.sess, raw))
+		var out []*queue.Delivery
+		for len(d.pending) > 0 && len(out) < max {
+			p := d.pending[0]
+			d.pending = d.pending[1:]
+			select {
+			case <-p.s.dead: // its channel is gone: the broker redelivers it
+			default:
+				out = append(out, d.toDelivery(p.s, p.raw))
 			}
-			d.pending = d.pending[n:]
-			d.mu.Unlock()
-			return out, nil
 		}
 		d.mu.Unlock()
+		if len(out) > 0 {
+			return out, nil
+		}
 		if stopped {
 			return nil, queue.ErrClosed
 		}
 		s, err := d.current(ctx)
 		if err != nil {
 			return nil, err
+		}
+		if err := d.maintainConsumer(ctx, s); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			select { // the queue may be gone: retry, and say so in Ready
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-s.dead:
+			case <-time.After(time.Second):
+			}
+			continue
 		}
 		var first amqp.Delivery
 		var ok bool
@@ -356,8 +409,8 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 		case first, ok = <-s.deliveries:
 		}
 		if !ok {
-			// Consumer cancelled (SetPrefetch or StopReceiving) or channel
-			// closed: look again.
+			// The broker cancelled the consumer, or the channel closed:
+			// maintainConsumer sorts it out on the next pass.
 			select {
 			case <-s.dead:
 			case <-ctx.Done():
@@ -366,7 +419,7 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 			}
 			continue
 		}
-		out := []*queue.Delivery{d.toDelivery(s, first)}
+		out = append(out, d.toDelivery(s, first))
 	more:
 		for len(out) < max {
 			select {
@@ -381,6 +434,47 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 		}
 		return out, nil
 	}
+}
+
+// maintainConsumer restarts the consumer when the broker cancelled it, and
+// applies a prefetch change when it is safe: nothing from the old consumer
+// is pending and the last restart was a while ago, so prefetch changes never
+// pile up windows of unacknowledged messages.
+func (d *Driver) maintainConsumer(ctx context.Context, s *session) error {
+	if s.cancelled.Load() {
+		d.mu.Lock()
+		n := d.prefetch
+		d.mu.Unlock()
+		if err := s.consume(d.cfg.Queue, n); err != nil {
+			d.setConsumeLost(fmt.Errorf("consume from queue %q after the broker cancelled the consumer: %w", d.cfg.Queue, err))
+			return err
+		}
+		s.cancelled.Store(false)
+		d.setConsumeLost(nil)
+		return nil
+	}
+	d.mu.Lock()
+	want, have, pending, last := d.desired, d.prefetch, len(d.pending), d.reconsumed
+	d.mu.Unlock()
+	if want == have || pending > 0 || time.Since(last) < minReconsume {
+		return nil
+	}
+	if err := d.cancelAndDrain(ctx, s); err != nil {
+		return err
+	}
+	if err := s.consume(d.cfg.Queue, want); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.prefetch, d.reconsumed = want, time.Now()
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *Driver) setConsumeLost(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.consumeLost = err
 }
 
 func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
@@ -399,28 +493,37 @@ func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
 	return del
 }
 
-// attempt derives the 1-based attempt number: quorum queues count earlier
-// failed deliveries in x-delivery-count; classic queues only say whether the
-// message was delivered before. A classic queue passes a producer's own
-// x-delivery-count through, so a count below zero or absurdly high is
-// ignored rather than trusted (it would overflow into a negative attempt).
+// attempt derives the 1-based attempt number: the attempts counted by
+// earlier requeues (x-sous-attempts, set by this driver's Requeue), plus the
+// broker's count of failed deliveries of this copy (quorum queues'
+// x-delivery-count; on classic queues only the redelivered flag), plus one.
+// Header values outside [0, MaxInt32) are ignored: a classic queue passes a
+// producer's headers through untouched.
 func attempt(raw amqp.Delivery) int {
-	n := int64(-1)
-	switch v := raw.Headers["x-delivery-count"].(type) {
+	counted := headerCount(raw.Headers[queue.HeaderAttempts])
+	failed := headerCount(raw.Headers["x-delivery-count"])
+	if failed == 0 && raw.Redelivered {
+		failed = 1
+	}
+	return int(min(counted+failed+1, math.MaxInt32))
+}
+
+func headerCount(v any) int64 {
+	var n int64
+	switch v := v.(type) {
 	case int64:
 		n = v
 	case int32:
 		n = int64(v)
 	case int:
 		n = int64(v)
+	default:
+		return 0
 	}
-	if n >= 0 && n < math.MaxInt32 && (n > 0 || !raw.Redelivered) {
-		return int(n) + 1
+	if n < 0 || n >= math.MaxInt32 {
+		return 0
 	}
-	if raw.Redelivered {
-		return 2
-	}
-	return 1
+	return n
 }
 
 func stringHeaders(t amqp.Table) map[string]string {
@@ -439,30 +542,18 @@ func stringHeaders(t amqp.Table) map[string]string {
 	return out
 }
 
-// SetPrefetch changes how many unacknowledged deliveries the broker sends
-// this worker. RabbitMQ applies a new per-consumer prefetch only to new
-// consumers, so the consumer is cancelled and started again; deliveries
-// already sent stay valid and are returned by Receive first.
-func (d *Driver) SetPrefetch(ctx context.Context, n int) error {
+// SetPrefetch asks for a new consumer prefetch. RabbitMQ applies a
+// per-consumer prefetch only to new consumers, so the consumer is restarted
+// by Receive once nothing from the old one is pending, at most every few
+// seconds; deliveries already sent stay valid.
+func (d *Driver) SetPrefetch(_ context.Context, n int) error {
 	if n < 1 {
 		n = 1
 	}
 	d.mu.Lock()
-	if n == d.prefetch || d.stopped || !d.cfg.Consume {
-		d.prefetch = n
-		d.mu.Unlock()
-		return nil
-	}
-	d.prefetch = n
-	d.mu.Unlock()
-	s, err := d.current(ctx)
-	if err != nil {
-		return err
-	}
-	if err := d.cancelAndDrain(ctx, s); err != nil {
-		return err
-	}
-	return s.consume(d.cfg.Queue, n)
+	defer d.mu.Unlock()
+	d.desired = n
+	return nil
 }
 
 // cancelAndDrain cancels the consumer and moves what it had buffered to
@@ -481,7 +572,7 @@ func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
 				return nil
 			}
 			d.mu.Lock()
-			d.pending = append(d.pending, raw)
+			d.pending = append(d.pending, pendingDelivery{s, raw})
 			d.mu.Unlock()
 		case <-s.dead:
 			return nil
@@ -517,12 +608,9 @@ func (d *Driver) StopReceiving(ctx context.Context) error {
 	pending := d.pending
 	d.pending = nil
 	d.mu.Unlock()
-	s.consMu.Lock()
-	defer s.consMu.Unlock()
-	for _, raw := range pending {
-		if nerr := s.cons.Nack(raw.DeliveryTag, false, true); nerr != nil {
-			err = errors.Join(err, fmt.Errorf("requeue prefetched delivery: %w", nerr))
-			break
+	for _, p := range pending {
+		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.ReasonShutdown); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
 		}
 	}
 	return err
@@ -560,23 +648,82 @@ func (s *session) publish(ctx context.Context, m queue.Message) error {
 }
 
 func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) error {
+	for name, v := range map[string]string{"queue name": to, "message_id": p.MessageId, "correlation_id": p.CorrelationId, "reply_to": p.ReplyTo} {
+		if len(v) > 255 {
+			// AMQP short strings end at 255 bytes; amqp091-go would close the
+			// channel over it, taking every delivery in flight with it.
+			return fmt.Errorf("publish to %q: %s is %d bytes, AMQP allows 255", truncate(to), name, len(v))
+		}
+	}
+	id := strconv.FormatUint(s.pubSeq.Add(1), 10)
+	headers := make(amqp.Table, len(p.Headers)+1)
+	for k, v := range p.Headers {
+		headers[k] = v
+	}
+	headers[publishIDHeader] = id
+	p.Headers = headers
 	s.pubMu.Lock()
-	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, false, false, p)
+	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, true, false, p)
 	s.pubMu.Unlock()
 	if err != nil {
-		return fmt.Errorf("publish to %q: %w", to, err)
+		return fmt.Errorf("publish to %q: %w", truncate(to), err)
 	}
 	select {
 	case <-conf.Done():
 	case <-ctx.Done():
-		return fmt.Errorf("publish to %q: waiting for the broker's confirm: %w", to, ctx.Err())
+		return fmt.Errorf("publish to %q: waiting for the broker's confirm: %w", truncate(to), ctx.Err())
 	case <-s.dead:
-		return fmt.Errorf("publish to %q: connection lost before the broker confirmed", to)
+		return fmt.Errorf("publish to %q: connection lost before the broker confirmed", truncate(to))
 	}
 	if !conf.Acked() {
-		return fmt.Errorf("publish to %q: the broker refused the message (nack)", to)
+		return fmt.Errorf("publish to %q: the broker refused the message (nack)", truncate(to))
+	}
+	// A mandatory message with no queue comes back as basic.return before
+	// its ack; the barrier makes sure the returns goroutine has recorded it.
+	b := make(chan struct{})
+	select {
+	case s.barrier <- b:
+		<-b
+	case <-s.dead:
+		return fmt.Errorf("publish to %q: connection lost before the broker confirmed", truncate(to))
+	}
+	s.retMu.Lock()
+	text, returned := s.returned[id]
+	delete(s.returned, id)
+	s.retMu.Unlock()
+	if returned {
+		return fmt.Errorf("publish to %q: %w (%s): declare the queue, or check its name", truncate(to), queue.ErrUnroutable, text)
 	}
 	return nil
+}
+
+// watchReturns records basic.returns by publish id and serves barriers, in
+// one goroutine, until the channel closes.
+func (s *session) watchReturns(returns <-chan amqp.Return) {
+	for {
+		select {
+		case r, ok := <-returns:
+			if !ok {
+				return
+			}
+			if id, _ := r.Headers[publishIDHeader].(string); id != "" {
+				s.retMu.Lock()
+				s.returned[id] = r.ReplyText
+				s.retMu.Unlock()
+			}
+		case b := <-s.barrier:
+			close(b)
+		case <-s.dead:
+			return
+		}
+	}
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 // Settle acks, requeues or dead-letters del.
@@ -595,7 +742,7 @@ func (d *Driver) Settle(ctx context.Context, del *queue.Delivery, st queue.Settl
 	case queue.Ack:
 		err = h.s.ack(h.tag)
 	case queue.Requeue:
-		err = h.s.nack(h.tag, true)
+		err = d.requeue(ctx, h.s, h.raw, del.Attempt, st.Reason)
 	case queue.DeadLetter:
 		err = d.deadLetter(ctx, h, del, st)
 	default:
@@ -612,6 +759,70 @@ func (d *Driver) Settle(ctx context.Context, del *queue.Delivery, st queue.Settl
 	return nil
 }
 
+// copyOf is raw as a new persistent message with extra headers. UserId is
+// left out: the broker checks it against the connection's user.
+func copyOf(raw amqp.Delivery, extra amqp.Table) amqp.Publishing {
+	headers := amqp.Table{}
+	for k, v := range raw.Headers {
+		if k != "x-delivery-count" && k != publishIDHeader {
+			headers[k] = v
+		}
+	}
+	for k, v := range extra {
+		headers[k] = v
+	}
+	return amqp.Publishing{
+		Headers:         headers,
+		ContentType:     raw.ContentType,
+		ContentEncoding: raw.ContentEncoding,
+		CorrelationId:   raw.CorrelationId,
+		MessageId:       raw.MessageId,
+		ReplyTo:         raw.ReplyTo,
+		Timestamp:       raw.Timestamp,
+		Type:            raw.Type,
+		AppId:           raw.AppId,
+		Priority:        raw.Priority,
+		DeliveryMode:    amqp.Persistent,
+		Body:            raw.Body,
+	}
+}
+
+// requeue puts a copy at the back of the input queue with the attempts made
+// so far (one fewer when the worker is only shutting down), then acks the
+// original. If the copy cannot be published the original is nacked back
+// instead, which also requeues it (a quorum queue then counts a failed
+// delivery).
+func (d *Driver) requeue(ctx context.Context, s *session, raw amqp.Delivery, attempt int, reason string) error {
+	counted := attempt
+	if reason == queue.ReasonShutdown {
+		counted--
+	}
+	p := copyOf(raw, amqp.Table{queue.HeaderAttempts: int64(max(0, counted))})
+	if err := s.publishRaw(ctx, d.cfg.Queue, p); err != nil {
+		d.log.Warn("requeue copy failed; nacking the delivery back instead", "id", raw.MessageId, "err", err)
+		return s.nack(raw.DeliveryTag, true)
+	}
+	return s.ack(raw.DeliveryTag)
+}
+
+// deadLetter publishes a copy with the reason to the dead-letter queue, then
+// acks the original. If the copy cannot be published it returns the error
+// and leaves the delivery unsettled, so the caller requeues it: an existing
+// queue may have no dead-letter target of its own, and a reject would drop
+// the message there.
+func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery, st queue.Settlement) error {
+	p := copyOf(h.raw, amqp.Table{
+		queue.HeaderDeadLetterReason:      st.Reason,
+		queue.HeaderDeadLetterDescription: st.Description,
+		queue.HeaderAttempts:              int64(del.Attempt),
+		queue.HeaderSourceQueue:           d.cfg.Queue,
+	})
+	if err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p); err != nil {
+		return fmt.Errorf("dead-letter copy to %q: %w", d.cfg.DeadLetterQueue, err)
+	}
+	return h.s.ack(h.tag)
+}
+
 func (s *session) ack(tag uint64) error {
 	s.consMu.Lock()
 	defer s.consMu.Unlock()
@@ -624,37 +835,6 @@ func (s *session) nack(tag uint64, requeue bool) error {
 	return s.cons.Nack(tag, false, requeue)
 }
 
-// deadLetter publishes a copy with the reason to the dead-letter queue, then
-// acks the original. If the copy cannot be published the original is
-// rejected without requeue, so the queue's own dead-letter target still
-// catches it (without our reason headers).
-func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery, st queue.Settlement) error {
-	raw := h.raw
-	headers := amqp.Table{}
-	for k, v := range raw.Headers {
-		headers[k] = v
-	}
-	headers[queue.HeaderDeadLetterReason] = st.Reason
-	headers[queue.HeaderDeadLetterDescription] = st.Description
-	headers[queue.HeaderAttempts] = int64(del.Attempt)
-	headers[queue.HeaderSourceQueue] = d.cfg.Queue
-	p := amqp.Publishing{
-		Headers:       headers,
-		ContentType:   raw.ContentType,
-		CorrelationId: raw.CorrelationId,
-		MessageId:     raw.MessageId,
-		ReplyTo:       raw.ReplyTo,
-		Timestamp:     raw.Timestamp,
-		DeliveryMode:  amqp.Persistent,
-		Body:          raw.Body,
-	}
-	if err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p); err != nil {
-		d.log.Error("dead-letter copy failed; rejecting to the queue's dead-letter target", "id", del.ID, "err", err)
-		return h.s.nack(h.tag, false)
-	}
-	return h.s.ack(h.tag)
-}
-
 // Ready reports whether the broker connection is up.
 func (d *Driver) Ready(context.Context) error {
 	d.mu.Lock()
@@ -664,6 +844,8 @@ func (d *Driver) Ready(context.Context) error {
 		return queue.ErrClosed
 	case d.sess == nil:
 		return errors.New("not connected to RabbitMQ (reconnecting)")
+	case d.consumeLost != nil:
+		return d.consumeLost
 	}
 	return nil
 }

@@ -1,0 +1,208 @@
+package rabbitmq_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
+)
+
+func uniqueQueue(t *testing.T) string {
+	return fmt.Sprintf("sous-test-%s-%d-%d", strings.ReplaceAll(t.Name(), "/", "-"), time.Now().UnixNano(), seq.Add(1))
+}
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func receiveOne(t *testing.T, ctx context.Context, d *rabbitmq.Driver) *queue.Delivery {
+	t.Helper()
+	ds, err := d.Receive(ctx, 1)
+	if err != nil {
+		t.Fatalf("receive: %v", err)
+	}
+	return ds[0]
+}
+
+// TestUnroutableIsAnError: a publish to a queue that does not exist is not
+// a silent success, and a dead-letter whose queue is missing leaves the
+// delivery unsettled instead of dropping it.
+func TestUnroutableIsAnError(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true})
+	err := d.Publish(ctx, queue.Message{To: q + ".nowhere", Body: []byte("x")})
+	if !errors.Is(err, queue.ErrUnroutable) {
+		t.Fatalf("publish to a missing queue: %v, want ErrUnroutable", err)
+	}
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "m", Body: []byte("{}")}); err != nil {
+		t.Fatalf("the channel did not survive: %v", err)
+	}
+	del := receiveOne(t, ctx, d)
+	conn, _ := amqp.Dial(brokerURL())
+	defer conn.Close()
+	ch, _ := conn.Channel()
+	if _, err := ch.QueueDelete(q+".dlq", false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	err = d.Settle(ctx, del, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json"})
+	if !errors.Is(err, queue.ErrUnroutable) {
+		t.Fatalf("dead-letter to a missing DLQ: %v, want ErrUnroutable", err)
+	}
+	if err := d.Settle(ctx, del, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); err != nil {
+		t.Fatalf("the delivery was settled by the failed dead-letter: %v", err)
+	}
+	if again := receiveOne(t, ctx, d); again.ID != "m" {
+		t.Fatalf("got %q back", again.ID)
+	}
+}
+
+// TestLongIDsDoNotKillTheChannel: AMQP short strings end at 255 bytes.
+func TestLongIDsDoNotKillTheChannel(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: strings.Repeat("x", 300), Body: []byte("x")}); err == nil {
+		t.Fatal("a 300-byte message id was accepted")
+	}
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "ok", Body: []byte("x")}); err != nil {
+		t.Fatalf("the channel did not survive: %v", err)
+	}
+	if err := d.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAttemptsCountOnClassicQueues: requeues are counted by the driver, so
+// SOUS_MAX_ATTEMPTS works on queues without x-delivery-count too; a
+// shutdown hands a delivery back without spending an attempt.
+func TestAttemptsCountOnClassicQueues(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	conn, err := amqp.Dial(brokerURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ch, _ := conn.Channel()
+	if _, err := ch.QueueDeclare(q, true, false, false, false, nil); err != nil { // classic
+		t.Fatal(err)
+	}
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "c", Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	var seen []int
+	for range 4 {
+		del := receiveOne(t, ctx, d)
+		seen = append(seen, del.Attempt)
+		if err := d.Settle(ctx, del, queue.Settlement{Action: queue.Requeue, Reason: "engine_unavailable"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	del := receiveOne(t, ctx, d)
+	seen = append(seen, del.Attempt)
+	if err := d.Settle(ctx, del, queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonShutdown}); err != nil {
+		t.Fatal(err)
+	}
+	del = receiveOne(t, ctx, d)
+	seen = append(seen, del.Attempt)
+	if want := []int{1, 2, 3, 4, 5, 5}; fmt.Sprint(seen) != fmt.Sprint(want) {
+		t.Fatalf("attempts %v, want %v", seen, want)
+	}
+	if err := d.Settle(ctx, del, queue.Settlement{Action: queue.Ack}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestConsumerCancelledByTheBroker: the queue is deleted under the worker.
+// The broker cancels the consumer; the driver consumes again (here it
+// declares the queue anew, as SOUS_DECLARE=true does) instead of going
+// quiet.
+func TestConsumerCancelledByTheBroker(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	conn, _ := amqp.Dial(brokerURL())
+	defer conn.Close()
+	ch, _ := conn.Channel()
+	if _, err := ch.QueueDelete(q, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *queue.Delivery, 1)
+	go func() {
+		ds, err := d.Receive(ctx, 1)
+		if err == nil {
+			got <- ds[0]
+		}
+		close(got)
+	}()
+	// Publish until the queue is back (unroutable until then).
+	for {
+		err := d.Publish(ctx, queue.Message{To: q, MessageID: "after", Body: []byte("{}")})
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, queue.ErrUnroutable) && ctx.Err() == nil {
+			t.Logf("publish while the driver reconnects: %v", err)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatal("the queue never came back")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	select {
+	case del, ok := <-got:
+		if !ok || del.ID != "after" {
+			t.Fatalf("got %v", del)
+		}
+	case <-ctx.Done():
+		t.Fatal("the worker went quiet after the broker cancelled its consumer")
+	}
+}
+
+// TestPrefetchChangesDoNotPileUp: many prefetch changes never leave the
+// worker holding more than the old window plus the new one.
+func TestPrefetchChangesDoNotPileUp(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true})
+	for i := range 40 {
+		if err := d.Publish(ctx, queue.Message{To: q, MessageID: fmt.Sprint(i), Body: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var held []*queue.Delivery
+	for i := range 10 {
+		if err := d.SetPrefetch(ctx, 3+i%3); err != nil {
+			t.Fatal(err)
+		}
+		short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		ds, _ := d.Receive(short, 100)
+		cancel()
+		held = append(held, ds...)
+	}
+	if len(held) > 2+5 {
+		t.Fatalf("holding %d unacknowledged deliveries after prefetch changes, want at most 7", len(held))
+	}
+	for _, del := range held {
+		if err := d.Settle(ctx, del, queue.Settlement{Action: queue.Ack}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
