@@ -3,6 +3,7 @@ package inference
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -40,5 +41,14 @@ func Classify(status int, msg string, err error) *Error {
 		return &Error{Kind: Permanent, Code: "engine_rejected", Status: status, Err: err}
 	default:
 		return &Error{Kind: Retryable, Code: "engine_error", Status: status, Err: err}
+	}
+}
+
+// Recover turns a panic in an engine driver's per-request goroutine (a
+// stream callback, say) into a retryable error in *err, so one request's
+// panic does not take the process down. Use it deferred.
+func Recover(err *error) {
+	if p := recover(); p != nil {
+		*err = &Error{Kind: Retryable, Code: "internal_error", Err: fmt.Errorf("panic: %v", p)}
 	}
 }

@@ -63,6 +63,7 @@ func (e *Engine) Infer(ctx context.Context, reqs []inference.Request) ([]inferen
 	var g errgroup.Group // bounded by the batch size, which the caller bounds
 	for i := range reqs {
 		g.Go(func() error {
+			defer inference.Recover(&out[i].Err)
 			out[i].Response, out[i].Err = e.one(ctx, reqs[i])
 			return nil
 		})

@@ -116,6 +116,7 @@ func (e *Engine) each(ctx context.Context, reqs []inference.Request) []inference
 	var g errgroup.Group
 	for i := range reqs {
 		g.Go(func() error {
+			defer inference.Recover(&out[i].Err)
 			out[i].Response, out[i].Err = e.one(ctx, reqs[i])
 			return nil
 		})
@@ -311,7 +312,7 @@ func (e *Engine) request(ctx context.Context, path string, body any) (*http.Resp
 	}
 	resp, err := e.client.Do(req)
 	if err != nil {
-		return nil, inference.Classify(0, "", errors.New(secret.Scrub(err.Error(), e.key)))
+		return nil, inference.Classify(0, "", scrubbed{err, e.key})
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
@@ -344,6 +345,7 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 	defer resp.Body.Close()
 	var text strings.Builder
 	out := inference.Response{}
+	finished := false // [DONE] or a finish_reason: the answer is whole
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64*1024), 8<<20)
 	for sc.Scan() {
@@ -354,6 +356,7 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 		}
 		data = strings.TrimSpace(data)
 		if data == "[DONE]" {
+			finished = true
 			break
 		}
 		var c completion
@@ -374,11 +377,15 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 			}
 			if ch.FinishReason != "" {
 				out.DoneReason = ch.FinishReason
+				finished = true
 			}
 		}
 	}
 	if err := sc.Err(); err != nil {
 		return inference.Response{}, inference.Classify(0, "", fmt.Errorf("read stream: %w", err))
+	}
+	if !finished {
+		return inference.Response{}, &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("the stream ended before the engine finished the answer (engine stopped?)")}
 	}
 	if r.Kind == inference.Chat {
 		out.Message = &inference.Message{Role: "assistant", Content: text.String()}
@@ -427,7 +434,7 @@ func (e *Engine) Ping(ctx context.Context) error {
 	}
 	resp, err := e.client.Do(req)
 	if err != nil {
-		return inference.Classify(0, "", errors.New(secret.Scrub(err.Error(), e.key)))
+		return inference.Classify(0, "", scrubbed{err, e.key})
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
@@ -436,3 +443,13 @@ func (e *Engine) Ping(ctx context.Context) error {
 	}
 	return nil
 }
+
+// scrubbed is an error whose text never shows the API key but which still
+// unwraps, so timeouts and cancellations are classified as what they are.
+type scrubbed struct {
+	err error
+	key secret.Value
+}
+
+func (s scrubbed) Error() string { return secret.Scrub(s.err.Error(), s.key) }
+func (s scrubbed) Unwrap() error { return s.err }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/inference/openai"
@@ -190,5 +191,47 @@ func TestErrorsAreClassified(t *testing.T) {
 	var ie *inference.Error
 	if !errors.As(err, &ie) || ie.Kind != inference.Retryable || ie.Code != "engine_unavailable" {
 		t.Fatalf("engine down: %v", err)
+	}
+}
+
+func TestCutStreamIsNotAnAnswer(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"The sky\"}}]}\n\n")
+		// and then the engine dies: no finish_reason, no [DONE]
+	}))
+	defer srv.Close()
+	e, _ := openai.New(openai.Config{URL: srv.URL})
+	res, err := e.Infer(context.Background(), []inference.Request{{Kind: inference.Chat, Model: "m", Messages: []inference.Message{{Role: "user", Content: "x"}}, Stream: func(string) {}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Err == nil || inference.KindOf(res[0].Err) != inference.Retryable {
+		t.Fatalf("a cut stream gave %+v, want a retryable error", res[0])
+	}
+}
+
+func TestTimeoutsStayTimeouts(t *testing.T) {
+	t.Parallel()
+	block := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
+	defer srv.Close()
+	defer close(block)
+	e, _ := openai.New(openai.Config{URL: srv.URL, APIKey: "sk-abcdef"})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	res, _ := e.Infer(ctx, []inference.Request{{Kind: inference.Chat, Model: "m", Messages: []inference.Message{{Role: "user", Content: "x"}}}})
+	if inference.CodeOf(res[0].Err) != "engine_timeout" || !errors.Is(res[0].Err, context.DeadlineExceeded) {
+		t.Fatalf("got %v (%s)", res[0].Err, inference.CodeOf(res[0].Err))
+	}
+}
+
+func TestPanickingStreamCallbackIsContained(t *testing.T) {
+	t.Parallel()
+	e, _ := setup(t, openai.Config{})
+	res, err := e.Infer(context.Background(), []inference.Request{{Kind: inference.Chat, Model: "m", Messages: []inference.Message{{Role: "user", Content: "x"}}, Stream: func(string) { panic("observer bug") }}})
+	if err != nil || res[0].Err == nil || inference.CodeOf(res[0].Err) != "internal_error" {
+		t.Fatalf("got %+v %v", res, err)
 	}
 }

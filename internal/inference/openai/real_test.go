@@ -40,7 +40,7 @@ func TestRealOllamaV1(t *testing.T) {
 	if err := e.Ping(ctx); err != nil {
 		t.Fatalf("ping: %v", err)
 	}
-	reqs := prompts(srv.Model(), 3)
+	reqs := prompts(srv.EndlessModel(), 3) // never stops early: the answers are never empty
 	res, err := e.Infer(ctx, reqs)
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +57,7 @@ func TestRealOllamaV1(t *testing.T) {
 		t.Fatalf("%d /v1/completions calls, want 1 refused list + 3 singles", got)
 	}
 	// Learned once: the next batch goes straight to single calls.
-	if _, err := e.Infer(ctx, prompts(srv.Model(), 2)); err != nil {
+	if _, err := e.Infer(ctx, prompts(srv.EndlessModel(), 2)); err != nil {
 		t.Fatal(err)
 	}
 	if got := completionCalls.Load(); got != 6 {
@@ -72,7 +72,7 @@ func TestRealOllamaV1(t *testing.T) {
 		t.Fatalf("embeddings: %+v %v", emb, err)
 	}
 	var streamed int
-	st, err := e.Infer(ctx, []inference.Request{{Kind: inference.Generate, Model: srv.Model(), Prompt: "x", Options: map[string]any{"num_predict": int64(6)}, Stream: func(string) { streamed++ }}})
+	st, err := e.Infer(ctx, []inference.Request{{Kind: inference.Generate, Model: srv.EndlessModel(), Prompt: "x", Options: map[string]any{"num_predict": int64(6)}, Stream: func(string) { streamed++ }}})
 	if err != nil || st[0].Err != nil || streamed == 0 || st[0].Response.Text == "" {
 		t.Fatalf("stream: %d deltas, %+v %v", streamed, st, err)
 	}
