@@ -36,7 +36,8 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	var o options
 	fs := flag.NewFlagSet("publish", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.url, "url", envOr("SOUS_AMQP_URL", "amqp://guest:guest@localhost:5672/"), "broker URL (env SOUS_AMQP_URL)")
+	// No default shown in -h: SOUS_AMQP_URL may hold a password.
+	fs.StringVar(&o.url, "url", "", "broker URL (default $SOUS_AMQP_URL, else amqp://guest:guest@localhost:5672/)")
 	fs.StringVar(&o.queue, "queue", envOr("SOUS_QUEUE", "sous.requests"), "request queue (env SOUS_QUEUE)")
 	fs.StringVar(&o.model, "model", "", "model to ask for (default: the worker's SOUS_MODEL)")
 	fs.StringVar(&o.file, "f", "", "read JSON requests, one per line, from this file (- for stdin)")
@@ -46,6 +47,9 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "how long to wait for all results")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if o.url == "" {
+		o.url = envOr("SOUS_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 	}
 	bodies, err := requests(o, fs.Args(), stdin)
 	if err != nil {
@@ -153,12 +157,15 @@ func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer
 	if err := ch.Confirm(false); err != nil {
 		return err
 	}
+	// Mandatory publishing: a request the broker cannot route (no such
+	// queue) comes back before its confirm, instead of vanishing.
+	returns := ch.NotifyReturn(make(chan amqp.Return, len(bodies)))
 	pending := map[string]int{}
 	for i, body := range bodies {
 		id := newID()
 		pending[id] = i
 		headers, sent := o.trace.send(o.queue, id)
-		conf, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", o.queue, false, false, amqp.Publishing{
+		conf, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", o.queue, true, false, amqp.Publishing{
 			ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
 			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: body, Headers: headers,
 		})
@@ -170,6 +177,15 @@ func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer
 			err = fmt.Errorf("broker did not confirm the request (queue %q exists?): %v", o.queue, err)
 			sent(err)
 			return err
+		}
+		// amqp091-go delivers a return before the confirm of the same
+		// message, and the channel is buffered for every request.
+		select {
+		case r := <-returns:
+			err := fmt.Errorf("queue %q does not exist (%s): start the worker first (it declares its queue) or check -queue / SOUS_QUEUE", o.queue, r.ReplyText)
+			sent(err)
+			return err
+		default:
 		}
 		sent(nil)
 	}

@@ -227,6 +227,11 @@ func (c Config) validate() error {
 	if u, err := url.Parse(c.EngineURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return bad("SOUS_ENGINE_URL", "must be an http:// or https:// URL such as http://localhost:11434")
 	}
+	for _, m := range c.ModelsAllowed {
+		if strings.TrimSpace(m) == "" {
+			return bad("SOUS_MODELS_ALLOWED", "has an empty entry; list model names separated by commas, e.g. llama3.2,qwen2.5")
+		}
+	}
 	if c.EngineBatchPrompts != "auto" && c.EngineBatchPrompts != "list" && c.EngineBatchPrompts != "single" {
 		return bad("SOUS_ENGINE_BATCH_PROMPTS", "must be auto, list or single")
 	}

@@ -106,3 +106,17 @@ func TestEveryVariableIsInTheReadme(t *testing.T) {
 		t.Fatalf("found only %d table rows; did the table's format change?", len(rows))
 	}
 }
+
+func TestAllowedModelsAreTrimmedAndIncludeTheDefault(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig([]string{"SOUS_MODEL=llama3.2", "SOUS_MODELS_ALLOWED=qwen2.5, mistral"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := allowedModels(c); strings.Join(got, "|") != "llama3.2|qwen2.5|mistral" {
+		t.Fatalf("allowed %q", got)
+	}
+	if _, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_MODELS_ALLOWED=a,,b"}); err == nil || !strings.Contains(err.Error(), "SOUS_MODELS_ALLOWED") {
+		t.Fatalf("empty entry: %v", err)
+	}
+}

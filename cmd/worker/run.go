@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -68,7 +69,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	defer stopEngine()
 
-	broker, closeBroker, err := openBroker(ctx, cfg, tel.obs.BrokerReconnected, log)
+	// Start with the prefetch the worker will ask for, so the first batch
+	// does not restart the consumer.
+	prefetch := max(1, sizer.Size()) * (cfg.BatchConcurrency + 1)
+	broker, closeBroker, err := openBroker(ctx, cfg, prefetch, tel.obs.BrokerReconnected, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
@@ -126,11 +130,16 @@ func restartGrace(cfg Config) time.Duration {
 	return cfg.EngineStartTimeout
 }
 
+// allowedModels is SOUS_MODELS_ALLOWED, trimmed, with SOUS_MODEL always in
+// it: a request that names no model gets SOUS_MODEL.
 func allowedModels(cfg Config) []string {
-	if len(cfg.ModelsAllowed) == 0 {
-		return []string{cfg.Model}
+	out := []string{cfg.Model}
+	for _, m := range cfg.ModelsAllowed {
+		if m = strings.TrimSpace(m); m != "" && !slices.Contains(out, m) {
+			out = append(out, m)
+		}
 	}
-	return cfg.ModelsAllowed
+	return out
 }
 
 // readyEngine is an engine with a readiness check of its own.
@@ -206,7 +215,7 @@ type brokerDriver interface {
 }
 
 // onReconnect is called after each RabbitMQ reconnect.
-func openBroker(ctx context.Context, cfg Config, onReconnect func(), log *slog.Logger) (brokerDriver, func(), error) {
+func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(), log *slog.Logger) (brokerDriver, func(), error) {
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	switch cfg.Broker {
@@ -239,7 +248,7 @@ func openBroker(ctx context.Context, cfg Config, onReconnect func(), log *slog.L
 			Declare:         cfg.Declare,
 			ExtraQueues:     []string{cfg.ResultsQueue},
 			DeliveryLimit:   cfg.MaxAttempts,
-			Prefetch:        1,
+			Prefetch:        prefetch,
 			ConnectionName:  "sous-worker " + cfg.WorkerID,
 			Consume:         true,
 			OnReconnect:     onReconnect,

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strings"
 	"time"
@@ -101,8 +102,8 @@ func DecodeRequest(body []byte, contentType, fallbackID string, lim Limits, now 
 	if err := dec.Decode(&r); err != nil {
 		return nil, describeJSONError(err)
 	}
-	if dec.More() {
-		return nil, inputErr(ReasonInvalidJSON, "body holds more than one JSON value")
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, inputErr(ReasonInvalidJSON, "body holds more than one JSON value, or trailing bytes")
 	}
 	if strings.ContainsRune(r.ID, 0) || len(r.ID) > 256 {
 		return nil, inputErr(ReasonInvalidRequest, "id must be at most 256 bytes and contain no NUL")
@@ -242,6 +243,10 @@ func describeJSONError(err error) *InputError {
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) {
 		return inputErr(ReasonInvalidRequest, "field %q must be %s, not a JSON %s", typeErr.Field, typeErr.Type.String(), typeErr.Value)
+	}
+	var timeErr *time.ParseError
+	if errors.As(err, &timeErr) {
+		return inputErr(ReasonInvalidRequest, "\"deadline\" must be an RFC 3339 time such as 2026-01-02T15:04:05Z")
 	}
 	var synErr *json.SyntaxError
 	if errors.As(err, &synErr) {
