@@ -164,10 +164,13 @@ func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
 }
 
 // startWorkerNoReady starts a worker whose engine is expected to be down:
-// it waits for /healthz instead of /readyz.
+// /readyz never passes, so it waits for /healthz (served from the start)
+// and for the worker to say it works (queues declared, consuming).
 func startWorkerNoReady(t *testing.T, q string, env ...string) *workerProc {
 	t.Helper()
-	return startWorkerWait(t, q, "/healthz", env...)
+	w := startWorkerWait(t, q, "/healthz", env...)
+	waitUntil(t, 60*time.Second, "the worker to start working", func() bool { return strings.Contains(w.logs(), "ready to work") })
+	return w
 }
 
 // TestSIGTERMDrains: SIGTERM under load exits 0 within the drain timeout;

@@ -206,3 +206,35 @@ func TestPrefetchChangesDoNotPileUp(t *testing.T) {
 		}
 	}
 }
+
+// TestDirectReplyTo: RabbitMQ returns mandatory messages to direct reply-to
+// as unroutable even as it delivers them; the driver must not call that a
+// failure.
+func TestDirectReplyTo(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	conn, _ := amqp.Dial(brokerURL())
+	defer conn.Close()
+	ch, _ := conn.Channel()
+	replies, err := ch.Consume("amq.rabbitmq.reply-to", "", true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.PublishWithContext(ctx, "", q, false, false, amqp.Publishing{MessageId: "r", ReplyTo: "amq.rabbitmq.reply-to", Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	del := receiveOne(t, ctx, d)
+	if err := d.Publish(ctx, queue.Message{To: del.ReplyTo, CorrelationID: "r", Body: []byte("answer")}); err != nil {
+		t.Fatalf("publish to direct reply-to: %v", err)
+	}
+	select {
+	case m := <-replies:
+		if string(m.Body) != "answer" {
+			t.Fatalf("got %q", m.Body)
+		}
+	case <-ctx.Done():
+		t.Fatal("no reply")
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,6 +107,9 @@ type pendingDelivery struct {
 	s   *session
 	raw amqp.Delivery
 }
+
+// directReplyTo prefixes RabbitMQ's direct reply-to addresses.
+const directReplyTo = "amq.rabbitmq.reply-to"
 
 // publishIDHeader tags each publish so a basic.return can be matched to it.
 const publishIDHeader = "x-sous-publish-id"
@@ -662,8 +666,12 @@ func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) 
 	}
 	headers[publishIDHeader] = id
 	p.Headers = headers
+	// Direct reply-to is no queue: RabbitMQ (3.10, seen here) delivers a
+	// mandatory message to it AND returns it as NO_ROUTE. A requester that
+	// left takes its reply channel with it; there is nothing to check.
+	mandatory := !strings.HasPrefix(to, directReplyTo)
 	s.pubMu.Lock()
-	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, true, false, p)
+	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, mandatory, false, p)
 	s.pubMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("publish to %q: %w", truncate(to), err)
