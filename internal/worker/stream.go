@@ -50,7 +50,10 @@ func (c *chunker) send() {
 		return
 	}
 	d := c.it.d
-	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), Attempt: d.Attempt, Restart: c.seq == 0 && d.Attempt > 1}
+	// A stream starts over (restart) on a redelivery, and when an overloaded
+	// batch is retried smaller after this request had already streamed.
+	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), Attempt: d.Attempt, Restart: c.seq == 0 && (d.Attempt > 1 || c.it.streamed.Load())}
+	c.it.streamed.Store(true)
 	c.buf.Reset()
 	c.seq++
 	c.last = c.w.now()

@@ -175,6 +175,7 @@ type item struct {
 	dec        *wire.Decoded
 	key        string // empty until the request has decoded
 	dispatched time.Time
+	streamed   atomic.Bool // a chunk of this request has gone out
 }
 
 type batchDone struct{}
