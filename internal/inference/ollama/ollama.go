@@ -2,11 +2,13 @@ package ollama
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/ollama/ollama/api"
@@ -24,9 +26,13 @@ type Config struct {
 	KeepAlive time.Duration
 }
 
-// Engine calls an Ollama server.
+// Engine calls an Ollama server: generation and chat over its NDJSON API
+// with the api package's request and response types, the rest through the
+// official client.
 type Engine struct {
 	client    *api.Client
+	http      *http.Client
+	base      string
 	keepAlive *api.Duration
 }
 
@@ -42,7 +48,7 @@ func New(cfg Config) (*Engine, error) {
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
 	}}
-	e := &Engine{client: api.NewClient(u, hc)}
+	e := &Engine{client: api.NewClient(u, hc), http: hc, base: strings.TrimSuffix(u.String(), "/")}
 	if cfg.KeepAlive > 0 {
 		e.keepAlive = &api.Duration{Duration: cfg.KeepAlive}
 	}
@@ -91,7 +97,11 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 		}
 		req := &api.ChatRequest{Model: r.Model, Messages: msgs, Format: r.Format, Options: r.Options, Stream: &stream, KeepAlive: e.keepAlive}
 		var text []byte
-		err = e.client.Chat(ctx, req, func(cr api.ChatResponse) error {
+		err = e.stream(ctx, "/api/chat", req, func(line []byte) error {
+			var cr api.ChatResponse
+			if err := json.Unmarshal(line, &cr); err != nil {
+				return inference.Classify(0, "", fmt.Errorf("ollama: decode a chat line: %w", err))
+			}
 			if stream && cr.Message.Content != "" {
 				r.Stream(cr.Message.Content)
 			}
@@ -107,7 +117,11 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 	default:
 		req := &api.GenerateRequest{Model: r.Model, Prompt: r.Prompt, System: r.System, Format: r.Format, Options: r.Options, Stream: &stream, KeepAlive: e.keepAlive}
 		var text []byte
-		err = e.client.Generate(ctx, req, func(gr api.GenerateResponse) error {
+		err = e.stream(ctx, "/api/generate", req, func(line []byte) error {
+			var gr api.GenerateResponse
+			if err := json.Unmarshal(line, &gr); err != nil {
+				return inference.Classify(0, "", fmt.Errorf("ollama: decode a generate line: %w", err))
+			}
 			if stream && gr.Response != "" {
 				r.Stream(gr.Response)
 			}
@@ -122,6 +136,10 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 		resp.Text = string(text)
 	}
 	if err != nil {
+		var ie *inference.Error
+		if errors.As(err, &ie) {
+			return inference.Response{}, ie
+		}
 		return inference.Response{}, classify(err)
 	}
 	if !done {
@@ -167,9 +185,9 @@ func (e *Engine) Ping(ctx context.Context) error {
 // not pay for it.
 func (e *Engine) Load(ctx context.Context, model string) error {
 	stream := false
-	err := e.client.Generate(ctx, &api.GenerateRequest{Model: model, Stream: &stream, KeepAlive: e.keepAlive}, func(api.GenerateResponse) error { return nil })
+	err := e.stream(ctx, "/api/generate", &api.GenerateRequest{Model: model, Stream: &stream, KeepAlive: e.keepAlive}, func([]byte) error { return nil })
 	if err != nil {
-		return fmt.Errorf("load model %q: %w", model, classify(err))
+		return fmt.Errorf("load model %q: %w", model, err)
 	}
 	return nil
 }
