@@ -35,6 +35,7 @@ test: ollama rabbitmq
 	$(GO) vet ./...
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
+	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq
 	$(GO) test -run='^$$' -bench=. -benchtime=3x ./...
 
 # The first run: RabbitMQ (started if down), the dev Ollama with a tiny
@@ -66,6 +67,7 @@ bench: ollama rabbitmq
 .PHONY: fuzz
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=3m ./internal/wire
+	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=3m ./internal/queue/rabbitmq
 
 .PHONY: clean
 clean:

@@ -40,6 +40,9 @@ type Config struct {
 	// hold one that long; 0 turns the check off (SOUS_AMQP_CONSUMER_TIMEOUT,
 	// default 30m).
 	AMQPConsumerTimeout time.Duration `env:"SOUS_AMQP_CONSUMER_TIMEOUT" envDefault:"30m"`
+	// AMQPHeartbeat is the AMQP heartbeat interval; a dead link is noticed
+	// after about three missed beats (SOUS_AMQP_HEARTBEAT, default 10s).
+	AMQPHeartbeat time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
 
 	// Service Bus
 	ServiceBusConnectionString     secret.Value  `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
@@ -190,6 +193,9 @@ func (c Config) validate() error {
 		}
 		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
 			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
+		}
+		if c.AMQPHeartbeat < time.Second {
+			return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
 		}
 		if c.AMQPConsumerTimeout < 0 {
 			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")

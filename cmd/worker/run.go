@@ -249,6 +249,7 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 			ExtraQueues:     []string{cfg.ResultsQueue},
 			DeliveryLimit:   cfg.MaxAttempts,
 			Prefetch:        prefetch,
+			Heartbeat:       cfg.AMQPHeartbeat,
 			ConnectionName:  "sous-worker " + cfg.WorkerID,
 			Consume:         true,
 			OnReconnect:     onReconnect,

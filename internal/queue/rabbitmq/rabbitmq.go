@@ -46,6 +46,9 @@ type Config struct {
 	// ReconnectMin and ReconnectMax bound the reconnect backoff
 	// (defaults 250ms and 15s).
 	ReconnectMin, ReconnectMax time.Duration
+	// Heartbeat is the AMQP heartbeat interval; a dead link is noticed after
+	// about three missed beats (default 10s).
+	Heartbeat time.Duration
 	// Consume can be false for a driver that only publishes (sousctl).
 	Consume bool
 	// OnReconnect, if set, is called after each reconnect that follows a
@@ -129,6 +132,9 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.Prefetch <= 0 {
 		cfg.Prefetch = 1
 	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = 10 * time.Second
+	}
 	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), prefetch: cfg.Prefetch, desired: cfg.Prefetch, done: make(chan struct{})}
 	s, err := d.connect(ctx)
 	if err != nil {
@@ -200,7 +206,7 @@ func (d *Driver) connect(ctx context.Context) (*session, error) {
 func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	dialer := amqp.DefaultDial(10 * time.Second)
 	conn, err := amqp.DialConfig(d.cfg.URL.Reveal(), amqp.Config{
-		Heartbeat:       10 * time.Second,
+		Heartbeat:       d.cfg.Heartbeat,
 		TLSClientConfig: d.cfg.TLS,
 		Properties:      amqp.Table{"connection_name": d.cfg.ConnectionName},
 		Dial:            dialer,
