@@ -238,3 +238,23 @@ func TestDirectReplyTo(t *testing.T) {
 		t.Fatal("no reply")
 	}
 }
+
+// TestPrefetchChangeKeepsWhatWasDelivered: a delivery the old consumer had
+// received is handed out after the consumer restarts for a new prefetch,
+// even when nothing else arrives.
+func TestPrefetchChangeKeepsWhatWasDelivered(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "only", Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // let the broker push it to the consumer
+	if err := d.SetPrefetch(ctx, 4); err != nil {
+		t.Fatal(err)
+	}
+	if got := receiveOne(t, ctx, d); got.ID != "only" {
+		t.Fatalf("got %q", got.ID)
+	}
+}

@@ -409,6 +409,12 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 			}
 			continue
 		}
+		d.mu.Lock()
+		moved := len(d.pending) > 0 // a consumer restart moved deliveries
+		d.mu.Unlock()
+		if moved {
+			continue
+		}
 		var first amqp.Delivery
 		var ok bool
 		select {
