@@ -13,8 +13,9 @@ import (
 	"github.com/sous-run/sous/internal/wire"
 )
 
-// runBatch runs one batch on the engine and settles every item.
-func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
+// runBatch runs one batch on the engine and settles every item. It calls
+// release once the engine has answered, before settling.
+func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item], release func()) {
 	settled := make([]atomic.Bool, len(bt.Items))
 	defer func() {
 		// A panic here (an observer, a stream callback) must not stop the
@@ -55,6 +56,7 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item]) {
 		live = append(live, it)
 	}
 	results := w.infer(ctx, live)
+	release()
 	elapsed := w.now().Sub(start)
 	w.cfg.Observer.BatchFinished(ctx, ev, elapsed)
 

@@ -376,8 +376,12 @@ func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
 			runners.Add(1)
 			go func() {
 				defer runners.Done()
-				defer func() { done <- batchDone{} }()
-				w.runBatch(workCtx, bt)
+				// The engine slot frees as soon as the engine answers: the
+				// next batch runs while this one's results are confirmed.
+				var once sync.Once
+				release := func() { once.Do(func() { done <- batchDone{} }) }
+				defer release()
+				w.runBatch(workCtx, bt, release)
 			}()
 		}
 		// With every slot busy, only a finished batch can change anything:
