@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -65,13 +66,15 @@ func BenchmarkRealOllama(b *testing.B) {
 		e.runPlain(eng, 1, b.N)
 		perSecond(b, start)
 	})
-	b.Run("design=sous", func(b *testing.B) {
-		e := setup(b)
-		e.model = model
-		e.fillWith(b.N, request)
-		start := time.Now()
-		b.ResetTimer()
-		e.runSous(eng, parallel, 1, b.N)
-		perSecond(b, start)
-	})
+	for _, conc := range []int{1, 2} {
+		b.Run(fmt.Sprintf("design=sous/concurrency=%d", conc), func(b *testing.B) {
+			e := setup(b)
+			e.model = model
+			e.fillWith(b.N, request)
+			start := time.Now()
+			b.ResetTimer()
+			e.runSous(eng, parallel, conc, b.N)
+			perSecond(b, start)
+		})
+	}
 }
