@@ -62,7 +62,7 @@ bench: ollama rabbitmq
 	$(BENCH) -bench='Batching/design=one' -benchtime=60x ./integration/bench
 	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
 	$(BENCH) -bench='RealOllama' -benchtime=400x ./integration/bench
-	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry
+	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
 .PHONY: fuzz
 fuzz:
