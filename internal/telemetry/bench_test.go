@@ -12,6 +12,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
+	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/telemetry"
@@ -80,7 +81,7 @@ func BenchmarkWorker(b *testing.B) {
 	for _, o := range observers(b) {
 		b.Run(o.name, func(b *testing.B) {
 			b.ReportAllocs()
-			br := newBroker()
+			br := queuetest.NewMemBroker()
 			w := worker.New(worker.Config{
 				ResultsQueue: "results",
 				Limits:       wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny"}},
@@ -92,15 +93,15 @@ func BenchmarkWorker(b *testing.B) {
 			go func() { done <- w.Run(ctx) }()
 			n := 0
 			for b.Loop() {
-				br.send(strconv.Itoa(n), `{"prompt":"hello"}`, withHeader("traceparent", traceparent))
+				br.Send(strconv.Itoa(n), `{"prompt":"hello"}`, withHeader("traceparent", traceparent))
 				n++
 				if n%512 == 0 { // keep the fake queue from filling up
-					for br.settledCount() < n-256 {
+					for br.SettledCount() < n-256 {
 						time.Sleep(50 * time.Microsecond)
 					}
 				}
 			}
-			for br.settledCount() < n {
+			for br.SettledCount() < n {
 				time.Sleep(50 * time.Microsecond)
 			}
 			b.StopTimer()

@@ -15,106 +15,11 @@ import (
 
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/telemetry"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
 )
-
-// fakeBroker is an in-memory worker.Broker.
-type fakeBroker struct {
-	queue     chan *queue.Delivery
-	mu        sync.Mutex
-	published []queue.Message
-	settled   map[string]queue.Settlement
-	stopped   bool
-}
-
-func newBroker() *fakeBroker {
-	return &fakeBroker{queue: make(chan *queue.Delivery, 1024), settled: map[string]queue.Settlement{}}
-}
-
-func (b *fakeBroker) send(id, body string, opts ...func(*queue.Delivery)) {
-	now := time.Now()
-	d := &queue.Delivery{ID: id, Body: []byte(body), ContentType: "application/json", Attempt: 1, ReceivedAt: now, EnqueuedAt: now.Add(-50 * time.Millisecond)}
-	for _, o := range opts {
-		o(d)
-	}
-	b.queue <- d
-}
-
-func (b *fakeBroker) Receive(ctx context.Context, max int) ([]*queue.Delivery, error) {
-	b.mu.Lock()
-	stopped := b.stopped
-	b.mu.Unlock()
-	if stopped {
-		return nil, queue.ErrClosed
-	}
-	var out []*queue.Delivery
-	select {
-	case d := <-b.queue:
-		out = append(out, d)
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	for len(out) < max {
-		select {
-		case d := <-b.queue:
-			out = append(out, d)
-		default:
-			return out, nil
-		}
-	}
-	return out, nil
-}
-
-func (b *fakeBroker) Publish(_ context.Context, m queue.Message) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.published = append(b.published, m)
-	return nil
-}
-
-func (b *fakeBroker) Settle(_ context.Context, d *queue.Delivery, s queue.Settlement) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if _, dup := b.settled[d.ID]; dup {
-		return fmt.Errorf("delivery %s settled twice", d.ID)
-	}
-	b.settled[d.ID] = s
-	return nil
-}
-
-func (b *fakeBroker) StopReceiving(context.Context) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.stopped = true
-	return nil
-}
-
-func (b *fakeBroker) settlement(id string) (queue.Settlement, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	s, ok := b.settled[id]
-	return s, ok
-}
-
-func (b *fakeBroker) settledCount() int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return len(b.settled)
-}
-
-// result returns the final result published for correlation id corr.
-func (b *fakeBroker) result(corr string) (queue.Message, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, m := range b.published {
-		if m.CorrelationID == corr && m.Headers["x-sous-status"] != "chunk" {
-			return m, true
-		}
-	}
-	return queue.Message{}, false
-}
 
 // fakeEngine answers every request, optionally after release is closed.
 type fakeEngine struct {
@@ -152,7 +57,7 @@ func (s fixedSizer) Succeeded(int)  {}
 
 // harness runs a worker with an Observer that records into memory.
 type harness struct {
-	b      *fakeBroker
+	b      *queuetest.MemBroker
 	spans  *tracetest.SpanRecorder
 	reader *sdkmetric.ManualReader
 	obs    *telemetry.Observer
@@ -173,7 +78,7 @@ type options struct {
 
 func setup(t *testing.T, o options) *harness {
 	t.Helper()
-	h := &harness{b: newBroker(), spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader(), logs: &syncBuffer{}}
+	h := &harness{b: queuetest.NewMemBroker(), spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader(), logs: &syncBuffer{}}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(h.spans))
 	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(h.reader))
 	t.Cleanup(func() {

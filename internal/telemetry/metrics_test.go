@@ -91,8 +91,8 @@ func TestMetricsMoveAsBatchRuns(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{release: make(chan struct{}), calls: make(chan int, 8)}
 	h := setup(t, options{engine: e, batchSize: 2, batchWait: time.Hour, startLater: true})
-	h.b.send("a", `{"prompt":"x"}`)
-	h.b.send("b", `{"prompt":"y"}`, withAttempt(2))
+	h.b.Send("a", `{"prompt":"x"}`)
+	h.b.Send("b", `{"prompt":"y"}`, withAttempt(2))
 	h.start()
 	<-e.calls // the batch of two is at the engine
 
@@ -117,7 +117,7 @@ func TestMetricsMoveAsBatchRuns(t *testing.T) {
 	}
 
 	close(e.release)
-	waitFor(t, "two settlements", func() bool { return h.b.settledCount() == 2 })
+	waitFor(t, "two settlements", func() bool { return h.b.SettledCount() == 2 })
 	waitFor(t, "in flight back to 0", func() bool { return collect(t, h.reader).sum(telemetry.MetricInFlight) == 0 })
 	m = collect(t, h.reader)
 	tiny := attribute.String("gen_ai.request.model", "tiny")
@@ -149,9 +149,9 @@ func TestFailureMetrics(t *testing.T) {
 	down := &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("connection refused")}
 	e := &fakeEngine{answer: func([]inference.Request) ([]inference.Result, error) { return nil, down }}
 	h := setup(t, options{engine: e})
-	h.b.send("bad", `nope`, withReplyTo("replies"))
-	h.b.send("down", `{"prompt":"x"}`, withAttempt(3))
-	waitFor(t, "two settlements", func() bool { return h.b.settledCount() == 2 })
+	h.b.Send("bad", `nope`, withReplyTo("replies"))
+	h.b.Send("down", `{"prompt":"x"}`, withAttempt(3))
+	waitFor(t, "two settlements", func() bool { return h.b.SettledCount() == 2 })
 	waitFor(t, "in flight back to 0", func() bool { return collect(t, h.reader).sum(telemetry.MetricInFlight) == 0 })
 	m := collect(t, h.reader)
 	for _, reason := range []string{"invalid_json", "max_attempts"} {

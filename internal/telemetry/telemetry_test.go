@@ -55,7 +55,7 @@ func wantAttrs(t *testing.T, s sdktrace.ReadOnlySpan, want map[string]any) {
 func TestMessageContinuesProducerTrace(t *testing.T) {
 	t.Parallel()
 	h := setup(t, options{})
-	h.b.send("m1", `{"prompt":"hello"}`, withHeader("traceparent", traceparent), withHeader("tracestate", "vendor=x"), withReplyTo("amq.rabbitmq.reply-to.g1h2AA"), func(d *queue.Delivery) { d.CorrelationID = "c1" })
+	h.b.Send("m1", `{"prompt":"hello"}`, withHeader("traceparent", traceparent), withHeader("tracestate", "vendor=x"), withReplyTo("amq.rabbitmq.reply-to.g1h2AA"), func(d *queue.Delivery) { d.CorrelationID = "c1" })
 	h.waitSpans(t, "process requests", 1)
 
 	names := map[string]sdktrace.ReadOnlySpan{}
@@ -136,7 +136,7 @@ func TestMessageContinuesProducerTrace(t *testing.T) {
 
 	// The result carries the publish span's context: the producer's
 	// consumer continues the same trace.
-	res, ok := h.b.result("c1")
+	res, ok := h.b.Result("c1")
 	if !ok {
 		t.Fatal("no result published")
 	}
@@ -159,7 +159,7 @@ func TestBatchLinksEveryMessage(t *testing.T) {
 	h := setup(t, options{batchSize: 3, batchWait: time.Hour, startLater: true})
 	traces := []string{"11111111111111111111111111111111", "22222222222222222222222222222222", "33333333333333333333333333333333"}
 	for i, tr := range traces {
-		h.b.send(string(rune('a'+i)), `{"prompt":"x"}`, withHeader("traceparent", "00-"+tr+"-"+producerSpan+"-01"))
+		h.b.Send(string(rune('a'+i)), `{"prompt":"x"}`, withHeader("traceparent", "00-"+tr+"-"+producerSpan+"-01"))
 	}
 	h.start()
 	h.waitSpans(t, "process requests", 3)
@@ -208,7 +208,7 @@ func TestErrorsRecordedWithClass(t *testing.T) {
 			t.Parallel()
 			e := &fakeEngine{answer: func(reqs []inference.Request) ([]inference.Result, error) { return nil, tc.engineErr }}
 			h := setup(t, options{engine: e})
-			h.b.send("m", tc.body, withAttempt(max(1, tc.attempt)))
+			h.b.Send("m", tc.body, withAttempt(max(1, tc.attempt)))
 			h.waitSpans(t, "process requests", 1)
 			p := h.ended("process requests")[0]
 			if p.Status().Code != codes.Error || !strings.HasPrefix(p.Status().Description, tc.errorType) {
@@ -232,12 +232,12 @@ func TestErrorsRecordedWithClass(t *testing.T) {
 func TestWithoutTracingContextStillFlows(t *testing.T) {
 	t.Parallel()
 	h := setup(t, options{noTracing: true})
-	h.b.send("m1", `{"prompt":"hello"}`, withHeader("traceparent", traceparent))
-	waitFor(t, "settlement", func() bool { _, ok := h.b.settlement("m1"); return ok })
+	h.b.Send("m1", `{"prompt":"hello"}`, withHeader("traceparent", traceparent))
+	waitFor(t, "settlement", func() bool { _, ok := h.b.Settlement("m1"); return ok })
 	if n := len(h.spans.Ended()) + len(h.spans.Started()); n != 0 {
 		t.Errorf("%d spans recorded without a tracer", n)
 	}
-	res, _ := h.b.result("m1")
+	res, _ := h.b.Result("m1")
 	if res.Headers["traceparent"] != traceparent {
 		t.Errorf("result traceparent %q, want the request's %q", res.Headers["traceparent"], traceparent)
 	}
@@ -248,13 +248,13 @@ func TestWithoutTracingContextStillFlows(t *testing.T) {
 func TestMessageWithoutTraceContext(t *testing.T) {
 	t.Parallel()
 	h := setup(t, options{})
-	h.b.send("m1", `{"prompt":"hello"}`)
+	h.b.Send("m1", `{"prompt":"hello"}`)
 	h.waitSpans(t, "process requests", 1)
 	p := h.ended("process requests")[0]
 	if p.Parent().IsValid() {
 		t.Errorf("process span has parent %v, want a root", p.Parent())
 	}
-	res, _ := h.b.result("m1")
+	res, _ := h.b.Result("m1")
 	sc := trace.SpanContextFromContext(propagation.TraceContext{}.Extract(context.Background(), propagation.MapCarrier(res.Headers)))
 	if sc.TraceID() != p.SpanContext().TraceID() {
 		t.Errorf("result trace %v, want the message's %v", sc.TraceID(), p.SpanContext().TraceID())
@@ -273,12 +273,10 @@ func TestStreamChunksCarryTraceContext(t *testing.T) {
 		return out, nil
 	}}
 	h := setup(t, options{engine: e})
-	h.b.send("s", `{"prompt":"x","stream":true}`, withHeader("traceparent", traceparent))
+	h.b.Send("s", `{"prompt":"x","stream":true}`, withHeader("traceparent", traceparent))
 	h.waitSpans(t, "process requests", 1)
-	h.b.mu.Lock()
-	defer h.b.mu.Unlock()
 	chunks := 0
-	for _, m := range h.b.published {
+	for _, m := range h.b.Published() {
 		if m.Headers["x-sous-status"] != "chunk" {
 			continue
 		}

@@ -3,7 +3,6 @@ package worker_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"sync"
@@ -11,108 +10,16 @@ import (
 	"time"
 
 	"github.com/sous-run/sous/internal/inference"
-	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
 )
 
-// fakeBroker is an in-memory Broker that records the order of events.
-type fakeBroker struct {
-	mu        sync.Mutex
-	queue     chan *queue.Delivery
-	events    []string // "publish:<to>:<corr>", "ack:<id>", "requeue:<id>:<reason>", "dead:<id>:<reason>"
-	published []queue.Message
-	settled   map[string]queue.Settlement
-	failPub   func(m queue.Message) error
-	stopped   bool
-	changed   chan struct{}
-}
-
-func newBroker() *fakeBroker {
-	return &fakeBroker{queue: make(chan *queue.Delivery, 1000), settled: map[string]queue.Settlement{}, changed: make(chan struct{}, 1)}
-}
-
-func (b *fakeBroker) send(id, body string, opts ...func(*queue.Delivery)) {
-	d := &queue.Delivery{ID: id, Body: []byte(body), Attempt: 1, ReceivedAt: time.Now(), EnqueuedAt: time.Now().Add(-time.Millisecond)}
-	for _, o := range opts {
-		o(d)
-	}
-	b.queue <- d
-}
-
-func (b *fakeBroker) Receive(ctx context.Context, max int) ([]*queue.Delivery, error) {
-	b.mu.Lock()
-	stopped := b.stopped
-	b.mu.Unlock()
-	if stopped {
-		return nil, queue.ErrClosed
-	}
-	var out []*queue.Delivery
-	select {
-	case d := <-b.queue:
-		out = append(out, d)
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-	for len(out) < max {
-		select {
-		case d := <-b.queue:
-			out = append(out, d)
-		default:
-			return out, nil
-		}
-	}
-	return out, nil
-}
-
-func (b *fakeBroker) Publish(_ context.Context, m queue.Message) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.failPub != nil {
-		if err := b.failPub(m); err != nil {
-			return err
-		}
-	}
-	b.published = append(b.published, m)
-	b.events = append(b.events, "publish:"+m.To+":"+m.CorrelationID)
-	return nil
-}
-
-func (b *fakeBroker) Settle(_ context.Context, d *queue.Delivery, s queue.Settlement) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if _, dup := b.settled[d.ID]; dup {
-		return fmt.Errorf("delivery %s settled twice", d.ID)
-	}
-	b.settled[d.ID] = s
-	b.events = append(b.events, fmt.Sprintf("%s:%s:%s", s.Action, d.ID, s.Reason))
-	select {
-	case b.changed <- struct{}{}:
-	default:
-	}
-	return nil
-}
-
-func (b *fakeBroker) StopReceiving(context.Context) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.stopped = true
-	return nil
-}
-
-func (b *fakeBroker) settlement(id string) (queue.Settlement, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	s, ok := b.settled[id]
-	return s, ok
-}
-
-func (b *fakeBroker) results(t *testing.T) map[string]wire.Result {
+// results decodes the final results b published, keyed by correlation id.
+func results(t *testing.T, b *queuetest.MemBroker) map[string]wire.Result {
 	t.Helper()
-	b.mu.Lock()
-	defer b.mu.Unlock()
 	out := map[string]wire.Result{}
-	for _, m := range b.published {
+	for _, m := range b.Published() {
 		if m.Headers["x-sous-status"] == "chunk" {
 			continue
 		}
@@ -123,26 +30,6 @@ func (b *fakeBroker) results(t *testing.T) map[string]wire.Result {
 		out[m.CorrelationID] = r
 	}
 	return out
-}
-
-// waitSettled waits until n deliveries are settled.
-func (b *fakeBroker) waitSettled(t *testing.T, n int) {
-	t.Helper()
-	deadline := time.After(5 * time.Second)
-	for {
-		b.mu.Lock()
-		got := len(b.settled)
-		b.mu.Unlock()
-		if got >= n {
-			return
-		}
-		select {
-		case <-b.changed:
-		case <-time.After(10 * time.Millisecond):
-		case <-deadline:
-			t.Fatalf("only %d of %d deliveries settled", got, n)
-		}
-	}
 }
 
 // fakeEngine answers with a function of the request.
@@ -206,7 +93,7 @@ func (s *fixedSizer) Overloaded(int) {
 func (s *fixedSizer) Succeeded(int) { s.mu.Lock(); defer s.mu.Unlock(); s.successes++ }
 
 type harness struct {
-	b      *fakeBroker
+	b      *queuetest.MemBroker
 	e      *fakeEngine
 	s      *fixedSizer
 	w      *worker.Worker
@@ -231,7 +118,7 @@ func setupEngine(t *testing.T, cfg worker.Config, eng worker.Engine, fe *fakeEng
 	if cfg.RetryBackoff == 0 {
 		cfg.RetryBackoff = time.Millisecond
 	}
-	h := &harness{b: newBroker(), e: e, s: &fixedSizer{size: 4}, done: make(chan error, 1)}
+	h := &harness{b: queuetest.NewMemBroker(), e: e, s: &fixedSizer{size: 4}, done: make(chan error, 1)}
 	h.w = worker.New(cfg, h.b, eng, h.s, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel

@@ -125,9 +125,9 @@ func TestObserverSeesEachDeliveryThrough(t *testing.T) {
 	t.Parallel()
 	rec := &recorder{outcomes: map[string]worker.Outcome{}}
 	h := setup(t, worker.Config{Observer: rec}, &fakeEngine{})
-	h.b.send("ok", `{"prompt":"x"}`)
-	h.b.send("bad", `nope`, replyTo("replies"))
-	h.b.waitSettled(t, 2)
+	h.b.Send("ok", `{"prompt":"x"}`)
+	h.b.Send("bad", `nope`, replyTo("replies"))
+	h.b.WaitSettled(t, 2)
 	waitFor(t, func() bool { _, _, o, _ := rec.snapshot(); return len(o) == 2 })
 	events, problems, outcomes, health := rec.snapshot()
 	for _, p := range problems {
@@ -158,13 +158,11 @@ func TestObserverSeesEachDeliveryThrough(t *testing.T) {
 	if len(health) == 0 || health[len(health)-1] != nil {
 		t.Errorf("engine health %v, want a nil verdict after a good call", health)
 	}
-	h.b.mu.Lock()
-	for _, m := range h.b.published {
+	for _, m := range h.b.Published() {
 		if m.Headers["traceparent"] != "from-observer" {
 			t.Errorf("headers the Observer set did not reach the broker: %v", m.Headers)
 		}
 	}
-	h.b.mu.Unlock()
 	if h.w.InFlight() != 0 {
 		t.Errorf("in flight %d", h.w.InFlight())
 	}
@@ -175,8 +173,8 @@ func TestObserverOnEngineFailure(t *testing.T) {
 	down := &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("connection refused")}
 	rec := &recorder{outcomes: map[string]worker.Outcome{}}
 	h := setup(t, worker.Config{Observer: rec}, &fakeEngine{answer: func([]inference.Request) ([]inference.Result, error) { return nil, down }})
-	h.b.send("m", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 1)
+	h.b.Send("m", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 1)
 	waitFor(t, func() bool { _, _, o, _ := rec.snapshot(); return len(o) == 1 })
 	_, problems, outcomes, health := rec.snapshot()
 	for _, p := range problems {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
 )
@@ -28,21 +29,22 @@ func attempt(n int) func(*queue.Delivery)     { return func(d *queue.Delivery) {
 func TestResultPublishedBeforeAck(t *testing.T) {
 	t.Parallel()
 	h := setup(t, worker.Config{}, &fakeEngine{})
-	h.b.send("m1", `{"prompt":"hello"}`, replyTo("amq.rabbitmq.reply-to.abc"))
-	h.b.send("m2", `{"messages":[{"role":"user","content":"hi"}]}`)
-	h.b.waitSettled(t, 2)
+	h.b.Send("m1", `{"prompt":"hello"}`, replyTo("amq.rabbitmq.reply-to.abc"))
+	h.b.Send("m2", `{"messages":[{"role":"user","content":"hi"}]}`)
+	h.b.WaitSettled(t, 2)
 	h.stop(t)
+	events := h.b.Events()
 	for _, id := range []string{"m1", "m2"} {
-		pub := slices.IndexFunc(h.b.events, func(e string) bool { return strings.HasPrefix(e, "publish:") && strings.HasSuffix(e, ":"+id) })
-		ack := slices.Index(h.b.events, "ack:"+id+":")
+		pub := slices.IndexFunc(events, func(e string) bool { return strings.HasPrefix(e, "publish:") && strings.HasSuffix(e, ":"+id) })
+		ack := slices.Index(events, "ack:"+id+":")
 		if pub < 0 || ack < 0 || pub > ack {
-			t.Fatalf("%s: want publish before ack, events %v", id, h.b.events)
+			t.Fatalf("%s: want publish before ack, events %v", id, events)
 		}
 	}
-	if !slices.Contains(h.b.events, "publish:amq.rabbitmq.reply-to.abc:m1") || !slices.Contains(h.b.events, "publish:results:m2") {
-		t.Fatalf("results not routed to reply_to / results queue: %v", h.b.events)
+	if !slices.Contains(events, "publish:amq.rabbitmq.reply-to.abc:m1") || !slices.Contains(events, "publish:results:m2") {
+		t.Fatalf("results not routed to reply_to / results queue: %v", events)
 	}
-	res := h.b.results(t)
+	res := results(t, h.b)
 	if r := res["m1"]; r.Status != wire.StatusOK || r.Response == nil || *r.Response != "echo: hello" || r.ID != "m1" || r.Worker != "w-test" || r.Batch == nil || r.Usage.OutputTokens != 2 {
 		t.Fatalf("prompt result: %+v", r)
 	}
@@ -63,20 +65,20 @@ func TestBadInputDeadLettersWithoutHurtingBatchMates(t *testing.T) {
 		"expired":  `{"prompt":"x","deadline":"2001-01-01T00:00:00Z"}`,
 	}
 	for id, body := range bad {
-		h.b.send(id, body, replyTo("replies"))
+		h.b.Send(id, body, replyTo("replies"))
 	}
-	h.b.send("good", `{"prompt":"fine"}`)
-	h.b.waitSettled(t, len(bad)+1)
+	h.b.Send("good", `{"prompt":"fine"}`)
+	h.b.WaitSettled(t, len(bad)+1)
 	for id := range bad {
-		s, _ := h.b.settlement(id)
+		s, _ := h.b.Settlement(id)
 		if s.Action != queue.DeadLetter || s.Reason == "" || s.Description == "" {
 			t.Errorf("%s: settlement %+v, want dead-letter with a reason", id, s)
 		}
 	}
-	if s, _ := h.b.settlement("good"); s.Action != queue.Ack {
+	if s, _ := h.b.Settlement("good"); s.Action != queue.Ack {
 		t.Errorf("good message: %+v", s)
 	}
-	res := h.b.results(t)
+	res := results(t, h.b)
 	if r := res["badopt"]; r.Status != wire.StatusError || r.Error == nil || r.Error.Code != wire.ReasonInvalidOption {
 		t.Errorf("error result for bad option: %+v", r)
 	}
@@ -90,19 +92,19 @@ func TestRetryableThenMaxAttempts(t *testing.T) {
 	down := &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("connection refused")}
 	e := &fakeEngine{answer: func([]inference.Request) ([]inference.Result, error) { return nil, down }}
 	h := setup(t, worker.Config{MaxAttempts: 3}, e)
-	h.b.send("early", `{"prompt":"x"}`, attempt(2))
-	h.b.send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
-	h.b.waitSettled(t, 2)
-	if s, _ := h.b.settlement("early"); s.Action != queue.Requeue || s.Reason != "engine_unavailable" {
+	h.b.Send("early", `{"prompt":"x"}`, attempt(2))
+	h.b.Send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
+	h.b.WaitSettled(t, 2)
+	if s, _ := h.b.Settlement("early"); s.Action != queue.Requeue || s.Reason != "engine_unavailable" {
 		t.Errorf("attempt 2 of 3: %+v, want requeue", s)
 	}
-	if s, _ := h.b.settlement("last"); s.Action != queue.DeadLetter || s.Reason != "max_attempts" || !strings.Contains(s.Description, "engine_unavailable") {
+	if s, _ := h.b.Settlement("last"); s.Action != queue.DeadLetter || s.Reason != "max_attempts" || !strings.Contains(s.Description, "engine_unavailable") {
 		t.Errorf("attempt 3 of 3: %+v, want dead-letter max_attempts", s)
 	}
-	if r := h.b.results(t)["last"]; r.Error == nil || r.Error.Code != "max_attempts" {
+	if r := results(t, h.b)["last"]; r.Error == nil || r.Error.Code != "max_attempts" {
 		t.Errorf("no error result after the last attempt: %+v", r)
 	}
-	if _, ok := h.b.results(t)["early"]; ok {
+	if _, ok := results(t, h.b)["early"]; ok {
 		t.Error("a requeued request got a result")
 	}
 }
@@ -117,9 +119,9 @@ func TestPermanentEngineError(t *testing.T) {
 		return out, nil
 	}}
 	h := setup(t, worker.Config{}, e)
-	h.b.send("m", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 1)
-	if s, _ := h.b.settlement("m"); s.Action != queue.DeadLetter || s.Reason != "model_not_found" {
+	h.b.Send("m", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 1)
+	if s, _ := h.b.Settlement("m"); s.Action != queue.DeadLetter || s.Reason != "model_not_found" {
 		t.Fatalf("%+v", s)
 	}
 }
@@ -127,12 +129,10 @@ func TestPermanentEngineError(t *testing.T) {
 func TestPublishFailureRequeuesNeverAcks(t *testing.T) {
 	t.Parallel()
 	h := setup(t, worker.Config{}, &fakeEngine{})
-	h.b.mu.Lock()
-	h.b.failPub = func(queue.Message) error { return errors.New("broker nacked") }
-	h.b.mu.Unlock()
-	h.b.send("m", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 1)
-	if s, _ := h.b.settlement("m"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
+	h.b.SetPublishHook(func(queue.Message) error { return errors.New("broker nacked") })
+	h.b.Send("m", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 1)
+	if s, _ := h.b.Settlement("m"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
 		t.Fatalf("%+v, want requeue", s)
 	}
 }
@@ -164,16 +164,16 @@ func TestOverloadSplitsInHalves(t *testing.T) {
 	}
 	h := setup(t, worker.Config{}, e)
 	h.s.set(4)
-	h.b.send("hold", `{"prompt":"x"}`)
+	h.b.Send("hold", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return len(e.sizes()) == 1 }) // the rest must batch behind it
 	for _, id := range []string{"a", "b", "c", "d"} {
-		h.b.send(id, `{"prompt":"x"}`)
+		h.b.Send(id, `{"prompt":"x"}`)
 	}
 	waitFor(t, func() bool { return h.w.InFlight() == 5 })
 	close(block)
-	h.b.waitSettled(t, 5)
+	h.b.WaitSettled(t, 5)
 	for _, id := range []string{"hold", "a", "b", "c", "d"} {
-		if s, _ := h.b.settlement(id); s.Action != queue.Ack {
+		if s, _ := h.b.Settlement(id); s.Action != queue.Ack {
 			t.Errorf("%s: %+v, want ack after the split", id, s)
 		}
 	}
@@ -190,15 +190,15 @@ func TestBatchesFormWhileEngineBusy(t *testing.T) {
 	e := &fakeEngine{block: make(chan struct{})}
 	h := setup(t, worker.Config{BatchWait: time.Hour}, e)
 	h.s.set(8)
-	h.b.send("first", `{"prompt":"x"}`) // engine idle: goes at once, alone
+	h.b.Send("first", `{"prompt":"x"}`) // engine idle: goes at once, alone
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
 	for i := range 5 {
-		h.b.send(string(rune('a'+i)), `{"prompt":"x"}`)
+		h.b.Send(string(rune('a'+i)), `{"prompt":"x"}`)
 	}
-	h.b.send("other-model", `{"prompt":"x","model":"other"}`)
+	h.b.Send("other-model", `{"prompt":"x","model":"other"}`)
 	waitFor(t, func() bool { return h.w.InFlight() == 7 })
 	close(e.block)
-	h.b.waitSettled(t, 7)
+	h.b.WaitSettled(t, 7)
 	got := e.sizes()
 	slices.Sort(got[1:])
 	if !slices.Equal(got, []int{1, 1, 5}) {
@@ -211,18 +211,18 @@ func TestShutdownRequeuesWaitingAndFinishesRunning(t *testing.T) {
 	e := &fakeEngine{block: make(chan struct{})}
 	h := setup(t, worker.Config{BatchWait: time.Hour, DrainTimeout: 5 * time.Second}, e)
 	h.s.set(8)
-	h.b.send("running", `{"prompt":"x"}`)
+	h.b.Send("running", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
-	h.b.send("waiting", `{"prompt":"x"}`)
+	h.b.Send("waiting", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return h.w.InFlight() == 2 })
 	h.cancel()
-	waitFor(t, func() bool { _, ok := h.b.settlement("waiting"); return ok })
-	if s, _ := h.b.settlement("waiting"); s.Action != queue.Requeue || s.Reason != "shutdown" {
+	waitFor(t, func() bool { _, ok := h.b.Settlement("waiting"); return ok })
+	if s, _ := h.b.Settlement("waiting"); s.Action != queue.Requeue || s.Reason != "shutdown" {
 		t.Fatalf("waiting item: %+v, want requeue", s)
 	}
 	close(e.block) // the running batch finishes within the drain budget
 	h.stop(t)
-	if s, _ := h.b.settlement("running"); s.Action != queue.Ack {
+	if s, _ := h.b.Settlement("running"); s.Action != queue.Ack {
 		t.Fatalf("running item: %+v, want ack", s)
 	}
 }
@@ -231,10 +231,10 @@ func TestDrainTimeoutRequeuesRunning(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{block: make(chan struct{})} // never released
 	h := setup(t, worker.Config{DrainTimeout: 100 * time.Millisecond}, e)
-	h.b.send("stuck", `{"prompt":"x"}`)
+	h.b.Send("stuck", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
 	h.stop(t)
-	if s, _ := h.b.settlement("stuck"); s.Action != queue.Requeue {
+	if s, _ := h.b.Settlement("stuck"); s.Action != queue.Requeue {
 		t.Fatalf("stuck item: %+v, want requeue after the drain timeout", s)
 	}
 }
@@ -251,14 +251,14 @@ func TestEnginePanicDoesNotStopWorker(t *testing.T) {
 		return []inference.Result{{Response: inference.Response{Text: "fine"}}}, nil
 	}
 	h := setup(t, worker.Config{}, e)
-	h.b.send("boom", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 1)
-	h.b.send("next", `{"prompt":"y"}`)
-	h.b.waitSettled(t, 2)
-	if s, _ := h.b.settlement("boom"); s.Action != queue.Requeue {
+	h.b.Send("boom", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 1)
+	h.b.Send("next", `{"prompt":"y"}`)
+	h.b.WaitSettled(t, 2)
+	if s, _ := h.b.Settlement("boom"); s.Action != queue.Requeue {
 		t.Errorf("panicking batch: %+v, want requeue", s)
 	}
-	if s, _ := h.b.settlement("next"); s.Action != queue.Ack {
+	if s, _ := h.b.Settlement("next"); s.Action != queue.Ack {
 		t.Errorf("next: %+v, want ack", s)
 	}
 }
@@ -266,13 +266,12 @@ func TestEnginePanicDoesNotStopWorker(t *testing.T) {
 func TestStreamingChunksThenResult(t *testing.T) {
 	t.Parallel()
 	h := setup(t, worker.Config{StreamBytes: 1}, &fakeEngine{})
-	h.b.send("s", `{"prompt":"abc","stream":true}`, replyTo("replies"), attempt(2))
-	h.b.waitSettled(t, 1)
-	h.b.mu.Lock()
-	defer h.b.mu.Unlock()
+	h.b.Send("s", `{"prompt":"abc","stream":true}`, replyTo("replies"), attempt(2))
+	h.b.WaitSettled(t, 1)
+	published := h.b.Published()
 	var text strings.Builder
 	var chunks []wire.Chunk
-	for _, m := range h.b.published[:len(h.b.published)-1] {
+	for _, m := range published[:len(published)-1] {
 		var c wire.Chunk
 		if err := jsonUnmarshal(m.Body, &c); err != nil || m.CorrelationID != "s" {
 			t.Fatalf("bad chunk %s: %v", m.Body, err)
@@ -284,7 +283,7 @@ func TestStreamingChunksThenResult(t *testing.T) {
 		t.Fatalf("chunks %+v", chunks)
 	}
 	var final wire.Result
-	_ = jsonUnmarshal(h.b.published[len(h.b.published)-1].Body, &final)
+	_ = jsonUnmarshal(published[len(published)-1].Body, &final)
 	if final.Done == nil || !*final.Done || *final.Response != "echo: abc" {
 		t.Fatalf("final %+v", final)
 	}
@@ -331,12 +330,12 @@ func TestWorkWaitsForASupervisedEngineToRestart(t *testing.T) {
 		return []inference.Result{{Response: inference.Response{Text: "back"}}}, nil
 	}
 	h := setupEngine(t, worker.Config{RestartGrace: time.Minute, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond}, e, &e.fakeEngine)
-	h.b.send("first", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 1)
-	if s, _ := h.b.settlement("first"); s.Action != queue.Requeue {
+	h.b.Send("first", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 1)
+	if s, _ := h.b.Settlement("first"); s.Action != queue.Requeue {
 		t.Fatalf("first: %+v, want requeue", s)
 	}
-	h.b.send("second", `{"prompt":"x"}`)
+	h.b.Send("second", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return h.w.InFlight() == 1 })
 	// The engine is down: the request waits instead of spending an attempt.
 	deadline := time.Now().Add(100 * time.Millisecond)
@@ -347,32 +346,32 @@ func TestWorkWaitsForASupervisedEngineToRestart(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	e.setReady(true)
-	h.b.waitSettled(t, 2)
-	if s, _ := h.b.settlement("second"); s.Action != queue.Ack {
+	h.b.WaitSettled(t, 2)
+	if s, _ := h.b.Settlement("second"); s.Action != queue.Ack {
 		t.Fatalf("second: %+v, want ack once the engine is back", s)
 	}
 }
 
 // staleBroker reports every delivery's lock as lost.
-type staleBroker struct{ *fakeBroker }
+type staleBroker struct{ *queuetest.MemBroker }
 
 func (staleBroker) Stale(*queue.Delivery) bool { return true }
 
 func TestLostLockIsNotAnswered(t *testing.T) {
 	t.Parallel()
-	b := newBroker()
+	b := queuetest.NewMemBroker()
 	w := worker.New(worker.Config{ResultsQueue: "results", Limits: wire.Limits{MaxBodyBytes: 1024, DefaultModel: "tiny"}}, staleBroker{b}, &fakeEngine{}, &fixedSizer{size: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
-	b.send("m", `{"prompt":"x"}`)
-	b.waitSettled(t, 1)
+	b.Send("m", `{"prompt":"x"}`)
+	b.WaitSettled(t, 1)
 	cancel()
 	<-done
-	if s, _ := b.settlement("m"); s.Action != queue.Requeue || s.Reason != "lock_lost" {
+	if s, _ := b.Settlement("m"); s.Action != queue.Requeue || s.Reason != "lock_lost" {
 		t.Fatalf("%+v", s)
 	}
-	if len(b.results(t)) != 0 {
+	if len(results(t, b)) != 0 {
 		t.Fatal("a result was published for a delivery whose lock was lost")
 	}
 }
@@ -394,21 +393,21 @@ func TestPermanentBatchErrorFindsTheCulprit(t *testing.T) {
 	}
 	h := setup(t, worker.Config{BatchWait: time.Hour}, e)
 	h.s.set(8)
-	h.b.send("first", `{"prompt":"x"}`)
+	h.b.Send("first", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
 	for _, id := range []string{"a", "b", "c"} {
-		h.b.send(id, `{"prompt":"fine"}`)
+		h.b.Send(id, `{"prompt":"fine"}`)
 	}
-	h.b.send("bad", `{"prompt":"too long"}`)
+	h.b.Send("bad", `{"prompt":"too long"}`)
 	waitFor(t, func() bool { return h.w.InFlight() == 5 })
 	close(e.block)
-	h.b.waitSettled(t, 5)
+	h.b.WaitSettled(t, 5)
 	for _, id := range []string{"a", "b", "c"} {
-		if s, _ := h.b.settlement(id); s.Action != queue.Ack {
+		if s, _ := h.b.Settlement(id); s.Action != queue.Ack {
 			t.Errorf("%s: %+v, want ack: a batch-mate's bad input must not sink it", id, s)
 		}
 	}
-	if s, _ := h.b.settlement("bad"); s.Action != queue.DeadLetter || s.Reason != "engine_rejected" {
+	if s, _ := h.b.Settlement("bad"); s.Action != queue.DeadLetter || s.Reason != "engine_rejected" {
 		t.Errorf("bad: %+v", s)
 	}
 }
@@ -417,13 +416,13 @@ func TestDrainCancelOnTheLastAttemptRequeues(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{block: make(chan struct{})} // never released: the drain deadline cancels it
 	h := setup(t, worker.Config{DrainTimeout: 50 * time.Millisecond, MaxAttempts: 3}, e)
-	h.b.send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
+	h.b.Send("last", `{"prompt":"x"}`, attempt(3), replyTo("replies"))
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
 	h.stop(t)
-	if s, _ := h.b.settlement("last"); s.Action != queue.Requeue || s.Reason != queue.ReasonShutdown {
+	if s, _ := h.b.Settlement("last"); s.Action != queue.Requeue || s.Reason != queue.ReasonShutdown {
 		t.Fatalf("%+v: a shutdown is not the engine failing; want a requeue", s)
 	}
-	if len(h.b.results(t)) != 0 {
+	if len(results(t, h.b)) != 0 {
 		t.Fatal("an error result was sent for a request cut off by shutdown")
 	}
 }
@@ -431,21 +430,19 @@ func TestDrainCancelOnTheLastAttemptRequeues(t *testing.T) {
 func TestGoneReplyQueueIsNotRetried(t *testing.T) {
 	t.Parallel()
 	h := setup(t, worker.Config{}, &fakeEngine{})
-	h.b.mu.Lock()
-	h.b.failPub = func(m queue.Message) error {
+	h.b.SetPublishHook(func(m queue.Message) error {
 		if m.To == "gone" || m.To == "results" { // the results queue is missing too
 			return fmt.Errorf("publish: %w", queue.ErrUnroutable)
 		}
 		return nil
-	}
-	h.b.mu.Unlock()
-	h.b.send("m", `{"prompt":"x"}`, replyTo("gone"))
-	h.b.send("n", `{"prompt":"x"}`)
-	h.b.waitSettled(t, 2)
-	if s, _ := h.b.settlement("m"); s.Action != queue.Ack {
+	})
+	h.b.Send("m", `{"prompt":"x"}`, replyTo("gone"))
+	h.b.Send("n", `{"prompt":"x"}`)
+	h.b.WaitSettled(t, 2)
+	if s, _ := h.b.Settlement("m"); s.Action != queue.Ack {
 		t.Errorf("result for a vanished requester: %+v, want ack", s)
 	}
-	if s, _ := h.b.settlement("n"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
+	if s, _ := h.b.Settlement("n"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
 		t.Errorf("missing results queue: %+v, want requeue", s)
 	}
 }
@@ -454,11 +451,9 @@ func TestLongCorrelationIDGetsABoundedResultID(t *testing.T) {
 	t.Parallel()
 	h := setup(t, worker.Config{}, &fakeEngine{})
 	long := strings.Repeat("c", 255)
-	h.b.send("m", `{"prompt":"x"}`, func(d *queue.Delivery) { d.CorrelationID = long })
-	h.b.waitSettled(t, 1)
-	h.b.mu.Lock()
-	defer h.b.mu.Unlock()
-	if m := h.b.published[0]; len(m.MessageID) > 255 || m.CorrelationID != long {
+	h.b.Send("m", `{"prompt":"x"}`, func(d *queue.Delivery) { d.CorrelationID = long })
+	h.b.WaitSettled(t, 1)
+	if m := h.b.Published()[0]; len(m.MessageID) > 255 || m.CorrelationID != long {
 		t.Fatalf("message id %d bytes, correlation kept: %v", len(m.MessageID), m.CorrelationID == long)
 	}
 }
