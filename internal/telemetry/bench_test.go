@@ -12,9 +12,9 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 
-	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/telemetry"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
