@@ -27,11 +27,17 @@ ollama: $(OLLAMA_BIN)
 rabbitmq:
 	@scripts/ensure-rabbitmq.sh
 
+# Qpid Proton for the Service Bus protocol test double (a Debian package;
+# installs only when missing).
+.PHONY: sbpeer
+sbpeer:
+	@internal/queue/servicebus/sbpeer/install.sh
+
 # Unit and integration tests with the race detector, a short fuzz run of the
 # request decoder, and every benchmark for a few iterations (to prove they
 # run; figures come from `make bench`).
 .PHONY: test
-test: ollama rabbitmq
+test: ollama rabbitmq sbpeer
 	$(GO) vet ./...
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
