@@ -165,6 +165,11 @@ func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer
 		id := newID()
 		pending[id] = i
 		headers, sent := o.trace.send(o.queue, id)
+		if headers == nil {
+			headers = amqp.Table{}
+		}
+		// Milliseconds, for queue_ms: the AMQP timestamp has whole seconds.
+		headers["timestamp_in_ms"] = time.Now().UnixMilli()
 		conf, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", o.queue, true, false, amqp.Publishing{
 			ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
 			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: body, Headers: headers,

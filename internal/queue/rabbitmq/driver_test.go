@@ -258,3 +258,20 @@ func TestPrefetchChangeKeepsWhatWasDelivered(t *testing.T) {
 		t.Fatalf("got %q", got.ID)
 	}
 }
+
+func TestEnqueuedAtInMilliseconds(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
+	conn, _ := amqp.Dial(brokerURL())
+	defer conn.Close()
+	ch, _ := conn.Channel()
+	at := time.Now().Add(-1500 * time.Millisecond).Truncate(time.Millisecond)
+	if err := ch.PublishWithContext(ctx, "", q, false, false, amqp.Publishing{MessageId: "t", Timestamp: at, Headers: amqp.Table{"timestamp_in_ms": at.UnixMilli()}, Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := receiveOne(t, ctx, d); !got.EnqueuedAt.Equal(at) {
+		t.Fatalf("EnqueuedAt %v, want %v to the millisecond", got.EnqueuedAt, at)
+	}
+}

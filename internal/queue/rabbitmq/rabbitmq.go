@@ -502,11 +502,34 @@ func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
 		Body:          raw.Body,
 		Headers:       stringHeaders(raw.Headers),
 		Attempt:       attempt(raw),
-		EnqueuedAt:    raw.Timestamp,
+		EnqueuedAt:    enqueuedAt(raw),
 		ReceivedAt:    time.Now(),
 		Handle:        &handle{s: s, tag: raw.DeliveryTag, raw: raw},
 	}
 	return del
+}
+
+// enqueuedAt is when the message was published: the timestamp_in_ms
+// header where there is one (milliseconds since the epoch, as RabbitMQ's
+// message-timestamp plugin and sousctl set it), else the AMQP timestamp
+// property, which has whole seconds only.
+func enqueuedAt(raw amqp.Delivery) time.Time {
+	if ms := headerMillis(raw.Headers["timestamp_in_ms"]); ms > 0 {
+		return time.UnixMilli(ms)
+	}
+	return raw.Timestamp
+}
+
+func headerMillis(v any) int64 {
+	switch v := v.(type) {
+	case int64:
+		return v
+	case int32:
+		return int64(v)
+	case int:
+		return int64(v)
+	}
+	return 0
 }
 
 // attempt derives the 1-based attempt number: the attempts counted by
