@@ -42,7 +42,7 @@ func TestEngineExecSupervised(t *testing.T) {
 		"OLLAMA_HOST="+addr, "OLLAMA_MODELS="+filepath.Join(dir, "models"), "HOME="+filepath.Join(dir, "home"),
 		"SOUS_MODELS_ALLOWED=tiny,"+ollamatest.EndlessModelName, "SOUS_MAX_NUM_PREDICT=100000", "SOUS_STREAM_BYTES=1",
 	)
-	engine := childPid(t, w.cmd.Process.Pid)
+	engine := childPid(t, w.Cmd.Process.Pid)
 	if engine == 0 {
 		t.Fatal("the worker runs no engine child")
 	}
@@ -79,14 +79,14 @@ func TestEngineExecSupervised(t *testing.T) {
 	if !restarted {
 		t.Fatal("the redelivered stream did not start with a restart marker")
 	}
-	next := childPid(t, w.cmd.Process.Pid)
+	next := childPid(t, w.Cmd.Process.Pid)
 	if next == 0 || next == engine {
 		t.Fatalf("engine not restarted (old pid %d, now %d)", engine, next)
 	}
-	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := w.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if code := w.exitCode(t, 40*time.Second); code != 0 {
+	if code := w.ExitCode(t, 40*time.Second); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	if err := syscall.Kill(next, 0); err == nil {

@@ -1,12 +1,9 @@
 package integration
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -17,12 +14,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/integration/ollamatest"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -106,23 +103,13 @@ func deleteQueues() {
 }
 
 // workerProc is a running worker binary.
-type workerProc struct {
-	cmd    *exec.Cmd
-	addr   string
-	mu     sync.Mutex
-	log    strings.Builder
-	exited chan struct{}
-	err    error
-}
+type workerProc = itest.Worker
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t *testing.T) string { return itest.FreeAddr(t) }
+
+func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	itest.WaitUntil(t, within, what, cond)
 }
 
 // startWorker runs the worker binary on queue with env overrides and waits
@@ -134,90 +121,16 @@ func startWorker(t *testing.T, queue string, env ...string) *workerProc {
 
 func startWorkerWait(t *testing.T, queue, probe string, env ...string) *workerProc {
 	t.Helper()
-	addr := freeAddr(t)
-	cmd := exec.Command(filepath.Join(binDir, "worker"))
-	cmd.Env = append(os.Environ(),
-		"SOUS_AMQP_URL="+brokerURL, "SOUS_QUEUE="+queue, "SOUS_RESULTS_QUEUE="+queue+".results",
-		"SOUS_ENGINE_URL="+ollama.URL(), "SOUS_MODEL=tiny", "SOUS_HTTP_ADDR="+addr,
-		"SOUS_LOG_FORMAT=text", "SOUS_LOG_LEVEL=debug", "SOUS_MAX_NUM_PREDICT=16", "SOUS_WORKER_ID=it-"+queue,
-		"SOUS_DRAIN_TIMEOUT=20s", "SOUS_RETRY_BACKOFF=50ms", "SOUS_RETRY_BACKOFF_MAX=200ms",
-	)
-	cmd.Env = append(cmd.Env, env...)
-	w := &workerProc{cmd: cmd, addr: addr, exited: make(chan struct{})}
-	pr, pw := io.Pipe()
-	cmd.Stdout, cmd.Stderr = pw, pw
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			w.mu.Lock()
-			w.log.WriteString(sc.Text() + "\n")
-			w.mu.Unlock()
-		}
-	}()
-	go func() {
-		w.err = cmd.Wait()
-		pw.Close()
-		close(w.exited)
-	}()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGKILL)
-		<-w.exited
-		if t.Failed() {
-			t.Logf("worker log:\n%s", w.logs())
-		}
+	return itest.StartWorker(t, itest.WorkerOptions{
+		Bin:   filepath.Join(binDir, "worker"),
+		Probe: probe,
+		Env: append([]string{
+			"SOUS_AMQP_URL=" + brokerURL, "SOUS_QUEUE=" + queue, "SOUS_RESULTS_QUEUE=" + queue + ".results",
+			"SOUS_ENGINE_URL=" + ollama.URL(), "SOUS_MODEL=tiny",
+			"SOUS_LOG_FORMAT=text", "SOUS_LOG_LEVEL=debug", "SOUS_MAX_NUM_PREDICT=16", "SOUS_WORKER_ID=it-" + queue,
+			"SOUS_DRAIN_TIMEOUT=20s", "SOUS_RETRY_BACKOFF=50ms", "SOUS_RETRY_BACKOFF_MAX=200ms",
+		}, env...),
 	})
-	waitUntil(t, 60*time.Second, "worker "+probe, func() bool {
-		select {
-		case <-w.exited:
-			t.Fatalf("worker exited early: %v\n%s", w.err, w.logs())
-		default:
-		}
-		resp, err := http.Get("http://" + addr + probe)
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == 200
-	})
-	return w
-}
-
-func (w *workerProc) logs() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.log.String()
-}
-
-// exitCode waits for the process to exit and returns its code.
-func (w *workerProc) exitCode(t *testing.T, within time.Duration) int {
-	t.Helper()
-	select {
-	case <-w.exited:
-	case <-time.After(within):
-		t.Fatalf("worker did not exit within %s", within)
-	}
-	if w.err == nil {
-		return 0
-	}
-	if ee, ok := w.err.(*exec.ExitError); ok {
-		return ee.ExitCode()
-	}
-	t.Fatalf("wait: %v", w.err)
-	return -1
-}
-
-func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", within, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 // client is a producer with its own connection.

@@ -87,10 +87,10 @@ func TestScaleToZeroSemantics(t *testing.T) {
 	gate.release()
 	c.collect(results, 1, 60*time.Second)
 	waitUntil(t, 30*time.Second, "a zero count after the work", func() bool { return queueMessages(t, q) == 0 })
-	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := w.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if code := w.exitCode(t, 30*time.Second); code != 0 {
+	if code := w.ExitCode(t, 30*time.Second); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 }

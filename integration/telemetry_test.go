@@ -177,11 +177,11 @@ func TestTelemetryEndToEnd(t *testing.T) {
 	if process.Kind != tracepb.Span_SPAN_KIND_CONSUMER || send.Kind != tracepb.Span_SPAN_KIND_PRODUCER {
 		t.Errorf("span kinds: process %v, publish %v", process.Kind, send.Kind)
 	}
-	if !strings.Contains(w.logs(), "trace_id="+traceID) {
+	if !strings.Contains(w.Logs(), "trace_id="+traceID) {
 		t.Errorf("no worker log line carries trace_id=%s", traceID)
 	}
 
-	m := scrape(t, w.addr)
+	m := scrape(t, w.Addr)
 	queueLabel := `messaging_destination_name="` + q + `"`
 	if got := metricValue(m, "sous_messages_received_total", queueLabel); got != 1 {
 		t.Errorf("sous_messages_received_total %v, want 1", got)
@@ -201,6 +201,6 @@ func TestTelemetryEndToEnd(t *testing.T) {
 
 	p.cut()
 	waitUntil(t, 60*time.Second, "a broker reconnect in /metrics", func() bool {
-		return metricValue(scrape(t, w.addr), "sous_broker_reconnects_total", queueLabel) >= 1
+		return metricValue(scrape(t, w.Addr), "sous_broker_reconnects_total", queueLabel) >= 1
 	})
 }

@@ -145,10 +145,10 @@ func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
 	if got := fmt.Sprint(d.Headers[queue.HeaderAttempts]); got != "3" {
 		t.Fatalf("attempts header %s, want 3", got)
 	}
-	if n := strings.Count(w.logs(), "action=requeue"); n != 2 {
+	if n := strings.Count(w.Logs(), "action=requeue"); n != 2 {
 		t.Fatalf("want 2 requeues before the dead-letter, log shows %d", n)
 	}
-	resp, err := http.Get("http://" + w.addr + "/readyz")
+	resp, err := http.Get("http://" + w.Addr + "/readyz")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +156,7 @@ func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("/readyz with the engine down = %d, want 503", resp.StatusCode)
 	}
-	resp, err = http.Get("http://" + w.addr + "/healthz")
+	resp, err = http.Get("http://" + w.Addr + "/healthz")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("/healthz = %v %v", resp, err)
 	}
@@ -169,7 +169,7 @@ func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
 func startWorkerNoReady(t *testing.T, q string, env ...string) *workerProc {
 	t.Helper()
 	w := startWorkerWait(t, q, "/healthz", env...)
-	waitUntil(t, 60*time.Second, "the worker to start working", func() bool { return strings.Contains(w.logs(), "ready to work") })
+	waitUntil(t, 60*time.Second, "the worker to start working", func() bool { return strings.Contains(w.Logs(), "ready to work") })
 	return w
 }
 
@@ -186,11 +186,11 @@ func TestSIGTERMDrains(t *testing.T) {
 	}
 	waitUntil(t, 30*time.Second, "a first result", func() bool { return c.depth(results) > 0 })
 	start := time.Now()
-	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := w.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if code := w.exitCode(t, 30*time.Second); code != 0 {
-		t.Fatalf("exit code %d after SIGTERM\n%s", code, w.logs())
+	if code := w.ExitCode(t, 30*time.Second); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM\n%s", code, w.Logs())
 	}
 	t.Logf("drained in %s", time.Since(start).Round(time.Millisecond))
 	done := c.depth(results)

@@ -34,12 +34,12 @@ func TestBrokerRestart(t *testing.T) {
 		} else {
 			node.kill()
 		}
-		waitUntil(t, 30*time.Second, "the worker to notice", func() bool { return w.get("/readyz") != 200 })
+		waitUntil(t, 30*time.Second, "the worker to notice", func() bool { return w.Get("/readyz") != 200 })
 		time.Sleep(time.Second) // down for a moment: reconnect attempts fail
 		boot, err := node.start()
 		must(t, err)
 		back := time.Now()
-		w.waitProbe(t, "/readyz", 60*time.Second)
+		w.WaitProbe(t, "/readyz", 60*time.Second)
 		figure(t, how+"_node_boot_s", fmt.Sprintf("%.1f", boot.Seconds()))
 		figure(t, how+"_reconnect_after_boot_s", fmt.Sprintf("%.1f", time.Since(back).Seconds()))
 	}

@@ -42,10 +42,10 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 				return eng.inflight.Load() > 0 && (!tt.finish || l.settled(ids) >= 20)
 			})
 			start := time.Now()
-			if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			if err := w.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 				t.Fatal(err)
 			}
-			code := w.exitCode(t, tt.drain+15*time.Second)
+			code := w.ExitCode(t, tt.drain+15*time.Second)
 			took := time.Since(start)
 			figure(t, "drain_s", fmt.Sprintf("%.2f", took.Seconds()))
 			figure(t, "drain_timeout_s", tt.drain.Seconds())
@@ -115,13 +115,13 @@ func TestDrainCutOffOnLastAttempt(t *testing.T) {
 	c := newClient(t, sharedURL)
 	ids := c.publishRequests(q, "last", 1)
 	waitUntil(t, 30*time.Second, "attempt 1 on the engine", func() bool { return eng.calls.Load() >= 1 && eng.inflight.Load() >= 1 })
-	w.kill()
+	w.Kill()
 	w = startWorker(t, opts)
 	waitUntil(t, 30*time.Second, "attempt 2 on the engine", func() bool { return eng.calls.Load() >= 2 && eng.inflight.Load() >= 1 })
-	if err := w.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := w.Cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	if code := w.exitCode(t, 20*time.Second); code != 0 {
+	if code := w.ExitCode(t, 20*time.Second); code != 0 {
 		t.Errorf("exit code %d", code)
 	}
 	time.Sleep(500 * time.Millisecond)

@@ -37,12 +37,12 @@ func TestOllamaKilledMidBatch(t *testing.T) {
 		ms = append(ms, msg{id: id, body: `{"prompt":"go on","model":"` + ollamatest.EndlessModelName + `","options":{"num_predict":600}}`})
 	}
 	must(t, c.publishAll(q, ms))
-	waitUntil(t, 60*time.Second, "a batch on the engine", func() bool { return strings.Contains(w.logs(), `"msg":"batch"`) })
+	waitUntil(t, 60*time.Second, "a batch on the engine", func() bool { return strings.Contains(w.Logs(), `"msg":"batch"`) })
 	time.Sleep(300 * time.Millisecond)
 	killed := time.Now()
 	srv.Kill()
 	waitUntil(t, 30*time.Second, "the worker to see the engine fail", func() bool {
-		return strings.Contains(w.logs(), "engine call failed")
+		return strings.Contains(w.Logs(), "engine call failed")
 	})
 	time.Sleep(time.Second)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -55,7 +55,7 @@ func TestOllamaKilledMidBatch(t *testing.T) {
 	if tl.dead+tl.deadAndAns > 0 {
 		t.Errorf("%d requests dead-lettered by a short engine outage", tl.dead+tl.deadAndAns)
 	}
-	if !strings.Contains(w.logs(), `"action":"requeue"`) {
+	if !strings.Contains(w.Logs(), `"action":"requeue"`) {
 		t.Errorf("no request was requeued: the kill missed the batch")
 	}
 }
@@ -95,7 +95,7 @@ func TestEngineHangs(t *testing.T) {
 			t.Errorf("%s: no max_attempts error result", id)
 		}
 	}
-	if w.get("/healthz") != 200 {
+	if w.Get("/healthz") != 200 {
 		t.Fatal("worker not alive after the engine hung")
 	}
 	eng.hang.Store(false)

@@ -122,7 +122,7 @@ func TestHostileCorpus(t *testing.T) {
 	l.follow(t, sharedURL, replies, "results", nil)
 	l.follow(t, sharedURL, q+".dlq", "dead", nil)
 	c := newClient(t, sharedURL)
-	rssIdle := rss(w.pid())
+	rssIdle := rss(w.Pid())
 
 	cs := corpus()
 	var ids []string
@@ -187,17 +187,17 @@ func TestHostileCorpus(t *testing.T) {
 
 	// Still alive, still working, nothing forged in the log.
 	select {
-	case <-w.exited:
-		t.Fatalf("worker exited: %v", w.err)
+	case <-w.Exited():
+		t.Fatalf("worker exited: %s", tail(w.Logs(), 20))
 	default:
 	}
-	peak := peakRSS(w.pid())
+	peak := peakRSS(w.Pid())
 	figure(t, "rss_idle_kB", rssIdle)
 	figure(t, "rss_peak_kB", peak)
 	if peak > 512<<10 {
 		t.Errorf("peak RSS %d kB after the corpus: memory is not bounded", peak)
 	}
-	for line := range strings.Lines(w.logs()) {
+	for line := range strings.Lines(w.Logs()) {
 		var rec map[string]any
 		if err := json.Unmarshal([]byte(line), &rec); err != nil {
 			t.Errorf("a log line is not JSON (injected?): %.200q", line)
@@ -257,7 +257,7 @@ func TestHostileReplyTo(t *testing.T) {
 	checkNoLoss(t, tl)
 	waitUntil(t, 30*time.Second, "the request queue to drain", func() bool { return c.depth(q) == 0 })
 	time.Sleep(time.Second)
-	reconnects := strings.Count(w.logs(), "broker reconnected")
+	reconnects := strings.Count(w.Logs(), "broker reconnected")
 	figure(t, "reconnects", reconnects)
 	figure(t, "plain_duplicates", tl.duplicates)
 	for _, tc := range cases {

@@ -41,7 +41,7 @@ func TestWorkerSIGKILLLoop(t *testing.T) {
 		// Land anywhere in the batch: in the engine call, in publishing
 		// the results, between a publish and its ack.
 		time.Sleep(time.Duration(rng.IntN(250)) * time.Millisecond)
-		w.kill()
+		w.Kill()
 		w = startWorker(t, opts)
 	}
 	tl := l.waitSettled(t, ids, 120*time.Second)

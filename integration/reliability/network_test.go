@@ -96,14 +96,14 @@ func TestNetworkFaults(t *testing.T) {
 			began := time.Now()
 			x.add(tt.toxic, tt.attrs)
 			if tt.noticed {
-				waitUntil(t, 60*time.Second, "the worker to notice the fault", func() bool { return w.get("/readyz") != 200 })
+				waitUntil(t, 60*time.Second, "the worker to notice the fault", func() bool { return w.Get("/readyz") != 200 })
 				figure(t, "detect_s", fmt.Sprintf("%.1f", time.Since(began).Seconds()))
 			}
 			time.Sleep(tt.hold)
 			healed := time.Now()
 			x.remove(tt.toxic)
 			if tt.noticed {
-				w.waitProbe(t, "/readyz", 60*time.Second)
+				w.WaitProbe(t, "/readyz", 60*time.Second)
 				figure(t, "reconnect_after_heal_s", fmt.Sprintf("%.1f", time.Since(healed).Seconds()))
 			}
 			tl := l.waitSettled(t, ids, 120*time.Second)
@@ -112,7 +112,7 @@ func TestNetworkFaults(t *testing.T) {
 				t.Errorf("%d requests dead-lettered by a network fault", tl.dead)
 			}
 			figure(t, "tally", tl)
-			if tt.noticed && !strings.Contains(w.logs(), "broker reconnected") {
+			if tt.noticed && !strings.Contains(w.Logs(), "broker reconnected") {
 				t.Errorf("the worker never logged a reconnect")
 			}
 		})

@@ -47,7 +47,7 @@ func TestTLS(t *testing.T) {
 		ids := c.publishRequests(q, "tls", 5)
 		tl := l.waitSettled(t, ids, 30*time.Second)
 		checkNoLoss(t, tl)
-		if strings.Contains(w.logs(), password) {
+		if strings.Contains(w.Logs(), password) {
 			t.Errorf("the password is in the worker's log")
 		}
 	})
@@ -80,9 +80,9 @@ func TestTLS(t *testing.T) {
 			q := names(t)
 			w := startWorker(t, workerOpts{queue: q, brokerURL: tt.url, engineURL: eng.URL(), probe: "none", env: tt.env})
 			waitUntil(t, 30*time.Second, "a failed connect in the log", func() bool {
-				return strings.Contains(w.logs(), "broker connect failed")
+				return strings.Contains(w.Logs(), "broker connect failed")
 			})
-			logs := w.logs()
+			logs := w.Logs()
 			found := false
 			for _, s := range tt.want {
 				found = found || strings.Contains(logs, s)
@@ -90,7 +90,7 @@ func TestTLS(t *testing.T) {
 			if !found {
 				t.Errorf("log does not say why the handshake failed (want one of %q):\n%s", tt.want, tail(logs, 10))
 			}
-			if w.get("/readyz") == 200 {
+			if w.Get("/readyz") == 200 {
 				t.Errorf("ready although the TLS setup is wrong")
 			}
 			if strings.Contains(logs, password) {
@@ -217,24 +217,24 @@ func TestSecretsNeverLeak(t *testing.T) {
 	eng.status.Store(0)
 	eng.close() // the engine is gone: connection refused, with its URL in the error
 	c.publish(q, msg{id: "engine-down", body: request("engine-down")})
-	waitUntil(t, 30*time.Second, "the engine's connection errors", func() bool { return strings.Count(w.logs(), "connection refused") >= 2 })
-	_, readyz := w.getBody("/readyz")
+	waitUntil(t, 30*time.Second, "the engine's connection errors", func() bool { return strings.Count(w.Logs(), "connection refused") >= 2 })
+	_, readyz := w.GetBody("/readyz")
 
 	// The broker goes away and comes back: reconnect errors are logged.
 	must(t, node.stop())
-	waitUntil(t, 30*time.Second, "a failed reconnect", func() bool { return strings.Contains(w.logs(), "broker connect failed") })
-	_, readyzDown := w.getBody("/readyz")
+	waitUntil(t, 30*time.Second, "a failed reconnect", func() bool { return strings.Contains(w.Logs(), "broker connect failed") })
+	_, readyzDown := w.GetBody("/readyz")
 	_, err := node.start()
 	must(t, err)
-	w.waitProbe(t, "/healthz", 30*time.Second)
-	waitUntil(t, 60*time.Second, "the worker reconnected", func() bool { return strings.Contains(w.logs(), "broker reconnected") })
-	_, metrics := w.getBody("/metrics")
+	w.WaitProbe(t, "/healthz", 30*time.Second)
+	waitUntil(t, 60*time.Second, "the worker reconnected", func() bool { return strings.Contains(w.Logs(), "broker reconnected") })
+	_, metrics := w.GetBody("/metrics")
 	c = newClient(t, url) // the first one died with the node
 
 	// A worker with the wrong password, and one whose engine echoes its key.
 	bad := startWorker(t, workerOpts{queue: names(t), brokerURL: "amqp://unused:unused@127.0.0.1:1/", engineURL: eng.URL(), probe: "none", env: append([]string{
 		"SOUS_AMQP_URL_FILE=" + writeSecret("wrong-url", strings.Replace(url, brokerPW, wrongPW, 1))}, telemetryEnv...)})
-	waitUntil(t, 30*time.Second, "an authentication failure", func() bool { return strings.Contains(bad.logs(), "broker connect failed") })
+	waitUntil(t, 30*time.Second, "an authentication failure", func() bool { return strings.Contains(bad.Logs(), "broker connect failed") })
 	oa := fakeOpenAI(t)
 	q2 := names(t)
 	keyed := startWorker(t, workerOpts{queue: q2, brokerURL: url, engineURL: oa.URL, env: append([]string{
@@ -243,13 +243,13 @@ func TestSecretsNeverLeak(t *testing.T) {
 	l.follow(t, url, q2+".dlq", "dead", nil)
 	c.publish(q2, msg{id: "key-echo", body: request("key-echo")})
 	waitUntil(t, 30*time.Second, "key-echo dead-lettered", func() bool { return l.settled([]string{"key-echo"}) == 1 })
-	_, metrics2 := keyed.getBody("/metrics")
+	_, metrics2 := keyed.GetBody("/metrics")
 	time.Sleep(time.Second) // the last spans and metrics reach the sink
 
 	// Everything that left the workers: logs, HTTP answers, every result
 	// and dead letter with its headers and properties, and what OTLP got.
 	var out strings.Builder
-	for _, part := range []string{w.logs(), bad.logs(), keyed.logs(), readyz, readyzDown, metrics, metrics2} {
+	for _, part := range []string{w.Logs(), bad.Logs(), keyed.Logs(), readyz, readyzDown, metrics, metrics2} {
 		out.WriteString(part)
 	}
 	l.mu.Lock()
@@ -273,7 +273,7 @@ func TestSecretsNeverLeak(t *testing.T) {
 			t.Errorf("LEAK: the %s appears in what the worker emits: ...%s...", what, everything[max(0, i-200):min(len(everything), i+len(s)+50)])
 		}
 	}
-	for _, check := range []struct{ name, s string }{{"logs", w.logs()}, {"metrics", metrics}, {"traces", otlp}} {
+	for _, check := range []struct{ name, s string }{{"logs", w.Logs()}, {"metrics", metrics}, {"traces", otlp}} {
 		figure(t, "prompt_in_"+check.name, strings.Contains(check.s, prompt))
 	}
 	if strings.Contains(metrics, prompt) {
@@ -306,7 +306,7 @@ func TestHTTPEndpoints(t *testing.T) {
 			c.publish(q, msg{id: "p", body: `{"prompt":"` + prompt + `","options":{"num_predict":4}}`})
 			waitUntil(t, 30*time.Second, "the request answered", func() bool { return l.resultCount("p") > 0 })
 			for _, path := range []string{"/healthz", "/readyz", "/metrics"} {
-				code, body := w.getBody(path)
+				code, body := w.GetBody(path)
 				if code != 200 {
 					t.Errorf("GET %s = %d", path, code)
 				}
@@ -315,11 +315,11 @@ func TestHTTPEndpoints(t *testing.T) {
 				}
 			}
 			for _, path := range []string{"/", "/debug/vars", "/env", "/config"} {
-				if code := w.get(path); code != 404 {
+				if code := w.Get(path); code != 404 {
 					t.Errorf("GET %s = %d, want 404", path, code)
 				}
 			}
-			resp, err := httpClient.Post("http://"+w.addr+"/healthz", "text/plain", nil)
+			resp, err := httpClient.Post("http://"+w.Addr+"/healthz", "text/plain", nil)
 			if err == nil {
 				resp.Body.Close()
 				if resp.StatusCode != http.StatusMethodNotAllowed {
@@ -327,7 +327,7 @@ func TestHTTPEndpoints(t *testing.T) {
 				}
 			}
 			for _, path := range pprofPaths {
-				code := w.get(path)
+				code := w.Get(path)
 				switch {
 				case !pprofOn && code != 404:
 					t.Errorf("SOUS_PPROF=false: GET %s = %d, want 404", path, code)

@@ -95,7 +95,7 @@ func TestSoak(t *testing.T) {
 				return
 			case <-tick.C:
 			}
-			s := sample{at: time.Since(start), settled: l.settled(ids), rssKB: rss(w.pid()), routines: goroutinesOr(w, -1)}
+			s := sample{at: time.Since(start), settled: l.settled(ids), rssKB: rss(w.Pid()), routines: goroutinesOr(w, -1)}
 			mu.Lock()
 			samples = append(samples, s)
 			mu.Unlock()
@@ -113,7 +113,7 @@ func TestSoak(t *testing.T) {
 	idleAfter := goroutines(t, w)
 	heapAfter := heapInuse(t, w)
 	allocPerRequest := (memStat(t, w, "TotalAlloc") - allocBefore) / n
-	rssEnd := rss(w.pid())
+	rssEnd := rss(w.Pid())
 
 	checkNoLoss(t, tl)
 	if tl.duplicates > 0 || tl.dead > 0 {
@@ -178,7 +178,7 @@ func TestSoak(t *testing.T) {
 		t.Errorf("heap in use after GC, idle: %d kB before, %d kB after %d requests", heapBefore/1024, heapAfter/1024, n)
 	}
 	if idleAfter > idleBefore+3 {
-		_, dump := w.getBody("/debug/pprof/goroutine?debug=1")
+		_, dump := w.GetBody("/debug/pprof/goroutine?debug=1")
 		t.Errorf("goroutines idle: %d before, %d after %d requests:\n%s", idleBefore, idleAfter, n, dump)
 	}
 }
@@ -220,7 +220,7 @@ func heapInuse(t testing.TB, w *workerProc) int {
 // from /debug/pprof/heap?debug=1&gc=1.
 func memStat(t testing.TB, w *workerProc, name string) int {
 	t.Helper()
-	code, body := w.getBody("/debug/pprof/heap?debug=1&gc=1")
+	code, body := w.GetBody("/debug/pprof/heap?debug=1&gc=1")
 	if code != 200 {
 		t.Fatalf("cannot read the worker's heap profile: %d", code)
 	}
@@ -248,7 +248,7 @@ func goroutines(t testing.TB, w *workerProc) int {
 }
 
 func goroutinesOr(w *workerProc, def int) int {
-	code, body := w.getBody("/debug/pprof/goroutine?debug=1")
+	code, body := w.GetBody("/debug/pprof/goroutine?debug=1")
 	if code != 200 || !strings.HasPrefix(body, "goroutine profile: total ") {
 		return def
 	}

@@ -63,7 +63,7 @@ func TestConsumerTimeout(t *testing.T) {
 			checkNoLoss(t, tl)
 			figure(t, "dead_letter_after_s", fmt.Sprintf("%.1f", time.Since(start).Seconds()))
 			figure(t, "engine_calls", eng.calls.Load())
-			logs := w.logs()
+			logs := w.Logs()
 			closed := strings.Count(logs, "delivery acknowledgement")
 			figure(t, "channels_closed_by_broker", closed)
 			ds := l.deadLetters(ids[0])
