@@ -23,25 +23,15 @@ func TestEngineExecSupervised(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	prep, err := ollamatest.Start(ctx, ollamatest.Options{Dir: dir})
+	serve, err := ollamatest.Prepare(ctx, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := prep.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
-	bin, err := ollamatest.Binary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := freeAddr(t)
 	q, _ := names(t)
-	w := startWorker(t, q,
-		"SOUS_ENGINE_EXEC="+bin+" serve", "SOUS_ENGINE_URL=http://"+addr,
-		"OLLAMA_HOST="+addr, "OLLAMA_MODELS="+filepath.Join(dir, "models"), "HOME="+filepath.Join(dir, "home"),
+	w := startWorker(t, q, append(serve.Env,
+		"SOUS_ENGINE_EXEC="+serve.Bin+" serve", "SOUS_ENGINE_URL=http://"+serve.Addr,
 		"SOUS_MODELS_ALLOWED=tiny,"+ollamatest.EndlessModelName, "SOUS_MAX_NUM_PREDICT=100000", "SOUS_STREAM_BYTES=1",
-	)
+	)...)
 	engine := childPid(t, w.Cmd.Process.Pid)
 	if engine == 0 {
 		t.Fatal("the worker runs no engine child")

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -28,28 +26,18 @@ func TestSupervisesRealOllama(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	// Make the models with the test helper, then let the supervisor serve them.
-	dir := t.TempDir()
-	prep, err := ollamatest.Start(ctx, ollamatest.Options{Dir: dir})
+	serve, err := ollamatest.Prepare(ctx, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := prep.Stop(ctx); err != nil {
-		t.Fatal(err)
-	}
-	bin, err := ollamatest.Binary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
-	addr := l.Addr().String()
-	l.Close()
+	addr := serve.Addr
 	eng, err := ollama.New(ollama.Config{URL: "http://" + addr})
 	if err != nil {
 		t.Fatal(err)
 	}
 	s := supervisor.New(supervisor.Config{
-		Command:    []string{bin, "serve"},
-		Env:        []string{"OLLAMA_HOST=" + addr, "OLLAMA_MODELS=" + filepath.Join(dir, "models"), "HOME=" + filepath.Join(dir, "home")},
+		Command:    []string{serve.Bin, "serve"},
+		Env:        serve.Env,
 		Model:      ollamatest.ModelName,
 		BackoffMin: 50 * time.Millisecond,
 		Output:     io.Discard,
