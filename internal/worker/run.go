@@ -60,12 +60,17 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item], release fu
 	elapsed := w.now().Sub(start)
 	w.cfg.Observer.BatchFinished(ctx, ev, elapsed)
 
+	// Results of a batch are published concurrently, so their confirms
+	// overlap; a batch of one settles here, without a goroutine hand-off.
 	var wg sync.WaitGroup
 	for i, it := range live {
 		settled[index[it]].Store(true)
-		wg.Go(func() {
-			w.settle(it, outcome{resp: results[i].Response, err: results[i].Err, batch: info, inference: elapsed})
-		})
+		out := outcome{resp: results[i].Response, err: results[i].Err, batch: info, inference: elapsed}
+		if len(live) == 1 {
+			w.settle(it, out)
+			break
+		}
+		wg.Go(func() { w.settle(it, out) })
 	}
 	wg.Wait()
 }
