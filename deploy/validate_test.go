@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -439,6 +440,8 @@ func checkKustomization(tr tree, dir string) []error {
 	return errs
 }
 
+var krustyMu sync.Mutex
+
 // render runs kustomize (krusty, in memory, no network) on dir and validates
 // each rendered object again: patches can break what the files had right.
 func render(ks *kedaSchemas, tr tree, dir string) ([]object, []error) {
@@ -449,11 +452,15 @@ func render(ks *kedaSchemas, tr tree, dir string) ([]object, []error) {
 		}
 	}
 	k := krusty.MakeKustomizer(krusty.MakeDefaultOptions())
+	// kustomize keeps its OpenAPI schema in package state without a lock
+	// (kyaml/openapi): two builds at once race, so parallel tests take turns.
+	krustyMu.Lock()
 	res, err := k.Run(fs, "/"+dir)
-	if err != nil {
-		return nil, []error{fmt.Errorf("kustomize build %s: %w", dir, err)}
+	var out []byte
+	if err == nil {
+		out, err = res.AsYaml()
 	}
-	out, err := res.AsYaml()
+	krustyMu.Unlock()
 	if err != nil {
 		return nil, []error{fmt.Errorf("kustomize build %s: %w", dir, err)}
 	}
