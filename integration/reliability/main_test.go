@@ -62,6 +62,8 @@ func testMain(m *testing.M) int {
 			// that closed while the toxic was being added or removed; its
 			// API offers no way to wait for it.
 			goleak.IgnoreAnyFunction("github.com/Shopify/toxiproxy/v2/toxics.(*ToxicStub).Run"),
+			// Likewise a link's reader, blocked handing bytes to that stub.
+			goleak.IgnoreAnyFunction("github.com/Shopify/toxiproxy/v2.(*ToxicLink).read"),
 		); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
 			return 1
