@@ -18,6 +18,22 @@ func uniqueQueue(t *testing.T) string {
 	return fmt.Sprintf("sous-test-%s-%d-%d", strings.ReplaceAll(t.Name(), "/", "-"), time.Now().UnixNano(), seq.Add(1))
 }
 
+// rawChannel is a plain amqp091 channel on the test broker, beside the
+// driver under test, closed by t.Cleanup.
+func rawChannel(t *testing.T) *amqp.Channel {
+	t.Helper()
+	conn, err := amqp.Dial(brokerURL())
+	if err != nil {
+		t.Fatalf("dial the test broker: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ch
+}
+
 func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	t.Cleanup(cancel)
@@ -49,9 +65,7 @@ func TestUnroutableIsAnError(t *testing.T) {
 		t.Fatalf("the channel did not survive: %v", err)
 	}
 	del := receiveOne(t, ctx, d)
-	conn, _ := amqp.Dial(brokerURL())
-	defer conn.Close()
-	ch, _ := conn.Channel()
+	ch := rawChannel(t)
 	if _, err := ch.QueueDelete(q+".dlq", false, false, false); err != nil {
 		t.Fatal(err)
 	}
@@ -91,12 +105,7 @@ func TestAttemptsCountOnClassicQueues(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
-	conn, err := amqp.Dial(brokerURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ch, _ := conn.Channel()
+	ch := rawChannel(t)
 	if _, err := ch.QueueDeclare(q, true, false, false, false, nil); err != nil { // classic
 		t.Fatal(err)
 	}
@@ -136,9 +145,7 @@ func TestConsumerCancelledByTheBroker(t *testing.T) {
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
 	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
-	conn, _ := amqp.Dial(brokerURL())
-	defer conn.Close()
-	ch, _ := conn.Channel()
+	ch := rawChannel(t)
 	if _, err := ch.QueueDelete(q, false, false, false); err != nil {
 		t.Fatal(err)
 	}
@@ -215,9 +222,7 @@ func TestDirectReplyTo(t *testing.T) {
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
 	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
-	conn, _ := amqp.Dial(brokerURL())
-	defer conn.Close()
-	ch, _ := conn.Channel()
+	ch := rawChannel(t)
 	replies, err := ch.Consume("amq.rabbitmq.reply-to", "", true, false, false, false, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -264,9 +269,7 @@ func TestEnqueuedAtInMilliseconds(t *testing.T) {
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
 	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: true})
-	conn, _ := amqp.Dial(brokerURL())
-	defer conn.Close()
-	ch, _ := conn.Channel()
+	ch := rawChannel(t)
 	at := time.Now().Add(-1500 * time.Millisecond).Truncate(time.Millisecond)
 	if err := ch.PublishWithContext(ctx, "", q, false, false, amqp.Publishing{MessageId: "t", Timestamp: at, Headers: amqp.Table{"timestamp_in_ms": at.UnixMilli()}, Body: []byte("{}")}); err != nil {
 		t.Fatal(err)
