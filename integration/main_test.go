@@ -208,16 +208,7 @@ func (c *client) collect(q string, n int, within time.Duration) map[string]amqp.
 // depth is the number of ready messages in q.
 func (c *client) depth(q string) int {
 	c.t.Helper()
-	ch, err := c.conn.Channel()
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer ch.Close()
-	st, err := ch.QueueDeclarePassive(q, true, false, false, false, nil)
-	if err != nil {
-		c.t.Fatalf("inspect %s: %v", q, err)
-	}
-	return st.Messages
+	return itest.QueueDepth(c.t, c.conn, q)
 }
 
 func decodeResult(t *testing.T, d amqp.Delivery) wire.Result {
@@ -232,22 +223,7 @@ func decodeResult(t *testing.T, d amqp.Delivery) wire.Result {
 // drain returns what is in q now, acking it.
 func drain(t *testing.T, c *client, q string) []amqp.Delivery {
 	t.Helper()
-	ch, err := c.conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ch.Close()
-	var out []amqp.Delivery
-	for {
-		d, ok, err := ch.Get(q, true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !ok {
-			return out
-		}
-		out = append(out, d)
-	}
+	return itest.Drain(t, c.conn, q)
 }
 
 // gate is a reverse proxy to an engine that holds generation and chat

@@ -14,6 +14,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -141,37 +142,13 @@ func (c *client) publishRequests(q, prefix string, n int) []string {
 // depth is the number of ready messages in q.
 func (c *client) depth(q string) int {
 	c.t.Helper()
-	ch, err := c.conn.Channel()
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer ch.Close()
-	st, err := ch.QueueDeclarePassive(q, true, false, false, false, nil)
-	if err != nil {
-		c.t.Fatalf("inspect %s: %v", q, err)
-	}
-	return st.Messages
+	return itest.QueueDepth(c.t, c.conn, q)
 }
 
 // drain returns what is in q now, acking it.
 func (c *client) drain(q string) []amqp.Delivery {
 	c.t.Helper()
-	ch, err := c.conn.Channel()
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer ch.Close()
-	var out []amqp.Delivery
-	for {
-		d, ok, err := ch.Get(q, true)
-		if err != nil {
-			c.t.Fatalf("get from %s: %v", q, err)
-		}
-		if !ok {
-			return out
-		}
-		out = append(out, d)
-	}
+	return itest.Drain(c.t, c.conn, q)
 }
 
 // ledger records what became of each request: results and dead letters,
