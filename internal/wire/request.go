@@ -256,17 +256,10 @@ func describeJSONError(err error) *InputError {
 	if strings.HasPrefix(msg, "json: unknown field ") {
 		return inputErr(ReasonInvalidRequest, "unknown field %s; see docs/messages.md", truncate(strings.TrimPrefix(msg, "json: unknown field "), 80))
 	}
-	if errors.Is(err, errEOF(err)) {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 		return inputErr(ReasonInvalidJSON, "body is empty or truncated")
 	}
 	return inputErr(ReasonInvalidJSON, "body is not a JSON request object: %s", truncate(msg, 120))
-}
-
-func errEOF(err error) error {
-	if err.Error() == "EOF" || err.Error() == "unexpected EOF" {
-		return err
-	}
-	return nil
 }
 
 func truncate(s string, n int) string {
