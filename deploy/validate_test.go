@@ -31,6 +31,8 @@ import (
 	"sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
+
+	"github.com/sous-run/sous/internal/worker"
 )
 
 // object is one Kubernetes object read from a file or a kustomize render.
@@ -846,9 +848,9 @@ func keepAlive(config map[string]string) (time.Duration, error) {
 }
 
 // workerCapacity is the most messages one worker holds (received, not yet
-// settled): the batch size, min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL), x
-// (SOUS_BATCH_CONCURRENCY + 1), one batch filling while the others run
-// (internal/worker). Defaults as in cmd/worker.
+// settled): worker.Capacity of the batch size, min(SOUS_BATCH_MAX,
+// SOUS_ENGINE_PARALLEL), and SOUS_BATCH_CONCURRENCY. Defaults as in
+// cmd/worker.
 func workerCapacity(config map[string]string) (int, error) {
 	get := func(key string, def int) (int, error) {
 		v, ok := config[key]
@@ -873,7 +875,7 @@ func workerCapacity(config map[string]string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return min(batch, parallel) * (conc + 1), nil
+	return worker.Capacity(min(batch, parallel), conc), nil
 }
 
 func checkProbe(c *corev1.Container, name string, p *corev1.Probe, want string) []error {
@@ -1106,7 +1108,7 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)
 	} else if m[valueKey] != strconv.Itoa(capacity) {
-		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL) x (SOUS_BATCH_CONCURRENCY + 1), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
+		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL) x (SOUS_BATCH_CONCURRENCY + 2), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
 	}
 	if act := m[activationKey]; act != "" && act != "0" && so.Spec.MinReplicaCount != nil && *so.Spec.MinReplicaCount == 0 {
 		errs = append(errs, fmt.Errorf("%s: %s %q with minReplicaCount 0 strands up to that many messages; use 0 (activate on the first message)", where, activationKey, act))

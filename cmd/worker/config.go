@@ -16,6 +16,7 @@ import (
 	"github.com/sous-run/sous/internal/gpu"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/sizing"
+	"github.com/sous-run/sous/internal/worker"
 )
 
 // Config is everything the worker reads from its environment. Each field
@@ -200,12 +201,14 @@ func (c Config) validate() error {
 		if c.AMQPConsumerTimeout < 0 {
 			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")
 		}
-		// A prefetched delivery can wait for the batch ahead of it, then
-		// run in its own: two engine calls, a backoff and a batch window.
-		if hold := 2*c.EngineTimeout + c.RetryBackoffMax + c.BatchWait; c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
-			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (2 × SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT), "+
+		// A prefetched delivery can wait for the batches ahead of it, then
+		// run in its own: that many engine calls, a backoff and a batch
+		// window.
+		calls := worker.QueuedEngineCalls(c.BatchConcurrency)
+		if hold := time.Duration(calls)*c.EngineTimeout + c.RetryBackoffMax + c.BatchWait; c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
+			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (%d × SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT at SOUS_BATCH_CONCURRENCY=%d), "+
 				"which reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every batch in flight. "+
-				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, c.AMQPConsumerTimeout)
+				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, calls, c.BatchConcurrency, c.AMQPConsumerTimeout)
 		}
 	case "servicebus":
 		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {

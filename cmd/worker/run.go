@@ -71,7 +71,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	// Start with the prefetch the worker will ask for, so the first batch
 	// does not restart the consumer.
-	prefetch := max(1, sizer.Size()) * (cfg.BatchConcurrency + 1)
+	prefetch := worker.Capacity(sizer.Size(), cfg.BatchConcurrency)
 	broker, closeBroker, err := openBroker(ctx, cfg, prefetch, tel.obs.BrokerReconnected, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)

@@ -25,7 +25,7 @@ import (
 // comes back, and the cycle repeats until the broker's own delivery limit
 // dead-letters it without a reason: nothing is lost, but every cycle
 // wastes an engine call and the producer gets no error result. That is why
-// the worker refuses to start when 2 × SOUS_ENGINE_TIMEOUT +
+// the worker refuses to start when n × SOUS_ENGINE_TIMEOUT +
 // SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT does not fit in
 // SOUS_AMQP_CONSUMER_TIMEOUT (TestConsumerTimeoutEnforced).
 func TestConsumerTimeout(t *testing.T) {
@@ -97,11 +97,13 @@ func TestConsumerTimeoutEnforced(t *testing.T) {
 		want int
 	}{
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=4s", "SOUS_ENGINE_TIMEOUT=20s"}, 2},
-		{[]string{"SOUS_ENGINE_TIMEOUT=15m"}, 2},                                  // 30m default: 2 × 15m + 30s reaches it
+		{[]string{"SOUS_ENGINE_TIMEOUT=10m"}, 2},                                  // 30m default: 3 × 10m + 30s reaches it
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=-1s"}, 2},                           // not a timeout
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=1h", "SOUS_ENGINE_TIMEOUT=15m"}, 0}, // a broker configured for it
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=0", "SOUS_ENGINE_TIMEOUT=2h"}, 0},   // check off
-		{[]string{"SOUS_ENGINE_TIMEOUT=14m"}, 0},
+		{[]string{"SOUS_ENGINE_TIMEOUT=9m"}, 0},                                   // 3 × 9m + 30s
+		{[]string{"SOUS_BATCH_CONCURRENCY=2", "SOUS_ENGINE_TIMEOUT=14m"}, 0},      // 2 × 14m + 30s: two running, two waiting
+		{[]string{"SOUS_BATCH_CONCURRENCY=2", "SOUS_ENGINE_TIMEOUT=15m"}, 2},
 	}
 	for _, tt := range tests {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

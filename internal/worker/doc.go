@@ -11,8 +11,10 @@
 //
 // Concurrency: Run owns three kinds of goroutine and waits for all of them:
 // one receive loop, one dispatcher (which alone owns the batcher), and at
-// most Config.Concurrency batch runners. Deliveries in flight are bounded by
-// batch size × (Concurrency + 1): one batch filling while the others run.
+// most Config.Concurrency batch runners (each also settles its batch after
+// the engine has answered). Deliveries in flight are bounded by Capacity,
+// batch size × (Concurrency + 2): one batch forming, Concurrency batches on
+// the engine, one batch's results being confirmed.
 //
 // Shutdown is staged: when Run's context is cancelled the receive loop stops
 // and the driver requeues what it had prefetched; waiting items are

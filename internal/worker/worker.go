@@ -240,7 +240,30 @@ func (w *Worker) Run(ctx context.Context) error {
 }
 
 func (w *Worker) capacity() int {
-	return max(1, w.sizer.Size()) * (w.cfg.Concurrency + 1)
+	return Capacity(w.sizer.Size(), w.cfg.Concurrency)
+}
+
+// Capacity is the most deliveries a worker holds (received and not yet
+// settled) at a batch size and batch concurrency, and so its prefetch:
+// batchSize × (concurrency + 2). The window covers the three stages a
+// batch goes through: one batch forming, concurrency batches on the
+// engine, and one batch whose results are being confirmed. A batch leaves
+// the engine before its results are confirmed (so the engine never waits
+// for the broker), and without the third stage its confirmations would
+// hold the room the next batch forms in: the worker would wait for the
+// broker's ack-to-delivery round trip after every batch.
+func Capacity(batchSize, concurrency int) int {
+	return max(1, batchSize) * (max(1, concurrency) + 2)
+}
+
+// QueuedEngineCalls bounds how many engine calls a delivery can wait
+// through, its own included, between its receipt and its ack: those of
+// the batches running and forming ahead of it in the window (Capacity),
+// then its own. A broker that takes back deliveries unacknowledged for too
+// long (RabbitMQ's consumer_timeout) must allow that many.
+func QueuedEngineCalls(concurrency int) int {
+	c := max(1, concurrency)
+	return 1 + (2+c-1)/c
 }
 
 // receiveLoop keeps the prefetch at the worker's capacity and hands decoded

@@ -206,6 +206,53 @@ func TestBatchesFormWhileEngineBusy(t *testing.T) {
 	}
 }
 
+// TestNextBatchRunsWhileResultsAreConfirmed: a batch leaves the engine
+// before its results are confirmed, and the window (worker.Capacity) has
+// room for that third stage, so slow confirmations neither idle the engine
+// nor stop the worker from receiving.
+func TestNextBatchRunsWhileResultsAreConfirmed(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{}
+	h := setup(t, worker.Config{}, e)
+	h.s.set(1)
+	confirm := make(chan struct{})
+	release := sync.OnceFunc(func() { close(confirm) })
+	t.Cleanup(release) // before the worker's own cleanup stops it
+	h.b.SetPublishHook(func(queue.Message) error { <-confirm; return nil })
+	for _, id := range []string{"a", "b", "c", "d"} {
+		h.b.Send(id, `{"prompt":"x"}`)
+	}
+	// a's and b's results wait for their confirms; c ran on the engine
+	// meanwhile. Capacity(1, 1) = 3: d stays with the broker.
+	waitFor(t, func() bool { return len(e.sizes()) == 3 && h.w.InFlight() == 3 })
+	if got := h.b.SettledCount(); got != 0 {
+		t.Fatalf("%d settled before any result was confirmed", got)
+	}
+	release()
+	h.b.WaitSettled(t, 4)
+	if n := len(e.sizes()); n != 4 {
+		t.Fatalf("%d engine calls, want 4", n)
+	}
+}
+
+func TestCapacity(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct{ size, conc, capacity, calls int }{
+		{1, 1, 3, 3},
+		{32, 1, 96, 3},
+		{32, 2, 128, 2},
+		{4, 3, 20, 2},
+		{0, 0, 3, 3}, // unset: one item, one batch at a time
+	} {
+		if got := worker.Capacity(tt.size, tt.conc); got != tt.capacity {
+			t.Errorf("Capacity(%d, %d) = %d, want %d", tt.size, tt.conc, got, tt.capacity)
+		}
+		if got := worker.QueuedEngineCalls(tt.conc); got != tt.calls {
+			t.Errorf("QueuedEngineCalls(%d) = %d, want %d", tt.conc, got, tt.calls)
+		}
+	}
+}
+
 func TestShutdownRequeuesWaitingAndFinishesRunning(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{block: make(chan struct{})}

@@ -43,7 +43,9 @@ func (b *MemBroker) Send(id, body string, opts ...func(*queue.Delivery)) {
 }
 
 // SetPublishHook makes every publish call f first; an error from f fails
-// the publish and nothing is recorded.
+// the publish and nothing is recorded. f runs outside the broker's lock, so
+// it may block (a confirm that takes its time) while the broker goes on
+// receiving and settling.
 func (b *MemBroker) SetPublishHook(f func(queue.Message) error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -79,12 +81,15 @@ func (b *MemBroker) Receive(ctx context.Context, max int) ([]*queue.Delivery, er
 // Publish implements the driver contract.
 func (b *MemBroker) Publish(_ context.Context, m queue.Message) error {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.publishHook != nil {
-		if err := b.publishHook(m); err != nil {
+	hook := b.publishHook
+	b.mu.Unlock()
+	if hook != nil {
+		if err := hook(m); err != nil {
 			return err
 		}
 	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.published = append(b.published, m)
 	b.events = append(b.events, "publish:"+m.To+":"+m.CorrelationID)
 	return nil
