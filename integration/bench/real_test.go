@@ -37,7 +37,6 @@ func BenchmarkRealOllama(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Run("design=plain-client-parallel", func(b *testing.B) {
-		start := time.Now()
 		next := make(chan struct{}, b.N)
 		for range b.N {
 			next <- struct{}{}
@@ -55,26 +54,24 @@ func BenchmarkRealOllama(b *testing.B) {
 			})
 		}
 		wg.Wait()
-		perSecond(b, start)
+		perSecond(b)
 	})
 	b.Run("design=one-at-a-time", func(b *testing.B) {
 		e := setup(b)
 		e.model = model
 		e.fillWith(b.N, request)
-		start := time.Now()
 		b.ResetTimer()
 		e.runPlain(eng, 1, b.N)
-		perSecond(b, start)
+		perSecond(b)
 	})
 	for _, conc := range []int{1, 2} {
 		b.Run(fmt.Sprintf("design=sous/concurrency=%d", conc), func(b *testing.B) {
 			e := setup(b)
 			e.model = model
 			e.fillWith(b.N, request)
-			start := time.Now()
 			b.ResetTimer()
 			e.runSous(eng, parallel, conc, b.N)
-			perSecond(b, start)
+			perSecond(b)
 		})
 	}
 }
