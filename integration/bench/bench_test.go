@@ -285,9 +285,29 @@ func (e *env) runPlain(engine worker.Engine, prefetch, n int) {
 	}
 }
 
-// perSecond reports requests per second of timed work.
-func perSecond(b *testing.B) {
-	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
+// perSecond reports requests per second of timed work, and returns it.
+func perSecond(b *testing.B) float64 {
+	rate := float64(b.N) / b.Elapsed().Seconds()
+	b.ReportMetric(rate, "msgs/s")
+	return rate
+}
+
+// baseline remembers a design's rate in one run of a benchmark, so that the
+// designs after it report their ratio to it ("x<unit>"): ratios measured
+// side by side, on the same broker, minutes apart at most.
+type baseline struct {
+	n    int
+	rate float64
+}
+
+func (bl *baseline) set(b *testing.B, rate float64) { bl.n, bl.rate = b.N, rate }
+
+// ratio reports rate / the baseline's, when the baseline ran with the same
+// b.N (it did not run when a -bench pattern left it out).
+func (bl *baseline) ratio(b *testing.B, rate float64, unit string) {
+	if bl.n == b.N && bl.rate > 0 {
+		b.ReportMetric(rate/bl.rate, unit)
+	}
 }
 
 // BenchmarkOverhead: an engine that answers instantly, sous against the
@@ -297,19 +317,20 @@ func perSecond(b *testing.B) {
 func BenchmarkOverhead(b *testing.B) {
 	for _, size := range []int{1, 32} {
 		prefetch := worker.Capacity(size, 1)
+		var plain baseline
 		b.Run(fmt.Sprintf("prefetch=%d/design=plain", prefetch), func(b *testing.B) {
 			e := setup(b)
 			e.fill(b.N)
 			b.ResetTimer()
 			e.runPlain(instant{}, prefetch, b.N)
-			perSecond(b)
+			plain.set(b, perSecond(b))
 		})
 		b.Run(fmt.Sprintf("prefetch=%d/design=sous", prefetch), func(b *testing.B) {
 			e := setup(b)
 			e.fill(b.N)
 			b.ResetTimer()
 			e.runSous(instant{}, size, 1, b.N)
-			perSecond(b)
+			plain.ratio(b, perSecond(b), "xplain")
 		})
 	}
 }
@@ -334,7 +355,7 @@ func BenchmarkBatching(b *testing.B) {
 		g := &gpuSim{fixed: fixed, perItem: perItem, max: size}
 		b.ResetTimer()
 		e.runSous(g, size, 1, b.N)
-		perSecond(b)
+		b.ReportMetric(perSecond(b)/ideal, "xideal")
 		b.ReportMetric(ideal, "ideal-msgs/s")
 		if c := g.calls.Load(); c > 0 {
 			b.ReportMetric(float64(g.items.Load())/float64(c), "items/batch")

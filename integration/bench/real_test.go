@@ -36,12 +36,14 @@ func BenchmarkRealOllama(b *testing.B) {
 	if _, err := eng.Infer(ctx, []inference.Request{one}); err != nil { // load the model
 		b.Fatal(err)
 	}
+	var plain, oneAtATime baseline
 	b.Run("design=plain-client-parallel", func(b *testing.B) {
 		next := make(chan struct{}, b.N)
 		for range b.N {
 			next <- struct{}{}
 		}
 		close(next)
+		b.ResetTimer()
 		var wg sync.WaitGroup
 		for range parallel {
 			wg.Go(func() {
@@ -54,7 +56,7 @@ func BenchmarkRealOllama(b *testing.B) {
 			})
 		}
 		wg.Wait()
-		perSecond(b)
+		plain.set(b, perSecond(b))
 	})
 	b.Run("design=one-at-a-time", func(b *testing.B) {
 		e := setup(b)
@@ -62,7 +64,7 @@ func BenchmarkRealOllama(b *testing.B) {
 		e.fillWith(b.N, request)
 		b.ResetTimer()
 		e.runPlain(eng, 1, b.N)
-		perSecond(b)
+		oneAtATime.set(b, perSecond(b))
 	})
 	for _, conc := range []int{1, 2} {
 		b.Run(fmt.Sprintf("design=sous/concurrency=%d", conc), func(b *testing.B) {
@@ -71,7 +73,9 @@ func BenchmarkRealOllama(b *testing.B) {
 			e.fillWith(b.N, request)
 			b.ResetTimer()
 			e.runSous(eng, parallel, conc, b.N)
-			perSecond(b)
+			rate := perSecond(b)
+			plain.ratio(b, rate, "xplain-client")
+			oneAtATime.ratio(b, rate, "xone-at-a-time")
 		})
 	}
 }
