@@ -24,9 +24,13 @@
 // Without a memory source (no NVML on the node), before the first reading,
 // or without a per-item estimate, the size comes from configuration alone:
 // Max, capped by the ceiling and the engine. Engines that preallocate their
-// KV cache (vLLM, TGI) leave little memory free by design; for them leave
-// the per-item estimate unset and let Max, the engine cap and the ceiling
-// decide.
+// KV cache (Ollama for all its parallel slots when it loads a model, vLLM,
+// TGI) leave little memory free by design and need no more per batch; for
+// them leave the per-item estimate unset and let Max, the engine cap and
+// the ceiling decide. The estimate is configuration, not read from the
+// engine, for that reason: Ollama's /api/show reports the model's maximum
+// context length and its architecture, but not the context it allocates per
+// slot, and the memory is already taken when it could be read.
 //
 // Every Decision names its binding limit: "memory", "max", "min", "config",
 // "ceiling" or "engine".
