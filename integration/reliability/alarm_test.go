@@ -40,9 +40,7 @@ func TestResourceAlarm(t *testing.T) {
 			q := names(t)
 			w := startWorker(t, workerOpts{queue: q, brokerURL: node.URL(), engineURL: eng.URL(),
 				env: []string{"SOUS_LOG_LEVEL=info", fmt.Sprintf("SOUS_BATCH_MAX=%d", batch)}})
-			l := newLedger()
-			l.follow(t, node.URL(), q+".results", "results", nil)
-			l.follow(t, node.URL(), q+".dlq", "dead", nil)
+			l := watch(t, node.URL(), q)
 			c := newClient(t, node.URL())
 			const n = 300
 			ids := c.publishRequests(q, "a", n)

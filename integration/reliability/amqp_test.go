@@ -172,6 +172,16 @@ func newLedger() *ledger {
 	return &ledger{results: map[string]map[[32]byte]bool{}, errors: map[string]wire.Result{}, dead: map[string][]amqp.Delivery{}, deadSet: map[string]map[[32]byte]bool{}}
 }
 
+// watch returns a ledger that follows the results and dead-letter queues
+// of the request queue q (q.results, q.dlq) until the test ends.
+func watch(t testing.TB, url, q string) *ledger {
+	t.Helper()
+	l := newLedger()
+	l.follow(t, url, q+".results", "results", nil)
+	l.follow(t, url, q+".dlq", "dead", nil)
+	return l
+}
+
 // follow consumes q into the ledger until the test ends, reconnecting when
 // the broker goes away: kind is "results" or "dead". Deliveries are acked
 // after they are recorded.

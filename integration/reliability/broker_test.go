@@ -19,9 +19,7 @@ func TestBrokerRestart(t *testing.T) {
 	eng.setDelay(100 * time.Millisecond)
 	q := names(t)
 	w := startWorker(t, workerOpts{queue: q, brokerURL: node.URL(), engineURL: eng.URL()})
-	l := newLedger()
-	l.follow(t, node.URL(), q+".results", "results", nil)
-	l.follow(t, node.URL(), q+".dlq", "dead", nil)
+	l := watch(t, node.URL(), q)
 	c := newClient(t, node.URL())
 	const n = 400
 	ids := c.publishRequests(q, "b", n)

@@ -33,9 +33,7 @@ func TestSIGTERMUnderLoad(t *testing.T) {
 			q := names(t)
 			w := startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), env: []string{
 				fmt.Sprintf("SOUS_DRAIN_TIMEOUT=%s", tt.drain), "SOUS_LOG_LEVEL=info"}})
-			l := newLedger()
-			l.follow(t, sharedURL, q+".results", "results", nil)
-			l.follow(t, sharedURL, q+".dlq", "dead", nil)
+			l := watch(t, sharedURL, q)
 			c := newClient(t, sharedURL)
 			ids := c.publishRequests(q, "d", tt.n)
 			waitUntil(t, 60*time.Second, "a batch in flight", func() bool {
@@ -109,9 +107,7 @@ func TestDrainCutOffOnLastAttempt(t *testing.T) {
 	q := names(t)
 	opts := workerOpts{queue: q, engineURL: eng.URL(), env: []string{"SOUS_DRAIN_TIMEOUT=2s", "SOUS_MAX_ATTEMPTS=2", "SOUS_LOG_LEVEL=info"}}
 	w := startWorker(t, opts)
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	c := newClient(t, sharedURL)
 	ids := c.publishRequests(q, "last", 1)
 	waitUntil(t, 30*time.Second, "attempt 1 on the engine", func() bool { return eng.calls.Load() >= 1 && eng.inflight.Load() >= 1 })

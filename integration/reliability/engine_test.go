@@ -24,9 +24,7 @@ func TestOllamaKilledMidBatch(t *testing.T) {
 		"SOUS_MODELS_ALLOWED=tiny," + ollamatest.EndlessModelName, "SOUS_MAX_NUM_PREDICT=100000",
 		"SOUS_RETRY_BACKOFF=500ms", "SOUS_RETRY_BACKOFF_MAX=30s", "SOUS_BATCH_MAX=4",
 	}})
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	c := newClient(t, sharedURL)
 	const n = 8
 	var ids []string
@@ -72,9 +70,7 @@ func TestEngineHangs(t *testing.T) {
 	q := names(t)
 	w := startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), env: []string{
 		"SOUS_ENGINE_TIMEOUT=1s", "SOUS_MAX_ATTEMPTS=3"}})
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	c := newClient(t, sharedURL)
 	start := time.Now()
 	hung := c.publishRequests(q, "h", 4)
@@ -130,9 +126,7 @@ func TestEngineOutageDeadLetters(t *testing.T) {
 			q := names(t)
 			startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), probe: "/healthz", env: []string{
 				"SOUS_RETRY_BACKOFF=500ms", "SOUS_RETRY_BACKOFF_MAX=30s", "SOUS_MAX_ATTEMPTS=5", "SOUS_LOG_LEVEL=info"}})
-			l := newLedger()
-			l.follow(t, sharedURL, q+".results", "results", nil)
-			l.follow(t, sharedURL, q+".dlq", "dead", nil)
+			l := watch(t, sharedURL, q)
 			c := newClient(t, sharedURL)
 			ids := c.publishRequests(q, "u", n)
 			time.Sleep(outage)

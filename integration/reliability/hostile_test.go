@@ -239,9 +239,7 @@ func TestHostileReplyTo(t *testing.T) {
 	eng := newFakeEngine(t)
 	q := names(t)
 	w := startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), env: []string{"SOUS_LOG_LEVEL=info"}})
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	c := newClient(t, sharedURL)
 	cases := []struct{ id, replyTo string }{
 		{"missing_queue", "sous-rel-no-such-queue"},

@@ -23,9 +23,7 @@ func TestWorkerSIGKILLLoop(t *testing.T) {
 	eng := newFakeEngine(t)
 	eng.setDelay(100 * time.Millisecond)
 	q := names(t)
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	opts := workerOpts{queue: q, engineURL: eng.URL(), env: []string{"SOUS_LOG_LEVEL=info"}}
 	w := startWorker(t, opts) // declares the queues
 	c := newClient(t, sharedURL)

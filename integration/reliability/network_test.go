@@ -84,9 +84,7 @@ func TestNetworkFaults(t *testing.T) {
 			x := newToxic(t, strings.TrimPrefix(strings.TrimSuffix(sharedURL, "/"), "amqp://guest:guest@"))
 			q := names(t)
 			w := startWorker(t, workerOpts{queue: q, brokerURL: x.url(), engineURL: eng.URL()})
-			l := newLedger()
-			l.follow(t, sharedURL, q+".results", "results", nil)
-			l.follow(t, sharedURL, q+".dlq", "dead", nil)
+			l := watch(t, sharedURL, q)
 			c := newClient(t, sharedURL)
 			const n = 200
 			ids := c.publishRequests(q, "n", n)

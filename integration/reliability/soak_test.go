@@ -38,9 +38,7 @@ func TestSoak(t *testing.T) {
 	q := names(t)
 	w := startWorker(t, workerOpts{bin: plainWorker(t), queue: q, engineURL: eng.URL(), env: []string{
 		"SOUS_PPROF=true", "SOUS_LOG_LEVEL=info", "SOUS_BATCH_MAX=32", "SOUS_ENGINE_PARALLEL=32"}})
-	l := newLedger()
-	l.follow(t, sharedURL, q+".results", "results", nil)
-	l.follow(t, sharedURL, q+".dlq", "dead", nil)
+	l := watch(t, sharedURL, q)
 	c := newClient(t, sharedURL)
 
 	// Warm up: the engine client's connection pool and the first batches.

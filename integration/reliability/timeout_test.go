@@ -53,9 +53,7 @@ func TestConsumerTimeout(t *testing.T) {
 			w := startWorker(t, workerOpts{queue: q, brokerURL: node.URL(), engineURL: eng.URL(), env: []string{
 				"SOUS_ENGINE_TIMEOUT=" + tt.engineTimeout, "SOUS_MAX_ATTEMPTS=3",
 				"SOUS_AMQP_CONSUMER_TIMEOUT=" + tt.consumerTimeout, "SOUS_LOG_LEVEL=info"}})
-			l := newLedger()
-			l.follow(t, node.URL(), q+".results", "results", nil)
-			l.follow(t, node.URL(), q+".dlq", "dead", nil)
+			l := watch(t, node.URL(), q)
 			c := newClient(t, node.URL())
 			start := time.Now()
 			ids := c.publishRequests(q, "t", 1)
