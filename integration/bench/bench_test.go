@@ -192,14 +192,12 @@ func (c *ackCounter) Done(_ context.Context, _ *queue.Delivery, o worker.Outcome
 
 // runSous runs the sous worker in-process on the env's queue until it has
 // acked n requests, then checks their results with the timer stopped.
-// Connecting the driver is not timed (the plain loop reuses a connection).
+// Connecting the driver is timed: the driver starts consuming as it
+// connects, as the plain loop does when it consumes.
 func (e *env) runSous(engine worker.Engine, size, concurrency int, n int) {
 	e.b.Helper()
-	e.b.StopTimer()
 	c := &ackCounter{n: int64(n), done: make(chan struct{})}
-	run := e.openSous(engine, size, concurrency, c)
-	e.b.StartTimer()
-	stop := run()
+	stop := e.startSous(engine, size, concurrency, c)
 	select {
 	case <-c.done:
 	case <-time.After(5 * time.Minute):
@@ -211,17 +209,13 @@ func (e *env) runSous(engine worker.Engine, size, concurrency int, n int) {
 	e.b.StartTimer()
 }
 
-// startSous starts an in-process worker; stop drains it.
-func (e *env) startSous(engine worker.Engine, size, concurrency int) (stop func()) {
-	return e.openSous(engine, size, concurrency, nil)()
-}
-
-// openSous connects a driver for an in-process worker; run starts the
-// worker, and the stop it returns drains it.
-func (e *env) openSous(engine worker.Engine, size, concurrency int, obs worker.Observer) (run func() (stop func())) {
+// startSous connects a driver and starts an in-process worker on it; stop
+// drains the worker. obs may be nil.
+func (e *env) startSous(engine worker.Engine, size, concurrency int, obs worker.Observer) (stop func()) {
 	e.b.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctx, cancel := context.WithCancel(context.Background())
+	e.b.Cleanup(cancel) // a failed benchmark does not leave the worker running
 	d, err := rabbitmq.Open(ctx, rabbitmq.Config{URL: secret.Value(brokerURL), Queue: e.queue, DeadLetterQueue: e.queue + ".dlq", Consume: true, Prefetch: worker.Capacity(size, concurrency)}, log)
 	if err != nil {
 		e.b.Fatal(err)
@@ -230,16 +224,14 @@ func (e *env) openSous(engine worker.Engine, size, concurrency int, obs worker.O
 		WorkerID: "bench", ResultsQueue: e.results, Concurrency: concurrency, BatchWait: 5 * time.Millisecond,
 		Limits: e.limits(), Observer: obs,
 	}, d, engine, fixedSizer(size), log)
-	return func() func() {
-		done := make(chan error, 1)
-		go func() { done <- w.Run(ctx) }()
-		return func() {
-			cancel()
-			if err := <-done; err != nil {
-				e.b.Fatal(err)
-			}
-			_ = d.Close()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	return func() {
+		cancel()
+		if err := <-done; err != nil {
+			e.b.Fatal(err)
 		}
+		_ = d.Close()
 	}
 }
 

@@ -36,7 +36,7 @@ func newHTTPEngine(b *testing.B) *ollama.Engine {
 // returns each publish-to-result latency.
 func (e *env) roundTrips(engine worker.Engine, n int) []time.Duration {
 	e.b.Helper()
-	stop := e.startSous(engine, 4, 1)
+	stop := e.startSous(engine, 4, 1, nil)
 	defer stop()
 	ch, err := e.conn.Channel()
 	if err != nil {

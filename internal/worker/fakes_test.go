@@ -106,8 +106,14 @@ func setup(t *testing.T, cfg worker.Config, e *fakeEngine) *harness {
 	return setupEngine(t, cfg, e, e)
 }
 
-// setupEngine runs a worker on eng, whose calls fe records.
+// setupEngine runs a worker on eng, whose calls fe records, at batch size 4.
 func setupEngine(t *testing.T, cfg worker.Config, eng worker.Engine, fe *fakeEngine) *harness {
+	t.Helper()
+	return setupSized(t, cfg, eng, fe, 4)
+}
+
+// setupSized is setupEngine with the batch size the worker starts at.
+func setupSized(t *testing.T, cfg worker.Config, eng worker.Engine, fe *fakeEngine, size int) *harness {
 	t.Helper()
 	e := fe
 	if cfg.Limits.MaxBodyBytes == 0 {
@@ -118,7 +124,7 @@ func setupEngine(t *testing.T, cfg worker.Config, eng worker.Engine, fe *fakeEng
 	if cfg.RetryBackoff == 0 {
 		cfg.RetryBackoff = time.Millisecond
 	}
-	h := &harness{b: queuetest.NewMemBroker(), e: e, s: &fixedSizer{size: 4}, done: make(chan error, 1)}
+	h := &harness{b: queuetest.NewMemBroker(), e: e, s: &fixedSizer{size: size}, done: make(chan error, 1)}
 	h.w = worker.New(cfg, h.b, eng, h.s, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel

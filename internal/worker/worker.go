@@ -257,13 +257,19 @@ func Capacity(batchSize, concurrency int) int {
 }
 
 // QueuedEngineCalls bounds how many engine calls a delivery can wait
-// through, its own included, between its receipt and its ack: those of
-// the batches running and forming ahead of it in the window (Capacity),
-// then its own. A broker that takes back deliveries unacknowledged for too
-// long (RabbitMQ's consumer_timeout) must allow that many.
+// through, its own included, between its receipt and its ack. The worst
+// case is a window (Capacity) that fills while the engine runs concurrency
+// small batches (an idle engine gets a batch of one at once): the rest of
+// the window is up to concurrency + 2 full batches, the delivery in the
+// last of them waits for a running batch to end, then for those batches
+// to run, concurrency at a time: 1 + ceil((concurrency + 2) / concurrency)
+// calls, 4 at concurrency 1 and 3 above. Not counted: a batch the engine
+// refuses and that is retried in halves or item by item within its slot.
+// A broker that takes back deliveries unacknowledged for too long
+// (RabbitMQ's consumer_timeout) must allow that many.
 func QueuedEngineCalls(concurrency int) int {
 	c := max(1, concurrency)
-	return 1 + (2+c-1)/c
+	return 1 + (c+2+c-1)/c
 }
 
 // receiveLoop keeps the prefetch at the worker's capacity and hands decoded

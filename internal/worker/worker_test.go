@@ -213,8 +213,7 @@ func TestBatchesFormWhileEngineBusy(t *testing.T) {
 func TestNextBatchRunsWhileResultsAreConfirmed(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{}
-	h := setup(t, worker.Config{}, e)
-	h.s.set(1)
+	h := setupSized(t, worker.Config{}, e, e, 1) // from the start: no window of 4 × 3
 	confirm := make(chan struct{})
 	release := sync.OnceFunc(func() { close(confirm) })
 	t.Cleanup(release) // before the worker's own cleanup stops it
@@ -235,14 +234,38 @@ func TestNextBatchRunsWhileResultsAreConfirmed(t *testing.T) {
 	}
 }
 
+// TestQueuedEngineCallsIsReached: the worst case QueuedEngineCalls counts
+// happens. A request alone on the idle engine, then a burst that fills the
+// window: the burst's last delivery waits for the running call and two
+// full batches before its own.
+func TestQueuedEngineCallsIsReached(t *testing.T) {
+	t.Parallel()
+	e := &fakeEngine{block: make(chan struct{})}
+	h := setupSized(t, worker.Config{}, e, e, 4)
+	h.b.Send("first", `{"prompt":"x"}`)
+	waitFor(t, func() bool { return len(e.sizes()) == 1 })
+	window := worker.Capacity(4, 1)
+	for i := 1; i < window; i++ {
+		h.b.Send(fmt.Sprint("burst-", i), `{"prompt":"x"}`)
+	}
+	waitFor(t, func() bool { return h.w.InFlight() == window })
+	close(e.block)
+	h.b.WaitSettled(t, window)
+	got := e.sizes()
+	if !slices.Equal(got, []int{1, 4, 4, 3}) || len(got) != worker.QueuedEngineCalls(1) {
+		t.Fatalf("engine calls %v, want [1 4 4 3]: %d calls for the last delivery, QueuedEngineCalls(1) = %d", got, len(got), worker.QueuedEngineCalls(1))
+	}
+}
+
 func TestCapacity(t *testing.T) {
 	t.Parallel()
 	for _, tt := range []struct{ size, conc, capacity, calls int }{
-		{1, 1, 3, 3},
-		{32, 1, 96, 3},
-		{32, 2, 128, 2},
-		{4, 3, 20, 2},
-		{0, 0, 3, 3}, // unset: one item, one batch at a time
+		{1, 1, 3, 4},
+		{32, 1, 96, 4},
+		{32, 2, 128, 3},
+		{4, 3, 20, 3},
+		{4, 8, 40, 3},
+		{0, 0, 3, 4}, // unset: one item, one batch at a time
 	} {
 		if got := worker.Capacity(tt.size, tt.conc); got != tt.capacity {
 			t.Errorf("Capacity(%d, %d) = %d, want %d", tt.size, tt.conc, got, tt.capacity)
