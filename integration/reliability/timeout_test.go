@@ -15,7 +15,8 @@ import (
 // consumer_timeout is 4s (checked every 500ms; RabbitMQ 3.10's default is
 // 30 min, checked every minute).
 //
-// Within the limit (SOUS_ENGINE_TIMEOUT=1s) the worker cuts each engine
+// Within the limit (SOUS_ENGINE_TIMEOUT=800ms: 4 × 800ms + 200ms backoff +
+// 20ms batch window is under 4s) the worker cuts each engine
 // call, requeues, and dead-letters after SOUS_MAX_ATTEMPTS with its own
 // reason; the broker never closes its channel.
 //
@@ -41,7 +42,7 @@ func TestConsumerTimeout(t *testing.T) {
 		consumerTimeout string
 		within          bool
 	}{
-		{name: "within", engineTimeout: "1s", consumerTimeout: "4s", within: true},
+		{name: "within", engineTimeout: "800ms", consumerTimeout: "4s", within: true},
 		{name: "beyond", engineTimeout: "20s", consumerTimeout: "0"},
 	}
 	for _, tt := range tests {
