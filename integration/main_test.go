@@ -65,42 +65,19 @@ func testMain(m *testing.M) int {
 	}
 	defer ollama.Stop(context.Background())
 	code := m.Run()
-	deleteQueues()
+	queues.Delete(brokerURL)
 	return code
 }
 
 // names returns fresh queue names for one test.
 func names(t *testing.T) (requests, results string) {
 	base := fmt.Sprintf("sous-it-%s-%d-%d", strings.ReplaceAll(t.Name(), "/", "-"), os.Getpid(), seq.Add(1))
-	remember(base, base+".dlq", base+".results", base+".replies")
+	queues.Add(base, base+".dlq", base+".results", base+".replies")
 	return base, base + ".results"
 }
 
-var (
-	queuesMu sync.Mutex
-	queues   []string
-)
-
-func remember(qs ...string) {
-	queuesMu.Lock()
-	defer queuesMu.Unlock()
-	queues = append(queues, qs...)
-}
-
-func deleteQueues() {
-	conn, err := amqp.Dial(brokerURL)
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return
-	}
-	for _, q := range queues {
-		_, _ = ch.QueueDelete(q, false, false, false)
-	}
-}
+// queues are deleted from the shared broker after the run.
+var queues itest.Queues
 
 // workerProc is a running worker binary.
 type workerProc = itest.Worker

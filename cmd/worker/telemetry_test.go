@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,6 +12,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/sizing"
@@ -71,16 +71,6 @@ func TestTelemetryConfig(t *testing.T) {
 	}
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 type alwaysReady struct{}
 
 func (alwaysReady) Ready(context.Context) error { return nil }
@@ -90,7 +80,7 @@ func (alwaysReady) Ready(context.Context) error { return nil }
 // under their Prometheus names.
 func TestMetricsEndpoint(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	addr := freeAddr(t)
+	addr := itest.FreeAddr(t)
 	cfg, err := loadConfig([]string{
 		"SOUS_MODEL=tiny", "SOUS_HTTP_ADDR=" + addr, "SOUS_WORKER_ID=w-metrics",
 		"SOUS_AMQP_URL=amqp://sous:s3cretpw@broker:5672/",
@@ -191,7 +181,7 @@ func TestMetricsEndpoint(t *testing.T) {
 // With metrics turned off there is no /metrics route.
 func TestMetricsEndpointOff(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	addr := freeAddr(t)
+	addr := itest.FreeAddr(t)
 	cfg, err := loadConfig([]string{"SOUS_MODEL=tiny", "SOUS_HTTP_ADDR=" + addr, "OTEL_SDK_DISABLED=true"})
 	if err != nil {
 		t.Fatal(err)

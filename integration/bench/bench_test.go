@@ -9,13 +9,13 @@ import (
 	"log/slog"
 	"os"
 	"sort"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
@@ -27,7 +27,7 @@ import (
 var (
 	brokerURL = "amqp://guest:guest@127.0.0.1:5672/"
 	seq       atomic.Int64
-	declared  sync.Map
+	declared  itest.Queues // deleted after the run
 )
 
 func TestMain(m *testing.M) {
@@ -35,12 +35,7 @@ func TestMain(m *testing.M) {
 		brokerURL = u
 	}
 	code := m.Run()
-	if conn, err := amqp.Dial(brokerURL); err == nil {
-		if ch, err := conn.Channel(); err == nil {
-			declared.Range(func(k, _ any) bool { _, _ = ch.QueueDelete(k.(string), false, false, false); return true })
-		}
-		conn.Close()
-	}
+	declared.Delete(brokerURL)
 	os.Exit(code)
 }
 
@@ -115,7 +110,7 @@ func setup(b *testing.B) *env {
 	q := fmt.Sprintf("sous-bench-%d-%d", os.Getpid(), seq.Add(1))
 	e := &env{b: b, conn: conn, ch: ch, queue: q, results: q + ".results", model: "tiny"}
 	for _, name := range []string{q, q + ".dlq", e.results} {
-		declared.Store(name, true)
+		declared.Add(name)
 		if _, err := ch.QueueDeclare(name, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
 			b.Fatal(err)
 		}

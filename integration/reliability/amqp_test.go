@@ -31,15 +31,17 @@ func newClient(t testing.TB, url string) *client {
 	return newClientTLS(t, url, nil)
 }
 
+// dial connects to url, with TLS when tc is set.
+func dial(url string, tc *tls.Config) (*amqp.Connection, error) {
+	if tc != nil {
+		return amqp.DialTLS(url, tc)
+	}
+	return amqp.Dial(url)
+}
+
 func newClientTLS(t testing.TB, url string, tc *tls.Config) *client {
 	t.Helper()
-	var conn *amqp.Connection
-	var err error
-	if tc != nil {
-		conn, err = amqp.DialTLS(url, tc)
-	} else {
-		conn, err = amqp.Dial(url)
-	}
+	conn, err := dial(url, tc)
 	if err != nil {
 		t.Fatalf("connect to RabbitMQ at %s (the shared broker: `rabbitmq-server -detached`): %v", redactURL(url), err)
 	}
@@ -237,13 +239,7 @@ type follower struct {
 }
 
 func dialFollow(url, q string, tc *tls.Config) (*follower, error) {
-	var conn *amqp.Connection
-	var err error
-	if tc != nil {
-		conn, err = amqp.DialTLS(url, tc)
-	} else {
-		conn, err = amqp.Dial(url)
-	}
+	conn, err := dial(url, tc)
 	if err != nil {
 		return nil, err
 	}

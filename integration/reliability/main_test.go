@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	amqp "github.com/rabbitmq/amqp091-go"
 	"go.uber.org/goleak"
 
 	"github.com/sous-run/sous/integration/itest"
@@ -51,7 +50,7 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	code := m.Run()
-	deleteSharedQueues()
+	queues.Delete(sharedURL)
 	stopAllNodes() // normally a no-op: each test stops its own
 	if code == 0 {
 		if err := goleak.Find(
@@ -94,33 +93,12 @@ func plainWorker(t testing.TB) string {
 // broker; its .dlq and .results are deleted at the end of the run.
 func names(t testing.TB) string {
 	base := fmt.Sprintf("sous-rel-%s-%d-%d", strings.NewReplacer("/", "-", " ", "_").Replace(t.Name()), os.Getpid(), seq.Add(1))
-	queuesMu.Lock()
-	queues = append(queues, base, base+".dlq", base+".results", base+".replies")
-	queuesMu.Unlock()
+	queues.Add(base, base+".dlq", base+".results", base+".replies")
 	return base
 }
 
-var (
-	queuesMu sync.Mutex
-	queues   []string
-)
-
-func deleteSharedQueues() {
-	conn, err := amqp.Dial(sharedURL)
-	if err != nil {
-		return
-	}
-	defer conn.Close()
-	ch, err := conn.Channel()
-	if err != nil {
-		return
-	}
-	queuesMu.Lock()
-	defer queuesMu.Unlock()
-	for _, q := range queues {
-		_, _ = ch.QueueDelete(q, false, false, false)
-	}
-}
+// queues are deleted from the shared broker after the run.
+var queues itest.Queues
 
 // workerProc is a running worker binary.
 type workerProc = itest.Worker

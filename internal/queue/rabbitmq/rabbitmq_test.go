@@ -10,12 +10,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/queue/queuetest"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 )
 
-var seq atomic.Int64
+var (
+	seq      atomic.Int64
+	declared itest.Queues // deleted from the shared broker after the run
+)
 
 func brokerURL() string {
 	if u := os.Getenv("RABBITMQ_URL"); u != "" {
@@ -27,7 +31,7 @@ func brokerURL() string {
 func open(t *testing.T, cfg rabbitmq.Config) *rabbitmq.Driver {
 	t.Helper()
 	cfg.URL = secret.Value(brokerURL())
-	remember(cfg.Queue, cfg.DeadLetterQueue)
+	declared.Add(cfg.Queue, cfg.DeadLetterQueue)
 	cfg.Declare = true
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -56,6 +60,6 @@ func TestContract(t *testing.T) {
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	cleanupQueues()
+	declared.Delete(brokerURL())
 	os.Exit(code)
 }
