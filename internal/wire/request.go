@@ -54,6 +54,15 @@ type Decoded struct {
 	Req      inference.Request
 }
 
+// BatchKey groups requests that may share one engine call: the same kind,
+// model, options, output format and stream flag. Anything a request adds
+// that an engine would apply to a whole call belongs in it. Map keys are
+// marshalled sorted, so equal options give equal keys.
+func (d *Decoded) BatchKey() string {
+	opts, _ := json.Marshal(d.Req.Options)
+	return fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%t", d.Req.Kind, d.Req.Model, opts, d.Req.Format, d.Stream)
+}
+
 // Reason codes for rejected input; they appear in dead-letter headers and
 // error results.
 const (

@@ -348,8 +348,7 @@ func (w *Worker) decode(ctx context.Context, d *queue.Delivery) *item {
 	if dec.ID == "" {
 		dec.ID = d.CorrelationKey()
 	}
-	opts, _ := json.Marshal(dec.Req.Options) // map keys are sorted: a stable key
-	it.key = fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%t", dec.Req.Kind, dec.Req.Model, opts, dec.Req.Format, dec.Stream)
+	it.key = dec.BatchKey()
 	return it
 }
 
