@@ -848,9 +848,10 @@ func keepAlive(config map[string]string) (time.Duration, error) {
 }
 
 // workerCapacity is the most messages one worker holds (received, not yet
-// settled): worker.Capacity of the batch size, min(SOUS_BATCH_MAX,
-// SOUS_ENGINE_PARALLEL), and SOUS_BATCH_CONCURRENCY. Defaults as in
-// cmd/worker.
+// settled): worker.Capacity of the in-flight limit, min(SOUS_BATCH_MAX,
+// SOUS_ENGINE_PARALLEL). Defaults as in cmd/worker (an auto
+// SOUS_ENGINE_PARALLEL counts as the default 4: a manifest must say the
+// slots for KEDA's value to be right).
 func workerCapacity(config map[string]string) (int, error) {
 	get := func(key string, def int) (int, error) {
 		v, ok := config[key]
@@ -871,11 +872,7 @@ func workerCapacity(config map[string]string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	conc, err := get("SOUS_BATCH_CONCURRENCY", 1)
-	if err != nil {
-		return 0, err
-	}
-	return worker.Capacity(min(batch, parallel), conc), nil
+	return worker.Capacity(min(batch, parallel)), nil
 }
 
 func checkProbe(c *corev1.Container, name string, p *corev1.Probe, want string) []error {
@@ -1108,7 +1105,7 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)
 	} else if m[valueKey] != strconv.Itoa(capacity) {
-		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL) x (SOUS_BATCH_CONCURRENCY + 2), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
+		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = 3 x min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
 	}
 	if act := m[activationKey]; act != "" && act != "0" && so.Spec.MinReplicaCount != nil && *so.Spec.MinReplicaCount == 0 {
 		errs = append(errs, fmt.Errorf("%s: %s %q with minReplicaCount 0 strands up to that many messages; use 0 (activate on the first message)", where, activationKey, act))

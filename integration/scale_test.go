@@ -95,15 +95,15 @@ func TestScaleToZeroSemantics(t *testing.T) {
 	}
 }
 
-// TestPrefetchFollowsBatchSize: the broker holds what the worker is not
-// working on. The worker's consumer prefetch is batch size × (batch
-// concurrency + 2), read back from the management API.
-func TestPrefetchFollowsBatchSize(t *testing.T) {
+// TestPrefetchFollowsTheInFlightLimit: the broker holds what the worker is
+// not working on. The worker's consumer prefetch is 3 × the in-flight limit
+// (worker.Capacity), read back from the management API.
+func TestPrefetchFollowsTheInFlightLimit(t *testing.T) {
 	t.Parallel()
 	q, _ := names(t)
-	startWorker(t, q, "SOUS_BATCH_MAX=3", "SOUS_ENGINE_PARALLEL=8", "SOUS_BATCH_CONCURRENCY=2")
+	startWorker(t, q, "SOUS_BATCH_MAX=3", "SOUS_ENGINE_PARALLEL=8")
 	waitUntil(t, 30*time.Second, "the consumer's prefetch in the management API", func() bool {
-		return consumerPrefetch(t, q) == 3*(2+2)
+		return consumerPrefetch(t, q) == 3*3
 	})
 }
 

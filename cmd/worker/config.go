@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,7 +59,7 @@ type Config struct {
 	EngineAPIKey       secret.Value  `env:"SOUS_ENGINE_API_KEY"`
 	EngineAPIKeyFile   string        `env:"SOUS_ENGINE_API_KEY_FILE"`
 	EngineTimeout      time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
-	EngineParallel     int           `env:"SOUS_ENGINE_PARALLEL" envDefault:"4"`
+	EngineParallel     string        `env:"SOUS_ENGINE_PARALLEL" envDefault:"auto"`
 	EngineKeepAlive    time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
 	EngineExec         string        `env:"SOUS_ENGINE_EXEC"`
 	EngineStartTimeout time.Duration `env:"SOUS_ENGINE_START_TIMEOUT" envDefault:"5m"`
@@ -70,7 +71,7 @@ type Config struct {
 	BatchMin         int           `env:"SOUS_BATCH_MIN" envDefault:"1"`
 	BatchMax         int           `env:"SOUS_BATCH_MAX" envDefault:"32"`
 	BatchWait        time.Duration `env:"SOUS_BATCH_WAIT" envDefault:"20ms"`
-	BatchConcurrency int           `env:"SOUS_BATCH_CONCURRENCY" envDefault:"1"`
+	BatchConcurrency int           `env:"SOUS_BATCH_CONCURRENCY"`
 	BatchItemBytes   int64         `env:"SOUS_BATCH_ITEM_BYTES" envDefault:"0"`
 	BatchGrowthStep  int           `env:"SOUS_BATCH_GROWTH_STEP" envDefault:"1"`
 
@@ -201,14 +202,12 @@ func (c Config) validate() error {
 		if c.AMQPConsumerTimeout < 0 {
 			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")
 		}
-		// A prefetched delivery can wait for the batches ahead of it, then
-		// run in its own: that many engine calls, a backoff and a batch
-		// window.
-		calls := worker.QueuedEngineCalls(c.BatchConcurrency)
-		if hold := time.Duration(calls)*c.EngineTimeout + c.RetryBackoffMax + c.BatchWait; c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
-			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (%d × SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT at SOUS_BATCH_CONCURRENCY=%d), "+
-				"which reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every batch in flight. "+
-				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, calls, c.BatchConcurrency, c.AMQPConsumerTimeout)
+		// A prefetched delivery can wait for the calls ahead of it, then run
+		// in its own, with pauses after overloads (worker.HoldBound).
+		if hold := worker.HoldBound(c.EngineTimeout, c.RetryBackoffMax, c.BatchWait, c.MaxAttempts); c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
+			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (2 × SOUS_ENGINE_TIMEOUT + (SOUS_MAX_ATTEMPTS + 1) × SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT), "+
+				"which reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every request in flight. "+
+				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, c.AMQPConsumerTimeout)
 		}
 	case "servicebus":
 		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
@@ -254,8 +253,8 @@ func (c Config) validate() error {
 		name string
 		v    int64
 	}{
-		{"SOUS_ENGINE_PARALLEL", int64(c.EngineParallel)}, {"SOUS_BATCH_MIN", int64(c.BatchMin)}, {"SOUS_BATCH_MAX", int64(c.BatchMax)},
-		{"SOUS_BATCH_CONCURRENCY", int64(c.BatchConcurrency)}, {"SOUS_MAX_ATTEMPTS", int64(c.MaxAttempts)},
+		{"SOUS_BATCH_MIN", int64(c.BatchMin)}, {"SOUS_BATCH_MAX", int64(c.BatchMax)},
+		{"SOUS_MAX_ATTEMPTS", int64(c.MaxAttempts)},
 		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
 		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_STREAM_BYTES", int64(c.StreamBytes)},
 		{"SOUS_ENGINE_TIMEOUT", int64(c.EngineTimeout)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
@@ -266,6 +265,12 @@ func (c Config) validate() error {
 		if p.v <= 0 {
 			return bad(p.name, "must be greater than zero")
 		}
+	}
+	if c.BatchConcurrency < 0 {
+		return bad("SOUS_BATCH_CONCURRENCY", "has no effect any more (requests are dispatched continuously up to the in-flight limit); unset it")
+	}
+	if _, err := c.engineParallel(); err != nil {
+		return err
 	}
 	if c.BatchMin > c.BatchMax {
 		return bad("SOUS_BATCH_MIN", "is %d, above SOUS_BATCH_MAX (%d)", c.BatchMin, c.BatchMax)
@@ -327,6 +332,33 @@ func configFieldTags() map[string]string {
 	return out
 }
 
+// defaultEngineParallel is the engine's slot count when the engine cannot
+// say it and SOUS_ENGINE_PARALLEL is auto: Ollama's OLLAMA_NUM_PARALLEL
+// default on a GPU with room.
+const defaultEngineParallel = 4
+
+// engineParallel is SOUS_ENGINE_PARALLEL: 0 for auto (ask the engine), or
+// the slots it was set to.
+func (c Config) engineParallel() (int, error) {
+	if c.EngineParallel == "auto" || c.EngineParallel == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(c.EngineParallel)
+	if err != nil || n < 1 || n > 4096 {
+		return 0, bad("SOUS_ENGINE_PARALLEL", "must be auto (ask the engine, else %d) or the engine's parallel slots, 1 to 4096; got %q", defaultEngineParallel, c.EngineParallel)
+	}
+	return n, nil
+}
+
+// fixedParallel is the slot count the sizer starts with: the configured
+// one, or the default until the engine says otherwise.
+func (c Config) fixedParallel() int {
+	if n, _ := c.engineParallel(); n > 0 {
+		return n
+	}
+	return max(defaultEngineParallel, c.BatchMin)
+}
+
 func (c Config) sizingConfig() sizing.Config {
 	return sizing.Config{
 		Min:             c.BatchMin,
@@ -335,7 +367,7 @@ func (c Config) sizingConfig() sizing.Config {
 		BytesPerItem:    c.BatchItemBytes,
 		ContextLength:   c.ModelContextLength,
 		KVBytesPerToken: c.KVBytesPerToken,
-		EngineParallel:  c.EngineParallel,
+		EngineParallel:  c.fixedParallel(),
 		GrowthStep:      c.BatchGrowthStep,
 	}
 }

@@ -68,10 +68,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer stopEngine()
+	if cfg.BatchConcurrency > 0 {
+		log.Warn("SOUS_BATCH_CONCURRENCY has no effect any more: requests go to the engine continuously, up to the in-flight limit; unset it")
+	}
+	engineSlots(ctx, cfg, engine, sizer, log)
 
-	// Start with the prefetch the worker will ask for, so the first batch
-	// does not restart the consumer.
-	prefetch := worker.Capacity(sizer.Size(), cfg.BatchConcurrency)
+	// Start with the prefetch the worker will ask for, so the first
+	// requests do not restart the consumer.
+	prefetch := worker.Capacity(sizer.Size())
 	broker, closeBroker, err := openBroker(ctx, cfg, prefetch, tel.obs.BrokerReconnected, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
@@ -90,12 +94,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		},
 		MaxAttempts:     cfg.MaxAttempts,
 		BatchWait:       cfg.BatchWait,
-		Concurrency:     cfg.BatchConcurrency,
 		EngineTimeout:   cfg.EngineTimeout,
 		DrainTimeout:    cfg.DrainTimeout,
 		RetryBackoff:    cfg.RetryBackoff,
 		RetryBackoffMax: cfg.RetryBackoffMax,
-		RestartGrace:    restartGrace(cfg),
 		StreamInterval:  cfg.StreamInterval,
 		StreamBytes:     cfg.StreamBytes,
 		Observer:        tel.obs,
@@ -121,13 +123,44 @@ func (l *lateReadiness) Ready(ctx context.Context) error {
 	return (*r).Ready(ctx)
 }
 
-// restartGrace: with SOUS_ENGINE_EXEC, batches wait for the engine's restart
-// up to its start timeout instead of spending their attempts on it.
-func restartGrace(cfg Config) time.Duration {
-	if cfg.EngineExec == "" {
-		return 0
+// slotser is an engine that can say how many requests it runs at once.
+type slotser interface {
+	Slots(ctx context.Context) (n int, source string, err error)
+}
+
+// engineSlots sets the sizer's engine slots with SOUS_ENGINE_PARALLEL=auto:
+// what the engine says (llama.cpp /props, TGI /info), else the default,
+// and logs which is in force.
+func engineSlots(ctx context.Context, cfg Config, engine worker.Engine, sizer interface{ SetEngineParallel(int) }, log *slog.Logger) {
+	if n, _ := cfg.engineParallel(); n > 0 {
+		log.Info("engine slots", "slots", n, "source", "SOUS_ENGINE_PARALLEL")
+		return
 	}
-	return cfg.EngineStartTimeout
+	if s, ok := unwrapEngine(engine).(slotser); ok {
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		n, src, err := s.Slots(sctx)
+		cancel()
+		switch {
+		case err != nil:
+			log.Warn("could not ask the engine for its slots", "err", err, "using", cfg.fixedParallel())
+		case n > 0:
+			sizer.SetEngineParallel(n)
+			log.Info("engine slots", "slots", n, "source", src)
+			return
+		}
+	}
+	log.Info("engine slots", "slots", cfg.fixedParallel(), "source", "default (the engine does not say; set SOUS_ENGINE_PARALLEL to its parallel slots, e.g. Ollama's OLLAMA_NUM_PARALLEL)")
+}
+
+// unwrapEngine returns the driver inside the wrappers run puts around it.
+func unwrapEngine(e worker.Engine) worker.Engine {
+	switch x := e.(type) {
+	case supervisedEngine:
+		return unwrapEngine(x.Engine)
+	case openaiEngine:
+		return x.Engine
+	}
+	return e
 }
 
 // allowedModels is SOUS_MODELS_ALLOWED, trimmed, with SOUS_MODEL always in

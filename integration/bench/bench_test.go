@@ -211,12 +211,12 @@ func (e *env) startSous(engine worker.Engine, size, concurrency int, obs worker.
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	e.b.Cleanup(cancel) // a failed benchmark does not leave the worker running
-	d, err := rabbitmq.Open(ctx, rabbitmq.Config{URL: secret.Value(brokerURL), Queue: e.queue, DeadLetterQueue: e.queue + ".dlq", Consume: true, Prefetch: worker.Capacity(size, concurrency)}, log)
+	d, err := rabbitmq.Open(ctx, rabbitmq.Config{URL: secret.Value(brokerURL), Queue: e.queue, DeadLetterQueue: e.queue + ".dlq", Consume: true, Prefetch: worker.Capacity(size)}, log)
 	if err != nil {
 		e.b.Fatal(err)
 	}
 	w := worker.New(worker.Config{
-		WorkerID: "bench", ResultsQueue: e.results, Concurrency: concurrency, BatchWait: 5 * time.Millisecond,
+		WorkerID: "bench", ResultsQueue: e.results, BatchWait: 5 * time.Millisecond,
 		Limits: e.limits(), Observer: obs,
 	}, d, engine, fixedSizer(size), log)
 	done := make(chan error, 1)
@@ -303,7 +303,7 @@ func (bl *baseline) ratio(b *testing.B, rate float64, unit string) {
 // prefetch.
 func BenchmarkOverhead(b *testing.B) {
 	for _, size := range []int{1, 32} {
-		prefetch := worker.Capacity(size, 1)
+		prefetch := worker.Capacity(size)
 		var plain baseline
 		b.Run(fmt.Sprintf("prefetch=%d/design=plain", prefetch), func(b *testing.B) {
 			e := setup(b)

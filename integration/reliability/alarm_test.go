@@ -30,7 +30,7 @@ func TestResourceAlarm(t *testing.T) {
 		maxDuplicates int
 	}{
 		{"shorter than the settle timeout", 10 * time.Second, 0},
-		{"longer than the settle timeout", 45 * time.Second, worker.Capacity(batch, 1)},
+		{"longer than the settle timeout", 45 * time.Second, worker.Capacity(batch)},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()

@@ -96,13 +96,12 @@ func TestConsumerTimeoutEnforced(t *testing.T) {
 		want int
 	}{
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=4s", "SOUS_ENGINE_TIMEOUT=20s"}, 2},
-		{[]string{"SOUS_ENGINE_TIMEOUT=8m"}, 2},                                   // 30m default: 4 × 8m + 30s reaches it
+		{[]string{"SOUS_ENGINE_TIMEOUT=9m"}, 2},                                   // 30m default: 3 × 9m + 6 × 30s reaches it
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=-1s"}, 2},                           // not a timeout
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=1h", "SOUS_ENGINE_TIMEOUT=14m"}, 0}, // a broker configured for it
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=0", "SOUS_ENGINE_TIMEOUT=2h"}, 0},   // check off
-		{[]string{"SOUS_ENGINE_TIMEOUT=7m"}, 0},                                   // 4 × 7m + 30s
-		{[]string{"SOUS_BATCH_CONCURRENCY=2", "SOUS_ENGINE_TIMEOUT=9m"}, 0},       // 3 × 9m + 30s
-		{[]string{"SOUS_BATCH_CONCURRENCY=2", "SOUS_ENGINE_TIMEOUT=10m"}, 2},      // 3 × 10m + 30s
+		{[]string{"SOUS_ENGINE_TIMEOUT=8m"}, 0},                                   // 3 × 8m + 6 × 30s (worker.HoldBound)
+		{[]string{"SOUS_ENGINE_TIMEOUT=8m", "SOUS_MAX_ATTEMPTS=20"}, 2},           // 3 × 8m + 21 × 30s
 	}
 	for _, tt := range tests {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -5,15 +5,21 @@ import (
 	"time"
 )
 
-// Reason says why a batch was dispatched.
+// Reason says why an engine call was dispatched.
 type Reason string
 
 const (
-	// Full: the group reached the current batch size.
+	// Slot: the request goes to the engine alone, the moment a slot of the
+	// in-flight limit is free (engines that take one request per call and
+	// batch continuously inside).
+	Slot Reason = "slot"
+	// Full: a list group filled the room the engine had, or the most one
+	// call takes.
 	Full Reason = "full"
-	// Window: the batch window passed since the group's oldest item.
+	// Window: the batch window passed since a list group's oldest item.
 	Window Reason = "window"
-	// Idle: the engine was idle and nothing else was waiting.
+	// Idle: nothing was on the engine, so a list group went at once
+	// instead of waiting for its window.
 	Idle Reason = "idle"
 )
 
@@ -35,92 +41,153 @@ type entry[T any] struct {
 
 type group[T any] struct {
 	key     string
-	entries []entry[T]
+	perCall int
+	entries []entry[T] // oldest first; entries[head:] are waiting
+	head    int
 }
 
-// Batcher collects items into per-key groups. The zero value is not usable;
-// call New.
+func (g *group[T]) len() int { return len(g.entries) - g.head }
+
+func (g *group[T]) oldest() time.Time { return g.entries[g.head].added }
+
+// Batcher holds the items waiting for the engine, grouped by key. The zero
+// value is not usable; call New.
 type Batcher[T any] struct {
 	window time.Duration
 	prefix string
 	seq    uint64
-	// groups in order of their oldest item, so the oldest work goes first.
-	groups []*group[T]
+	groups []*group[T] // each holds at least one item
 	n      int
 }
 
-// New returns a Batcher whose batch window is window; batch ids are prefix
-// followed by a sequence number.
+// New returns a Batcher whose batch window (for list groups, while the
+// engine is busy) is window; batch ids are prefix followed by a sequence
+// number.
 func New[T any](window time.Duration, prefix string) *Batcher[T] {
 	return &Batcher[T]{window: window, prefix: prefix}
 }
 
-// Add queues v under key at instant now.
-func (b *Batcher[T]) Add(now time.Time, key string, v T) {
-	b.n++
+func (b *Batcher[T]) group(key string, perCall int) *group[T] {
 	for _, g := range b.groups {
 		if g.key == key {
-			g.entries = append(g.entries, entry[T]{v, now})
-			return
+			return g
 		}
 	}
-	b.groups = append(b.groups, &group[T]{key: key, entries: []entry[T]{{v, now}}})
+	g := &group[T]{key: key, perCall: max(1, perCall)}
+	b.groups = append(b.groups, g)
+	return g
+}
+
+// Add queues v under key at instant now. perCall is the most items of this
+// key one engine call takes: 1 for an API that takes one request per call,
+// more where it takes a list. Items of one key keep the order they were
+// added in.
+func (b *Batcher[T]) Add(now time.Time, key string, perCall int, v T) {
+	g := b.group(key, perCall)
+	g.entries = append(g.entries, entry[T]{v, now})
+	b.n++
+}
+
+// PutBack returns v, taken earlier and added at instant added, to the head
+// of its group: it was not run (the engine had no room) and keeps its
+// place ahead of younger work.
+func (b *Batcher[T]) PutBack(added time.Time, key string, perCall int, v T) {
+	g := b.group(key, perCall)
+	rest := g.entries[g.head:]
+	i := 0
+	for i < len(rest) && !rest[i].added.After(added) {
+		i++
+	}
+	entries := make([]entry[T], 0, len(rest)+1)
+	entries = append(entries, rest[:i]...)
+	entries = append(entries, entry[T]{v, added})
+	g.entries, g.head = append(entries, rest[i:]...), 0
+	b.n++
 }
 
 // Len is the number of items waiting.
 func (b *Batcher[T]) Len() int { return b.n }
 
-// Ready removes and returns the batches to dispatch at instant now: at most
-// slots batches of at most size items each. idle reports that no batch is
-// running and no more input is waiting, which dispatches the oldest group at
-// once instead of waiting for it to fill.
-func (b *Batcher[T]) Ready(now time.Time, size, slots int, idle bool) []Batch[T] {
-	if size < 1 {
-		size = 1
+// Next removes and returns the next engine call to make at instant now,
+// given room, the number of requests the in-flight limit still allows, and
+// busy, whether any call is on the engine. ok is false when nothing should
+// go now.
+//
+// The oldest work goes first across keys: the group whose oldest item is
+// oldest is looked at first, so a steady inflow of one key never starves
+// another. A group of one request per call goes at once. A list group goes
+// when it fills the room (or the most one call takes), when the window has
+// passed since its oldest item, or at once when the engine is idle; until
+// then it is passed over for younger groups, for at most the window.
+func (b *Batcher[T]) Next(now time.Time, room int, busy bool) (_ Batch[T], ok bool) {
+	if room < 1 || b.n == 0 {
+		return Batch[T]{}, false
 	}
-	var out []Batch[T]
-	for i := 0; i < len(b.groups) && len(out) < slots; {
-		g := b.groups[i]
-		var reason Reason
-		switch {
-		case len(g.entries) >= size:
-			reason = Full
-		case !now.Before(g.entries[0].added.Add(b.window)):
-			reason = Window
-		case idle && len(out) == 0:
-			reason = Idle
-		default:
-			i++
+	var best *group[T]
+	var bestReason Reason
+	for _, g := range b.groups {
+		if best != nil && !g.oldest().Before(best.oldest()) {
 			continue
 		}
-		out = append(out, b.take(g, size, reason))
-		if len(g.entries) == 0 {
-			b.groups = append(b.groups[:i], b.groups[i+1:]...)
+		if r, ok := b.ready(g, now, room, busy); ok {
+			best, bestReason = g, r
 		}
-		// A group with leftovers stays at i and is looked at again: it may
-		// still be full or past its window.
 	}
-	return out
+	if best == nil {
+		return Batch[T]{}, false
+	}
+	return b.take(best, min(room, best.perCall), bestReason), true
+}
+
+func (b *Batcher[T]) ready(g *group[T], now time.Time, room int, busy bool) (Reason, bool) {
+	switch {
+	case g.perCall == 1:
+		return Slot, true
+	case g.len() >= min(room, g.perCall):
+		return Full, true
+	case !now.Before(g.oldest().Add(b.window)):
+		return Window, true
+	case !busy:
+		return Idle, true
+	}
+	return "", false
 }
 
 func (b *Batcher[T]) take(g *group[T], size int, reason Reason) Batch[T] {
-	n := min(size, len(g.entries))
+	n := min(size, g.len())
 	items := make([]T, n)
-	for i, e := range g.entries[:n] {
+	for i, e := range g.entries[g.head : g.head+n] {
 		items[i] = e.v
 	}
-	oldest := g.entries[0].added
-	g.entries = append(g.entries[:0], g.entries[n:]...)
+	oldest := g.oldest()
+	clear(g.entries[g.head : g.head+n]) // let the items be collected
+	g.head += n
 	b.n -= n
+	switch {
+	case g.len() == 0:
+		for i, x := range b.groups {
+			if x == g {
+				b.groups = append(b.groups[:i], b.groups[i+1:]...)
+				break
+			}
+		}
+	case g.head > len(g.entries)/2:
+		g.entries = append(g.entries[:0], g.entries[g.head:]...)
+		g.head = 0
+	}
 	b.seq++
 	return Batch[T]{ID: b.prefix + strconv.FormatUint(b.seq, 10), Key: g.key, Items: items, Reason: reason, Oldest: oldest}
 }
 
-// Deadline is the instant the oldest waiting group's window ends; ok is false
-// when nothing waits.
+// Deadline is the instant the earliest window of a list group ends; ok is
+// false when no list group waits. Groups of one request per call have no
+// window: they wait only for room.
 func (b *Batcher[T]) Deadline() (at time.Time, ok bool) {
 	for _, g := range b.groups {
-		d := g.entries[0].added.Add(b.window)
+		if g.perCall == 1 {
+			continue
+		}
+		d := g.oldest().Add(b.window)
 		if !ok || d.Before(at) {
 			at, ok = d, true
 		}
@@ -131,11 +198,16 @@ func (b *Batcher[T]) Deadline() (at time.Time, ok bool) {
 // Drain removes and returns every waiting item, oldest group first.
 func (b *Batcher[T]) Drain() []T {
 	out := make([]T, 0, b.n)
-	for _, g := range b.groups {
-		for _, e := range g.entries {
-			out = append(out, e.v)
+	for b.n > 0 {
+		var first *group[T]
+		for _, g := range b.groups {
+			if first == nil || g.oldest().Before(first.oldest()) {
+				first = g
+			}
+		}
+		for _, v := range b.take(first, first.len(), "").Items {
+			out = append(out, v)
 		}
 	}
-	b.groups, b.n = nil, 0
 	return out
 }

@@ -13,55 +13,62 @@ var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
 func at(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 
-func sizes[T any](bs []batch.Batch[T]) []int {
-	out := make([]int, len(bs))
-	for i, b := range bs {
-		out[i] = len(b.Items)
+// next calls Next until it says no, and returns the sizes and reasons.
+func next[T any](b *batch.Batcher[T], now time.Time, room int, busy bool) (sizes []int, reasons []batch.Reason) {
+	for room > 0 {
+		bt, ok := b.Next(now, room, busy)
+		if !ok {
+			break
+		}
+		sizes = append(sizes, len(bt.Items))
+		reasons = append(reasons, bt.Reason)
+		room -= len(bt.Items)
+		busy = true
 	}
-	return out
+	return sizes, reasons
 }
 
-func TestReady(t *testing.T) {
+func TestNext(t *testing.T) {
 	t.Parallel()
 	type add struct {
-		ms  int
-		key string
+		ms      int
+		key     string
+		perCall int
 	}
 	tests := []struct {
 		name    string
 		adds    []add
 		now     int
-		size    int
-		slots   int
-		idle    bool
+		room    int
+		busy    bool
 		want    []int
 		reasons []batch.Reason
 		left    int
 	}{
-		{name: "busy engine waits for the window", adds: []add{{0, "a"}, {1, "a"}}, now: 5, size: 4, slots: 1, left: 2},
-		{name: "idle engine dispatches at once", adds: []add{{0, "a"}}, now: 0, size: 4, slots: 1, idle: true, want: []int{1}, reasons: []batch.Reason{batch.Idle}},
-		{name: "full batch goes without waiting", adds: []add{{0, "a"}, {0, "a"}, {0, "a"}, {0, "a"}, {0, "a"}}, now: 0, size: 4, slots: 1, want: []int{4}, reasons: []batch.Reason{batch.Full}, left: 1},
-		{name: "window passed", adds: []add{{0, "a"}, {3, "a"}}, now: 10, size: 8, slots: 1, want: []int{2}, reasons: []batch.Reason{batch.Window}},
-		{name: "keys never mix", adds: []add{{0, "a"}, {0, "b"}, {0, "a"}}, now: 10, size: 8, slots: 2, want: []int{2, 1}},
-		{name: "slots bound the batches", adds: []add{{0, "a"}, {0, "b"}, {0, "c"}}, now: 10, size: 8, slots: 2, want: []int{1, 1}, left: 1},
-		{name: "no slots no batch", adds: []add{{0, "a"}}, now: 100, size: 1, slots: 0, idle: true, left: 1},
-		{name: "oversized group splits into full batches", adds: []add{{0, "a"}, {0, "a"}, {0, "a"}, {0, "a"}, {0, "a"}}, now: 0, size: 2, slots: 3, want: []int{2, 2}, reasons: []batch.Reason{batch.Full, batch.Full}, left: 1},
-		{name: "idle dispatches only the oldest group", adds: []add{{0, "b"}, {1, "a"}}, now: 1, size: 8, slots: 2, idle: true, want: []int{1}, left: 1},
+		{name: "one per call goes at once while there is room", adds: []add{{0, "a", 1}, {1, "a", 1}, {2, "a", 1}}, now: 2, room: 2, busy: true, want: []int{1, 1}, reasons: []batch.Reason{batch.Slot, batch.Slot}, left: 1},
+		{name: "no room no call", adds: []add{{0, "a", 1}}, now: 100, room: 0, left: 1},
+		{name: "busy engine: a list waits for its window", adds: []add{{0, "e", 8}, {1, "e", 8}}, now: 5, room: 8, busy: true, left: 2},
+		{name: "idle engine: a list goes at once", adds: []add{{0, "e", 8}}, now: 0, room: 8, want: []int{1}, reasons: []batch.Reason{batch.Idle}},
+		{name: "a list that fills the room goes without waiting", adds: []add{{0, "e", 8}, {0, "e", 8}, {0, "e", 8}}, now: 0, room: 2, busy: true, want: []int{2}, reasons: []batch.Reason{batch.Full}, left: 1},
+		{name: "a list is cut at the most one call takes", adds: []add{{0, "e", 2}, {0, "e", 2}, {0, "e", 2}}, now: 0, room: 8, busy: true, want: []int{2}, reasons: []batch.Reason{batch.Full}, left: 1},
+		{name: "window passed", adds: []add{{0, "e", 8}, {3, "e", 8}}, now: 10, room: 8, busy: true, want: []int{2}, reasons: []batch.Reason{batch.Window}},
+		{name: "keys never mix", adds: []add{{0, "a", 8}, {0, "b", 8}, {0, "a", 8}}, now: 10, room: 8, busy: true, want: []int{2, 1}},
+		{name: "a list held for its window lets younger single requests pass", adds: []add{{0, "e", 8}, {1, "a", 1}}, now: 2, room: 8, busy: true, want: []int{1}, reasons: []batch.Reason{batch.Slot}, left: 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			b := batch.New[int](10*time.Millisecond, "w-")
 			for i, a := range tt.adds {
-				b.Add(at(a.ms), a.key, i)
+				b.Add(at(a.ms), a.key, a.perCall, i)
 			}
-			got := b.Ready(at(tt.now), tt.size, tt.slots, tt.idle)
-			if !slices.Equal(sizes(got), tt.want) && !(len(got) == 0 && len(tt.want) == 0) {
-				t.Fatalf("batch sizes = %v, want %v", sizes(got), tt.want)
+			got, reasons := next(b, at(tt.now), tt.room, tt.busy)
+			if !slices.Equal(got, tt.want) {
+				t.Fatalf("call sizes = %v, want %v", got, tt.want)
 			}
 			for i, r := range tt.reasons {
-				if got[i].Reason != r {
-					t.Errorf("batch %d reason = %s, want %s", i, got[i].Reason, r)
+				if reasons[i] != r {
+					t.Errorf("call %d reason = %s, want %s", i, reasons[i], r)
 				}
 			}
 			if b.Len() != tt.left {
@@ -71,20 +78,87 @@ func TestReady(t *testing.T) {
 	}
 }
 
+// TestOldestFirstAcrossKeys: under a steady inflow of one key, a request of
+// another key goes as soon as it is the oldest waiting, not after the
+// inflow stops (the old batcher served the first group while it had
+// leftovers: one other-key request among 1000 ran last).
+func TestOldestFirstAcrossKeys(t *testing.T) {
+	t.Parallel()
+	for _, perCall := range []int{1, 4} {
+		t.Run(fmt.Sprintf("perCall=%d", perCall), func(t *testing.T) {
+			t.Parallel()
+			b := batch.New[string](time.Millisecond, "w-")
+			ms := 0
+			for range 8 {
+				b.Add(at(ms), "steady", perCall, "steady")
+				ms++
+			}
+			b.Add(at(ms), "other", perCall, "other")
+			ms++
+			order := []string{}
+			for range 1000 {
+				// Each call that ends is replaced by new work of the steady key.
+				bt, ok := b.Next(at(ms), perCall, true)
+				if !ok {
+					ms++
+					continue
+				}
+				order = append(order, bt.Items...)
+				for range bt.Items {
+					b.Add(at(ms), "steady", perCall, "steady")
+				}
+				ms++
+				if slices.Contains(order, "other") {
+					break
+				}
+			}
+			i := slices.Index(order, "other")
+			if i < 0 || i > 8 {
+				t.Fatalf("the other key's request ran at position %d of %d (8 older requests were ahead of it)", i, len(order))
+			}
+		})
+	}
+}
+
+func TestPutBackKeepsItsPlace(t *testing.T) {
+	t.Parallel()
+	b := batch.New[string](time.Second, "w-")
+	b.Add(at(0), "k", 1, "a")
+	b.Add(at(1), "k", 1, "b")
+	b.Add(at(2), "j", 1, "c")
+	first, _ := b.Next(at(3), 1, false)
+	if first.Items[0] != "a" {
+		t.Fatalf("first = %v", first.Items)
+	}
+	b.PutBack(first.Oldest, "k", 1, "a") // the engine had no room for it
+	var got []string
+	for b.Len() > 0 {
+		bt, ok := b.Next(at(4), 1, false)
+		if !ok {
+			t.Fatal("nothing ready")
+		}
+		got = append(got, bt.Items...)
+	}
+	if !slices.Equal(got, []string{"a", "b", "c"}) {
+		t.Fatalf("order after put back = %v", got)
+	}
+}
+
 func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	t.Parallel()
 	b := batch.New[string](time.Second, "w1-")
 	for i := range 5 {
-		b.Add(at(i), "k", fmt.Sprint(i))
+		b.Add(at(i), "k", 3, fmt.Sprint(i))
 	}
-	got := b.Ready(at(5), 3, 2, false)
-	if len(got) != 1 || !slices.Equal(got[0].Items, []string{"0", "1", "2"}) || got[0].ID != "w1-1" || !got[0].Oldest.Equal(at(0)) {
+	got, ok := b.Next(at(5), 8, true)
+	if !ok || !slices.Equal(got.Items, []string{"0", "1", "2"}) || got.ID != "w1-1" || !got.Oldest.Equal(at(0)) {
 		t.Fatalf("got %+v", got)
 	}
 	if d, ok := b.Deadline(); !ok || !d.Equal(at(3).Add(time.Second)) {
 		t.Fatalf("deadline = %v %v, want the window of the oldest leftover", d, ok)
 	}
-	if rest := b.Drain(); !slices.Equal(rest, []string{"3", "4"}) || b.Len() != 0 {
+	b.Add(at(6), "one", 1, "x")
+	if rest := b.Drain(); !slices.Equal(rest, []string{"3", "4", "x"}) || b.Len() != 0 {
 		t.Fatalf("drain = %v", rest)
 	}
 	if _, ok := b.Deadline(); ok {
@@ -92,20 +166,20 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	}
 }
 
-// BenchmarkBatcher compares batch sizes on the dispatcher's hot path: add a
-// batch worth of items, take it.
+// BenchmarkBatcher is the dispatcher's hot path: add a call's worth of
+// items, take them; size=1 is continuous dispatch of one request per call.
 func BenchmarkBatcher(b *testing.B) {
 	for _, size := range []int{1, 8, 32} {
 		b.Run(fmt.Sprintf("size=%d", size), func(b *testing.B) {
 			bt := batch.New[int](time.Millisecond, "b-")
 			now := t0
 			b.ReportAllocs()
-			for i := 0; b.Loop(); i++ {
+			for b.Loop() {
 				for j := range size {
-					bt.Add(now, "k", j)
+					bt.Add(now, "k", size, j)
 				}
-				if got := bt.Ready(now, size, 1, false); len(got) != 1 {
-					b.Fatal("no batch")
+				if got, ok := bt.Next(now, size, true); !ok || len(got.Items) != size {
+					b.Fatal("no call")
 				}
 			}
 		})

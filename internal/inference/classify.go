@@ -25,7 +25,9 @@ func Classify(status int, msg string, err error) *Error {
 		if errors.As(err, &nerr) && nerr.Timeout() {
 			return &Error{Kind: Retryable, Code: "engine_timeout", Err: err}
 		}
-		return &Error{Kind: Retryable, Code: "engine_unavailable", Err: err}
+		var oerr *net.OpError
+		notRun := errors.As(err, &oerr) && oerr.Op == "dial"
+		return &Error{Kind: Retryable, Code: "engine_unavailable", NotRun: notRun, Err: err}
 	case strings.Contains(lower, "out of memory") || strings.Contains(lower, "requires more system memory") ||
 		strings.Contains(lower, "cuda error") && strings.Contains(lower, "memory"):
 		return &Error{Kind: Overloaded, Code: "out_of_memory", Status: status, Err: err}

@@ -114,6 +114,9 @@ type Error struct {
 	Code string
 	// Status is the HTTP status the engine answered, 0 when none.
 	Status int
+	// NotRun is set when the request never reached the engine (the
+	// connection was refused): the request cannot be what failed.
+	NotRun bool
 	Err    error
 }
 

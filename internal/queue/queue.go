@@ -99,6 +99,10 @@ type Settlement struct {
 	// Description is a human-readable explanation. It must not contain
 	// secrets.
 	Description string
+	// Headers are added to the message a Requeue puts back, where the
+	// driver requeues by copy (RabbitMQ) or can modify properties
+	// (Service Bus).
+	Headers map[string]string
 }
 
 // Dead-letter header names, shared by every driver so that operators read
@@ -128,3 +132,15 @@ var ErrUnroutable = errors.New("the broker has no queue for this message")
 // the worker is stopping. Drivers that count attempts themselves do not
 // count such a requeue as an attempt.
 const ReasonShutdown = "shutdown"
+
+// ReasonEngineDown is the requeue reason for deliveries handed back because
+// the engine is down or lacks the worker's model: the worker's fault, not
+// the request's, so it is not counted as an attempt either.
+const ReasonEngineDown = "engine_down"
+
+// Counts reports whether a requeue for reason spends one of the request's
+// attempts. Drivers that count attempts themselves use it; a broker that
+// counts every redelivery itself (Service Bus) counts them all.
+func Counts(reason string) bool {
+	return reason != ReasonShutdown && reason != ReasonEngineDown
+}

@@ -324,6 +324,17 @@ func (s *Sizer) Overloaded(n int) {
 	s.commitAndUnlock()
 }
 
+// SetEngineParallel sets the engine's parallel slots, as the engine said
+// them after start (0: no cap). A value below Min is raised to Min.
+func (s *Sizer) SetEngineParallel(n int) {
+	s.mu.Lock()
+	if n > 0 {
+		n = max(n, s.cfg.Min)
+	}
+	s.cfg.EngineParallel = max(0, n)
+	s.commitAndUnlock()
+}
+
 // Succeeded reports that the engine ran a batch of n items. When n reached
 // the ceiling the ceiling grows by GrowthStep, up to Max; a smaller batch
 // says nothing about whether a larger one fits, so it leaves the ceiling
@@ -376,8 +387,8 @@ func (s *Sizer) commitAndUnlock() {
 	s.notifyMu.Lock()
 	s.mu.Unlock()
 	defer s.notifyMu.Unlock()
-	s.cfg.Logger.Info("batch size changed",
-		"batch_size", snap.Size,
+	s.cfg.Logger.Info("in-flight limit changed",
+		"in_flight_limit", snap.Size,
 		"reason", snap.Reason,
 		"free_bytes", snap.FreeBytes,
 		"ceiling", snap.Ceiling)

@@ -38,7 +38,12 @@ type fakeEngine struct {
 	batches [][]inference.Request
 	answer  func(batch []inference.Request) ([]inference.Result, error)
 	block   chan struct{} // when set, Infer waits on it
+	list    bool          // one call takes a list of every kind
 }
+
+// TakesList makes the worker send lists when list is set, else one request
+// per call (embeddings included).
+func (e *fakeEngine) TakesList(inference.Kind) bool { return e.list }
 
 func (e *fakeEngine) Infer(ctx context.Context, reqs []inference.Request) ([]inference.Result, error) {
 	e.mu.Lock()

@@ -2,6 +2,8 @@ package worker
 
 import (
 	"context"
+	"log/slog"
+	"runtime/debug"
 	"time"
 
 	"github.com/sous-run/sous/internal/inference"
@@ -122,3 +124,75 @@ func (NopObserver) Settling(context.Context, *queue.Delivery, queue.Settlement) 
 }
 func (NopObserver) Done(context.Context, *queue.Delivery, Outcome) {}
 func (NopObserver) EngineHealth(error)                             {}
+
+// safeObserver contains the panics of an Observer: a bug in a metrics or
+// tracing hook is logged, and never ends the process or changes what
+// happens to a delivery (a panic after the broker took an ack must not
+// lead to a second settlement).
+type safeObserver struct {
+	o   Observer
+	log *slog.Logger
+}
+
+func (s safeObserver) recover(hook string) {
+	if p := recover(); p != nil {
+		s.log.Error("observer panicked; ignoring it", "hook", hook, "panic", p, "stack", string(debug.Stack()))
+	}
+}
+
+func (s safeObserver) Received(ctx context.Context, d *queue.Delivery) (out context.Context) {
+	out = ctx
+	defer s.recover("Received")
+	return s.o.Received(ctx, d)
+}
+
+func (s safeObserver) BatchStarted(ctx context.Context, b *BatchEvent) (out context.Context) {
+	out = ctx
+	defer s.recover("BatchStarted")
+	return s.o.BatchStarted(ctx, b)
+}
+
+func (s safeObserver) EngineCall(ctx context.Context, c EngineCall) (out context.Context, end func([]inference.Result)) {
+	out, end = ctx, func([]inference.Result) {}
+	defer s.recover("EngineCall")
+	c2, e := s.o.EngineCall(ctx, c)
+	return c2, func(r []inference.Result) {
+		defer s.recover("EngineCall end")
+		e(r)
+	}
+}
+
+func (s safeObserver) BatchFinished(ctx context.Context, b *BatchEvent, elapsed time.Duration) {
+	defer s.recover("BatchFinished")
+	s.o.BatchFinished(ctx, b, elapsed)
+}
+
+func (s safeObserver) Publishing(ctx context.Context, m *queue.Message, status string) (end func(error)) {
+	end = func(error) {}
+	defer s.recover("Publishing")
+	e := s.o.Publishing(ctx, m, status)
+	return func(err error) {
+		defer s.recover("Publishing end")
+		e(err)
+	}
+}
+
+func (s safeObserver) Settling(ctx context.Context, d *queue.Delivery, st queue.Settlement) (end func(error)) {
+	end = func(error) {}
+	defer s.recover("Settling")
+	e := s.o.Settling(ctx, d, st)
+	return func(err error) {
+		defer s.recover("Settling end")
+		e(err)
+	}
+}
+
+func (s safeObserver) Done(ctx context.Context, d *queue.Delivery, o Outcome) {
+	defer s.recover("Done")
+	s.o.Done(ctx, d, o)
+}
+
+func (s safeObserver) EngineHealth(err error) {
+	defer s.recover("EngineHealth")
+	s.o.EngineHealth(err)
+}

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -10,24 +11,40 @@ import (
 
 	"github.com/sous-run/sous/internal/batch"
 	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
 
-// runBatch runs one batch on the engine and settles every item. It calls
-// release once the engine has answered, before settling.
-func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item], release func()) {
-	settled := make([]atomic.Bool, len(bt.Items))
+// runCall makes one engine call (one request, or a list of them) and
+// settles its items. on is the number of requests on the engine counting
+// this call's. The call's room in the in-flight limit is released the
+// moment the engine answers, before its results are published, with the
+// items the engine had no room for handed back to the dispatcher.
+func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
+	// done marks items this goroutine no longer owns: settled, or handed
+	// back to the dispatcher.
+	done := make([]atomic.Bool, len(bt.Items))
+	var once sync.Once
+	release := func(back []*item) {
+		once.Do(func() {
+			w.giveBack(back)
+			w.onEngine.Add(-int64(len(bt.Items)))
+			w.signal()
+		})
+	}
 	defer func() {
-		// A panic here (an observer, a stream callback) must not stop the
-		// worker or strand deliveries: hand back what is not yet settled.
+		// A panic here (a stream callback, say) must not stop the worker or
+		// strand deliveries: hand back what is not yet settled.
 		if p := recover(); p != nil {
-			w.log.ErrorContext(ctx, "panic in a batch; requeueing what it had not settled", "batch_id", bt.ID, "panic", p, "stack", string(debug.Stack()))
+			w.log.ErrorContext(ctx, "panic in an engine call; requeueing what it had not settled", "batch_id", bt.ID, "panic", p, "stack", string(debug.Stack()))
+			release(nil)
 			for i, it := range bt.Items {
-				if !settled[i].Load() {
+				if !done[i].Load() {
 					w.settle(it, outcome{requeue: "internal_error"})
 				}
 			}
 		}
+		release(nil)
 	}()
 	index := make(map[*item]int, len(bt.Items))
 	for i, it := range bt.Items {
@@ -39,34 +56,52 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item], release fu
 	for i, it := range bt.Items {
 		ev.Items[i] = BatchItem{Ctx: it.ctx, Delivery: it.d}
 	}
-	if len(bt.Items) > 0 { // items of a batch share kind and model
+	if len(bt.Items) > 0 { // items of a call share kind and model
 		ev.Kind, ev.Model = bt.Items[0].dec.Req.Kind, bt.Items[0].dec.Req.Model
 	}
-	ctx = w.cfg.Observer.BatchStarted(ctx, ev)
-	w.log.DebugContext(ctx, "batch", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
+	ctx = w.obs.BatchStarted(ctx, ev)
 
 	live := make([]*item, 0, len(bt.Items))
 	for _, it := range bt.Items {
 		it.dispatched = start
 		if !it.dec.Deadline.IsZero() && !start.Before(it.dec.Deadline) {
-			settled[index[it]].Store(true)
+			done[index[it]].Store(true)
 			w.settle(it, outcome{err: errDeadline, batch: info})
 			continue
 		}
 		live = append(live, it)
 	}
-	results := w.infer(ctx, live)
-	release()
-	elapsed := w.now().Sub(start)
-	w.cfg.Observer.BatchFinished(ctx, ev, elapsed)
+	results := w.infer(ctx, live, on)
 
-	// Results of a batch are published concurrently, so their confirms
-	// overlap; a batch of one settles here, without a goroutine hand-off.
-	var wg sync.WaitGroup
+	// What the engine had no room for was not run: it goes back to the
+	// dispatcher, to run when there is room, and spends no attempt.
+	var back []*item
+	keep := live[:0:0]
+	keepRes := results[:0:0]
 	for i, it := range live {
-		settled[index[it]].Store(true)
-		out := outcome{resp: results[i].Response, err: results[i].Err, batch: info, inference: elapsed}
-		if len(live) == 1 {
+		err := results[i].Err
+		if inference.KindOf(err) == inference.Overloaded && ctx.Err() == nil && it.overloads < w.cfg.MaxAttempts {
+			it.overloads++
+			done[index[it]].Store(true)
+			back = append(back, it)
+			continue
+		}
+		keep, keepRes = append(keep, it), append(keepRes, results[i])
+	}
+	release(back)
+	elapsed := w.now().Sub(start)
+	w.obs.BatchFinished(ctx, ev, elapsed)
+
+	// Results of a list are published concurrently, so their confirms
+	// overlap; a call of one settles here, without a goroutine hand-off.
+	var wg sync.WaitGroup
+	for i, it := range keep {
+		done[index[it]].Store(true)
+		out := outcome{resp: keepRes[i].Response, err: keepRes[i].Err, batch: info, inference: elapsed}
+		if out.err != nil && w.workerFault(it, out.err) {
+			out = outcome{requeue: queue.ReasonEngineDown}
+		}
+		if len(keep) == 1 {
 			w.settle(it, out)
 			break
 		}
@@ -75,9 +110,10 @@ func (w *Worker) runBatch(ctx context.Context, bt batch.Batch[*item], release fu
 	wg.Wait()
 }
 
-// infer calls the engine. Items rejected for overload are retried in halves
-// before their error stands, and the sizer learns of it.
-func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
+// infer makes the engine call for items and learns from the answer: the
+// sizer, the pause after failures, and whether the engine is down. on is
+// the number of requests on the engine counting these.
+func (w *Worker) infer(ctx context.Context, items []*item, on int) []inference.Result {
 	if len(items) == 0 {
 		return nil
 	}
@@ -90,10 +126,10 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 			reqs[i].Stream = streams[i].add
 		}
 	}
-	callCtx, end := w.cfg.Observer.EngineCall(ctx, EngineCall{Kind: reqs[0].Kind, Model: reqs[0].Model, Size: len(reqs)})
+	callCtx, end := w.obs.EngineCall(ctx, EngineCall{Kind: reqs[0].Kind, Model: reqs[0].Model, Size: len(reqs)})
 	results, err := w.callEngine(callCtx, reqs)
 	if err == nil && len(results) != len(reqs) {
-		err = &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("engine returned a result count that does not match the batch")}
+		err = &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("engine returned a result count that does not match the call")}
 	}
 	if err != nil {
 		results = make([]inference.Result, len(reqs))
@@ -102,57 +138,54 @@ func (w *Worker) infer(ctx context.Context, items []*item) []inference.Result {
 		}
 	}
 	end(results)
-	if err != nil && inference.KindOf(err) == inference.Permanent && len(items) > 1 && ctx.Err() == nil {
-		// The engine refused the whole call (one input over the context,
-		// say): find the culprit by running each request alone, so its
-		// batch-mates are not dead-lettered with it.
-		w.log.InfoContext(ctx, "engine refused a whole batch; retrying its requests one by one", "batch_size", len(items), "err", err)
-		for i, it := range items {
-			results[i] = w.infer(ctx, []*item{it})[0]
-		}
-		return results
-	}
-	var overloaded []int
-	retryable := 0
-	var lastErr error
-	for i, r := range results {
-		switch {
-		case r.Err == nil:
-		case inference.KindOf(r.Err) == inference.Overloaded:
-			overloaded = append(overloaded, i)
-		case inference.KindOf(r.Err) == inference.Retryable && !errors.Is(r.Err, context.Canceled):
-			retryable++
-			lastErr = r.Err
-		}
-	}
-	switch {
-	case len(overloaded) > 0:
-		w.sizer.Overloaded(len(items))
-	case retryable == len(results):
-		w.engineFailed(ctx, lastErr)
-	default:
-		w.engineOK()
-		w.sizer.Succeeded(len(items))
-	}
 	for _, s := range streams {
 		if s != nil {
 			s.flush()
 		}
 	}
-	if len(overloaded) > 1 && ctx.Err() == nil {
-		// Split the rejected part in halves and retry each before anything
-		// is requeued: a smaller batch may fit.
-		half := len(overloaded) / 2
-		for _, part := range [][]int{overloaded[:half], overloaded[half:]} {
-			sub := make([]*item, len(part))
-			for j, i := range part {
-				sub[j] = items[i]
-			}
-			w.log.InfoContext(ctx, "engine overloaded: retrying a smaller batch", "batch_size", len(sub))
-			for j, r := range w.infer(ctx, sub) {
-				results[part[j]] = r
-			}
+	if ctx.Err() != nil {
+		// Cut off by the drain deadline: this says nothing about the
+		// engine's health or room.
+		return results
+	}
+	if err != nil && inference.KindOf(err) == inference.Permanent && len(items) > 1 {
+		// The engine refused the whole call (one input over the context,
+		// say): find the culprit by running each request alone, so its
+		// call-mates are not dead-lettered with it.
+		w.log.InfoContext(ctx, "engine refused a whole call; retrying its requests one by one", "batch_size", len(items), "err", err)
+		for i, it := range items {
+			results[i] = w.infer(ctx, []*item{it}, on)[0]
 		}
+		return results
+	}
+	var overload, lastErr error
+	retryable, notRun := 0, false
+	for _, r := range results {
+		switch {
+		case r.Err == nil:
+		case inference.KindOf(r.Err) == inference.Overloaded:
+			overload = r.Err
+		case inference.KindOf(r.Err) == inference.Retryable && !errors.Is(r.Err, context.Canceled):
+			retryable++
+			lastErr = r.Err
+			var e *inference.Error
+			notRun = notRun || errors.As(r.Err, &e) && e.NotRun
+		case inference.CodeOf(r.Err) == "model_not_found" && items[0].dec.Req.Model == w.cfg.Limits.DefaultModel:
+			w.engineDown(fmt.Errorf("the engine has no model %q (SOUS_MODEL): %w", items[0].dec.Req.Model, r.Err))
+		}
+	}
+	switch {
+	case overload != nil:
+		w.sizer.Overloaded(on)
+		w.pause(ctx, "engine overloaded; lowering the in-flight limit and pausing engine calls", overload)
+	case retryable == len(results):
+		w.engineFailed(ctx, lastErr)
+		if notRun || w.probeEngine(ctx) != nil {
+			w.engineDown(lastErr)
+		}
+	default:
+		w.engineOK()
+		w.sizer.Succeeded(on)
 	}
 	return results
 }

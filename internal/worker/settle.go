@@ -25,14 +25,14 @@ func (w *Worker) settle(it *item, out outcome) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(it.ctx), settleTimeout)
 	defer cancel()
-	var s queue.Settlement
-	settled := false // set once the broker took the settlement
+	var s queue.Settlement // what the broker last took: reported to the observer
+	settled := false       // set once the broker took a settlement
 	defer func() {
 		o := Outcome{Settlement: s, Err: out.err, Usage: out.resp.Usage}
 		if it.key != "" { // decoded: kind and model are validated
 			o.Kind, o.Model = it.dec.Req.Kind, it.dec.Req.Model
 		}
-		w.cfg.Observer.Done(it.ctx, it.d, o)
+		w.obs.Done(it.ctx, it.d, o)
 		w.inflight.Add(-1)
 		select {
 		case w.freed <- struct{}{}:
@@ -43,13 +43,11 @@ func (w *Worker) settle(it *item, out outcome) {
 		if p := recover(); p != nil {
 			w.log.ErrorContext(ctx, "panic while settling", "id", it.d.ID, "settled", settled, "panic", p, "stack", string(debug.Stack()))
 			if !settled { // settling twice would break the broker channel
-				s = queue.Settlement{Action: queue.Requeue, Reason: "internal_error"}
-				w.apply(ctx, it, s, &settled)
+				s = w.apply(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "internal_error"}, &settled)
 			}
 		}
 	}()
-	s = w.decide(ctx, it, out)
-	w.apply(ctx, it, s, &settled)
+	s = w.apply(ctx, it, w.decide(ctx, it, out), &settled)
 }
 
 func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settlement {
@@ -116,42 +114,67 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 	}
 }
 
-// apply hands the settlement to the broker; settled is set as soon as the
-// broker has it (or has taken the delivery back), so a later panic does not
-// settle it again.
-func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settled *bool) {
-	err := w.brokerSettle(ctx, it, s)
+// apply hands the settlement to the broker and returns what the broker
+// took (a failed dead-letter becomes a requeue); settled is set as soon as
+// the broker has it (or has taken the delivery back), so a later panic does
+// not settle it again.
+func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settled *bool) queue.Settlement {
+	err := w.brokerSettle(ctx, it, s, settled)
+	switch {
+	case err == nil:
+		if s.Action == queue.DeadLetter {
+			w.dlq.succeeded()
+		}
+		if s.Action != queue.Ack {
+			w.log.InfoContext(ctx, "settled", "id", it.d.ID, "action", s.Action.String(), "reason", s.Reason, "description", s.Description, "attempt", it.d.Attempt)
+		}
+		return s
+	case errors.Is(err, queue.ErrStale):
+		w.log.WarnContext(ctx, "delivery went stale before it was settled; the broker redelivers it", "id", it.d.ID, "action", s.Action.String())
+		return queue.Settlement{Action: queue.Requeue, Reason: "stale"}
+	}
+	w.log.ErrorContext(ctx, "settle failed", "id", it.d.ID, "action", s.Action.String(), "err", err)
+	if s.Action != queue.DeadLetter {
+		return s // the broker redelivers it
+	}
+	// Never drop: if the dead-letter path failed, give the request back,
+	// after a pause that grows while dead-lettering keeps failing, so one
+	// bad message does not become a loop. Its error result went out once:
+	// the copy says so, and is not answered again.
+	wait := w.dlq.failed(err, w.now(), w.cfg.RetryBackoff, w.cfg.RetryBackoffMax)
+	w.log.ErrorContext(ctx, "dead-lettering failed; requeueing the request after a pause (see /readyz)", "id", it.d.ID, "reason", s.Reason, "retry_in", wait, "err", err)
+	select {
+	case <-time.After(wait):
+	case <-ctx.Done():
+	}
+	rq := queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed", Headers: map[string]string{headerAnswered: s.Reason}}
+	if rerr := w.brokerSettle(ctx, it, rq, settled); rerr != nil && !errors.Is(rerr, queue.ErrStale) {
+		w.log.ErrorContext(ctx, "requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
+	}
+	return rq
+}
+
+// headerAnswered marks a request whose error result was published before
+// its dead-letter failed: when it comes back it is dead-lettered again
+// without a second error result.
+const headerAnswered = "x-sous-answered"
+
+// brokerSettle asks the broker for s; settled is set the moment the broker
+// has taken it, before any hook runs.
+func (w *Worker) brokerSettle(ctx context.Context, it *item, s queue.Settlement, settled *bool) error {
+	end := w.obs.Settling(it.ctx, it.d, s)
+	err := w.broker.Settle(ctx, it.d, s)
 	if err == nil || errors.Is(err, queue.ErrStale) {
 		*settled = true
 	}
-	switch {
-	case err == nil:
-		if s.Action != queue.Ack {
-			w.log.InfoContext(ctx, "settled", "id", it.d.ID, "action", s.Action.String(), "reason", s.Reason, "attempt", it.d.Attempt)
-		}
-	case errors.Is(err, queue.ErrStale):
-		w.log.WarnContext(ctx, "delivery went stale before it was settled; the broker redelivers it", "id", it.d.ID, "action", s.Action.String())
-	default:
-		w.log.ErrorContext(ctx, "settle failed", "id", it.d.ID, "action", s.Action.String(), "err", err)
-		if s.Action == queue.DeadLetter {
-			// Never drop: if the dead-letter path failed, give it back.
-			if rerr := w.brokerSettle(ctx, it, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed"}); rerr != nil {
-				w.log.ErrorContext(ctx, "requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
-			} else {
-				*settled = true
-			}
-		}
-	}
-}
-
-func (w *Worker) brokerSettle(ctx context.Context, it *item, s queue.Settlement) error {
-	end := w.cfg.Observer.Settling(it.ctx, it.d, s)
-	err := w.broker.Settle(ctx, it.d, s)
 	end(err)
 	return err
 }
 
 func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, model, code, msg string) {
+	if it.d.Headers[headerAnswered] != "" {
+		return // answered before an earlier dead-letter failed
+	}
 	res := wire.ErrorResult(id, model, code, msg)
 	if it.dec != nil && it.dec.Stream {
 		done := true
@@ -184,7 +207,7 @@ func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, o
 
 // publish publishes m, a result or chunk for it, through the Observer.
 func (w *Worker) publish(ctx context.Context, it *item, m queue.Message, status string) error {
-	end := w.cfg.Observer.Publishing(it.ctx, &m, status)
+	end := w.obs.Publishing(it.ctx, &m, status)
 	err := w.broker.Publish(ctx, m)
 	end(err)
 	return err

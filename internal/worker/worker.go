@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +37,15 @@ type prefetcher interface {
 	SetPrefetch(ctx context.Context, n int) error
 }
 
+// pauser is implemented by drivers whose broker pushes messages: while the
+// engine is down the worker asks the broker to stop sending and to take
+// back what it had sent, so the requests wait in the queue for a healthy
+// worker instead of in this one.
+type pauser interface {
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+}
+
 // staler is implemented by drivers that know when a delivery's lock is
 // lost (Service Bus): its result is then not published.
 type staler interface {
@@ -47,9 +58,22 @@ type readier interface {
 	Ready(ctx context.Context) error
 }
 
-// Engine runs a batch of requests that share kind, model and options.
+// Engine runs requests that share kind, model and options in one call:
+// one request, or several where the engine's API takes a list.
 type Engine interface {
 	Infer(ctx context.Context, reqs []inference.Request) ([]inference.Result, error)
+}
+
+// lister is implemented by engines that say which kinds of request one
+// call can carry as a list. Without it, embeddings go as lists and every
+// other kind one request per call.
+type lister interface {
+	TakesList(kind inference.Kind) bool
+}
+
+// modeler is implemented by engines that can list the models they have.
+type modeler interface {
+	Models(ctx context.Context) ([]string, error)
 }
 
 // pinger is implemented by engines that can be checked cheaply.
@@ -57,13 +81,15 @@ type pinger interface {
 	Ping(ctx context.Context) error
 }
 
-// Sizer decides the batch size and learns from the engine's answers.
+// Sizer decides the in-flight limit, the most requests on the engine at
+// once, and learns from the engine's answers.
 type Sizer interface {
 	Size() int
-	// Overloaded is called with the size of a batch the engine rejected
-	// for lack of memory or slots.
+	// Overloaded is called with the number of requests that were on the
+	// engine when it refused one for lack of memory or slots.
 	Overloaded(n int)
-	// Succeeded is called after a batch of n items ran without overload.
+	// Succeeded is called with the number of requests that were on the
+	// engine when one call ran without overload.
 	Succeeded(n int)
 }
 
@@ -76,29 +102,28 @@ type Config struct {
 	// Limits bound and complete requests (model defaults and allowlist).
 	Limits wire.Limits
 	// MaxAttempts is how many deliveries a request gets before it is
-	// dead-lettered (default 5).
+	// dead-lettered (default 5). It also bounds how often a request the
+	// engine had no room for is retried here before it goes back to the
+	// queue with an attempt counted.
 	MaxAttempts int
-	// BatchWait is the batch window while the engine is busy (default 20ms).
+	// BatchWait is how long items of an API that takes a list wait to be
+	// coalesced while the engine is busy (default 20ms).
 	BatchWait time.Duration
-	// Concurrency is how many batches run on the engine at once (default 1).
-	Concurrency int
 	// EngineTimeout bounds one engine call (default 5m).
 	EngineTimeout time.Duration
-	// DrainTimeout is how long running batches may finish on shutdown
+	// DrainTimeout is how long running calls may finish on shutdown
 	// (default 25s).
 	DrainTimeout time.Duration
 	// RetryBackoff and RetryBackoffMax pace engine calls after a retryable
-	// engine failure (defaults 500ms and 30s).
+	// failure or an overload, and the engine probes while it is down
+	// (defaults 500ms and 30s).
 	RetryBackoff, RetryBackoffMax time.Duration
-	// RestartGrace is how long batches wait for an engine this worker
-	// supervises to come back after a failure before they are tried (and
-	// requeued) anyway; 0 never waits.
-	RestartGrace time.Duration
 	// StreamInterval and StreamBytes coalesce streamed deltas into chunks
 	// (defaults 50ms and 256 bytes).
 	StreamInterval time.Duration
 	StreamBytes    int
 	// Observer receives events for metrics and traces (default: none).
+	// Its panics are contained and logged.
 	Observer Observer
 }
 
@@ -111,9 +136,6 @@ func (c Config) withDefaults() Config {
 	}
 	if c.BatchWait <= 0 {
 		c.BatchWait = 20 * time.Millisecond
-	}
-	if c.Concurrency <= 0 {
-		c.Concurrency = 1
 	}
 	if c.EngineTimeout <= 0 {
 		c.EngineTimeout = 5 * time.Minute
@@ -145,24 +167,39 @@ type Worker struct {
 	broker Broker
 	engine Engine
 	sizer  Sizer
+	obs    Observer // cfg.Observer with its panics contained
 	log    *slog.Logger
 	now    func() time.Time
 
 	inflight atomic.Int64  // deliveries received and not settled
 	freed    chan struct{} // signalled when a delivery is settled
+	onEngine atomic.Int64  // requests in engine calls that have not answered
+	wake     chan struct{} // wakes the dispatcher: a call ended, work came back
+
+	backMu sync.Mutex
+	back   []*item // taken for the engine but not run: no room; retried here
 
 	backoffMu    sync.Mutex
 	backoffUntil time.Time
 	backoffStep  time.Duration
-	downSince    time.Time // first failure of the current outage
 
-	engineErr atomic.Pointer[error] // last engine failure, nil after a success
-	running   atomic.Bool
+	down     atomic.Pointer[outage]             // nil while the engine is up
+	stopRecv atomic.Pointer[context.CancelFunc] // cuts the Receive in progress
+	dlq      deadLetters
+	bg       sync.WaitGroup // outage probers
+	runCtx   context.Context
+	running  atomic.Bool
+	engineUp atomic.Bool // the last engine call or probe succeeded
 }
 
 // New returns a Worker. log must not be nil.
 func New(cfg Config, b Broker, e Engine, s Sizer, log *slog.Logger) *Worker {
-	return &Worker{cfg: cfg.withDefaults(), broker: b, engine: e, sizer: s, log: log, now: time.Now, freed: make(chan struct{}, 1)}
+	cfg = cfg.withDefaults()
+	return &Worker{
+		cfg: cfg, broker: b, engine: e, sizer: s, log: log, now: time.Now,
+		obs:   safeObserver{o: cfg.Observer, log: log},
+		freed: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	}
 }
 
 // item is one decoded delivery on its way through the worker.
@@ -173,11 +210,12 @@ type item struct {
 	d          *queue.Delivery
 	dec        *wire.Decoded
 	key        string // empty until the request has decoded
+	perCall    int    // the most items of its key one engine call takes
+	queued     time.Time
 	dispatched time.Time
+	overloads  int         // engine calls that refused it for lack of room
 	streamed   atomic.Bool // a chunk of this request has gone out
 }
-
-type batchDone struct{}
 
 // Run processes deliveries until ctx is cancelled, then drains and returns.
 // It returns nil after a clean drain.
@@ -185,16 +223,28 @@ func (w *Worker) Run(ctx context.Context) error {
 	if !w.running.CompareAndSwap(false, true) {
 		return errors.New("worker: Run called twice")
 	}
+	w.runCtx = ctx
 	// Engine calls and settlement outlive ctx: they are cut off by the
 	// drain deadline, not by the signal.
 	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelWork()
 
+	// An engine that is down, or lacks the model, at start: take no work
+	// until it answers, rather than spend requests on it.
+	if err := w.checkEngine(ctx); err != nil {
+		w.engineDown(err)
+	} else {
+		w.log.Info("the engine answers and has the model; taking work", "in_flight_limit", w.sizer.Size(), "prefetch", w.capacity())
+	}
+
 	in := make(chan []*item)
 	recvDone := make(chan struct{})
 	go func() {
 		defer close(recvDone)
-		w.receiveLoop(ctx, in)
+		for !w.receive(ctx, in) {
+			// A panic is contained and the loop goes on: a bug must not
+			// leave the worker alive but deaf.
+		}
 		// Stop the consumer before the dispatcher hands back what waits
 		// (it does when in closes): otherwise the broker would send those
 		// deliveries straight back to this consumer, to be handed back twice.
@@ -210,11 +260,12 @@ func (w *Worker) Run(ctx context.Context) error {
 	dispDone := make(chan struct{})
 	go func() {
 		defer close(dispDone)
-		w.dispatch(ctx, workCtx, in)
+		w.dispatch(workCtx, in)
 	}()
 
 	<-ctx.Done()
 	<-recvDone
+	w.bg.Wait() // the outage prober stops with ctx
 	timer := time.NewTimer(w.cfg.DrainTimeout)
 	defer timer.Stop()
 	select {
@@ -222,10 +273,10 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.log.Info("drained", "in_flight", w.inflight.Load())
 		return nil
 	case <-timer.C:
-		w.log.Warn("drain timeout: cancelling running batches; their deliveries are requeued", "in_flight", w.inflight.Load())
+		w.log.Warn("drain timeout: cancelling running engine calls; their deliveries are requeued", "in_flight", w.inflight.Load())
 		cancelWork()
 	}
-	// Settling a cancelled batch is quick, unless the broker blocks
+	// Settling a cancelled call is quick, unless the broker blocks
 	// publishing (a resource alarm): then stop waiting. What is left
 	// unsettled returns to the queue when the connection closes.
 	final := time.NewTimer(settleTimeout + 5*time.Second)
@@ -239,36 +290,37 @@ func (w *Worker) Run(ctx context.Context) error {
 }
 
 func (w *Worker) capacity() int {
-	return Capacity(w.sizer.Size(), w.cfg.Concurrency)
+	return Capacity(w.sizer.Size())
 }
+
+// MaxPrefetch is the most a RabbitMQ prefetch can say: the AMQP field is
+// 16 bits, and 0 means no limit at all.
+const MaxPrefetch = 65535
 
 // Capacity is the most deliveries a worker holds (received and not yet
-// settled) at a batch size and batch concurrency, and so its prefetch:
-// batchSize × (concurrency + 2). The window covers the three stages a
-// batch goes through: one batch forming, concurrency batches on the
-// engine, and one batch whose results are being confirmed. A batch leaves
-// the engine before its results are confirmed (so the engine never waits
-// for the broker), and without the third stage its confirmations would
-// hold the room the next batch forms in: the worker would wait for the
-// broker's ack-to-delivery round trip after every batch.
-func Capacity(batchSize, concurrency int) int {
-	return max(1, batchSize) * (max(1, concurrency) + 2)
+// settled) at an in-flight limit, and so its prefetch: 3 × limit, clamped
+// to MaxPrefetch. The window covers the three places a request can be:
+// waiting for a slot (a full set, so that when every call on the engine
+// ends at once each slot is refilled from memory, not from the broker), on
+// the engine, and having its result confirmed (the slot frees when the
+// engine answers, before the broker confirms, so the engine never waits
+// for the broker).
+func Capacity(limit int) int {
+	return min(MaxPrefetch, max(1, limit)*3)
 }
 
-// QueuedEngineCalls bounds how many engine calls a delivery can wait
-// through, its own included, between its receipt and its ack. The worst
-// case is a window (Capacity) that fills while the engine runs concurrency
-// small batches (an idle engine gets a batch of one at once): the rest of
-// the window is up to concurrency + 2 full batches, the delivery in the
-// last of them waits for a running batch to end, then for those batches
-// to run, concurrency at a time: 1 + ceil((concurrency + 2) / concurrency)
-// calls, 4 at concurrency 1 and 3 above. Not counted: a batch the engine
-// refuses and that is retried in halves or item by item within its slot.
-// A broker that takes back deliveries unacknowledged for too long
-// (RabbitMQ's consumer_timeout) must allow that many.
-func QueuedEngineCalls(concurrency int) int {
-	c := max(1, concurrency)
-	return 1 + (c+2+c-1)/c
+// HoldBound is the longest a delivery is held between its receipt and its
+// settlement, for a broker that takes back deliveries unacknowledged for
+// too long (RabbitMQ's consumer_timeout). A delivery received last into a
+// window (Capacity) with no result being confirmed has a limit's worth of
+// requests on the engine and another waiting ahead of it, so it waits for
+// two engine calls and runs in a third. The engine may refuse it for lack of room up to
+// maxAttempts times, each followed by a pause of at most backoffMax, and a
+// failure is followed by one more such pause; a list waits at most
+// batchWait to be coalesced. While the engine is down nothing is held: the
+// worker hands its deliveries back.
+func HoldBound(engineTimeout, backoffMax, batchWait time.Duration, maxAttempts int) time.Duration {
+	return 3*engineTimeout + time.Duration(max(1, maxAttempts)+1)*backoffMax + batchWait
 }
 
 // receiveLoop keeps the prefetch at the worker's capacity and hands decoded
@@ -281,6 +333,16 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 	lastPrefetch := 0
 	errWait := 100 * time.Millisecond
 	for ctx.Err() == nil {
+		if o := w.down.Load(); o != nil {
+			// Take nothing while the engine is down: what the broker holds
+			// waits there, for this worker or a healthy one.
+			select {
+			case <-o.up:
+			case <-ctx.Done():
+				return
+			}
+			continue
+		}
 		capacity := w.capacity()
 		if pf != nil && capacity != lastPrefetch {
 			if err := pf.SetPrefetch(ctx, capacity); err != nil {
@@ -299,10 +361,19 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 			}
 			continue
 		}
-		ds, err := w.broker.Receive(ctx, free)
+		rctx, cancel := context.WithCancel(ctx)
+		w.stopRecv.Store(&cancel)
+		if w.down.Load() != nil { // went down since the check above
+			cancel()
+		}
+		ds, err := w.broker.Receive(rctx, free)
+		cancel()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
 				return
+			}
+			if rctx.Err() != nil {
+				continue // cut by an outage
 			}
 			w.log.Warn("receive", "err", err, "retry_in", errWait)
 			select {
@@ -316,7 +387,7 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		w.inflight.Add(int64(len(ds)))
 		items := make([]*item, 0, len(ds))
 		for _, d := range ds {
-			dctx := w.cfg.Observer.Received(base, d)
+			dctx := w.obs.Received(base, d)
 			if it := w.decode(dctx, d); it != nil {
 				items = append(items, it)
 			}
@@ -335,6 +406,14 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 	}
 }
 
+// receive runs the receive loop and reports whether it ended without a
+// panic.
+func (w *Worker) receive(ctx context.Context, in chan<- []*item) (ended bool) {
+	defer w.contain("receive loop")
+	w.receiveLoop(ctx, in)
+	return true
+}
+
 // decode validates d; bad input is settled here and nil returned.
 func (w *Worker) decode(ctx context.Context, d *queue.Delivery) *item {
 	it := &item{ctx: ctx, d: d}
@@ -348,19 +427,38 @@ func (w *Worker) decode(ctx context.Context, d *queue.Delivery) *item {
 		dec.ID = d.CorrelationKey()
 	}
 	it.key = dec.BatchKey()
+	it.perCall = w.perCall(dec.Req.Kind)
 	return it
 }
 
-// dispatch owns the batcher: it groups items and starts batch runners.
-func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
+// listAll is the perCall of a kind the engine takes as a list: the room
+// the in-flight limit leaves bounds the list.
+const listAll = math.MaxInt32
+
+func (w *Worker) perCall(kind inference.Kind) int {
+	if l, ok := w.engine.(lister); ok {
+		if l.TakesList(kind) {
+			return listAll
+		}
+		return 1
+	}
+	if kind == inference.Embed {
+		return listAll
+	}
+	return 1
+}
+
+// dispatch owns the batcher: it sends each request to the engine the
+// moment the in-flight limit has room (coalescing only where the API takes
+// a list), oldest work first, and starts one goroutine per engine call.
+func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 	b := batch.New[*item](w.cfg.BatchWait, w.cfg.WorkerID+"-")
-	done := make(chan batchDone, w.cfg.Concurrency)
-	var runners sync.WaitGroup
-	running := 0
+	var calls sync.WaitGroup // engine calls, each settling its items
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	draining := false
+	add := func(it *item) { b.PutBack(it.queued, it.key, it.perCall, it) }
 	for {
+		draining := false
 		select {
 		case items, ok := <-in:
 			if !ok {
@@ -370,54 +468,99 @@ func (w *Worker) dispatch(ctx, workCtx context.Context, in <-chan []*item) {
 			}
 			now := w.now()
 			for _, it := range items {
-				b.Add(now, it.key, it)
+				it.queued = now
+				b.Add(now, it.key, it.perCall, it)
 			}
-		case <-done:
-			running--
+		case <-w.wake:
 		case <-timer.C:
 		}
+		for _, it := range w.takeBack() {
+			add(it)
+		}
 		if draining {
-			// Requeue what waits; let running batches finish.
-			for _, it := range b.Drain() {
-				w.settle(it, outcome{requeue: queue.ReasonShutdown})
-			}
-			for running > 0 {
-				<-done
-				running--
-			}
-			runners.Wait()
+			// Requeue what waits; let running calls finish, then requeue
+			// what they gave back.
+			w.handBack(b.Drain(), queue.ReasonShutdown)
+			calls.Wait()
+			w.handBack(w.takeBack(), queue.ReasonShutdown)
 			return
+		}
+		if w.down.Load() != nil {
+			// The engine is down: the requests go back to the queue, with no
+			// attempt counted, for a healthy worker or for this one later.
+			if b.Len() > 0 {
+				w.handBack(b.Drain(), queue.ReasonEngineDown)
+			}
+			timer.Reset(time.Hour)
+			continue
 		}
 		now := w.now()
 		if wait := w.backoffLeft(now); wait > 0 {
 			timer.Reset(wait)
 			continue
 		}
-		if b.Len() > 0 && w.waitForRestart(workCtx) {
-			timer.Reset(max(w.backoffLeft(w.now()), time.Millisecond))
-			continue
-		}
-		idle := running == 0 && len(in) == 0
-		for _, bt := range b.Ready(now, w.sizer.Size(), w.cfg.Concurrency-running, idle) {
-			running++
-			runners.Add(1)
+		limit := w.sizer.Size()
+		for {
+			on := int(w.onEngine.Load())
+			bt, ok := b.Next(now, limit-on, on > 0)
+			if !ok {
+				break
+			}
+			n := len(bt.Items)
+			w.onEngine.Add(int64(n))
+			calls.Add(1)
 			go func() {
-				defer runners.Done()
-				// The engine slot frees as soon as the engine answers: the
-				// next batch runs while this one's results are confirmed.
-				var once sync.Once
-				release := func() { once.Do(func() { done <- batchDone{} }) }
-				defer release()
-				w.runBatch(workCtx, bt, release)
+				defer calls.Done()
+				w.runCall(workCtx, bt, on+n)
 			}()
 		}
-		// With every slot busy, only a finished batch can change anything:
+		// With the limit reached, only a call that ends can change anything:
 		// wait for it rather than wake for windows that already passed.
-		if at, ok := b.Deadline(); ok && running < w.cfg.Concurrency {
+		if at, ok := b.Deadline(); ok && int(w.onEngine.Load()) < limit {
 			timer.Reset(max(at.Sub(now), time.Millisecond))
 		} else {
 			timer.Reset(time.Hour)
 		}
+	}
+}
+
+// handBack requeues items with reason, concurrently: the dispatcher does
+// not wait for the broker one delivery at a time.
+func (w *Worker) handBack(items []*item, reason string) {
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 64)
+	for _, it := range items {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			w.settle(it, outcome{requeue: reason})
+		})
+	}
+	wg.Wait()
+}
+
+// giveBack returns items the engine had no room for to the dispatcher.
+func (w *Worker) giveBack(items []*item) {
+	if len(items) > 0 {
+		w.backMu.Lock()
+		w.back = append(w.back, items...)
+		w.backMu.Unlock()
+	}
+}
+
+func (w *Worker) takeBack() []*item {
+	w.backMu.Lock()
+	defer w.backMu.Unlock()
+	out := w.back
+	w.back = nil
+	return out
+}
+
+// signal wakes the dispatcher.
+func (w *Worker) signal() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -427,75 +570,56 @@ func (w *Worker) backoffLeft(now time.Time) time.Duration {
 	return w.backoffUntil.Sub(now)
 }
 
-// engineFailed paces the next engine call after a retryable failure.
-func (w *Worker) engineFailed(ctx context.Context, err error) {
-	w.engineErr.Store(&err)
-	w.cfg.Observer.EngineHealth(err)
+// pause holds the next engine calls back after a retryable failure or an
+// overload: the pause doubles with each one in a row, up to
+// RetryBackoffMax, and ends with the next call that succeeds.
+func (w *Worker) pause(ctx context.Context, msg string, err error) {
 	w.backoffMu.Lock()
-	defer w.backoffMu.Unlock()
 	if w.backoffStep == 0 {
 		w.backoffStep = w.cfg.RetryBackoff
-		w.downSince = w.now()
 	} else {
 		w.backoffStep = min(w.backoffStep*2, w.cfg.RetryBackoffMax)
 	}
-	w.backoffUntil = w.now().Add(w.backoffStep)
-	w.log.WarnContext(ctx, "engine call failed; pausing batches", "err", err, "retry_in", w.backoffStep)
+	step := w.backoffStep
+	w.backoffUntil = w.now().Add(step)
+	w.backoffMu.Unlock()
+	w.log.WarnContext(ctx, msg, "err", err, "retry_in", step)
+}
+
+// engineFailed records a retryable engine failure and paces the next call.
+func (w *Worker) engineFailed(ctx context.Context, err error) {
+	w.engineUp.Store(false)
+	w.obs.EngineHealth(err)
+	w.pause(ctx, "engine call failed; pausing engine calls", err)
 }
 
 func (w *Worker) engineOK() {
-	w.engineErr.Store(nil)
-	w.cfg.Observer.EngineHealth(nil)
+	if !w.engineUp.Swap(true) {
+		w.obs.EngineHealth(nil)
+	}
 	w.backoffMu.Lock()
-	defer w.backoffMu.Unlock()
 	w.backoffStep = 0
+	w.backoffMu.Unlock()
 }
 
-// Ready reports whether the worker can do work: the broker is connected and
-// the engine answers.
+// Ready reports whether the worker can do work: the broker is connected,
+// the engine answers and has the model, and dead-lettering works.
 func (w *Worker) Ready(ctx context.Context) error {
 	if r, ok := w.broker.(readier); ok {
 		if err := r.Ready(ctx); err != nil {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	if o := w.down.Load(); o != nil {
+		return fmt.Errorf("engine: %w (taking no work until it answers)", o.err)
+	}
+	if err := w.dlq.failing(w.now()); err != nil {
+		return err
+	}
 	if err := w.probeEngine(ctx); err != nil {
 		return fmt.Errorf("engine: %w", err)
 	}
 	return nil
-}
-
-// waitForRestart reports whether batches should wait because the engine
-// this worker owns (a supervised child, which has Ready but no Ping) is
-// restarting after a failure: work waits for it instead of spending the
-// waiting requests' attempts on an engine known to be down. The wait is
-// bounded by Config.RestartGrace; an engine this worker does not own is
-// never waited for (its requests are requeued so other workers can take
-// them).
-func (w *Worker) waitForRestart(ctx context.Context) bool {
-	if w.engineErr.Load() == nil || w.cfg.RestartGrace <= 0 {
-		return false
-	}
-	if _, ok := w.engine.(pinger); ok {
-		return false
-	}
-	r, ok := w.engine.(readier)
-	if !ok {
-		return false
-	}
-	w.backoffMu.Lock()
-	since := w.downSince
-	w.backoffMu.Unlock()
-	if w.now().Sub(since) > w.cfg.RestartGrace {
-		return false
-	}
-	err := r.Ready(ctx)
-	w.cfg.Observer.EngineHealth(err)
-	if err == nil {
-		return false
-	}
-	w.engineFailed(ctx, err)
-	return true
 }
 
 // probeEngine asks the engine whether it can take work: Ping where the
@@ -511,14 +635,26 @@ func (w *Worker) probeEngine(ctx context.Context) error {
 	} else {
 		return nil
 	}
-	w.cfg.Observer.EngineHealth(err)
+	w.obs.EngineHealth(err)
 	return err
 }
 
 // InFlight is the number of deliveries received and not yet settled.
 func (w *Worker) InFlight() int { return int(w.inflight.Load()) }
 
+// OnEngine is the number of requests in engine calls that have not
+// answered yet.
+func (w *Worker) OnEngine() int { return int(w.onEngine.Load()) }
+
 var errPanic = errors.New("internal error")
 
 // errDeadline is the error of a request whose deadline passed while queued.
 var errDeadline = &inference.Error{Kind: inference.Permanent, Code: wire.ReasonDeadlineExceeded, Err: errors.New("the request's deadline passed before it reached the engine")}
+
+// contain logs a panic in a goroutine the worker owns instead of letting it
+// end the process. Use it deferred.
+func (w *Worker) contain(where string) {
+	if p := recover(); p != nil {
+		w.log.Error("panic contained", "where", where, "panic", p, "stack", string(debug.Stack()))
+	}
+}

@@ -119,7 +119,9 @@ func TestPermanentEngineError(t *testing.T) {
 		return out, nil
 	}}
 	h := setup(t, worker.Config{}, e)
-	h.b.Send("m", `{"prompt":"x"}`)
+	// A model the request chose itself: the request's error, not the
+	// worker's (TestMissingDefaultModelIsTheWorkersFault has the other).
+	h.b.Send("m", `{"prompt":"x","model":"other"}`)
 	h.b.WaitSettled(t, 1)
 	if s, _ := h.b.Settlement("m"); s.Action != queue.DeadLetter || s.Reason != "model_not_found" {
 		t.Fatalf("%+v", s)
@@ -134,75 +136,6 @@ func TestPublishFailureRequeuesNeverAcks(t *testing.T) {
 	h.b.WaitSettled(t, 1)
 	if s, _ := h.b.Settlement("m"); s.Action != queue.Requeue || s.Reason != "publish_failed" {
 		t.Fatalf("%+v, want requeue", s)
-	}
-}
-
-func TestOverloadSplitsInHalves(t *testing.T) {
-	t.Parallel()
-	// The engine can run at most 2 items at once and rejects bigger batches
-	// whole, as an out-of-memory engine would.
-	e := &fakeEngine{}
-	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
-		if len(reqs) > 2 {
-			return nil, &inference.Error{Kind: inference.Overloaded, Code: "out_of_memory", Err: errors.New("cuda out of memory")}
-		}
-		out := make([]inference.Result, len(reqs))
-		for i := range out {
-			out[i].Response.Text = "ok"
-		}
-		return out, nil
-	}
-	block := make(chan struct{})
-	first := true
-	inner := e.answer
-	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
-		if first { // hold the first batch so the next four queue up together
-			first = false
-			<-block
-		}
-		return inner(reqs)
-	}
-	h := setup(t, worker.Config{}, e)
-	h.s.set(4)
-	h.b.Send("hold", `{"prompt":"x"}`)
-	waitFor(t, func() bool { return len(e.sizes()) == 1 }) // the rest must batch behind it
-	for _, id := range []string{"a", "b", "c", "d"} {
-		h.b.Send(id, `{"prompt":"x"}`)
-	}
-	waitFor(t, func() bool { return h.w.InFlight() == 5 })
-	close(block)
-	h.b.WaitSettled(t, 5)
-	for _, id := range []string{"hold", "a", "b", "c", "d"} {
-		if s, _ := h.b.Settlement(id); s.Action != queue.Ack {
-			t.Errorf("%s: %+v, want ack after the split", id, s)
-		}
-	}
-	if got := e.sizes(); !slices.Equal(got, []int{1, 4, 2, 2}) {
-		t.Errorf("engine saw batches %v, want [1 4 2 2]", got)
-	}
-	if h.s.overloadCount() != 1 {
-		t.Errorf("sizer told of %d overloads, want 1", h.s.overloadCount())
-	}
-}
-
-func TestBatchesFormWhileEngineBusy(t *testing.T) {
-	t.Parallel()
-	e := &fakeEngine{block: make(chan struct{})}
-	h := setup(t, worker.Config{BatchWait: time.Hour}, e)
-	h.s.set(8)
-	h.b.Send("first", `{"prompt":"x"}`) // engine idle: goes at once, alone
-	waitFor(t, func() bool { return len(e.sizes()) == 1 })
-	for i := range 5 {
-		h.b.Send(string(rune('a'+i)), `{"prompt":"x"}`)
-	}
-	h.b.Send("other-model", `{"prompt":"x","model":"other"}`)
-	waitFor(t, func() bool { return h.w.InFlight() == 7 })
-	close(e.block)
-	h.b.WaitSettled(t, 7)
-	got := e.sizes()
-	slices.Sort(got[1:])
-	if !slices.Equal(got, []int{1, 1, 5}) {
-		t.Fatalf("batches %v, want the first alone, then 5 of one model and 1 of the other", got)
 	}
 }
 
@@ -234,53 +167,11 @@ func TestNextBatchRunsWhileResultsAreConfirmed(t *testing.T) {
 	}
 }
 
-// TestQueuedEngineCallsIsReached: the worst case QueuedEngineCalls counts
-// happens. A request alone on the idle engine, then a burst that fills the
-// window: the burst's last delivery waits for the running call and two
-// full batches before its own.
-func TestQueuedEngineCallsIsReached(t *testing.T) {
-	t.Parallel()
-	e := &fakeEngine{block: make(chan struct{})}
-	h := setupSized(t, worker.Config{}, e, e, 4)
-	h.b.Send("first", `{"prompt":"x"}`)
-	waitFor(t, func() bool { return len(e.sizes()) == 1 })
-	window := worker.Capacity(4, 1)
-	for i := 1; i < window; i++ {
-		h.b.Send(fmt.Sprint("burst-", i), `{"prompt":"x"}`)
-	}
-	waitFor(t, func() bool { return h.w.InFlight() == window })
-	close(e.block)
-	h.b.WaitSettled(t, window)
-	got := e.sizes()
-	if !slices.Equal(got, []int{1, 4, 4, 3}) || len(got) != worker.QueuedEngineCalls(1) {
-		t.Fatalf("engine calls %v, want [1 4 4 3]: %d calls for the last delivery, QueuedEngineCalls(1) = %d", got, len(got), worker.QueuedEngineCalls(1))
-	}
-}
-
-func TestCapacity(t *testing.T) {
-	t.Parallel()
-	for _, tt := range []struct{ size, conc, capacity, calls int }{
-		{1, 1, 3, 4},
-		{32, 1, 96, 4},
-		{32, 2, 128, 3},
-		{4, 3, 20, 3},
-		{4, 8, 40, 3},
-		{0, 0, 3, 4}, // unset: one item, one batch at a time
-	} {
-		if got := worker.Capacity(tt.size, tt.conc); got != tt.capacity {
-			t.Errorf("Capacity(%d, %d) = %d, want %d", tt.size, tt.conc, got, tt.capacity)
-		}
-		if got := worker.QueuedEngineCalls(tt.conc); got != tt.calls {
-			t.Errorf("QueuedEngineCalls(%d) = %d, want %d", tt.conc, got, tt.calls)
-		}
-	}
-}
-
 func TestShutdownRequeuesWaitingAndFinishesRunning(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{block: make(chan struct{})}
 	h := setup(t, worker.Config{BatchWait: time.Hour, DrainTimeout: 5 * time.Second}, e)
-	h.s.set(8)
+	h.s.set(1) // one on the engine: the second waits
 	h.b.Send("running", `{"prompt":"x"}`)
 	waitFor(t, func() bool { return len(e.sizes()) == 1 })
 	h.b.Send("waiting", `{"prompt":"x"}`)
@@ -370,58 +261,6 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
-// restarting is an engine this worker supervises: it has Ready, not Ping.
-type restarting struct {
-	fakeEngine
-	mu    sync.Mutex
-	ready bool
-}
-
-func (r *restarting) Ready(context.Context) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if !r.ready {
-		return errors.New("engine restarting")
-	}
-	return nil
-}
-
-func (r *restarting) setReady(v bool) { r.mu.Lock(); r.ready = v; r.mu.Unlock() }
-
-func TestWorkWaitsForASupervisedEngineToRestart(t *testing.T) {
-	t.Parallel()
-	e := &restarting{}
-	calls := 0
-	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
-		calls++
-		if calls == 1 {
-			return nil, &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("engine died")}
-		}
-		return []inference.Result{{Response: inference.Response{Text: "back"}}}, nil
-	}
-	h := setupEngine(t, worker.Config{RestartGrace: time.Minute, RetryBackoff: time.Millisecond, RetryBackoffMax: 5 * time.Millisecond}, e, &e.fakeEngine)
-	h.b.Send("first", `{"prompt":"x"}`)
-	h.b.WaitSettled(t, 1)
-	if s, _ := h.b.Settlement("first"); s.Action != queue.Requeue {
-		t.Fatalf("first: %+v, want requeue", s)
-	}
-	h.b.Send("second", `{"prompt":"x"}`)
-	waitFor(t, func() bool { return h.w.InFlight() == 1 })
-	// The engine is down: the request waits instead of spending an attempt.
-	deadline := time.Now().Add(100 * time.Millisecond)
-	for time.Now().Before(deadline) {
-		if n := len(e.sizes()); n != 1 {
-			t.Fatalf("the engine got %d calls while it was restarting, want 1", n)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	e.setReady(true)
-	h.b.WaitSettled(t, 2)
-	if s, _ := h.b.Settlement("second"); s.Action != queue.Ack {
-		t.Fatalf("second: %+v, want ack once the engine is back", s)
-	}
-}
-
 // staleBroker reports every delivery's lock as lost.
 type staleBroker struct{ *queuetest.MemBroker }
 
@@ -448,7 +287,7 @@ func TestLostLockIsNotAnswered(t *testing.T) {
 
 func TestPermanentBatchErrorFindsTheCulprit(t *testing.T) {
 	t.Parallel()
-	e := &fakeEngine{block: make(chan struct{})}
+	e := &fakeEngine{block: make(chan struct{}), list: true}
 	e.answer = func(reqs []inference.Request) ([]inference.Result, error) {
 		for _, r := range reqs {
 			if r.Prompt == "too long" {

@@ -67,6 +67,7 @@ type Driver struct {
 	ready    chan struct{} // closed when sess is set; replaced on loss
 	prefetch int
 	stopped  bool // StopReceiving was called
+	paused   bool // Pause was called, and Resume not yet
 	closed   bool
 
 	pending []pendingDelivery // drained from a cancelled consumer, still valid
@@ -235,13 +236,17 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 		return nil, fmt.Errorf("open consume channel: %w", err)
 	}
 	d.mu.Lock()
-	consume := d.cfg.Consume && !d.stopped
+	consume := d.cfg.Consume && !d.stopped && !d.paused
+	paused := d.cfg.Consume && d.paused
 	prefetch := d.prefetch
 	d.mu.Unlock()
 	if consume {
 		if err := s.consume(d.cfg.Queue, prefetch); err != nil {
 			return nil, err
 		}
+	}
+	if paused {
+		s.cancelled.Store(true) // Resume's next Receive consumes
 	}
 	// Every notification channel is buffered and drained (amqp091-go's
 	// best practice): an undrained one would deadlock the connection.
@@ -375,7 +380,7 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 	}
 	for {
 		d.mu.Lock()
-		stopped := d.stopped
+		stopped, paused := d.stopped, d.paused
 		var out []*queue.Delivery
 		for len(d.pending) > 0 && len(out) < max {
 			p := d.pending[0]
@@ -392,6 +397,14 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 		}
 		if stopped {
 			return nil, queue.ErrClosed
+		}
+		if paused {
+			select { // the caller is told nothing: Resume restarts the consumer
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
 		}
 		s, err := d.current(ctx)
 		if err != nil {
@@ -648,11 +661,53 @@ func (d *Driver) StopReceiving(ctx context.Context) error {
 	d.pending = nil
 	d.mu.Unlock()
 	for _, p := range pending {
-		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.ReasonShutdown); rerr != nil {
+		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonShutdown}); rerr != nil {
 			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
 		}
 	}
 	return err
+}
+
+// Pause stops the broker sending: it cancels the consumer and hands back,
+// with no attempt counted, what the broker had sent and Receive had not
+// handed out. The worker calls it while its engine is down, so requests
+// wait in the queue for a healthy worker. Receive returns nothing until
+// Resume; Publish and Settle keep working.
+func (d *Driver) Pause(ctx context.Context) error {
+	d.mu.Lock()
+	if d.paused || d.stopped || !d.cfg.Consume {
+		d.mu.Unlock()
+		return nil
+	}
+	d.paused = true
+	s := d.sess
+	d.mu.Unlock()
+	if s == nil {
+		return nil // disconnected: the broker has requeued everything
+	}
+	err := d.cancelAndDrain(ctx, s)
+	s.cancelled.Store(true) // consume again on Resume
+	d.mu.Lock()
+	pending := d.pending
+	d.pending = nil
+	d.mu.Unlock()
+	for _, p := range pending {
+		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonEngineDown}); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
+		}
+	}
+	if err == nil {
+		d.log.Info("paused: consumer cancelled, prefetched deliveries handed back", "handed_back", len(pending))
+	}
+	return err
+}
+
+// Resume undoes Pause: the next Receive consumes again.
+func (d *Driver) Resume(context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.paused = false
+	return nil
 }
 
 // Publish sends m to queue m.To through the default exchange and waits for
@@ -785,7 +840,7 @@ func (d *Driver) Settle(ctx context.Context, del *queue.Delivery, st queue.Settl
 	case queue.Ack:
 		err = h.s.ack(h.tag)
 	case queue.Requeue:
-		err = d.requeue(ctx, h.s, h.raw, del.Attempt, st.Reason)
+		err = d.requeue(ctx, h.s, h.raw, del.Attempt, st)
 	case queue.DeadLetter:
 		err = d.deadLetter(ctx, h, del, st)
 	default:
@@ -835,12 +890,16 @@ func copyOf(raw amqp.Delivery, extra amqp.Table) amqp.Publishing {
 // original. If the copy cannot be published the original is nacked back
 // instead, which also requeues it (a quorum queue then counts a failed
 // delivery).
-func (d *Driver) requeue(ctx context.Context, s *session, raw amqp.Delivery, attempt int, reason string) error {
+func (d *Driver) requeue(ctx context.Context, s *session, raw amqp.Delivery, attempt int, st queue.Settlement) error {
 	counted := attempt
-	if reason == queue.ReasonShutdown {
+	if !queue.Counts(st.Reason) {
 		counted--
 	}
-	p := copyOf(raw, amqp.Table{queue.HeaderAttempts: int64(max(0, counted))})
+	extra := amqp.Table{queue.HeaderAttempts: int64(max(0, counted))}
+	for k, v := range st.Headers {
+		extra[k] = v
+	}
+	p := copyOf(raw, extra)
 	if err := s.publishRaw(ctx, d.cfg.Queue, p); err != nil {
 		d.log.Warn("requeue copy failed; nacking the delivery back instead", "id", raw.MessageId, "err", err)
 		return s.nack(raw.DeliveryTag, true)

@@ -1,0 +1,453 @@
+package worker_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/queuetest"
+	"github.com/sous-run/sous/internal/wire"
+	"github.com/sous-run/sous/internal/worker"
+)
+
+// gateEngine answers each request by its prompt: "wait:NAME" blocks until
+// open(NAME), anything else answers at once. It takes one request per call,
+// like Ollama's /api/generate. With room set, more than room requests at
+// once are refused as out of memory. With down set, it does not answer
+// (Ping fails, calls are refused before they reach it).
+type gateEngine struct {
+	mu      sync.Mutex
+	gates   map[string]chan struct{}
+	started []string
+	on      int
+	peak    int
+	calls   int
+	room    int
+	down    atomic.Bool
+	refused atomic.Int64 // overloads answered
+}
+
+func newGateEngine() *gateEngine { return &gateEngine{gates: map[string]chan struct{}{}} }
+
+func (e *gateEngine) gate(name string) chan struct{} {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	g, ok := e.gates[name]
+	if !ok {
+		g = make(chan struct{})
+		e.gates[name] = g
+	}
+	return g
+}
+
+func (e *gateEngine) open(name string) { close(e.gate(name)) }
+
+var errRefused = &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", NotRun: true,
+	Err: &netDialError{}}
+
+type netDialError struct{}
+
+func (netDialError) Error() string { return "dial tcp 127.0.0.1:11434: connect: connection refused" }
+func (netDialError) Unwrap() error { return syscall.ECONNREFUSED }
+
+func (e *gateEngine) Infer(ctx context.Context, reqs []inference.Request) ([]inference.Result, error) {
+	if len(reqs) != 1 {
+		return nil, fmt.Errorf("gateEngine got a list of %d", len(reqs))
+	}
+	if e.down.Load() {
+		return nil, errRefused
+	}
+	p := reqs[0].Prompt
+	e.mu.Lock()
+	e.calls++
+	if e.room > 0 && e.on >= e.room {
+		e.mu.Unlock()
+		e.refused.Add(1)
+		return nil, &inference.Error{Kind: inference.Overloaded, Code: "out_of_memory", Err: errors.New("cuda out of memory")}
+	}
+	e.on++
+	e.peak = max(e.peak, e.on)
+	e.started = append(e.started, p)
+	e.mu.Unlock()
+	defer func() { e.mu.Lock(); e.on--; e.mu.Unlock() }()
+	if name, ok := strings.CutPrefix(p, "wait:"); ok {
+		select {
+		case <-e.gate(name):
+		case <-ctx.Done():
+			return nil, &inference.Error{Kind: inference.Retryable, Code: "canceled", Err: ctx.Err()}
+		}
+	}
+	return []inference.Result{{Response: inference.Response{Text: "answer to " + p, DoneReason: "stop"}}}, nil
+}
+
+func (e *gateEngine) Ping(context.Context) error {
+	if e.down.Load() {
+		return errors.New("connection refused")
+	}
+	return nil
+}
+
+func (e *gateEngine) TakesList(inference.Kind) bool { return false }
+
+func (e *gateEngine) snapshot() (started []string, peak, calls int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.started...), e.peak, e.calls
+}
+
+func startWorker(t *testing.T, cfg worker.Config, b worker.Broker, eng worker.Engine, limit int) (*worker.Worker, *fixedSizer, func()) {
+	t.Helper()
+	if cfg.Limits.MaxBodyBytes == 0 {
+		cfg.Limits = wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny", "other"}}
+	}
+	cfg.ResultsQueue, cfg.WorkerID = "results", "w-test"
+	if cfg.RetryBackoff == 0 {
+		cfg.RetryBackoff = time.Millisecond
+	}
+	s := &fixedSizer{size: limit}
+	w := worker.New(cfg, b, eng, s, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	stop := sync.OnceFunc(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("worker did not stop")
+		}
+	})
+	t.Cleanup(stop)
+	return w, s, stop
+}
+
+// TestRequestsGoTheMomentASlotFrees: with two slots, one long answer does
+// not hold the other slot's queue back: short requests run one after the
+// other beside it (the old batcher sent the four as one batch, or waited
+// for the long one to end).
+func TestRequestsGoTheMomentASlotFrees(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	startWorker(t, worker.Config{}, b, e, 2)
+	b.Send("long", `{"prompt":"wait:long"}`)
+	for i := range 5 {
+		b.Send(fmt.Sprint("short-", i), `{"prompt":"short"}`)
+	}
+	b.WaitSettled(t, 5) // every short one, while the long one still runs
+	if _, ok := b.Settlement("long"); ok {
+		t.Fatal("the long request settled before it was let go")
+	}
+	e.open("long")
+	b.WaitSettled(t, 6)
+	for i := range 5 {
+		if s, _ := b.Settlement(fmt.Sprint("short-", i)); s.Action != queue.Ack {
+			t.Errorf("short-%d: %+v", i, s)
+		}
+	}
+	if _, peak, calls := e.snapshot(); peak > 2 || calls != 6 {
+		t.Fatalf("peak %d requests on the engine (limit 2), %d calls (want 6: one per request)", peak, calls)
+	}
+}
+
+// TestWindowIsThreeTimesTheLimit: with the engine stuck, a worker holds
+// Capacity(limit) deliveries: limit on the engine, the rest waiting.
+func TestWindowIsThreeTimesTheLimit(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	w, _, _ := startWorker(t, worker.Config{}, b, e, 2)
+	for i := range 10 {
+		b.Send(fmt.Sprint("m", i), `{"prompt":"wait:all"}`)
+	}
+	waitFor(t, func() bool { return w.InFlight() == worker.Capacity(2) && w.OnEngine() == 2 })
+	time.Sleep(20 * time.Millisecond) // nothing more may come in
+	if w.InFlight() != 6 || w.OnEngine() != 2 {
+		t.Fatalf("in flight %d, on engine %d; want 6 and 2", w.InFlight(), w.OnEngine())
+	}
+	e.open("all")
+	b.WaitSettled(t, 10)
+}
+
+func TestCapacityAndHoldBound(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct{ limit, want int }{{0, 3}, {1, 3}, {4, 12}, {32, 96}, {4096, 12288}, {30000, worker.MaxPrefetch}} {
+		if got := worker.Capacity(tt.limit); got != tt.want {
+			t.Errorf("Capacity(%d) = %d, want %d", tt.limit, got, tt.want)
+		}
+	}
+	if got := worker.HoldBound(5*time.Minute, 30*time.Second, 20*time.Millisecond, 5); got != 18*time.Minute+20*time.Millisecond {
+		t.Errorf("HoldBound at defaults = %s", got)
+	}
+}
+
+// TestOverloadIsRetriedHereWithoutAnAttempt: an engine that runs out of
+// room at 2 of the 4 requests sous sends. The refused ones are not run, so
+// they spend no attempt: they wait in the worker for room, the limit
+// halves, and every request is answered on its first delivery.
+func TestOverloadIsRetriedHereWithoutAnAttempt(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	e.room = 2
+	b := queuetest.NewMemBroker()
+	_, s, _ := startWorker(t, worker.Config{}, b, e, 4)
+	for i := range 4 {
+		b.Send(fmt.Sprint("m", i), `{"prompt":"wait:g"}`)
+	}
+	waitFor(t, func() bool { return e.refused.Load() >= 1 })
+	e.open("g")
+	b.WaitSettled(t, 4)
+	for i := range 4 {
+		if st, _ := b.Settlement(fmt.Sprint("m", i)); st.Action != queue.Ack {
+			t.Errorf("m%d: %+v, want ack on the first delivery", i, st)
+		}
+	}
+	if s.overloadCount() == 0 || s.Size() > 2 {
+		t.Errorf("sizer: %d overloads, limit %d; want the limit halved", s.overloadCount(), s.Size())
+	}
+	if _, peak, _ := e.snapshot(); peak > 2 {
+		t.Errorf("peak %d on an engine with room for 2", peak)
+	}
+}
+
+// TestOverloadSpendsAttemptsOnAClock: an engine that never has room. The
+// request is retried here with a growing pause, then goes back to the queue
+// with an attempt counted, never in a hot loop (it took 362 µs for five
+// attempts and a dead letter before).
+func TestOverloadSpendsAttemptsOnAClock(t *testing.T) {
+	t.Parallel()
+	full := &alwaysFull{}
+	b := queuetest.NewMemBroker()
+	start := time.Now()
+	startWorker(t, worker.Config{MaxAttempts: 5, RetryBackoff: 4 * time.Millisecond, RetryBackoffMax: time.Second}, b, full, 4)
+	b.Send("m", `{"prompt":"x"}`, attempt(5))
+	b.WaitSettled(t, 1)
+	took := time.Since(start)
+	st, _ := b.Settlement("m")
+	if st.Action != queue.DeadLetter || st.Reason != "max_attempts" {
+		t.Fatalf("%+v, want dead-letter after its last attempt", st)
+	}
+	// 1 + 5 local tries, paused 4, 8, 16, 32, 64 ms between them.
+	if calls := full.calls.Load(); calls != 6 {
+		t.Errorf("%d engine calls, want 6", calls)
+	}
+	if took < 124*time.Millisecond {
+		t.Errorf("took %s: the retries were not paced", took)
+	}
+}
+
+type alwaysFull struct{ calls atomic.Int64 }
+
+func (a *alwaysFull) Infer(context.Context, []inference.Request) ([]inference.Result, error) {
+	a.calls.Add(1)
+	return nil, &inference.Error{Kind: inference.Overloaded, Code: "engine_busy", Status: 503, Err: errors.New("server busy")}
+}
+
+// TestEngineOutageTakesNoWorkAndCountsNoAttempts: while the engine is down
+// the worker takes nothing from the broker, says so on /readyz, and hands
+// back what it held with no attempt counted; when the engine answers again
+// it takes work again.
+func TestEngineOutageTakesNoWorkAndCountsNoAttempts(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	e.down.Store(true)
+	b := queuetest.NewMemBroker()
+	w, _, _ := startWorker(t, worker.Config{RetryBackoffMax: 10 * time.Millisecond}, b, e, 2)
+	for i := range 3 {
+		b.Send(fmt.Sprint("early-", i), `{"prompt":"x"}`)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := b.SettledCount(); n != 0 || w.InFlight() != 0 {
+		t.Fatalf("%d settled, %d in flight while the engine was down from the start; want nothing taken", n, w.InFlight())
+	}
+	if err := w.Ready(context.Background()); err == nil || !strings.Contains(err.Error(), "engine") {
+		t.Fatalf("Ready while the engine is down: %v", err)
+	}
+	e.down.Store(false)
+	b.WaitSettled(t, 3)
+	waitFor(t, func() bool { return w.Ready(context.Background()) == nil })
+
+	// Down again, mid-run: the request it was refused for goes back
+	// uncounted, and nothing more is taken until it answers.
+	e.down.Store(true)
+	b.Send("refused", `{"prompt":"x"}`)
+	b.WaitSettled(t, 4)
+	if st, _ := b.Settlement("refused"); st.Action != queue.Requeue || st.Reason != queue.ReasonEngineDown || queue.Counts(st.Reason) {
+		t.Fatalf("refused: %+v, want an uncounted requeue", st)
+	}
+	b.Send("later", `{"prompt":"x"}`)
+	time.Sleep(50 * time.Millisecond)
+	if _, ok := b.Settlement("later"); ok {
+		t.Fatal("took work while the engine was down")
+	}
+	e.down.Store(false)
+	b.WaitSettled(t, 5)
+	if st, _ := b.Settlement("later"); st.Action != queue.Ack {
+		t.Fatalf("later: %+v", st)
+	}
+	if r := results(t, b); len(r) != 4 {
+		t.Fatalf("%d results, want 4 (none for the request handed back)", len(r))
+	}
+}
+
+// modelEngine lists its models.
+type modelEngine struct {
+	*gateEngine
+	mu     sync.Mutex
+	models []string
+}
+
+func (m *modelEngine) Models(context.Context) ([]string, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.models, nil
+}
+
+func (m *modelEngine) set(models ...string) { m.mu.Lock(); m.models = models; m.mu.Unlock() }
+
+// TestMissingDefaultModelIsTheWorkersFault: an engine without SOUS_MODEL
+// keeps the worker not ready and taking nothing (it used to say ready and
+// dead-letter every request model_not_found).
+func TestMissingDefaultModelIsTheWorkersFault(t *testing.T) {
+	t.Parallel()
+	e := &modelEngine{gateEngine: newGateEngine(), models: []string{"llama3.2:latest"}}
+	b := queuetest.NewMemBroker()
+	w, _, _ := startWorker(t, worker.Config{RetryBackoffMax: 10 * time.Millisecond}, b, e, 2)
+	b.Send("m", `{"prompt":"x"}`)
+	time.Sleep(50 * time.Millisecond)
+	err := w.Ready(context.Background())
+	if err == nil || !strings.Contains(err.Error(), `no model "tiny"`) || !strings.Contains(err.Error(), "SOUS_MODEL") || !strings.Contains(err.Error(), "llama3.2:latest") {
+		t.Fatalf("Ready = %v; want it to name the missing model, the variable and what the engine has", err)
+	}
+	if b.SettledCount() != 0 {
+		t.Fatal("took work without the model")
+	}
+	e.set("tiny:latest") // Ollama's implicit tag
+	b.WaitSettled(t, 1)
+	if st, _ := b.Settlement("m"); st.Action != queue.Ack {
+		t.Fatalf("%+v", st)
+	}
+}
+
+// failingDLQ refuses every dead-letter, as a missing or full dead-letter
+// queue does.
+type failingDLQ struct {
+	*queuetest.MemBroker
+	refused atomic.Int64
+}
+
+func (f *failingDLQ) Settle(ctx context.Context, d *queue.Delivery, s queue.Settlement) error {
+	if s.Action == queue.DeadLetter {
+		f.refused.Add(1)
+		return errors.New("dead-letter copy to \"q.dlq\": NOT_FOUND")
+	}
+	return f.MemBroker.Settle(ctx, d, s)
+}
+
+type settlements struct {
+	worker.NopObserver
+	mu  sync.Mutex
+	got []queue.Settlement
+}
+
+func (s *settlements) Done(_ context.Context, _ *queue.Delivery, o worker.Outcome) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.got = append(s.got, o.Settlement)
+}
+
+// TestFailedDeadLetterIsPacedAndAnsweredOnce: a dead-letter the broker
+// refuses is requeued after a pause, marked so that its error result is not
+// published again when it comes back, reported as the requeue it was, and
+// /readyz says dead-lettering fails (one bad message gave 2,154 error
+// results and as many counted dead letters in 2 s before).
+func TestFailedDeadLetterIsPacedAndAnsweredOnce(t *testing.T) {
+	t.Parallel()
+	b := &failingDLQ{MemBroker: queuetest.NewMemBroker()}
+	obs := &settlements{}
+	w, _, _ := startWorker(t, worker.Config{Observer: obs, RetryBackoff: 30 * time.Millisecond}, b, newGateEngine(), 2)
+	start := time.Now()
+	b.Send("bad", `not json`, replyTo("replies"))
+	b.WaitSettled(t, 1)
+	if time.Since(start) < 30*time.Millisecond {
+		t.Error("requeued without a pause")
+	}
+	st, _ := b.Settlement("bad")
+	if st.Action != queue.Requeue || st.Reason != "dead_letter_failed" || st.Headers["x-sous-answered"] != wire.ReasonInvalidJSON {
+		t.Fatalf("%+v, want a requeue marked as answered", st)
+	}
+	// The broker brings it back with the mark: no second error result.
+	b.Send("bad-again", `not json`, replyTo("replies"), func(d *queue.Delivery) { d.Headers = st.Headers })
+	b.WaitSettled(t, 2)
+	if n := len(results(t, b.MemBroker)); n != 1 {
+		t.Errorf("%d error results, want 1", n)
+	}
+	obs.mu.Lock()
+	for _, s := range obs.got {
+		if s.Action != queue.Requeue {
+			t.Errorf("observer told %s; the broker took a requeue", s.Action)
+		}
+	}
+	obs.mu.Unlock()
+	if err := w.Ready(context.Background()); err == nil || !strings.Contains(err.Error(), "dead-lettering fails") {
+		t.Errorf("Ready = %v, want it to say dead-lettering fails", err)
+	}
+}
+
+// panicky panics in the hooks that run after the broker took a settlement.
+type panicky struct{ worker.NopObserver }
+
+func (panicky) Settling(context.Context, *queue.Delivery, queue.Settlement) func(error) {
+	return func(error) { panic("settling hook") }
+}
+func (panicky) Done(context.Context, *queue.Delivery, worker.Outcome) { panic("done hook") }
+
+// TestObserverPanicsAfterTheAckDoNotSettleTwice: a panic in a hook after
+// the broker took the ack used to requeue the delivery as well (a 406 that
+// closes the channel), and a panic in Done ended the process.
+func TestObserverPanicsAfterTheAckDoNotSettleTwice(t *testing.T) {
+	t.Parallel()
+	b := queuetest.NewMemBroker()
+	startWorker(t, worker.Config{Observer: panicky{}}, b, newGateEngine(), 2)
+	b.Send("a", `{"prompt":"x"}`)
+	b.Send("b", `{"prompt":"y"}`)
+	b.WaitSettled(t, 2)
+	for _, ev := range b.Events() {
+		if strings.HasPrefix(ev, "requeue:") {
+			t.Fatalf("settled twice: %v", b.Events())
+		}
+	}
+}
+
+// TestDrainCutSaysNothingOfTheEngine: calls cut off by the drain deadline
+// neither grow the limit nor count as successes.
+func TestDrainCutSaysNothingOfTheEngine(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	w, s, stop := startWorker(t, worker.Config{DrainTimeout: 30 * time.Millisecond}, b, e, 2)
+	b.Send("m", `{"prompt":"wait:never"}`)
+	waitFor(t, func() bool { return w.OnEngine() == 1 })
+	stop()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.successes != 0 || s.overloads != 0 {
+		t.Fatalf("sizer told %d successes, %d overloads by a call the drain cut", s.successes, s.overloads)
+	}
+	if st, _ := b.Settlement("m"); st.Action != queue.Requeue || st.Reason != queue.ReasonShutdown {
+		t.Fatalf("%+v", st)
+	}
+}

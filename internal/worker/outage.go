@@ -1,0 +1,205 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/sous-run/sous/internal/inference"
+)
+
+// outage is an engine that is down, or lacks the model the worker was
+// configured with: a fault of the worker, not of any request. While it
+// lasts the worker takes no work (the broker is paused where it can be,
+// and waiting requests go back to the queue with no attempt counted), and
+// a prober checks the engine until it answers.
+type outage struct {
+	err   error
+	since time.Time
+	up    chan struct{} // closed when the outage ends
+}
+
+// engineDown starts an outage, unless one is on. The prober runs until the
+// engine answers or Run's context ends.
+func (w *Worker) engineDown(err error) {
+	o := &outage{err: err, since: w.now(), up: make(chan struct{})}
+	if !w.down.CompareAndSwap(nil, o) {
+		return
+	}
+	w.engineUp.Store(false)
+	w.obs.EngineHealth(err)
+	w.log.Error("the engine cannot take work; taking none until it does (requests stay in the queue, no attempt counted)", "err", err)
+	if cancel := w.stopRecv.Load(); cancel != nil {
+		(*cancel)() // take nothing more
+	}
+	w.signal() // the dispatcher hands back what waits
+	w.bg.Add(1)
+	go func() {
+		defer w.bg.Done()
+		defer w.contain("engine prober")
+		w.probeUntilUp(o)
+	}()
+}
+
+func (w *Worker) probeUntilUp(o *outage) {
+	ctx := w.runCtx
+	if p, ok := w.broker.(pauser); ok {
+		if err := p.Pause(ctx); err != nil && ctx.Err() == nil {
+			w.log.Warn("pause the broker while the engine is down", "err", err)
+		}
+		defer func() {
+			if err := p.Resume(context.WithoutCancel(ctx)); err != nil {
+				w.log.Warn("resume the broker", "err", err)
+			}
+		}()
+	}
+	step := w.cfg.RetryBackoff
+	last := o.err
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(step):
+		}
+		err := w.checkEngine(ctx)
+		if err == nil {
+			w.down.Store(nil)
+			close(o.up)
+			w.engineOK()
+			w.log.Info("the engine answers again; taking work", "down_for", w.now().Sub(o.since).Round(time.Millisecond))
+			w.signal()
+			return
+		}
+		if err.Error() != last.Error() {
+			w.log.Warn("the engine still cannot take work", "err", err)
+			last = err
+		}
+		step = min(step*2, w.cfg.RetryBackoffMax)
+	}
+}
+
+// checkEngine probes the engine and checks that it has the default model
+// (and says which allowed models it lacks). An engine with no probe is
+// taken to be up.
+func (w *Worker) checkEngine(ctx context.Context) error {
+	if err := w.probeEngine(ctx); err != nil {
+		return fmt.Errorf("the engine does not answer: %w", err)
+	}
+	m, ok := w.engine.(modeler)
+	if !ok {
+		return nil
+	}
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	have, err := m.Models(lctx)
+	if err != nil {
+		return fmt.Errorf("the engine does not list its models: %w", err)
+	}
+	def := w.cfg.Limits.DefaultModel
+	if def != "" && !hasModel(have, def) {
+		return &missingModel{model: def, have: have}
+	}
+	var missing []string
+	for _, a := range w.cfg.Limits.AllowedModels {
+		if !hasModel(have, a) {
+			missing = append(missing, a)
+		}
+	}
+	if len(missing) > 0 {
+		w.log.Warn("the engine lacks some allowed models (SOUS_MODELS_ALLOWED): requests for them will fail with model_not_found", "missing", missing)
+	}
+	return nil
+}
+
+// missingModel: the engine lacks the worker's default model.
+type missingModel struct {
+	model string
+	have  []string
+}
+
+func (e *missingModel) Error() string {
+	return fmt.Sprintf("the engine has no model %q (SOUS_MODEL); it has %s: pull the model into the engine or set SOUS_MODEL to one it has", e.model, listOrNone(e.have))
+}
+
+func listOrNone(s []string) string {
+	if len(s) == 0 {
+		return "none"
+	}
+	if len(s) > 10 {
+		s = append(s[:10:10], "…")
+	}
+	return strings.Join(s, ", ")
+}
+
+// hasModel reports whether have lists want, taking Ollama's implicit
+// ":latest" tag into account.
+func hasModel(have []string, want string) bool {
+	for _, h := range have {
+		if h == want || h == want+":latest" || strings.TrimSuffix(want, ":latest") == h {
+			return true
+		}
+	}
+	return false
+}
+
+// workerFault reports whether err, from an engine call for item it, is the
+// worker's fault rather than the request's: the engine was never reached
+// (the connection was refused: it cannot be the request that broke it), or
+// the engine lacks the model the worker was configured with.
+func (w *Worker) workerFault(it *item, err error) bool {
+	var e *inference.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	if e.NotRun && e.Kind == inference.Retryable {
+		return true
+	}
+	return e.Code == "model_not_found" && it.dec.Req.Model == w.cfg.Limits.DefaultModel
+}
+
+// deadLetters remembers that dead-lettering fails (a dead-letter queue that
+// is missing, full with reject-publish, or without quorum), for /readyz, and
+// paces the requeues that follow so one bad message does not become a
+// loop.
+type deadLetters struct {
+	mu    sync.Mutex
+	err   error
+	at    time.Time
+	step  time.Duration
+	count int
+}
+
+// failed records a failure and returns how long to wait before the
+// delivery is handed back.
+func (d *deadLetters) failed(err error, now time.Time, base, ceiling time.Duration) time.Duration {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.err, d.at = err, now
+	d.count++
+	if d.step == 0 {
+		d.step = base
+	} else {
+		d.step = min(d.step*2, ceiling)
+	}
+	return d.step
+}
+
+func (d *deadLetters) succeeded() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.err, d.step = nil, 0
+}
+
+// failing is the last failure, if dead-lettering has not worked since and
+// it is recent.
+func (d *deadLetters) failing(now time.Time) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil || now.Sub(d.at) > 5*time.Minute {
+		return nil
+	}
+	return fmt.Errorf("dead-lettering fails (%d times so far; requests that must be dead-lettered are requeued instead): %w", d.count, d.err)
+}
