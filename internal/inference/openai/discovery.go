@@ -74,13 +74,14 @@ func (e *Engine) TakesList(kind inference.Kind) bool {
 // every call does.
 //
 // n is a count of requests (never tokens). n = 0 with a nil error means the
-// server cannot say: vLLM (its configured max_num_seqs is on no
-// unauthenticated endpoint; use Queue), Ollama's /v1, hosted APIs, or an
-// answer that is absent (4xx), not JSON or lacks the field. source is ""
-// exactly when n is 0. err is non-nil only when the server could not be
-// reached, timed out, or answered 5xx other than 501 (llama.cpp answers
-// 503 while it loads the model), so asking again later may help; it is classified like
-// every other engine error (inference.Classify) and never holds the key.
+// server cannot say: vLLM (its /metrics has no max_num_seqs, the info gauge
+// vllm:cache_config_info carries the KV-cache settings only; use Queue),
+// Ollama's /v1, hosted APIs, or an answer that is absent (4xx), not JSON or
+// lacks the field. source is "" exactly when n is 0. err is non-nil only
+// when the server could not be reached, timed out, or answered 5xx other
+// than 501 (llama.cpp answers 503 while it loads the model), so asking
+// again later may help; it is classified like every other engine error
+// (inference.Classify) and never holds the key.
 func (e *Engine) Slots(ctx context.Context) (n int, source string, err error) {
 	probes := []struct {
 		source, path string
@@ -152,15 +153,14 @@ func tgiSlots(body []byte) int {
 //   - vLLM: vllm:num_requests_running, vllm:num_requests_waiting
 //   - llama.cpp (started with --metrics): llamacpp:requests_processing,
 //     llamacpp:requests_deferred
-//   - TGI: tgi_batch_current_size, tgi_queue_size (TGI shows them only once
-//     it has served a request)
+//   - TGI: tgi_batch_current_size, tgi_queue_size (its exporter shows a
+//     gauge once it has been set, so possibly not before the first request)
 //
 // ok is false with a nil error when the server has no /metrics (404, or
 // llama.cpp's 501 without --metrics) or shows none of these pairs; the
-// numbers are then 0. err is non-nil only when the server
-// could not be reached, timed out (one probe timeout) or answered 5xx
-// other than 501. Each
-// call is one GET; the caller sets the pace.
+// numbers are then 0. err is non-nil only when the server could not be
+// reached, timed out (after one probe timeout at most) or answered 5xx
+// other than 501. Each call is one GET; the caller sets the pace.
 func (e *Engine) Queue(ctx context.Context) (running, waiting int, ok bool, err error) {
 	status, body, err := e.probe(ctx, "/metrics")
 	if err != nil || status/100 != 2 {
