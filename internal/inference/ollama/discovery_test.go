@@ -100,3 +100,11 @@ func TestTakesListAndSlots(t *testing.T) {
 		t.Fatalf("Slots asked the server %d times; Ollama has nothing to ask", n)
 	}
 }
+
+// The worker finds these abilities by type assertion: the signatures are
+// the contract.
+var _ interface {
+	TakesList(inference.Kind) bool
+	Slots(context.Context) (int, string, error)
+	Models(context.Context) ([]string, error)
+} = (*ollama.Engine)(nil)

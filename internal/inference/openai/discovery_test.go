@@ -407,3 +407,12 @@ func TestTakesList(t *testing.T) {
 		}
 	})
 }
+
+// The worker finds these abilities by type assertion: the signatures are
+// the contract.
+var _ interface {
+	TakesList(inference.Kind) bool
+	Slots(context.Context) (int, string, error)
+	Queue(context.Context) (int, int, bool, error)
+	Models(context.Context) ([]string, error)
+} = (*openai.Engine)(nil)
