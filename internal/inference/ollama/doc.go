@@ -6,6 +6,10 @@
 // them on the GPU itself. Embedding items of a batch go as ONE /api/embed
 // call with a list input, and the vectors are split back per item.
 //
+// TakesList and Models (GET /api/tags) tell a caller what the engine
+// takes and has. Slots always says "cannot say": Ollama shows
+// OLLAMA_NUM_PARALLEL on no endpoint.
+//
 // Concurrency: an *Engine is safe for concurrent use and shares one
 // http.Client across all calls.
 package ollama

@@ -9,6 +9,13 @@
 // on get concurrent single-prompt calls; BatchPrompts forces either mode.
 // Embedding items go as one /v1/embeddings call with a list input.
 //
+// The Engine also says what it can about the server, for a caller that
+// sizes its work to it: TakesList (which kinds go as one list call), Models
+// (GET /v1/models), Slots (llama.cpp's GET /props total_slots, TGI's GET
+// /info max_concurrent_requests) and Queue (the running and waiting gauges
+// of vLLM's, llama.cpp's or TGI's GET /metrics). /props, /info and
+// /metrics live at the server's root, beside /v1.
+//
 // Concurrency: an *Engine is safe for concurrent use and shares one
 // http.Client.
 package openai
