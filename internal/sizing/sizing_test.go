@@ -610,7 +610,7 @@ func TestChangeNotifications(t *testing.T) {
 
 	var changes []map[string]any
 	for _, l := range logs.lines(t) {
-		if l["msg"] == "batch size changed" {
+		if l["msg"] == "in-flight limit changed" {
 			changes = append(changes, l)
 		}
 	}
@@ -618,7 +618,7 @@ func TestChangeNotifications(t *testing.T) {
 		t.Fatalf("logged %d changes, want %d", len(changes), len(want))
 	}
 	last := changes[len(changes)-1]
-	for key, v := range map[string]float64{"batch_size": 4, "free_bytes": float64(4 * gib), "ceiling": 10} {
+	for key, v := range map[string]float64{"in_flight_limit": 4, "free_bytes": float64(4 * gib), "ceiling": 10} {
 		if last[key] != v {
 			t.Errorf("log %q = %v, want %v", key, last[key], v)
 		}

@@ -28,6 +28,11 @@ type fakeEngine struct {
 	calls   chan int // receives each call's size when set
 }
 
+// TakesList: the engine takes lists of every kind, so messages queued
+// together share a call and its batch span, as embeddings do on a real
+// engine.
+func (*fakeEngine) TakesList(inference.Kind) bool { return true }
+
 func (e *fakeEngine) Infer(ctx context.Context, reqs []inference.Request) ([]inference.Result, error) {
 	if e.calls != nil {
 		e.calls <- len(reqs)

@@ -186,7 +186,9 @@ func TestBatchLinksEveryMessage(t *testing.T) {
 
 func TestErrorsRecordedWithClass(t *testing.T) {
 	t.Parallel()
-	notFound := &inference.Error{Kind: inference.Permanent, Code: "model_not_found", Status: 404, Err: errors.New(`model "tiny" not found`)}
+	// A request the engine refuses as wrong (the default model missing would
+	// be the worker's fault, not the request's).
+	notFound := &inference.Error{Kind: inference.Permanent, Code: "engine_rejected", Status: 400, Err: errors.New(`invalid option`)}
 	down := &inference.Error{Kind: inference.Retryable, Code: "engine_unavailable", Err: errors.New("connection refused")}
 	cases := []struct {
 		name       string
@@ -199,7 +201,7 @@ func TestErrorsRecordedWithClass(t *testing.T) {
 		engineSpan bool
 	}{
 		{name: "bad input", body: `nope`, action: "dead_letter", errorType: "invalid_json", class: "input"},
-		{name: "permanent", body: `{"prompt":"x"}`, engineErr: notFound, action: "dead_letter", errorType: "model_not_found", class: "permanent", engineSpan: true},
+		{name: "permanent", body: `{"prompt":"x"}`, engineErr: notFound, action: "dead_letter", errorType: "engine_rejected", class: "permanent", engineSpan: true},
 		{name: "retryable", body: `{"prompt":"x"}`, engineErr: down, action: "requeue", errorType: "engine_unavailable", class: "retryable", engineSpan: true},
 		{name: "last attempt", body: `{"prompt":"x"}`, attempt: 3, engineErr: down, action: "dead_letter", errorType: "max_attempts", class: "retryable", engineSpan: true},
 	}

@@ -99,12 +99,12 @@ func (w *Worker) checkEngine(ctx context.Context) error {
 		return fmt.Errorf("the engine does not list its models: %w", err)
 	}
 	def := w.cfg.Limits.DefaultModel
-	if def != "" && !hasModel(have, def) {
+	if def != "" && !inference.HasModel(have, def) {
 		return &missingModel{model: def, have: have}
 	}
 	var missing []string
 	for _, a := range w.cfg.Limits.AllowedModels {
-		if !hasModel(have, a) {
+		if !inference.HasModel(have, a) {
 			missing = append(missing, a)
 		}
 	}
@@ -132,17 +132,6 @@ func listOrNone(s []string) string {
 		s = append(s[:10:10], "…")
 	}
 	return strings.Join(s, ", ")
-}
-
-// hasModel reports whether have lists want, taking Ollama's implicit
-// ":latest" tag into account.
-func hasModel(have []string, want string) bool {
-	for _, h := range have {
-		if h == want || h == want+":latest" || strings.TrimSuffix(want, ":latest") == h {
-			return true
-		}
-	}
-	return false
 }
 
 // workerFault reports whether err, from an engine call for item it, is the

@@ -60,6 +60,7 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		ev.Kind, ev.Model = bt.Items[0].dec.Req.Kind, bt.Items[0].dec.Req.Model
 	}
 	ctx = w.obs.BatchStarted(ctx, ev)
+	w.log.DebugContext(ctx, "engine call", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
 
 	live := make([]*item, 0, len(bt.Items))
 	for _, it := range bt.Items {
