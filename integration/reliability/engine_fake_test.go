@@ -38,6 +38,9 @@ func newFakeEngine(t testing.TB) *fakeEngine {
 	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
 	})
+	mux.HandleFunc("GET /api/tags", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
+	})
 	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
 	mux.HandleFunc("POST /api/generate", func(w http.ResponseWriter, r *http.Request) { e.serve(w, r, false) })
 	mux.HandleFunc("POST /api/chat", func(w http.ResponseWriter, r *http.Request) { e.serve(w, r, true) })

@@ -96,7 +96,11 @@ func (w *Worker) checkEngine(ctx context.Context) error {
 	defer cancel()
 	have, err := m.Models(lctx)
 	if err != nil {
-		return fmt.Errorf("the engine does not list its models: %w", err)
+		// Not every server lists its models; the calls will tell.
+		if !w.modelsUnlisted.Swap(true) {
+			w.log.Warn("cannot check that the engine has the model: it does not list its models", "err", err)
+		}
+		return nil
 	}
 	def := w.cfg.Limits.DefaultModel
 	if def != "" && !inference.HasModel(have, def) {

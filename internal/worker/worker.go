@@ -190,6 +190,8 @@ type Worker struct {
 	runCtx   context.Context
 	running  atomic.Bool
 	engineUp atomic.Bool // the last engine call or probe succeeded
+
+	modelsUnlisted atomic.Bool // said once: the engine does not list models
 }
 
 // New returns a Worker. log must not be nil.
