@@ -35,7 +35,7 @@ func TestOllamaKilledMidBatch(t *testing.T) {
 		ms = append(ms, msg{id: id, body: `{"prompt":"go on","model":"` + ollamatest.EndlessModelName + `","options":{"num_predict":600}}`})
 	}
 	must(t, c.publishAll(q, ms))
-	waitUntil(t, 60*time.Second, "a batch on the engine", func() bool { return strings.Contains(w.Logs(), `"msg":"batch"`) })
+	waitUntil(t, 60*time.Second, "a request on the engine", func() bool { return strings.Contains(w.Logs(), `"msg":"engine call"`) })
 	time.Sleep(300 * time.Millisecond)
 	killed := time.Now()
 	srv.Kill()

@@ -25,6 +25,7 @@ const (
 	MetricEngineTokens  = "sous.engine.tokens"
 	MetricEngineRate    = "sous.engine.token_rate"
 	MetricEngineUp      = "sous.engine.up"
+	MetricEngineActive  = "sous.engine.requests.active"
 	MetricGPUFreeMemory = "sous.gpu.memory.free"
 	MetricReconnects    = "sous.broker.reconnects"
 )
@@ -56,6 +57,7 @@ type instruments struct {
 	tokenRate   metric.Float64Histogram
 	reconnects  metric.Int64Counter
 	engineUp    metric.Int64ObservableGauge
+	active      metric.Int64UpDownCounter
 }
 
 func newInstruments(m metric.Meter) (instruments, error) {
@@ -76,7 +78,10 @@ func newInstruments(m metric.Meter) (instruments, error) {
 		metric.WithDescription("Deliveries received on a second or later attempt (requeued, or a worker died holding them)."))
 	collect(err)
 	in.inFlight, err = m.Int64UpDownCounter(MetricInFlight, metric.WithUnit("{message}"),
-		metric.WithDescription("Deliveries received and not yet settled: waiting for a batch, at the engine or being settled."))
+		metric.WithDescription("Deliveries received and not yet settled: waiting for a slot, at the engine or being settled."))
+	collect(err)
+	in.active, err = m.Int64UpDownCounter(MetricEngineActive, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests in engine calls that have not answered: kept at the in-flight limit (sous.batch.limit) while there is work."))
 	collect(err)
 	in.settled, err = m.Int64Counter(MetricSettled, metric.WithUnit("{message}"),
 		metric.WithDescription("Deliveries settled, by action (ack, requeue, dead_letter) and reason."))

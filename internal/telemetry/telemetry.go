@@ -284,7 +284,9 @@ func (o *Observer) EngineCall(ctx context.Context, c worker.EngineCall) (context
 			trace.WithSpanKind(trace.SpanKindClient),
 			trace.WithAttributes(op, genai.GenAIProviderNameKey.String(o.engine), model, semconv.MessagingBatchMessageCount(c.Size)))
 	}
+	o.m.active.Add(ctx, int64(c.Size), o.queueAttr)
 	return ctx, func(results []inference.Result) {
+		o.m.active.Add(ctx, -int64(c.Size), o.queueAttr)
 		elapsed := time.Since(start)
 		var in, out int
 		var firstErr error
