@@ -15,8 +15,8 @@ import (
 // consumer_timeout is 4s (checked every 500ms; RabbitMQ 3.10's default is
 // 30 min, checked every minute).
 //
-// Within the limit (SOUS_ENGINE_TIMEOUT=800ms: 4 × 800ms + 200ms backoff +
-// 20ms batch window is under 4s) the worker cuts each engine
+// Within the limit (SOUS_ENGINE_TIMEOUT=800ms: 3 × 800ms + 4 × 200ms
+// backoff + 20ms batch window is under 4s) the worker cuts each engine
 // call, requeues, and dead-letters after SOUS_MAX_ATTEMPTS with its own
 // reason; the broker never closes its channel.
 //
@@ -26,8 +26,7 @@ import (
 // comes back, and the cycle repeats until the broker's own delivery limit
 // dead-letters it without a reason: nothing is lost, but every cycle
 // wastes an engine call and the producer gets no error result. That is why
-// the worker refuses to start when n × SOUS_ENGINE_TIMEOUT +
-// SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT does not fit in
+// the worker refuses to start when worker.HoldBound does not fit in
 // SOUS_AMQP_CONSUMER_TIMEOUT (TestConsumerTimeoutEnforced).
 func TestConsumerTimeout(t *testing.T) {
 	t.Parallel()

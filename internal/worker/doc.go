@@ -1,24 +1,39 @@
 // Package worker is the sous runtime: it receives requests from a queue
-// driver, decodes them, groups them into batches, runs the batches on an
-// inference engine, publishes the results and settles each delivery.
+// driver, decodes them, keeps the inference engine full with them, publishes
+// the results and settles each delivery.
+//
+// Dispatch is continuous: the unit is a request in flight, not a batch.
+// Engines that take one request per call batch continuously inside, so each
+// such request goes to the engine alone the moment the in-flight limit
+// (Sizer.Size: the engine's slots, free GPU memory, the AIMD ceiling) has
+// room, oldest work first across keys. Where the API takes a list in one
+// call (embeddings, /v1/completions prompt lists; the engine says so with
+// TakesList), requests of one key are coalesced into a list within
+// Config.BatchWait while the engine is busy.
 //
 // Guarantees: a delivery is acked only after its result was published and
 // confirmed; a delivery whose result cannot be produced is requeued, and
-// dead-lettered with a reason once it has used SOUS_MAX_ATTEMPTS attempts;
+// dead-lettered with a reason once it has used Config.MaxAttempts attempts;
 // bad input is dead-lettered at once with an error result and never stops
 // the worker. The ack / requeue / dead-letter decision is made in one
-// function, settle, which also recovers panics.
+// function, settle, which also recovers panics. Faults of the worker rather
+// than of a request spend no attempt: a request the engine had no room for
+// waits in the worker and is retried, paced; while the engine is down or
+// lacks the worker's model, the worker takes nothing (it pauses a broker
+// that pushes), hands back what it held with no attempt counted, says so in
+// Ready, and probes the engine until it answers.
 //
-// Concurrency: Run owns three kinds of goroutine and waits for all of them:
-// one receive loop, one dispatcher (which alone owns the batcher), and at
-// most Config.Concurrency batch runners (each also settles its batch after
-// the engine has answered). Deliveries in flight are bounded by Capacity,
-// batch size × (Concurrency + 2): one batch forming, Concurrency batches on
-// the engine, one batch's results being confirmed.
+// Concurrency: Run owns a receive loop, a dispatcher (which alone owns the
+// batcher), one goroutine per engine call (at most the in-flight limit; each
+// also settles its requests after the engine has answered) and, during an
+// engine outage, a prober; it waits for all of them. Deliveries in flight
+// are bounded by Capacity, 3 × the in-flight limit: a limit's worth waiting
+// for a slot, on the engine, and having its results confirmed. Panics in
+// the Observer and in the loops are contained and logged.
 //
 // Shutdown is staged: when Run's context is cancelled the receive loop stops
-// and the driver requeues what it had prefetched; waiting items are
-// requeued; running batches get Config.DrainTimeout to finish, after which
-// their engine calls are cancelled and their deliveries requeued. Settling
-// always runs on a context that outlives the cancellation.
+// and the driver requeues what it had prefetched; waiting requests are
+// requeued; running calls get Config.DrainTimeout to finish, after which
+// they are cancelled and their deliveries requeued. Settling always runs on
+// a context that outlives the cancellation.
 package worker
