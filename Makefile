@@ -76,6 +76,12 @@ bench: ollama rabbitmq
 	for i in 1 2 3; do $(BENCH) -bench='RealOllama' -benchtime=800x ./integration/bench || exit 1; done
 	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
+# On a machine with an NVIDIA GPU (the device tool): NVML through go-nvml,
+# the sizing decision, and the dispatch comparisons where RabbitMQ exists.
+.PHONY: gpu-check
+gpu-check:
+	@scripts/gpu-check.sh
+
 .PHONY: fuzz
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=3m ./internal/wire
