@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -449,5 +450,29 @@ func TestDrainCutSaysNothingOfTheEngine(t *testing.T) {
 	}
 	if st, _ := b.Settlement("m"); st.Action != queue.Requeue || st.Reason != queue.ReasonShutdown {
 		t.Fatalf("%+v", st)
+	}
+}
+
+// TestNoKeyStarves: a steady inflow of one model does not hold back a
+// request for another: it runs once it is the oldest waiting. Before, the
+// first key's group was served as long as it had leftovers, and one
+// other-key request among 1000 ran last.
+func TestNoKeyStarves(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	startWorker(t, worker.Config{}, b, e, 4)
+	for i := range 5 {
+		b.Send(fmt.Sprint("a", i), `{"prompt":"steady"}`)
+	}
+	b.Send("other", `{"prompt":"other","model":"other"}`)
+	for i := range 200 {
+		b.Send(fmt.Sprint("b", i), `{"prompt":"steady"}`)
+	}
+	b.WaitSettled(t, 206)
+	started, _, _ := e.snapshot()
+	at := slices.Index(started, "other")
+	if at < 0 || at > 12 { // 5 ahead of it, and a window of 12 read at once
+		t.Fatalf("the other model's request ran at position %d of %d; 5 requests were ahead of it", at, len(started))
 	}
 }
