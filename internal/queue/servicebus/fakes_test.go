@@ -131,6 +131,7 @@ type fakeSender struct {
 
 	mu     sync.Mutex
 	sent   []*azservicebus.Message
+	raw    []*azservicebus.AMQPAnnotatedMessage // every send, as the AMQP message that goes out
 	err    error
 	closed int
 }
@@ -142,7 +143,30 @@ func (s *fakeSender) SendMessage(_ context.Context, m *azservicebus.Message, _ *
 		return s.err
 	}
 	s.sent = append(s.sent, m)
+	// The SDK sends a Message's Body as one data section.
+	s.raw = append(s.raw, &azservicebus.AMQPAnnotatedMessage{
+		ApplicationProperties: m.ApplicationProperties,
+		Body:                  azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{m.Body}},
+		Properties:            &azservicebus.AMQPAnnotatedMessageProperties{MessageID: deref(m.MessageID), ReplyTo: m.ReplyTo, ReplyToGroupID: m.ReplyToSessionID},
+	})
 	return nil
+}
+
+func (s *fakeSender) SendAMQPAnnotatedMessage(_ context.Context, m *azservicebus.AMQPAnnotatedMessage, _ *azservicebus.SendAMQPAnnotatedMessageOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	s.raw = append(s.raw, m)
+	return nil
+}
+
+// Raw is every message sent, as AMQP messages, whichever method sent it.
+func (s *fakeSender) Raw() []*azservicebus.AMQPAnnotatedMessage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*azservicebus.AMQPAnnotatedMessage(nil), s.raw...)
 }
 
 func (s *fakeSender) Close(context.Context) error {
