@@ -10,6 +10,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 )
@@ -276,5 +277,41 @@ func TestEnqueuedAtInMilliseconds(t *testing.T) {
 	}
 	if got := receiveOne(t, ctx, d); !got.EnqueuedAt.Equal(at) {
 		t.Fatalf("EnqueuedAt %v, want %v to the millisecond", got.EnqueuedAt, at)
+	}
+}
+
+// TestStaleAfterConnectionLoss: once the broker has closed the connection
+// (here from the management API, as an operator would), a delivery of the
+// lost session is stale, so the worker publishes no result for it; the
+// broker redelivers it on the new session, where it is not stale.
+func TestStaleAfterConnectionLoss(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	name := "sous-test " + q
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true, ConnectionName: name})
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "s", Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	old := receiveOne(t, ctx, d)
+	if d.Stale(old) {
+		t.Fatal("a delivery of the live session is stale")
+	}
+	if n := itest.CloseConnections(t, name, 20*time.Second); n != 1 {
+		t.Fatalf("closed %d connections named %q, want 1", n, name)
+	}
+	itest.WaitUntil(t, 10*time.Second, "the driver to see its session die", func() bool { return d.Stale(old) })
+	again := receiveOne(t, ctx, d) // on the new session, after the reconnect
+	if again.ID != "s" || d.Stale(again) {
+		t.Fatalf("redelivery %q stale=%v, want s on a live session", again.ID, d.Stale(again))
+	}
+	if err := d.Settle(ctx, old, queue.Settlement{Action: queue.Ack}); !errors.Is(err, queue.ErrStale) {
+		t.Fatalf("settle the stale copy: %v, want ErrStale", err)
+	}
+	if err := d.Settle(ctx, again, queue.Settlement{Action: queue.Ack}); err != nil {
+		t.Fatal(err)
+	}
+	if d.Stale(&queue.Delivery{ID: "foreign", Handle: "not a rabbitmq handle"}) {
+		t.Error("a foreign delivery is stale")
 	}
 }

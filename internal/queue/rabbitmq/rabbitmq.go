@@ -802,6 +802,24 @@ func (d *Driver) Settle(ctx context.Context, del *queue.Delivery, st queue.Settl
 	return nil
 }
 
+// Stale reports whether del came from a session that is gone: its
+// connection or a channel closed, so it can no longer be acked and the
+// broker redelivers it on the next session. The worker then publishes no
+// result for it, which the redelivered copy would duplicate. False for a
+// delivery this driver did not produce.
+func (d *Driver) Stale(del *queue.Delivery) bool {
+	h, ok := del.Handle.(*handle)
+	if !ok {
+		return false
+	}
+	select {
+	case <-h.s.dead:
+		return true
+	default:
+		return false
+	}
+}
+
 // copyOf is raw as a new persistent message with extra headers. UserId is
 // left out: the broker checks it against the connection's user.
 func copyOf(raw amqp.Delivery, extra amqp.Table) amqp.Publishing {
