@@ -14,6 +14,7 @@ import (
 	"github.com/caarlos0/env/v11"
 
 	"github.com/sous-run/sous/internal/gpu"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/sizing"
 	"github.com/sous-run/sous/internal/worker"
@@ -272,6 +273,17 @@ func (c Config) validate() error {
 	}
 	if c.BatchMax > 4096 {
 		return bad("SOUS_BATCH_MAX", "is %d; at most 4096", c.BatchMax)
+	}
+	if c.Broker == "rabbitmq" {
+		// The prefetch follows the batch size, which the engine's slots
+		// cap; AMQP carries it in 16 bits (amqp091-go would wrap 65,536
+		// to 0: unlimited, the whole queue on one worker).
+		size := min(c.BatchMax, c.EngineParallel)
+		if pf := worker.Capacity(size, c.BatchConcurrency); pf > rabbitmq.MaxPrefetch {
+			return bad("SOUS_BATCH_CONCURRENCY", "with SOUS_BATCH_MAX=%d and SOUS_ENGINE_PARALLEL=%d (a batch of at most %d) gives the worker a prefetch of %d, "+
+				"above %d, the most RabbitMQ's prefetch count can hold. Lower SOUS_BATCH_CONCURRENCY, SOUS_BATCH_MAX or SOUS_ENGINE_PARALLEL",
+				c.BatchMax, c.EngineParallel, size, pf, rabbitmq.MaxPrefetch)
+		}
 	}
 	if c.RetryBackoff > c.RetryBackoffMax {
 		return bad("SOUS_RETRY_BACKOFF", "is above SOUS_RETRY_BACKOFF_MAX")

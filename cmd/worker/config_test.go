@@ -120,3 +120,42 @@ func TestAllowedModelsAreTrimmedAndIncludeTheDefault(t *testing.T) {
 		t.Fatalf("empty entry: %v", err)
 	}
 }
+
+// The worker's prefetch must fit AMQP's 16-bit prefetch count: 4096 ×
+// (14 + 2) = 65,536 went out as 0, which RabbitMQ reads as unlimited.
+func TestPrefetchAboveTheAMQPLimitIsRefused(t *testing.T) {
+	t.Parallel()
+	big := []string{"SOUS_MODEL=m", "SOUS_BATCH_MAX=4096", "SOUS_ENGINE_PARALLEL=4096"}
+	tests := []struct {
+		name string
+		env  []string
+		ok   bool
+	}{
+		{"65536", append(big, "SOUS_BATCH_CONCURRENCY=14"), false},
+		{"61440", append(big, "SOUS_BATCH_CONCURRENCY=13"), true},
+		{"capped by the engine", []string{"SOUS_MODEL=m", "SOUS_BATCH_MAX=4096", "SOUS_ENGINE_PARALLEL=64", "SOUS_BATCH_CONCURRENCY=20"}, true},
+		{"Service Bus has no prefetch", append(big, "SOUS_BATCH_CONCURRENCY=14", "SOUS_BROKER=servicebus",
+			"SOUS_SERVICEBUS_CONNECTION_STRING=Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=v"), true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := loadConfig(tt.env)
+			if tt.ok {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			var ce *configError
+			if !errors.As(err, &ce) {
+				t.Fatalf("error %v, want a configError (exit 2)", err)
+			}
+			for _, v := range []string{"SOUS_BATCH_MAX", "SOUS_ENGINE_PARALLEL", "SOUS_BATCH_CONCURRENCY", "65535"} {
+				if !strings.Contains(err.Error(), v) {
+					t.Errorf("error %q does not name %s", err, v)
+				}
+			}
+		})
+	}
+}

@@ -80,3 +80,41 @@ func connectionsNamed(t testing.TB, client *http.Client, name string) []string {
 	}
 	return out
 }
+
+// ConsumerPrefetch waits up to within for the management API to list
+// exactly one consumer on queue q with a prefetch other than skip, and
+// returns that consumer's prefetch_count as the broker applies it (0 means
+// unlimited). It fails t when there is none.
+func ConsumerPrefetch(t testing.TB, q string, skip int, within time.Duration) int {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	got := -1
+	WaitUntil(t, within, "the management API to list a consumer on "+q, func() bool {
+		resp, err := client.Get(ManagementURL() + "/api/consumers")
+		if err != nil {
+			t.Fatalf("management API (rabbitmq-plugins enable rabbitmq_management): %v", err)
+		}
+		defer resp.Body.Close()
+		var cs []struct {
+			Prefetch int `json:"prefetch_count"`
+			Queue    struct {
+				Name string `json:"name"`
+			} `json:"queue"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&cs); err != nil {
+			t.Fatalf("management API: GET /api/consumers: %v", err)
+		}
+		var mine []int
+		for _, c := range cs {
+			if c.Queue.Name == q {
+				mine = append(mine, c.Prefetch)
+			}
+		}
+		if len(mine) == 1 && mine[0] != skip {
+			got = mine[0]
+			return true
+		}
+		return false
+	})
+	return got
+}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -314,4 +316,67 @@ func TestStaleAfterConnectionLoss(t *testing.T) {
 	if d.Stale(&queue.Delivery{ID: "foreign", Handle: "not a rabbitmq handle"}) {
 		t.Error("a foreign delivery is stale")
 	}
+}
+
+// TestPrefetchAboveTheAMQPLimitIsClamped: the AMQP prefetch count is 16
+// bits and amqp091-go's Qos casts its int to uint16, so 65,536 went out as
+// 0, which RabbitMQ reads as unlimited (the whole queue on one worker), and
+// 70,000 as 4,464. The driver clamps to 65,535 and says so, at Open and on
+// SetPrefetch.
+func TestPrefetchAboveTheAMQPLimitIsClamped(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		open, set int
+	}{
+		{"Open", 65536, 0},
+		{"SetPrefetch", 2, 70000},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := testCtx(t)
+			q := uniqueQueue(t)
+			logs := &syncBuffer{}
+			log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+			d := openWithLog(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: tt.open, Consume: true}, log)
+			skip := -1
+			if tt.set > 0 {
+				if got := itest.ConsumerPrefetch(t, q, -1, 20*time.Second); got != tt.open {
+					t.Fatalf("prefetch %d at Open, want %d", got, tt.open)
+				}
+				skip = tt.open
+				if err := d.SetPrefetch(ctx, tt.set); err != nil {
+					t.Fatal(err)
+				}
+				short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				_, _ = d.Receive(short, 1) // applies the prefetch: a new consumer
+				cancel()
+			}
+			if got := itest.ConsumerPrefetch(t, q, skip, 20*time.Second); got != 65535 {
+				t.Fatalf("the broker applies prefetch %d, want 65535 (0 is unlimited)", got)
+			}
+			if !strings.Contains(logs.String(), "prefetch above the AMQP limit") {
+				t.Errorf("no log line about the clamped prefetch:\n%s", logs.String())
+			}
+		})
+	}
+}
+
+// syncBuffer collects a driver's log from its goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

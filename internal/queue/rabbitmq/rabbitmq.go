@@ -40,6 +40,7 @@ type Config struct {
 	// the broker itself dead-letters a message; 0 sets none.
 	DeliveryLimit int
 	// Prefetch is the initial consumer prefetch; SetPrefetch changes it.
+	// 1 to MaxPrefetch; a larger value is clamped, with a log line.
 	Prefetch int
 	// ConnectionName shows in the management UI.
 	ConnectionName string
@@ -117,6 +118,20 @@ const directReplyTo = "amq.rabbitmq.reply-to"
 // publishIDHeader tags each publish so a basic.return can be matched to it.
 const publishIDHeader = "x-sous-publish-id"
 
+// MaxPrefetch is the largest prefetch AMQP 0-9-1 can carry: basic.qos's
+// prefetch-count is 16 bits. amqp091-go's Qos takes an int and casts it, so
+// 65,536 would go out as 0, which RabbitMQ reads as unlimited.
+const MaxPrefetch = math.MaxUint16
+
+// clampPrefetch bounds n to 1..MaxPrefetch; it logs when n was above.
+func (d *Driver) clampPrefetch(n int) int {
+	if n > MaxPrefetch {
+		d.log.Warn("prefetch above the AMQP limit; using the limit", "asked", n, "prefetch", MaxPrefetch)
+		return MaxPrefetch
+	}
+	return max(n, 1)
+}
+
 // minReconsume spaces consumer restarts for prefetch changes: each restart
 // lets the broker send a fresh window while the old one is still held.
 const minReconsume = 5 * time.Second
@@ -129,13 +144,12 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.ReconnectMax <= 0 {
 		cfg.ReconnectMax = 15 * time.Second
 	}
-	if cfg.Prefetch <= 0 {
-		cfg.Prefetch = 1
-	}
 	if cfg.Heartbeat <= 0 {
 		cfg.Heartbeat = 10 * time.Second
 	}
-	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), prefetch: cfg.Prefetch, desired: cfg.Prefetch, done: make(chan struct{})}
+	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), done: make(chan struct{})}
+	d.cfg.Prefetch = d.clampPrefetch(cfg.Prefetch)
+	d.prefetch, d.desired = d.cfg.Prefetch, d.cfg.Prefetch
 	s, err := d.connect(ctx)
 	if err != nil {
 		return nil, err
@@ -581,17 +595,18 @@ func stringHeaders(t amqp.Table) map[string]string {
 	return out
 }
 
-// SetPrefetch asks for a new consumer prefetch. RabbitMQ applies a
+// SetPrefetch asks for a new consumer prefetch, at most MaxPrefetch (a
+// larger n is clamped, with a log line the first time). RabbitMQ applies a
 // per-consumer prefetch only to new consumers, so the consumer is restarted
 // by Receive once nothing from the old one is pending, at most every few
 // seconds; deliveries already sent stay valid.
 func (d *Driver) SetPrefetch(_ context.Context, n int) error {
-	if n < 1 {
-		n = 1
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.desired = n
+	if n > MaxPrefetch && d.desired == MaxPrefetch {
+		n = MaxPrefetch // clamped and logged already
+	}
+	d.desired = d.clampPrefetch(n)
 	return nil
 }
 
