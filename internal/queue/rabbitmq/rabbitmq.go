@@ -15,6 +15,7 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/secret"
@@ -637,9 +638,9 @@ func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
 }
 
 // StopReceiving cancels the consumer and requeues every delivery the broker
-// had sent but Receive had not handed out. Later calls to Receive return
-// queue.ErrClosed; Publish and Settle keep working so in-flight work can
-// finish.
+// had sent but Receive had not handed out (see handBack). Later calls to
+// Receive return queue.ErrClosed; Publish and Settle keep working so
+// in-flight work can finish.
 func (d *Driver) StopReceiving(ctx context.Context) error {
 	d.mu.Lock()
 	if d.stopped {
@@ -658,14 +659,73 @@ func (d *Driver) StopReceiving(ctx context.Context) error {
 		return nil // disconnected: the broker has requeued everything
 	}
 	err := d.cancelAndDrain(ctx, s)
+	if err != nil {
+		d.log.Warn("could not stop the consumer cleanly; what it still buffers goes back to the queue when the connection closes", "err", err)
+	}
 	d.mu.Lock()
 	pending := d.pending
 	d.pending = nil
 	d.mu.Unlock()
+	return errors.Join(err, d.handBack(ctx, pending))
+}
+
+// handBackParallel bounds the hand-backs in flight at shutdown.
+const handBackParallel = 64
+
+// handBack returns prefetched deliveries to the queue without spending an
+// attempt: a copy with the attempts made so far, then an ack, as Requeue
+// with queue.ReasonShutdown does. The copies are published concurrently
+// (handBackParallel at a time), so their confirms overlap: the whole window
+// takes about one round trip to the broker, not one per delivery. A
+// delivery whose copy cannot be published by ctx's end is nacked back
+// instead (quorum queues then count a failed delivery; if the copy was
+// sent and only its confirm was late, the request is in the queue twice,
+// and is answered twice). One whose channel is gone goes back when the
+// connection closes. One line logs the outcome.
+func (d *Driver) handBack(ctx context.Context, pending []pendingDelivery) error {
+	if len(pending) == 0 {
+		return nil
+	}
+	began := time.Now()
+	var copied, nacked, left atomic.Int64
+	var g errgroup.Group
+	g.SetLimit(handBackParallel)
 	for _, p := range pending {
-		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.ReasonShutdown); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
-		}
+		g.Go(func() error {
+			select {
+			case <-p.s.dead:
+				left.Add(1) // the broker requeued it with its channel
+				return nil
+			default:
+			}
+			if ctx.Err() == nil {
+				cp := copyOf(p.raw, amqp.Table{queue.HeaderAttempts: int64(max(0, attempt(p.raw)-1))})
+				if err := p.s.publishRaw(ctx, d.cfg.Queue, cp); err == nil {
+					if err := p.s.ack(p.raw.DeliveryTag); err != nil {
+						// The copy is in the queue; the original comes back
+						// when the channel closes.
+						left.Add(1)
+						return fmt.Errorf("ack a prefetched delivery after its copy: %w", err)
+					}
+					copied.Add(1)
+					return nil
+				}
+			}
+			if err := p.s.nack(p.raw.DeliveryTag, true); err != nil {
+				left.Add(1)
+				return fmt.Errorf("hand back a prefetched delivery: %w", err)
+			}
+			nacked.Add(1)
+			return nil
+		})
+	}
+	err := g.Wait()
+	attrs := []any{"prefetched", len(pending), "copied", copied.Load(), "nacked_back", nacked.Load(), "left_to_the_broker", left.Load(), "took", time.Since(began).Round(time.Millisecond)}
+	if nacked.Load() > 0 || left.Load() > 0 {
+		d.log.Warn("handed back prefetched deliveries; some not as copies: those nacked back count a failed delivery on quorum queues, "+
+			"and the rest go back to the queue when the connection closes", attrs...)
+	} else {
+		d.log.Info("handed back prefetched deliveries", attrs...)
 	}
 	return err
 }

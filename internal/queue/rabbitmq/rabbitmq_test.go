@@ -37,7 +37,9 @@ func open(t *testing.T, cfg rabbitmq.Config) *rabbitmq.Driver {
 // logs to log; closed by t.Cleanup.
 func openWithLog(t *testing.T, cfg rabbitmq.Config, log *slog.Logger) *rabbitmq.Driver {
 	t.Helper()
-	cfg.URL = secret.Value(brokerURL())
+	if cfg.URL.IsZero() {
+		cfg.URL = secret.Value(brokerURL())
+	}
 	declared.Add(cfg.Queue, cfg.DeadLetterQueue)
 	cfg.Declare = true
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
