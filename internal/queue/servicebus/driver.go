@@ -15,6 +15,7 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/Azure/azure-sdk-for-go/sdk/messaging/azservicebus"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/secret"
@@ -49,6 +50,7 @@ type Driver struct {
 
 	renewStop context.CancelFunc // nil when renewal is disabled
 	renewDone chan struct{}
+	renewers  errgroup.Group // the renewals in flight, at most renewParallel
 
 	lastOK atomic.Int64 // unix nanoseconds of the last successful broker call
 
@@ -73,9 +75,10 @@ type lockedMessage struct {
 	msg *azservicebus.ReceivedMessage
 
 	// Guarded by Driver.mu.
-	state lockState
-	lost  bool      // renewal found the lock gone
-	next  time.Time // next renewal
+	state    lockState
+	lost     bool      // renewal found the lock gone
+	renewing bool      // a renewal is in flight
+	next     time.Time // next renewal
 }
 
 // New builds a Driver for cfg. It does not connect: the first Receive,
@@ -149,6 +152,7 @@ func newDriver(cfg Config, log *slog.Logger, b backend, now func() time.Time) *D
 		senders:  newSenderCache(cfg.MaxSenders),
 	}
 	d.stopCtx, d.stop = context.WithCancel(context.Background())
+	d.renewers.SetLimit(renewParallel)
 	return d
 }
 

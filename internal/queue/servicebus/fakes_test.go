@@ -28,6 +28,9 @@ type fakeReceiver struct {
 	settleErr  map[string]error // by MessageID
 	renewErr   error
 	lockFor    time.Duration // a renewal locks until clock.Now()+lockFor
+	renewGate  chan struct{} // when set, each renewal waits for it to close (a slow broker)
+	renewing   int           // renewals in progress
+	maxRenew   int           // the most renewals in progress at once
 	peekErr    error
 	peeks      int
 	closed     int
@@ -82,11 +85,25 @@ func (f *fakeReceiver) DeadLetterMessage(_ context.Context, m *azservicebus.Rece
 }
 
 // RenewMessageLock updates LockedUntil on success, as the SDK does.
-func (f *fakeReceiver) RenewMessageLock(_ context.Context, m *azservicebus.ReceivedMessage, _ *azservicebus.RenewMessageLockOptions) error {
+func (f *fakeReceiver) RenewMessageLock(ctx context.Context, m *azservicebus.ReceivedMessage, _ *azservicebus.RenewMessageLockOptions) error {
 	f.mu.Lock()
 	f.calls = append(f.calls, "renew "+m.MessageID)
-	err, lockFor := f.renewErr, f.lockFor
+	err, lockFor, gate := f.renewErr, f.lockFor, f.renewGate
+	f.renewing++
+	f.maxRenew = max(f.maxRenew, f.renewing)
 	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.renewing--
+		f.mu.Unlock()
+	}()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	if err != nil {
 		return err
 	}
