@@ -39,10 +39,12 @@ sbpeer:
 
 # Unit and integration tests with the race detector, a short fuzz run of the
 # request decoder, and every benchmark for a few iterations (to prove they
-# run; figures come from `make bench`).
+# run; figures come from `make bench`). go.mod must be tidy: `go mod tidy
+# -diff` prints what tidy would change and exits non-zero when it is not.
 .PHONY: test
 test: ollama rabbitmq sbpeer
 	$(GO) vet ./...
+	$(GO) mod tidy -diff
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq

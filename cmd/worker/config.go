@@ -15,6 +15,7 @@ import (
 	"github.com/caarlos0/env/v11"
 
 	"github.com/sous-run/sous/internal/gpu"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/sizing"
 	"github.com/sous-run/sous/internal/worker"
@@ -277,6 +278,13 @@ func (c Config) validate() error {
 	}
 	if c.BatchMax > 4096 {
 		return bad("SOUS_BATCH_MAX", "is %d; at most 4096", c.BatchMax)
+	}
+	if pf := worker.Capacity(c.BatchMax); c.Broker == "rabbitmq" && 3*c.BatchMax > rabbitmq.MaxPrefetch {
+		// Unreachable with SOUS_BATCH_MAX at most 4096 (a prefetch of
+		// 12,288), kept so that raising that bound cannot wrap the
+		// prefetch: AMQP carries it in 16 bits and amqp091-go would send
+		// 65,536 as 0, unlimited: the whole queue on one worker.
+		return bad("SOUS_BATCH_MAX", "is %d: the worker's prefetch would be %d, above %d, the most RabbitMQ's prefetch count can hold", c.BatchMax, pf, rabbitmq.MaxPrefetch)
 	}
 	if c.RetryBackoff > c.RetryBackoffMax {
 		return bad("SOUS_RETRY_BACKOFF", "is above SOUS_RETRY_BACKOFF_MAX")

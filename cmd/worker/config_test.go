@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
+	"github.com/sous-run/sous/internal/worker"
 	"os"
 	"regexp"
 	"strings"
@@ -118,5 +120,26 @@ func TestAllowedModelsAreTrimmedAndIncludeTheDefault(t *testing.T) {
 	}
 	if _, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_MODELS_ALLOWED=a,,b"}); err == nil || !strings.Contains(err.Error(), "SOUS_MODELS_ALLOWED") {
 		t.Fatalf("empty entry: %v", err)
+	}
+}
+
+// The worker's prefetch must fit AMQP's 16-bit prefetch count: 4096 ×
+// (14 + 2) = 65,536 went out as 0, which RabbitMQ reads as unlimited. The
+// prefetch is now 3 × the in-flight limit, at most 3 × SOUS_BATCH_MAX =
+// 12,288; the configuration that wrapped is accepted and fits, and the
+// largest SOUS_BATCH_MAX is refused.
+func TestPrefetchFitsTheAMQPLimit(t *testing.T) {
+	t.Parallel()
+	cfg, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_BATCH_MAX=4096", "SOUS_ENGINE_PARALLEL=4096", "SOUS_BATCH_CONCURRENCY=14"})
+	if err != nil {
+		t.Fatalf("refused: %v", err)
+	}
+	if pf := worker.Capacity(cfg.BatchMax); pf != 12288 || pf > rabbitmq.MaxPrefetch {
+		t.Fatalf("prefetch %d at SOUS_BATCH_MAX=4096", pf)
+	}
+	_, err = loadConfig([]string{"SOUS_MODEL=m", "SOUS_BATCH_MAX=30000"})
+	var ce *configError
+	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "SOUS_BATCH_MAX") {
+		t.Fatalf("SOUS_BATCH_MAX=30000: %v, want a configError naming it", err)
 	}
 }

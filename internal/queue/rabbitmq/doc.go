@@ -7,8 +7,10 @@
 // stored the message in a queue, and reports queue.ErrUnroutable when there
 // was none. When the connection drops, a supervisor goroutine reconnects
 // with backoff; deliveries from the lost channel become stale (settling them
-// returns queue.ErrStale) and the broker redelivers them. A consumer the
-// broker cancels (its queue was deleted) is started again.
+// returns queue.ErrStale, and Stale reports them, so the worker publishes no
+// result the redelivered copy would duplicate) and the broker redelivers
+// them. A consumer the broker cancels (its queue was deleted) is started
+// again.
 //
 // Requeue publishes a copy of the message to the back of the input queue
 // with the attempts made so far in the x-sous-attempts header (confirmed),

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 )
@@ -277,4 +280,103 @@ func TestEnqueuedAtInMilliseconds(t *testing.T) {
 	if got := receiveOne(t, ctx, d); !got.EnqueuedAt.Equal(at) {
 		t.Fatalf("EnqueuedAt %v, want %v to the millisecond", got.EnqueuedAt, at)
 	}
+}
+
+// TestStaleAfterConnectionLoss: once the broker has closed the connection
+// (here from the management API, as an operator would), a delivery of the
+// lost session is stale, so the worker publishes no result for it; the
+// broker redelivers it on the new session, where it is not stale.
+func TestStaleAfterConnectionLoss(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	name := "sous-test " + q
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true, ConnectionName: name})
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "s", Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	old := receiveOne(t, ctx, d)
+	if d.Stale(old) {
+		t.Fatal("a delivery of the live session is stale")
+	}
+	if n := itest.CloseConnections(t, name, 20*time.Second); n != 1 {
+		t.Fatalf("closed %d connections named %q, want 1", n, name)
+	}
+	itest.WaitUntil(t, 10*time.Second, "the driver to see its session die", func() bool { return d.Stale(old) })
+	again := receiveOne(t, ctx, d) // on the new session, after the reconnect
+	if again.ID != "s" || d.Stale(again) {
+		t.Fatalf("redelivery %q stale=%v, want s on a live session", again.ID, d.Stale(again))
+	}
+	if err := d.Settle(ctx, old, queue.Settlement{Action: queue.Ack}); !errors.Is(err, queue.ErrStale) {
+		t.Fatalf("settle the stale copy: %v, want ErrStale", err)
+	}
+	if err := d.Settle(ctx, again, queue.Settlement{Action: queue.Ack}); err != nil {
+		t.Fatal(err)
+	}
+	if d.Stale(&queue.Delivery{ID: "foreign", Handle: "not a rabbitmq handle"}) {
+		t.Error("a foreign delivery is stale")
+	}
+}
+
+// TestPrefetchAboveTheAMQPLimitIsClamped: the AMQP prefetch count is 16
+// bits and amqp091-go's Qos casts its int to uint16, so 65,536 went out as
+// 0, which RabbitMQ reads as unlimited (the whole queue on one worker), and
+// 70,000 as 4,464. The driver clamps to 65,535 and says so, at Open and on
+// SetPrefetch.
+func TestPrefetchAboveTheAMQPLimitIsClamped(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name      string
+		open, set int
+	}{
+		{"Open", 65536, 0},
+		{"SetPrefetch", 2, 70000},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := testCtx(t)
+			q := uniqueQueue(t)
+			logs := &syncBuffer{}
+			log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+			d := openWithLog(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: tt.open, Consume: true}, log)
+			skip := -1
+			if tt.set > 0 {
+				if got := itest.ConsumerPrefetch(t, q, -1, 20*time.Second); got != tt.open {
+					t.Fatalf("prefetch %d at Open, want %d", got, tt.open)
+				}
+				skip = tt.open
+				if err := d.SetPrefetch(ctx, tt.set); err != nil {
+					t.Fatal(err)
+				}
+				short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				_, _ = d.Receive(short, 1) // applies the prefetch: a new consumer
+				cancel()
+			}
+			if got := itest.ConsumerPrefetch(t, q, skip, 20*time.Second); got != 65535 {
+				t.Fatalf("the broker applies prefetch %d, want 65535 (0 is unlimited)", got)
+			}
+			if !strings.Contains(logs.String(), "prefetch above the AMQP limit") {
+				t.Errorf("no log line about the clamped prefetch:\n%s", logs.String())
+			}
+		})
+	}
+}
+
+// syncBuffer collects a driver's log from its goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

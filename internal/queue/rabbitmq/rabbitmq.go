@@ -15,6 +15,7 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/secret"
@@ -40,6 +41,7 @@ type Config struct {
 	// the broker itself dead-letters a message; 0 sets none.
 	DeliveryLimit int
 	// Prefetch is the initial consumer prefetch; SetPrefetch changes it.
+	// 1 to MaxPrefetch; a larger value is clamped, with a log line.
 	Prefetch int
 	// ConnectionName shows in the management UI.
 	ConnectionName string
@@ -118,6 +120,20 @@ const directReplyTo = "amq.rabbitmq.reply-to"
 // publishIDHeader tags each publish so a basic.return can be matched to it.
 const publishIDHeader = "x-sous-publish-id"
 
+// MaxPrefetch is the largest prefetch AMQP 0-9-1 can carry: basic.qos's
+// prefetch-count is 16 bits. amqp091-go's Qos takes an int and casts it, so
+// 65,536 would go out as 0, which RabbitMQ reads as unlimited.
+const MaxPrefetch = math.MaxUint16
+
+// clampPrefetch bounds n to 1..MaxPrefetch; it logs when n was above.
+func (d *Driver) clampPrefetch(n int) int {
+	if n > MaxPrefetch {
+		d.log.Warn("prefetch above the AMQP limit; using the limit", "asked", n, "prefetch", MaxPrefetch)
+		return MaxPrefetch
+	}
+	return max(n, 1)
+}
+
 // minReconsume spaces consumer restarts for prefetch changes: each restart
 // lets the broker send a fresh window while the old one is still held.
 const minReconsume = 5 * time.Second
@@ -130,13 +146,12 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.ReconnectMax <= 0 {
 		cfg.ReconnectMax = 15 * time.Second
 	}
-	if cfg.Prefetch <= 0 {
-		cfg.Prefetch = 1
-	}
 	if cfg.Heartbeat <= 0 {
 		cfg.Heartbeat = 10 * time.Second
 	}
-	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), prefetch: cfg.Prefetch, desired: cfg.Prefetch, done: make(chan struct{})}
+	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), done: make(chan struct{})}
+	d.cfg.Prefetch = d.clampPrefetch(cfg.Prefetch)
+	d.prefetch, d.desired = d.cfg.Prefetch, d.cfg.Prefetch
 	s, err := d.connect(ctx)
 	if err != nil {
 		return nil, err
@@ -594,17 +609,18 @@ func stringHeaders(t amqp.Table) map[string]string {
 	return out
 }
 
-// SetPrefetch asks for a new consumer prefetch. RabbitMQ applies a
+// SetPrefetch asks for a new consumer prefetch, at most MaxPrefetch (a
+// larger n is clamped, with a log line the first time). RabbitMQ applies a
 // per-consumer prefetch only to new consumers, so the consumer is restarted
 // by Receive once nothing from the old one is pending, at most every few
 // seconds; deliveries already sent stay valid.
 func (d *Driver) SetPrefetch(_ context.Context, n int) error {
-	if n < 1 {
-		n = 1
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.desired = n
+	if n > MaxPrefetch && d.desired == MaxPrefetch {
+		n = MaxPrefetch // clamped and logged already
+	}
+	d.desired = d.clampPrefetch(n)
 	return nil
 }
 
@@ -635,9 +651,9 @@ func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
 }
 
 // StopReceiving cancels the consumer and requeues every delivery the broker
-// had sent but Receive had not handed out. Later calls to Receive return
-// queue.ErrClosed; Publish and Settle keep working so in-flight work can
-// finish.
+// had sent but Receive had not handed out (see handBack). Later calls to
+// Receive return queue.ErrClosed; Publish and Settle keep working so
+// in-flight work can finish.
 func (d *Driver) StopReceiving(ctx context.Context) error {
 	d.mu.Lock()
 	if d.stopped {
@@ -656,14 +672,73 @@ func (d *Driver) StopReceiving(ctx context.Context) error {
 		return nil // disconnected: the broker has requeued everything
 	}
 	err := d.cancelAndDrain(ctx, s)
+	if err != nil {
+		d.log.Warn("could not stop the consumer cleanly; what it still buffers goes back to the queue when the connection closes", "err", err)
+	}
 	d.mu.Lock()
 	pending := d.pending
 	d.pending = nil
 	d.mu.Unlock()
+	return errors.Join(err, d.handBack(ctx, pending))
+}
+
+// handBackParallel bounds the hand-backs in flight at shutdown.
+const handBackParallel = 64
+
+// handBack returns prefetched deliveries to the queue without spending an
+// attempt: a copy with the attempts made so far, then an ack, as Requeue
+// with queue.ReasonShutdown does. The copies are published concurrently
+// (handBackParallel at a time), so their confirms overlap: the whole window
+// takes about one round trip to the broker, not one per delivery. A
+// delivery whose copy cannot be published by ctx's end is nacked back
+// instead (quorum queues then count a failed delivery; if the copy was
+// sent and only its confirm was late, the request is in the queue twice,
+// and is answered twice). One whose channel is gone goes back when the
+// connection closes. One line logs the outcome.
+func (d *Driver) handBack(ctx context.Context, pending []pendingDelivery) error {
+	if len(pending) == 0 {
+		return nil
+	}
+	began := time.Now()
+	var copied, nacked, left atomic.Int64
+	var g errgroup.Group
+	g.SetLimit(handBackParallel)
 	for _, p := range pending {
-		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonShutdown}); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
-		}
+		g.Go(func() error {
+			select {
+			case <-p.s.dead:
+				left.Add(1) // the broker requeued it with its channel
+				return nil
+			default:
+			}
+			if ctx.Err() == nil {
+				cp := copyOf(p.raw, amqp.Table{queue.HeaderAttempts: int64(max(0, attempt(p.raw)-1))})
+				if err := p.s.publishRaw(ctx, d.cfg.Queue, cp); err == nil {
+					if err := p.s.ack(p.raw.DeliveryTag); err != nil {
+						// The copy is in the queue; the original comes back
+						// when the channel closes.
+						left.Add(1)
+						return fmt.Errorf("ack a prefetched delivery after its copy: %w", err)
+					}
+					copied.Add(1)
+					return nil
+				}
+			}
+			if err := p.s.nack(p.raw.DeliveryTag, true); err != nil {
+				left.Add(1)
+				return fmt.Errorf("hand back a prefetched delivery: %w", err)
+			}
+			nacked.Add(1)
+			return nil
+		})
+	}
+	err := g.Wait()
+	attrs := []any{"prefetched", len(pending), "copied", copied.Load(), "nacked_back", nacked.Load(), "left_to_the_broker", left.Load(), "took", time.Since(began).Round(time.Millisecond)}
+	if nacked.Load() > 0 || left.Load() > 0 {
+		d.log.Warn("handed back prefetched deliveries; some not as copies: those nacked back count a failed delivery on quorum queues, "+
+			"and the rest go back to the queue when the connection closes", attrs...)
+	} else {
+		d.log.Info("handed back prefetched deliveries", attrs...)
 	}
 	return err
 }
@@ -691,15 +766,7 @@ func (d *Driver) Pause(ctx context.Context) error {
 	pending := d.pending
 	d.pending = nil
 	d.mu.Unlock()
-	for _, p := range pending {
-		if rerr := d.requeue(ctx, p.s, p.raw, attempt(p.raw), queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonEngineDown}); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("hand back a prefetched delivery: %w", rerr))
-		}
-	}
-	if err == nil {
-		d.log.Info("paused: consumer cancelled, prefetched deliveries handed back", "handed_back", len(pending))
-	}
-	return err
+	return errors.Join(err, d.handBack(ctx, pending))
 }
 
 // Resume undoes Pause: the next Receive consumes again.
@@ -855,6 +922,24 @@ func (d *Driver) Settle(ctx context.Context, del *queue.Delivery, st queue.Settl
 		return fmt.Errorf("settle %s: %w", st.Action, err)
 	}
 	return nil
+}
+
+// Stale reports whether del came from a session that is gone: its
+// connection or a channel closed, so it can no longer be acked and the
+// broker redelivers it on the next session. The worker then publishes no
+// result for it, which the redelivered copy would duplicate. False for a
+// delivery this driver did not produce.
+func (d *Driver) Stale(del *queue.Delivery) bool {
+	h, ok := del.Handle.(*handle)
+	if !ok {
+		return false
+	}
+	select {
+	case <-h.s.dead:
+		return true
+	default:
+		return false
+	}
 }
 
 // copyOf is raw as a new persistent message with extra headers. UserId is

@@ -30,12 +30,21 @@ func brokerURL() string {
 
 func open(t *testing.T, cfg rabbitmq.Config) *rabbitmq.Driver {
 	t.Helper()
-	cfg.URL = secret.Value(brokerURL())
+	return openWithLog(t, cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+}
+
+// openWithLog opens a driver on the test broker, declaring its queues, that
+// logs to log; closed by t.Cleanup.
+func openWithLog(t *testing.T, cfg rabbitmq.Config, log *slog.Logger) *rabbitmq.Driver {
+	t.Helper()
+	if cfg.URL.IsZero() {
+		cfg.URL = secret.Value(brokerURL())
+	}
 	declared.Add(cfg.Queue, cfg.DeadLetterQueue)
 	cfg.Declare = true
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	d, err := rabbitmq.Open(ctx, cfg, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	d, err := rabbitmq.Open(ctx, cfg, log)
 	if err != nil {
 		t.Fatalf("open RabbitMQ (is it running? `rabbitmq-server -detached`): %v", err)
 	}

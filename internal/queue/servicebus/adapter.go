@@ -37,6 +37,7 @@ type (
 
 	sender interface {
 		SendMessage(ctx context.Context, m *azservicebus.Message, options *azservicebus.SendMessageOptions) error
+		SendAMQPAnnotatedMessage(ctx context.Context, m *azservicebus.AMQPAnnotatedMessage, options *azservicebus.SendAMQPAnnotatedMessageOptions) error
 		Close(ctx context.Context) error
 	}
 )
@@ -146,19 +147,60 @@ func toMessage(m queue.Message) *azservicebus.Message {
 }
 
 // forwardCopy is the message a DeadLetter settlement sends to
-// Config.DeadLetterQueue: the received message with its properties and the
-// dead-letter properties added.
-func forwardCopy(m *azservicebus.ReceivedMessage, props map[string]any) *azservicebus.Message {
-	out := m.Message()
-	out.ApplicationProperties = maps.Clone(m.ApplicationProperties)
+// Config.DeadLetterQueue: the AMQP message as received, body sections
+// untouched, with its properties and the dead-letter properties added. It is
+// built from RawAMQPMessage, not from ReceivedMessage.Body, which the SDK
+// fills only for a body of one data section: several data sections, an
+// amqp-value or an amqp-sequence would be copied empty. What the broker
+// added on delivery (the x-opt-* annotations: lock, sequence number,
+// enqueued time, partition key, schedule), the delivery state and the
+// header (TTL, delivery count) are left out: the copy is a new message, and
+// keeps its MessageID for duplicate detection.
+func forwardCopy(m *azservicebus.ReceivedMessage, props map[string]any) *azservicebus.AMQPAnnotatedMessage {
+	raw := m.RawAMQPMessage
+	if raw == nil { // not from the SDK: rebuild what it would have received
+		raw = &azservicebus.AMQPAnnotatedMessage{
+			ApplicationProperties: m.ApplicationProperties,
+			Body:                  azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{m.Body}},
+			Properties: &azservicebus.AMQPAnnotatedMessageProperties{
+				MessageID: m.MessageID, CorrelationID: anyString(m.CorrelationID), ContentType: m.ContentType,
+				ReplyTo: m.ReplyTo, ReplyToGroupID: m.ReplyToSessionID, GroupID: m.SessionID,
+				Subject: m.Subject, To: m.To,
+			},
+		}
+	}
+	out := &azservicebus.AMQPAnnotatedMessage{
+		Body:                  raw.Body,
+		ApplicationProperties: maps.Clone(raw.ApplicationProperties),
+	}
 	if out.ApplicationProperties == nil {
 		out.ApplicationProperties = make(map[string]any, len(props))
 	}
 	maps.Copy(out.ApplicationProperties, props)
-	// The copy is a new message: it must not inherit the partition or a
-	// schedule, and keeps its MessageID for duplicate detection.
-	out.PartitionKey, out.ScheduledEnqueueTime, out.TimeToLive = nil, nil, nil
+	if raw.Properties != nil {
+		p := *raw.Properties
+		// The copy must not expire with the original, and user-id is
+		// checked against the sender's identity by some brokers.
+		p.AbsoluteExpiryTime, p.UserID = nil, nil
+		out.Properties = &p
+	}
+	for k, v := range raw.MessageAnnotations {
+		if s, ok := k.(string); ok && strings.HasPrefix(s, "x-opt-") {
+			continue
+		}
+		if out.MessageAnnotations == nil {
+			out.MessageAnnotations = make(map[any]any, len(raw.MessageAnnotations))
+		}
+		out.MessageAnnotations[k] = v
+	}
 	return out
+}
+
+func anyString(s *string) any {
+	if s == nil {
+		return nil
+	}
+	return *s
 }
 
 // entityPath turns a reply address into a queue name: Service Bus producers

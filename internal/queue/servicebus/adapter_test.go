@@ -154,8 +154,11 @@ func TestForwardCopyLeavesTheReceivedMessageAlone(t *testing.T) {
 	if len(in.ApplicationProperties) != 1 {
 		t.Errorf("the received message's properties changed: %v", in.ApplicationProperties)
 	}
-	if *got.MessageID != "m1" || *got.ReplyToSessionID != "s1" || got.PartitionKey != nil {
+	if got.Properties.MessageID != "m1" || *got.Properties.ReplyToGroupID != "s1" || got.MessageAnnotations != nil {
 		t.Errorf("copy = %+v", got)
+	}
+	if !reflect.DeepEqual(got.Body.Data, [][]byte{[]byte("b")}) {
+		t.Errorf("copy body = %+v", got.Body)
 	}
 }
 

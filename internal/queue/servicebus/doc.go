@@ -17,9 +17,11 @@
 //
 // Locks: Service Bus keeps a received message locked for the queue's lock
 // duration (60s by default, 5 minutes at most). While a delivery is held, a
-// single goroutine owned by the Driver renews its lock every
+// goroutine owned by the Driver renews its lock every
 // Config.LockRenewInterval, or at half the remaining lock time when that is
-// sooner. A lock that cannot be renewed is logged; settling that delivery
+// sooner. Renewals run concurrently, the most urgent first, at most 32 at
+// once, so one slow renewal does not hold back the other locks. A lock that
+// cannot be renewed is logged; settling that delivery
 // then returns an error wrapping queue.ErrStale without another round trip,
 // and the broker redelivers the message. Service Bus reports a lost lock the
 // same way when it is the one that notices.

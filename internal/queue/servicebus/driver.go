@@ -15,6 +15,7 @@ import (
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
 	"github.com/Azure/azure-sdk-for-go/sdk/messaging/azservicebus"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/secret"
@@ -49,6 +50,7 @@ type Driver struct {
 
 	renewStop context.CancelFunc // nil when renewal is disabled
 	renewDone chan struct{}
+	renewers  errgroup.Group // the renewals in flight, at most renewParallel
 
 	lastOK atomic.Int64 // unix nanoseconds of the last successful broker call
 
@@ -73,9 +75,10 @@ type lockedMessage struct {
 	msg *azservicebus.ReceivedMessage
 
 	// Guarded by Driver.mu.
-	state lockState
-	lost  bool      // renewal found the lock gone
-	next  time.Time // next renewal
+	state    lockState
+	lost     bool      // renewal found the lock gone
+	renewing bool      // a renewal is in flight
+	next     time.Time // next renewal
 }
 
 // New builds a Driver for cfg. It does not connect: the first Receive,
@@ -149,6 +152,7 @@ func newDriver(cfg Config, log *slog.Logger, b backend, now func() time.Time) *D
 		senders:  newSenderCache(cfg.MaxSenders),
 	}
 	d.stopCtx, d.stop = context.WithCancel(context.Background())
+	d.renewers.SetLimit(renewParallel)
 	return d
 }
 
@@ -242,18 +246,20 @@ func (d *Driver) Publish(ctx context.Context, m queue.Message) error {
 	if to == "" {
 		return errors.New("servicebus: publish: the message has no destination (To)")
 	}
-	if err := d.send(ctx, to, toMessage(m)); err != nil {
+	msg := toMessage(m)
+	if err := d.send(ctx, to, func(ctx context.Context, s sender) error { return s.SendMessage(ctx, msg, nil) }); err != nil {
 		return fmt.Errorf("servicebus: publish to %q: %w", to, err)
 	}
 	return nil
 }
 
-func (d *Driver) send(ctx context.Context, to string, m *azservicebus.Message) error {
+// send sends one message to the queue to with the cached sender.
+func (d *Driver) send(ctx context.Context, to string, do func(context.Context, sender) error) error {
 	cs, err := d.acquireSender(to)
 	if err != nil {
 		return err
 	}
-	err = cs.s.SendMessage(ctx, m, nil)
+	err = do(ctx, cs.s)
 	// A sender that failed for another reason than the caller's deadline is
 	// replaced: the SDK gives up on links it cannot recover.
 	d.releaseSender(cs, err != nil && ctx.Err() == nil)
@@ -340,7 +346,8 @@ func (d *Driver) settle(ctx context.Context, m *azservicebus.ReceivedMessage, de
 			PropertiesToModify: props,
 		}))
 	}
-	if err := d.send(ctx, d.cfg.DeadLetterQueue, forwardCopy(m, props)); err != nil {
+	cp := forwardCopy(m, props)
+	if err := d.send(ctx, d.cfg.DeadLetterQueue, func(ctx context.Context, s sender) error { return s.SendAMQPAnnotatedMessage(ctx, cp, nil) }); err != nil {
 		return fmt.Errorf("copy to dead-letter queue %q: %w", d.cfg.DeadLetterQueue, err)
 	}
 	return stale(d.b.settle.CompleteMessage(ctx, m, nil))

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -288,7 +289,7 @@ func TestDeadLetterToAnotherQueue(t *testing.T) {
 	if err := fx.d.Settle(testContext(t), d, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json", Description: "no"}); err != nil {
 		t.Fatal(err)
 	}
-	sent := fx.senders.For("requests.dlq")[0].Sent()
+	sent := fx.senders.For("requests.dlq")[0].Raw()
 	if len(sent) != 1 {
 		t.Fatalf("sent %d copies to the dead-letter queue", len(sent))
 	}
@@ -298,6 +299,90 @@ func TestDeadLetterToAnotherQueue(t *testing.T) {
 	}
 	if calls := fx.recv.Calls(); len(calls) != 1 || calls[0] != "complete m1" {
 		t.Errorf("calls = %v, want the original completed", calls)
+	}
+}
+
+// received is m as the SDK hands it over: the AMQP message as received in
+// RawAMQPMessage, with Body set only for a single data section.
+func received(id string, body azservicebus.AMQPAnnotatedMessageBody) *azservicebus.ReceivedMessage {
+	until := time.Date(2026, 1, 2, 3, 5, 5, 0, time.UTC)
+	m := &azservicebus.ReceivedMessage{
+		MessageID: id, DeliveryCount: 1, ReplyTo: sp("results"), LockedUntil: &until,
+		ApplicationProperties: map[string]any{"traceparent": "tp", "n": int64(7)},
+		RawAMQPMessage: &azservicebus.AMQPAnnotatedMessage{
+			Body:                  body,
+			ApplicationProperties: map[string]any{"traceparent": "tp", "n": int64(7)},
+			Properties:            &azservicebus.AMQPAnnotatedMessageProperties{MessageID: id, ReplyTo: sp("results"), ContentType: sp("application/json")},
+			Header:                &azservicebus.AMQPAnnotatedMessageHeader{DeliveryCount: 0, TTL: time.Hour},
+			MessageAnnotations: map[any]any{
+				"x-opt-locked-until": until, "x-opt-sequence-number": int64(3),
+				"x-opt-enqueued-time": until.Add(-time.Minute), "x-opt-partition-key": "p",
+				"producer-annotation": "kept",
+			},
+			DeliveryAnnotations: map[any]any{"x-opt-lock-token": "t"},
+			DeliveryTag:         []byte("tag"),
+		},
+	}
+	if len(body.Data) == 1 {
+		m.Body = body.Data[0]
+	}
+	return m
+}
+
+// The copy sent to SOUS_SERVICEBUS_DEAD_LETTER_QUEUE carries the payload
+// whatever the body sections: the SDK's ReceivedMessage.Body holds only a
+// single data section, and a copy built from it was empty for the others.
+func TestDeadLetterCopyKeepsEveryBodyKind(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		body azservicebus.AMQPAnnotatedMessageBody
+	}{
+		{"one data section", azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{[]byte(`{"prompt":"hi"}`)}}},
+		{"several data sections", azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{[]byte(`{"prompt":`), []byte(`"hi"}`)}}},
+		{"amqp-value string", azservicebus.AMQPAnnotatedMessageBody{Value: `{"prompt":"hi"}`}},
+		{"amqp-value binary", azservicebus.AMQPAnnotatedMessageBody{Value: []byte(`{"prompt":"hi"}`)}},
+		{"amqp-value map", azservicebus.AMQPAnnotatedMessageBody{Value: map[string]any{"prompt": "hi"}}},
+		{"amqp-sequence", azservicebus.AMQPAnnotatedMessageBody{Sequence: [][]any{{"prompt", "hi"}, {int64(2)}}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			fx := setup(t, Config{Queue: "requests", DeadLetterQueue: "requests.dlq"})
+			d := fx.received(t, received("m1", tt.body))[0]
+			if err := fx.d.Settle(testContext(t), d, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json", Description: "no"}); err != nil {
+				t.Fatal(err)
+			}
+			sent := fx.senders.For("requests.dlq")[0].Raw()
+			if len(sent) != 1 {
+				t.Fatalf("sent %d copies to the dead-letter queue", len(sent))
+			}
+			cp := sent[0]
+			if !reflect.DeepEqual(cp.Body, tt.body) {
+				t.Errorf("copy body = %#v, want the original %#v", cp.Body, tt.body)
+			}
+			p := cp.ApplicationProperties
+			if p[queue.HeaderDeadLetterReason] != "invalid_json" || p[queue.HeaderSourceQueue] != "requests" || p["traceparent"] != "tp" || p["n"] != int64(7) {
+				t.Errorf("copy properties = %v", p)
+			}
+			if cp.Properties == nil || cp.Properties.MessageID != "m1" || deref(cp.Properties.ReplyTo) != "results" {
+				t.Errorf("copy AMQP properties = %+v", cp.Properties)
+			}
+			for k := range cp.MessageAnnotations {
+				if s, _ := k.(string); strings.HasPrefix(s, "x-opt-") {
+					t.Errorf("the copy carries the broker's annotation %v", k)
+				}
+			}
+			if cp.MessageAnnotations["producer-annotation"] != "kept" {
+				t.Errorf("the producer's own annotation was dropped: %v", cp.MessageAnnotations)
+			}
+			if cp.DeliveryAnnotations != nil || cp.DeliveryTag != nil || (cp.Header != nil && cp.Header.TTL != 0) {
+				t.Errorf("the copy carries delivery state: %+v", cp)
+			}
+			if calls := fx.recv.Calls(); len(calls) != 1 || calls[0] != "complete m1" {
+				t.Errorf("calls = %v, want the original completed", calls)
+			}
+		})
 	}
 }
 

@@ -28,6 +28,9 @@ type fakeReceiver struct {
 	settleErr  map[string]error // by MessageID
 	renewErr   error
 	lockFor    time.Duration // a renewal locks until clock.Now()+lockFor
+	renewGate  chan struct{} // when set, each renewal waits for it to close (a slow broker)
+	renewing   int           // renewals in progress
+	maxRenew   int           // the most renewals in progress at once
 	peekErr    error
 	peeks      int
 	closed     int
@@ -82,11 +85,25 @@ func (f *fakeReceiver) DeadLetterMessage(_ context.Context, m *azservicebus.Rece
 }
 
 // RenewMessageLock updates LockedUntil on success, as the SDK does.
-func (f *fakeReceiver) RenewMessageLock(_ context.Context, m *azservicebus.ReceivedMessage, _ *azservicebus.RenewMessageLockOptions) error {
+func (f *fakeReceiver) RenewMessageLock(ctx context.Context, m *azservicebus.ReceivedMessage, _ *azservicebus.RenewMessageLockOptions) error {
 	f.mu.Lock()
 	f.calls = append(f.calls, "renew "+m.MessageID)
-	err, lockFor := f.renewErr, f.lockFor
+	err, lockFor, gate := f.renewErr, f.lockFor, f.renewGate
+	f.renewing++
+	f.maxRenew = max(f.maxRenew, f.renewing)
 	f.mu.Unlock()
+	defer func() {
+		f.mu.Lock()
+		f.renewing--
+		f.mu.Unlock()
+	}()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	if err != nil {
 		return err
 	}
@@ -131,6 +148,7 @@ type fakeSender struct {
 
 	mu     sync.Mutex
 	sent   []*azservicebus.Message
+	raw    []*azservicebus.AMQPAnnotatedMessage // every send, as the AMQP message that goes out
 	err    error
 	closed int
 }
@@ -142,7 +160,30 @@ func (s *fakeSender) SendMessage(_ context.Context, m *azservicebus.Message, _ *
 		return s.err
 	}
 	s.sent = append(s.sent, m)
+	// The SDK sends a Message's Body as one data section.
+	s.raw = append(s.raw, &azservicebus.AMQPAnnotatedMessage{
+		ApplicationProperties: m.ApplicationProperties,
+		Body:                  azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{m.Body}},
+		Properties:            &azservicebus.AMQPAnnotatedMessageProperties{MessageID: deref(m.MessageID), ReplyTo: m.ReplyTo, ReplyToGroupID: m.ReplyToSessionID},
+	})
 	return nil
+}
+
+func (s *fakeSender) SendAMQPAnnotatedMessage(_ context.Context, m *azservicebus.AMQPAnnotatedMessage, _ *azservicebus.SendAMQPAnnotatedMessageOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	s.raw = append(s.raw, m)
+	return nil
+}
+
+// Raw is every message sent, as AMQP messages, whichever method sent it.
+func (s *fakeSender) Raw() []*azservicebus.AMQPAnnotatedMessage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*azservicebus.AMQPAnnotatedMessage(nil), s.raw...)
 }
 
 func (s *fakeSender) Close(context.Context) error {

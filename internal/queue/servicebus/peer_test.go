@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -376,4 +377,60 @@ func TestPeerSenders(t *testing.T) {
 	}
 	p.WaitFor(wait, "sender a to close", detach("a"))
 	p.WaitFor(wait, "sender c to close", detach("c"))
+}
+
+// A dead-letter copy to SOUS_SERVICEBUS_DEAD_LETTER_QUEUE keeps the body of
+// every kind a producer's AMQP client can send, encoded by the real SDK on
+// both sides. (Proton, under the peer, keeps only the last of several data
+// sections; TestDeadLetterCopyKeepsEveryBodyKind covers those with fakes.)
+func TestPeerDeadLetterCopyKeepsTheBody(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		body azservicebus.AMQPAnnotatedMessageBody
+		kind string
+		want any // the body the peer reports for the copy
+	}{
+		{"one data section", azservicebus.AMQPAnnotatedMessageBody{Data: [][]byte{[]byte(`{"prompt":"hi"}`)}}, "data", `{"prompt":"hi"}`},
+		{"amqp-value string", azservicebus.AMQPAnnotatedMessageBody{Value: `{"prompt":"hi"}`}, "value", `{"prompt":"hi"}`},
+		{"amqp-value binary", azservicebus.AMQPAnnotatedMessageBody{Value: []byte(`{"prompt":"hi"}`)}, "value", `{"prompt":"hi"}`},
+		{"amqp-sequence", azservicebus.AMQPAnnotatedMessageBody{Sequence: [][]any{{"prompt", "hi"}}}, "sequence", []any{"prompt", "hi"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, p := setupPeer(t, sbpeer.Options{}, func(c *Config) { c.DeadLetterQueue = "requests.dlq" })
+			producer, err := azservicebus.NewClientFromConnectionString(p.ConnectionString(), &azservicebus.ClientOptions{RetryOptions: peerRetries})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = producer.Close(context.Background()) })
+			s, err := producer.NewSender("requests", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := "req-" + strings.ReplaceAll(tt.name, " ", "-")
+			err = s.SendAMQPAnnotatedMessage(testContext(t), &azservicebus.AMQPAnnotatedMessage{
+				Body:                  tt.body,
+				Properties:            &azservicebus.AMQPAnnotatedMessageProperties{MessageID: id, ReplyTo: sp("results")},
+				ApplicationProperties: map[string]any{"traceparent": "tp"},
+			}, nil)
+			if err != nil {
+				t.Fatalf("send: %v", err)
+			}
+			del := receiveOne(t, d)
+			if err := d.Settle(testContext(t), del, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json", Description: "no"}); err != nil {
+				t.Fatal(err)
+			}
+			cp := p.WaitFor(wait, "the copy", named("enqueued", "requests.dlq"))
+			if cp.BodyKind != tt.kind || !reflect.DeepEqual(cp.Body, tt.want) {
+				t.Errorf("copy body %s %#v, want %s %#v", cp.BodyKind, cp.Body, tt.kind, tt.want)
+			}
+			if cp.MessageID != id || cp.ReplyTo != "results" || cp.ApplicationProperties["traceparent"] != "tp" ||
+				cp.ApplicationProperties[queue.HeaderDeadLetterReason] != "invalid_json" {
+				t.Errorf("copy %s", cp)
+			}
+			p.WaitFor(wait, "completion of the original", named("completed", "requests"))
+		})
+	}
 }

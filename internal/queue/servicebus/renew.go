@@ -2,6 +2,7 @@ package servicebus
 
 import (
 	"context"
+	"slices"
 	"time"
 )
 
@@ -29,10 +30,15 @@ func (d *Driver) nextRenewal(now time.Time, lockedUntil *time.Time) time.Time {
 	return next
 }
 
-// renewLoop is the one goroutine that renews locks. Close stops it through
-// ctx and waits for it.
+// renewParallel bounds the lock renewals in flight at once.
+const renewParallel = 32
+
+// renewLoop is the goroutine that starts lock renewals; each runs in a
+// goroutine of d.renewers. Close stops the loop through ctx and waits for it
+// and for the renewals it started.
 func (d *Driver) renewLoop(ctx context.Context, tick time.Duration) {
 	defer close(d.renewDone)
+	defer func() { _ = d.renewers.Wait() }()
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	for {
@@ -40,44 +46,76 @@ func (d *Driver) renewLoop(ctx context.Context, tick time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			d.renewDue(ctx)
+			d.startRenewals(ctx)
 		}
 	}
 }
 
-// renewDue renews, one at a time, every held lock whose renewal is due.
+// renewDue renews every held lock that is due and waits for those
+// renewals: startRenewals, then a wait (for tests, which drive the renewer
+// with the fake clock instead of renewLoop).
 func (d *Driver) renewDue(ctx context.Context) {
+	d.startRenewals(ctx)
+	_ = d.renewers.Wait()
+}
+
+// startRenewals starts a renewal for each held lock that is due and not
+// being renewed already, the most urgent first, concurrently: one slow
+// renewal does not hold back the others, whose locks would expire
+// meanwhile. At most renewParallel run at once; a lock beyond that waits
+// for a later tick.
+func (d *Driver) startRenewals(ctx context.Context) {
 	now := d.now()
 	var due []*lockedMessage
 	d.mu.Lock()
 	for lm := range d.held {
-		if lm.state == lockHeld && !lm.lost && !now.Before(lm.next) {
+		if lm.state == lockHeld && !lm.lost && !lm.renewing && !now.Before(lm.next) {
 			due = append(due, lm)
 		}
 	}
+	slices.SortFunc(due, func(a, b *lockedMessage) int { return a.next.Compare(b.next) })
+	for _, lm := range due {
+		lm.renewing = true
+	}
 	d.mu.Unlock()
 
-	for _, lm := range due {
-		if ctx.Err() != nil {
+	for i, lm := range due {
+		if ctx.Err() != nil || !d.renewers.TryGo(func() error { d.renew(ctx, lm); return nil }) {
+			// Closing, or renewParallel renewals in flight: the rest wait
+			// for the next tick.
+			d.mu.Lock()
+			for _, rest := range due[i:] {
+				rest.renewing = false
+			}
+			d.mu.Unlock()
 			return
 		}
-		rctx, cancel := context.WithTimeout(ctx, d.renewTimeout())
-		err := d.b.renew.RenewMessageLock(rctx, lm.msg, nil)
-		cancel()
-		if ctx.Err() != nil {
-			return // closing: the outcome no longer matters
-		}
-		d.renewed(lm, err)
 	}
 }
 
-// renewed records the outcome of one renewal. The renewer is the only
-// writer of lm.msg.LockedUntil (through the SDK), so it reads it unlocked.
+// renew renews one lock and records the outcome.
+func (d *Driver) renew(ctx context.Context, lm *lockedMessage) {
+	rctx, cancel := context.WithTimeout(ctx, d.renewTimeout())
+	err := d.b.renew.RenewMessageLock(rctx, lm.msg, nil)
+	cancel()
+	if ctx.Err() != nil {
+		d.mu.Lock()
+		lm.renewing = false
+		d.mu.Unlock()
+		return // closing: the outcome no longer matters
+	}
+	d.renewed(lm, err)
+}
+
+// renewed records the outcome of one renewal. The renewal in flight (at
+// most one per lock: lm.renewing) is the only writer of lm.msg.LockedUntil
+// (through the SDK), so it reads it unlocked.
 func (d *Driver) renewed(lm *lockedMessage, err error) {
 	now := d.now()
 	gone := err != nil && (lockGone(err) || (lm.msg.LockedUntil != nil && !now.Before(*lm.msg.LockedUntil)))
 
 	d.mu.Lock()
+	lm.renewing = false
 	if lm.state != lockHeld {
 		d.mu.Unlock()
 		return // settled meanwhile: a failure is expected and harmless

@@ -2,6 +2,7 @@ package servicebus
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -168,5 +169,79 @@ func TestRenewalDisabled(t *testing.T) {
 	fx.d.startRenewer()
 	if fx.d.renewStop != nil {
 		t.Fatal("a renewer started with renewal disabled")
+	}
+}
+
+// Renewals run concurrently: one slow renewal (a slow broker, a link being
+// recovered) must not hold back the locks of the other messages, which
+// would expire meanwhile. Here every renewal hangs until released; all
+// three must be in progress at once.
+func TestRenewalsRunConcurrently(t *testing.T) {
+	t.Parallel()
+	fx := setup(t, Config{LockRenewInterval: 10 * time.Second})
+	gate := make(chan struct{})
+	fx.recv.renewGate = gate
+	ds := fx.received(t, lockedFor("m1", fx.clock.Now(), time.Minute), lockedFor("m2", fx.clock.Now(), time.Minute), lockedFor("m3", fx.clock.Now(), time.Minute))
+	fx.clock.Advance(10 * time.Second)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fx.d.renewDue(testContext(t))
+	}()
+	eventually(t, "three renewals in progress at once", func() bool {
+		fx.recv.mu.Lock()
+		defer fx.recv.mu.Unlock()
+		return fx.recv.renewing == 3
+	})
+	close(gate)
+	<-done
+	for _, d := range ds {
+		if fx.d.Stale(d) {
+			t.Errorf("%s is stale after a renewal that succeeded", d.ID)
+		}
+	}
+}
+
+// At most renewParallel renewals run at once; the locks beyond wait for a
+// later tick, and the most urgent go first.
+func TestRenewalsAreBounded(t *testing.T) {
+	t.Parallel()
+	fx := setup(t, Config{LockRenewInterval: 10 * time.Second})
+	gate := make(chan struct{})
+	fx.recv.renewGate = gate
+	const n = renewParallel + 8
+	var msgs []*azservicebus.ReceivedMessage
+	for i := range n {
+		// m0 is the most urgent: its lock ends first.
+		msgs = append(msgs, lockedFor(fmt.Sprintf("m%d", i), fx.clock.Now(), 12*time.Second+time.Duration(i)*time.Millisecond))
+	}
+	fx.received(t, msgs...)
+	fx.clock.Advance(10 * time.Second)
+	ctx := testContext(t)
+	fx.d.startRenewals(ctx)
+	eventually(t, "the bound reached", func() bool {
+		fx.recv.mu.Lock()
+		defer fx.recv.mu.Unlock()
+		return fx.recv.renewing == renewParallel
+	})
+	fx.d.startRenewals(ctx) // a tick while every slot is taken starts nothing
+	for i := range renewParallel {
+		if c := fmt.Sprintf("renew m%d", i); fx.recv.count(c) != 1 {
+			t.Errorf("%s: %d calls, want the %d most urgent locks renewed first", c, fx.recv.count(c), renewParallel)
+		}
+	}
+	close(gate)
+	fx.d.renewDue(ctx) // waits for those, then renews the rest
+	fx.d.renewDue(ctx)
+	fx.recv.mu.Lock()
+	most := fx.recv.maxRenew
+	fx.recv.mu.Unlock()
+	if most != renewParallel {
+		t.Errorf("%d renewals at once, want the bound, %d", most, renewParallel)
+	}
+	for i := range n {
+		if c := fmt.Sprintf("renew m%d", i); fx.recv.count(c) != 1 {
+			t.Errorf("%s: %d calls, want 1", c, fx.recv.count(c))
+		}
 	}
 }

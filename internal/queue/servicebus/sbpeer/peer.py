@@ -112,7 +112,19 @@ def describe(msg):
         "subject": msg.subject,
         "application_properties": plain(msg.properties or {}),
         "body": plain(msg.body),
+        "body_kind": body_kind(msg),
     }
+
+
+def body_kind(msg):
+    """The body section Proton decoded: "data", "sequence" or "value".
+    Proton keeps one body section: of several data or amqp-sequence
+    sections, only the last survives a decode."""
+    if msg.inferred and isinstance(msg.body, bytes):
+        return "data"
+    if msg.inferred and isinstance(msg.body, list):
+        return "sequence"
+    return "value"
 
 
 def new_lock_token():

@@ -66,7 +66,8 @@ type Event struct {
 	ReplyTo               string         `json:"reply_to"`
 	ReplyToSessionID      string         `json:"reply_to_session_id"`
 	ContentType           string         `json:"content_type"`
-	Body                  string         `json:"body"`
+	Body                  any            `json:"body"`      // a string, or a list for an amqp-sequence
+	BodyKind              string         `json:"body_kind"` // "data", "value" or "sequence"
 	ApplicationProperties map[string]any `json:"application_properties"`
 
 	DeliveryCount int      `json:"delivery_count"`
