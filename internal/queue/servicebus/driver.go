@@ -326,7 +326,15 @@ func (d *Driver) settle(ctx context.Context, m *azservicebus.ReceivedMessage, de
 	case queue.Ack:
 		return stale(d.b.settle.CompleteMessage(ctx, m, nil))
 	case queue.Requeue:
-		return stale(d.b.settle.AbandonMessage(ctx, m, nil))
+		var opts *azservicebus.AbandonMessageOptions
+		if len(s.Headers) > 0 {
+			props := make(map[string]any, len(s.Headers))
+			for k, v := range s.Headers {
+				props[k] = v
+			}
+			opts = &azservicebus.AbandonMessageOptions{PropertiesToModify: props}
+		}
+		return stale(d.b.settle.AbandonMessage(ctx, m, opts))
 	}
 	reason := truncate(s.Reason)
 	if reason == "" {

@@ -400,6 +400,24 @@ func TestDeadLetterToAnotherQueueKeepsTheMessageWhenTheCopyFails(t *testing.T) {
 	}
 }
 
+// TestRequeueCarriesHeaders: a requeue's headers (the worker marks a
+// request whose error result went out before its dead-letter failed) are
+// set on the message as Service Bus abandons it.
+func TestRequeueCarriesHeaders(t *testing.T) {
+	t.Parallel()
+	fx := setup(t, Config{})
+	d := fx.received(t, msg("m1"))[0]
+	if err := fx.d.Settle(testContext(t), d, queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed", Headers: map[string]string{"x-sous-answered": "invalid_json"}}); err != nil {
+		t.Fatal(err)
+	}
+	fx.recv.mu.Lock()
+	o := fx.recv.abandoned["m1"]
+	fx.recv.mu.Unlock()
+	if o == nil || o.PropertiesToModify["x-sous-answered"] != "invalid_json" {
+		t.Fatalf("abandon options %+v, want the header among the properties to modify", o)
+	}
+}
+
 func TestSettleTwice(t *testing.T) {
 	t.Parallel()
 	fx := setup(t, Config{})

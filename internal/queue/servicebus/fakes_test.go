@@ -25,6 +25,7 @@ type fakeReceiver struct {
 	maxes      []int
 	calls      []string // "complete m1", "abandon m1", "dead-letter m1", "renew m1"
 	deadLetter map[string]*azservicebus.DeadLetterOptions
+	abandoned  map[string]*azservicebus.AbandonMessageOptions
 	settleErr  map[string]error // by MessageID
 	renewErr   error
 	lockFor    time.Duration // a renewal locks until clock.Now()+lockFor
@@ -73,7 +74,13 @@ func (f *fakeReceiver) CompleteMessage(_ context.Context, m *azservicebus.Receiv
 	return f.record("complete", m)
 }
 
-func (f *fakeReceiver) AbandonMessage(_ context.Context, m *azservicebus.ReceivedMessage, _ *azservicebus.AbandonMessageOptions) error {
+func (f *fakeReceiver) AbandonMessage(_ context.Context, m *azservicebus.ReceivedMessage, o *azservicebus.AbandonMessageOptions) error {
+	f.mu.Lock()
+	if f.abandoned == nil {
+		f.abandoned = map[string]*azservicebus.AbandonMessageOptions{}
+	}
+	f.abandoned[m.MessageID] = o
+	f.mu.Unlock()
 	return f.record("abandon", m)
 }
 
