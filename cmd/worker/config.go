@@ -65,8 +65,12 @@ type Config struct {
 	EngineExec         string        `env:"SOUS_ENGINE_EXEC"`
 	EngineStartTimeout time.Duration `env:"SOUS_ENGINE_START_TIMEOUT" envDefault:"5m"`
 	EngineBatchPrompts string        `env:"SOUS_ENGINE_BATCH_PROMPTS" envDefault:"auto"`
-	Model              string        `env:"SOUS_MODEL"`
-	ModelsAllowed      []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
+	// OllamaNumParallel is the child Ollama's slots, inherited from the
+	// worker's environment: with SOUS_ENGINE_EXEC and
+	// SOUS_ENGINE_PARALLEL=auto it is the engine saying them.
+	OllamaNumParallel string   `env:"OLLAMA_NUM_PARALLEL"`
+	Model             string   `env:"SOUS_MODEL"`
+	ModelsAllowed     []string `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
 
 	// Batching
 	BatchMin         int           `env:"SOUS_BATCH_MIN" envDefault:"1"`

@@ -12,6 +12,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -134,6 +135,12 @@ type slotser interface {
 func engineSlots(ctx context.Context, cfg Config, engine worker.Engine, sizer interface{ SetEngineParallel(int) }, log *slog.Logger) {
 	if n, _ := cfg.engineParallel(); n > 0 {
 		log.Info("engine slots", "slots", n, "source", "SOUS_ENGINE_PARALLEL")
+		return
+	}
+	if n, err := strconv.Atoi(cfg.OllamaNumParallel); err == nil && n > 0 && cfg.EngineExec != "" && cfg.Engine == "ollama" {
+		// The child Ollama inherits this environment: its slots are known.
+		sizer.SetEngineParallel(n)
+		log.Info("engine slots", "slots", n, "source", "OLLAMA_NUM_PARALLEL of the child engine")
 		return
 	}
 	if s, ok := unwrapEngine(engine).(slotser); ok {
