@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os/exec"
@@ -128,39 +129,60 @@ func TestBadInputDeadLettered(t *testing.T) {
 	}
 }
 
-// TestEngineUnavailableRequeuesThenDeadLetters: with no engine answering,
-// the request is requeued (the broker counts deliveries) and dead-lettered
-// after SOUS_MAX_ATTEMPTS with the reason in a header.
-func TestEngineUnavailableRequeuesThenDeadLetters(t *testing.T) {
+// TestEngineUnavailableKeepsTheRequestQueued: with no engine answering,
+// the worker is not ready and takes nothing: the request stays in the
+// queue, spending no attempt (before, it was requeued twice and
+// dead-lettered max_attempts). When an engine answers at that address the
+// request is answered on its first attempt.
+func TestEngineUnavailableKeepsTheRequestQueued(t *testing.T) {
 	t.Parallel()
-	q, _ := names(t)
-	dead := "http://" + freeAddr(t) // nothing listens there
-	w := startWorkerNoReady(t, q, "SOUS_ENGINE_URL="+dead, "SOUS_MAX_ATTEMPTS=3")
+	q, results := names(t)
+	addr := freeAddr(t) // nothing listens there yet
+	w := startWorkerNoReady(t, q, "SOUS_ENGINE_URL=http://"+addr, "SOUS_MAX_ATTEMPTS=3")
 	c := newClient(t)
 	c.publish(q, "m", "", `{"prompt":"x"}`)
-	d := c.collect(q+".dlq", 1, 60*time.Second)["m"]
-	if d.Headers[queue.HeaderDeadLetterReason] != "max_attempts" || !strings.Contains(fmt.Sprint(d.Headers[queue.HeaderDeadLetterDescription]), "engine_unavailable") {
-		t.Fatalf("dead-letter headers %v", d.Headers)
+	time.Sleep(3 * time.Second) // several probes of the engine
+	if n := c.depth(q); n != 1 {
+		t.Fatalf("queue depth %d with the engine down, want the request still queued", n)
 	}
-	if got := fmt.Sprint(d.Headers[queue.HeaderAttempts]); got != "3" {
-		t.Fatalf("attempts header %s, want 3", got)
-	}
-	if n := strings.Count(w.Logs(), "action=requeue"); n != 2 {
-		t.Fatalf("want 2 requeues before the dead-letter, log shows %d", n)
+	if n := c.depth(q + ".dlq"); n != 0 {
+		t.Fatalf("%d dead letters with the engine down", n)
 	}
 	resp, err := http.Get("http://" + w.Addr + "/readyz")
 	if err != nil {
 		t.Fatal(err)
 	}
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Fatalf("/readyz with the engine down = %d, want 503", resp.StatusCode)
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "engine") {
+		t.Fatalf("/readyz with the engine down = %d %q, want 503 naming the engine", resp.StatusCode, body)
 	}
 	resp, err = http.Get("http://" + w.Addr + "/healthz")
 	if err != nil || resp.StatusCode != 200 {
 		t.Fatalf("/healthz = %v %v", resp, err)
 	}
 	resp.Body.Close()
+
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/api/tags":
+			_, _ = rw.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
+		case "/api/generate":
+			_, _ = rw.Write([]byte(`{"model":"tiny","response":"back","done":true,"done_reason":"stop"}` + "\n"))
+		default:
+			_, _ = rw.Write([]byte(`{"version":"0.6.5"}`))
+		}
+	}), ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	r := decodeResult(t, c.collect(results, 1, 60*time.Second)["m"])
+	if r.Status != wire.StatusOK || r.Attempt != 1 {
+		t.Fatalf("result %+v, want ok on attempt 1", r)
+	}
 }
 
 // startWorkerNoReady starts a worker whose engine is expected to be down:
