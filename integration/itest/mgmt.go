@@ -55,6 +55,17 @@ func CloseConnections(t testing.TB, name string, within time.Duration) int {
 	return len(names)
 }
 
+// WaitConnection waits up to within for the management API to list a
+// connection named name (its statistics lag a few seconds behind a new
+// connection), so that a later CloseConnections acts at once.
+func WaitConnection(t testing.TB, name string, within time.Duration) {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	WaitUntil(t, within, "the management API to list connection "+name, func() bool {
+		return len(connectionsNamed(t, client, name)) > 0
+	})
+}
+
 func connectionsNamed(t testing.TB, client *http.Client, name string) []string {
 	t.Helper()
 	resp, err := client.Get(ManagementURL() + "/api/connections?columns=name,client_properties.connection_name")
