@@ -294,6 +294,10 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 			Consume:         true,
 			OnReconnect:     onReconnect,
 		}, log)
+		if errors.Is(err, rabbitmq.ErrAccessRefused) {
+			// Configuration, like any invalid variable: exit 2.
+			return nil, nil, bad("SOUS_AMQP_URL", "%v", err)
+		}
 		if err != nil {
 			return nil, nil, err
 		}

@@ -1,8 +1,10 @@
 package itest
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -51,6 +53,17 @@ func CloseConnections(t testing.TB, name string, within time.Duration) int {
 		}
 	}
 	return len(names)
+}
+
+// WaitConnection waits up to within for the management API to list a
+// connection named name (its statistics lag a few seconds behind a new
+// connection), so that a later CloseConnections acts at once.
+func WaitConnection(t testing.TB, name string, within time.Duration) {
+	t.Helper()
+	client := &http.Client{Timeout: 5 * time.Second}
+	WaitUntil(t, within, "the management API to list connection "+name, func() bool {
+		return len(connectionsNamed(t, client, name)) > 0
+	})
 }
 
 func connectionsNamed(t testing.TB, client *http.Client, name string) []string {
@@ -117,4 +130,57 @@ func ConsumerPrefetch(t testing.TB, q string, skip int, within time.Duration) in
 		return false
 	})
 	return got
+}
+
+// CreateUser creates a user on the shared broker with the given password
+// and permissions on the vhost "/" (regular expressions; "" for no
+// permissions at all), deleted when t ends.
+func CreateUser(t testing.TB, user, password string, perms *Permissions) {
+	t.Helper()
+	SetPassword(t, user, password)
+	t.Cleanup(func() { mgmt(t, http.MethodDelete, "/api/users/"+url.PathEscape(user), nil) })
+	if perms != nil {
+		mgmt(t, http.MethodPut, "/api/permissions/%2F/"+url.PathEscape(user), perms)
+	}
+}
+
+// Permissions are a user's configure, write and read patterns on a vhost.
+type Permissions struct {
+	Configure string `json:"configure"`
+	Write     string `json:"write"`
+	Read      string `json:"read"`
+}
+
+// SetPassword creates user, or changes its password.
+func SetPassword(t testing.TB, user, password string) {
+	t.Helper()
+	mgmt(t, http.MethodPut, "/api/users/"+url.PathEscape(user), map[string]string{"password": password, "tags": ""})
+}
+
+// mgmt sends one management API request with a JSON body and fails t
+// unless it succeeds.
+func mgmt(t testing.TB, method, path string, body any) {
+	t.Helper()
+	var r io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r = bytes.NewReader(b)
+	}
+	req, err := http.NewRequest(method, ManagementURL()+path, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := (&http.Client{Timeout: 5 * time.Second}).Do(req)
+	if err != nil {
+		t.Fatalf("management API (rabbitmq-plugins enable rabbitmq_management): %s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		t.Fatalf("management API: %s %s: %s %s", method, path, resp.Status, msg)
+	}
 }

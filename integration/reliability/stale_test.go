@@ -18,16 +18,21 @@ import (
 func TestConnectionClosedMidBatch(t *testing.T) {
 	t.Parallel()
 	eng := newFakeEngine(t)
-	eng.setDelay(2 * time.Second)
+	eng.setDelay(3 * time.Second)
 	q := names(t)
 	l := watch(t, sharedURL, q)
 	w := startWorker(t, workerOpts{queue: q, engineURL: eng.URL()})
+	conn := "sous-worker rel-" + q
+	itest.WaitConnection(t, conn, 30*time.Second) // so that the close below acts at once
 	c := newClient(t, sharedURL)
 	ids := c.publishRequests(q, "c", 8)
 	waitUntil(t, 30*time.Second, "a batch on the engine", func() bool { return eng.inflight.Load() > 0 })
-	inflight := eng.inflight.Load()
-	if n := itest.CloseConnections(t, "sous-worker rel-"+q, 20*time.Second); n != 1 {
+	if n := itest.CloseConnections(t, conn, 20*time.Second); n != 1 {
 		t.Fatalf("closed %d connections of the worker, want 1", n)
+	}
+	inflight := eng.inflight.Load()
+	if inflight == 0 {
+		t.Fatal("the batch ended before the connection was closed: nothing was in flight to go stale")
 	}
 	tl := l.waitSettled(t, ids, 60*time.Second)
 	checkNoLoss(t, tl)

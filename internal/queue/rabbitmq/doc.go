@@ -5,7 +5,10 @@
 // acks, prefetch set by SetPrefetch) and a publisher channel in confirm mode
 // with mandatory publishing, so Publish returns only once the broker has
 // stored the message in a queue, and reports queue.ErrUnroutable when there
-// was none. When the connection drops, a supervisor goroutine reconnects
+// was none. Open retries a broker it cannot reach until its context ends,
+// but not one that refuses access (ErrAccessRefused: credentials, vhost or
+// permissions, which are configuration). When the connection drops, a
+// supervisor goroutine reconnects
 // with backoff; deliveries from the lost channel become stale (settling them
 // returns queue.ErrStale, and Stale reports them, so the worker publishes no
 // result the redelivered copy would duplicate) and the broker redelivers

@@ -138,7 +138,23 @@ func (d *Driver) clampPrefetch(n int) int {
 // lets the broker send a fresh window while the old one is still held.
 const minReconsume = 5 * time.Second
 
-// Open connects (retrying until ctx is done) and starts the supervisor.
+// ErrAccessRefused is returned by Open when RabbitMQ refuses access at
+// start: the user name or password (403 ACCESS_REFUSED, amqp091-go's
+// ErrCredentials), the vhost (ErrVhost, 530 NOT_ALLOWED), or the user's
+// permissions on the queues. That is configuration, which retrying does not
+// fix. After a good start the driver keeps retrying a refusal, which may
+// heal (a password being rotated).
+var ErrAccessRefused = errors.New("RabbitMQ refused access")
+
+// refused reports whether err is the broker refusing access.
+func refused(err error) bool {
+	var aerr *amqp.Error
+	return errors.As(err, &aerr) && (aerr.Code == amqp.AccessRefused || aerr.Code == amqp.NotAllowed)
+}
+
+// Open connects (retrying until ctx is done) and starts the supervisor. An
+// access refusal is not retried: Open returns an error wrapping
+// ErrAccessRefused.
 func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.ReconnectMin <= 0 {
 		cfg.ReconnectMin = 250 * time.Millisecond
@@ -152,7 +168,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), done: make(chan struct{})}
 	d.cfg.Prefetch = d.clampPrefetch(cfg.Prefetch)
 	d.prefetch, d.desired = d.cfg.Prefetch, d.cfg.Prefetch
-	s, err := d.connect(ctx)
+	s, err := d.connect(ctx, true)
 	if err != nil {
 		return nil, err
 	}
@@ -188,7 +204,7 @@ func (d *Driver) supervise(ctx context.Context) {
 		d.reconsumed = time.Time{}
 		d.mu.Unlock()
 		d.log.Warn("broker connection lost; reconnecting")
-		next, err := d.connect(ctx)
+		next, err := d.connect(ctx, false)
 		if err != nil {
 			return // ctx done
 		}
@@ -200,13 +216,18 @@ func (d *Driver) supervise(ctx context.Context) {
 	}
 }
 
-// connect dials until it succeeds or ctx is done.
-func (d *Driver) connect(ctx context.Context) (*session, error) {
+// connect dials until it succeeds or ctx is done. At start (first) an
+// access refusal ends it: see ErrAccessRefused.
+func (d *Driver) connect(ctx context.Context, first bool) (*session, error) {
 	wait := d.cfg.ReconnectMin
 	for attempt := 1; ; attempt++ {
 		s, err := d.dial(ctx)
 		if err == nil {
 			return s, nil
+		}
+		if first && refused(err) {
+			return nil, fmt.Errorf("%w: %v. Check the user name, password and vhost in the broker URL, and that the user may configure, "+
+				"write and read the queues (rabbitmqctl list_permissions); not retrying", ErrAccessRefused, err)
 		}
 		d.log.Warn("broker connect failed", "attempt", attempt, "err", err, "retry_in", wait)
 		jitter := time.Duration(rand.Int64N(int64(wait)/2 + 1))
@@ -228,7 +249,9 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 		Dial:            dialer,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %s", secret.URL(d.cfg.URL.Reveal()), secret.Scrub(err.Error(), d.cfg.URL))
+		se := &scrubbedError{msg: fmt.Sprintf("dial %s: %s", secret.URL(d.cfg.URL.Reveal()), secret.Scrub(err.Error(), d.cfg.URL))}
+		errors.As(err, &se.amqpErr)
+		return nil, se
 	}
 	defer func() {
 		if err != nil {
@@ -320,6 +343,23 @@ func (s *session) consume(queueName string, prefetch int) error {
 	}
 	s.deliveries = dl
 	return nil
+}
+
+// scrubbedError is a dial error whose text has the URL's secrets taken
+// out. It unwraps only to the broker's *amqp.Error, if there is one (for
+// refused): other errors in the chain may quote the URL (url.Parse does).
+type scrubbedError struct {
+	msg     string
+	amqpErr *amqp.Error
+}
+
+func (e *scrubbedError) Error() string { return e.msg }
+
+func (e *scrubbedError) Unwrap() error {
+	if e.amqpErr == nil {
+		return nil
+	}
+	return e.amqpErr
 }
 
 // declare declares the topology, tolerating queues that already exist with

@@ -52,7 +52,8 @@ type Driver struct {
 	renewDone chan struct{}
 	renewers  errgroup.Group // the renewals in flight, at most renewParallel
 
-	lastOK atomic.Int64 // unix nanoseconds of the last successful broker call
+	lastOK  atomic.Int64           // unix nanoseconds of the last successful broker call
+	lastErr atomic.Pointer[string] // the SDK's last failed attempt since then (sdklog.go)
 
 	mu      sync.Mutex
 	closed  bool
@@ -120,6 +121,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 		return nil, fmt.Errorf("servicebus: receiver for %q: %w", cfg.Queue, err)
 	}
 	d := newDriver(cfg, log, sdkBackend(client, r), time.Now)
+	watchSDK(d)
 	d.startRenewer()
 	return d, nil
 }
@@ -416,6 +418,7 @@ func (d *Driver) Close(ctx context.Context) error {
 		return nil
 	}
 	d.closed = true
+	unwatchSDK(d)
 	unsettled := len(d.held)
 	clear(d.held)
 	senders := d.senders.drain()
@@ -474,13 +477,20 @@ func (d *Driver) Ready(ctx context.Context) error {
 	}
 	end := int64(math.MaxInt64)
 	if _, err := d.b.peek.PeekMessages(ctx, 1, &azservicebus.PeekMessagesOptions{FromSequenceNumber: &end}); err != nil {
+		if last := d.lastErr.Load(); last != nil {
+			// The SDK was still retrying when ctx ended: say why.
+			return fmt.Errorf("servicebus: ready: %w (last failed attempt: %s)", err, *last)
+		}
 		return fmt.Errorf("servicebus: ready: %w", err)
 	}
 	d.markOK()
 	return nil
 }
 
-func (d *Driver) markOK() { d.lastOK.Store(d.now().UnixNano()) }
+func (d *Driver) markOK() {
+	d.lastOK.Store(d.now().UnixNano())
+	d.lastErr.Store(nil)
+}
 
 // Stale reports whether del's lock is known to be lost, so the worker can
 // skip publishing a result the broker will cause to be produced again on

@@ -51,14 +51,6 @@ func (d *Driver) renewLoop(ctx context.Context, tick time.Duration) {
 	}
 }
 
-// renewDue renews every held lock that is due and waits for those
-// renewals: startRenewals, then a wait (for tests, which drive the renewer
-// with the fake clock instead of renewLoop).
-func (d *Driver) renewDue(ctx context.Context) {
-	d.startRenewals(ctx)
-	_ = d.renewers.Wait()
-}
-
 // startRenewals starts a renewal for each held lock that is due and not
 // being renewed already, the most urgent first, concurrently: one slow
 // renewal does not hold back the others, whose locks would expire

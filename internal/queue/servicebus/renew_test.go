@@ -1,6 +1,7 @@
 package servicebus
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -11,6 +12,14 @@ import (
 
 	"github.com/sous-run/sous/internal/queue"
 )
+
+// renewDue renews every held lock that is due and waits for those
+// renewals: what one tick of renewLoop starts, run to its end, so that
+// tests drive the renewer with the fake clock.
+func (d *Driver) renewDue(ctx context.Context) {
+	d.startRenewals(ctx)
+	_ = d.renewers.Wait()
+}
 
 // lockedFor returns a message whose lock, taken at now, lasts d.
 func lockedFor(id string, now time.Time, d time.Duration) *azservicebus.ReceivedMessage {
