@@ -3,6 +3,9 @@ package integration
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -206,5 +209,33 @@ func TestScriptedNoMixUps(t *testing.T) {
 	}
 	if biggest < 2 {
 		t.Errorf("no batch held more than one request (largest %d): nothing was checked for mix-ups", biggest)
+	}
+}
+
+// TestSousctlAgentLoop: sousctl runs the loop itself: -tools offers
+// get_weather, -tool-answer answers it, and the final text is printed.
+func TestSousctlAgentLoop(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	startScriptedWorker(t, q)
+	tools := filepath.Join(t.TempDir(), "tools.json")
+	if err := os.WriteFile(tools, []byte("["+weatherTool+"]"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q,
+		"-tools", tools, "-tool-answer", tinymodel.WeatherTool+"="+tinymodel.WeatherToolResult, tinymodel.WeatherQuestion).CombinedOutput()
+	if err != nil {
+		t.Fatalf("sousctl: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		`tool call: get_weather({"city":"Paris"})`,
+		`→ get_weather answers "sunny"`,
+		"assistant: " + tinymodel.WeatherAnswer,
+		"done=tool_calls",
+		"done=stop",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("sousctl output lacks %q:\n%s", want, out)
+		}
 	}
 }
