@@ -262,7 +262,7 @@ func printResult(w io.Writer, r wire.Result, streamed bool) {
 		fmt.Fprintf(w, "  error %s: %s\n", r.Error.Code, r.Error.Message)
 	case r.Response != nil && !streamed:
 		fmt.Fprintf(w, "  %s\n", strings.ReplaceAll(*r.Response, "\n", "\n  "))
-	case r.Message != nil && !streamed:
+	case r.Message != nil && !streamed && (r.Message.Content != "" || len(r.Message.ToolCalls) == 0): // tool calls: tools.go
 		fmt.Fprintf(w, "  %s: %s\n", r.Message.Role, strings.ReplaceAll(r.Message.Content, "\n", "\n  "))
 	case r.Embeddings != nil:
 		fmt.Fprintf(w, "  %d embedding(s)\n", len(r.Embeddings))
