@@ -6,6 +6,12 @@
 // them on the GPU itself. Embedding items of a batch go as ONE /api/embed
 // call with a list input, and the vectors are split back per item.
 //
+// Chat goes to /api/chat with the request's tools passed on raw (the api
+// package's Tool type would drop schema keywords it does not know). Ollama
+// has no tool_choice: "auto" is its default, "none" is sent as no tools,
+// and a forced call is refused as a permanent error rather than ignored.
+// Tool calls come back without ids; the driver gives each one.
+//
 // Concurrency: an *Engine is safe for concurrent use and shares one
 // http.Client across all calls.
 package ollama
