@@ -239,3 +239,35 @@ func TestSousctlAgentLoop(t *testing.T) {
 		}
 	}
 }
+
+// TestScriptedAnswerAfterRedelivery: a worker killed while the engine holds
+// its batch loses nothing; the redelivered requests are answered by the
+// next worker with exactly their scripts, on attempt 2.
+func TestScriptedAnswerAfterRedelivery(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	c := newClient(t)
+	replies := q + ".replies"
+	c.declare(replies)
+	gate := newGate(t, ollama.URL())
+	first := startScriptedWorker(t, q, "SOUS_ENGINE_URL="+gate.url)
+	c.publish(q, "plain", replies, fmt.Sprintf(`{"prompt":%q}`, tinymodel.SkyQuestion))
+	c.publish(q, "tool", replies, fmt.Sprintf(`{"messages":[{"role":"user","content":%q}],"tools":[%s]}`, tinymodel.WeatherQuestion, weatherTool))
+	waitUntil(t, 30*time.Second, "the worker to take both requests", func() bool { return c.depth(q) == 0 })
+	first.Kill()
+	waitUntil(t, 30*time.Second, "the broker to take the requests back", func() bool { return c.depth(q) == 2 })
+	if n := c.depth(replies); n != 0 {
+		t.Fatalf("%d replies before any engine answered", n)
+	}
+
+	startScriptedWorker(t, q)
+	got := c.collect(replies, 2, 60*time.Second)
+	plain, tool := decodeResult(t, got["plain"]), decodeResult(t, got["tool"])
+	if plain.Response == nil || *plain.Response != tinymodel.SkyAnswer || plain.Attempt != 2 {
+		t.Errorf("plain: %s, want %q on attempt 2", got["plain"].Body, tinymodel.SkyAnswer)
+	}
+	if tool.Message == nil || len(tool.Message.ToolCalls) != 1 || tool.Message.ToolCalls[0].Function.Name != tinymodel.WeatherTool ||
+		string(tool.Message.ToolCalls[0].Function.Arguments) != `{"city":"Paris"}` || tool.Attempt != 2 {
+		t.Errorf("tool: %s, want the get_weather call on attempt 2", got["tool"].Body)
+	}
+}
