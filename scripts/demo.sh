@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make demo: the worker processing real prompts end to end, on this machine.
-# Starts the dev Ollama (tiny random-weight model: its answers are gibberish
-# by design) and the worker, publishes prompts with sousctl, prints the
-# results, then stops what it started.
+# Starts the dev Ollama (the tiny random-weight model, whose answers are
+# gibberish by design, and the scripted model, whose answers are known) and
+# the worker, publishes prompts with sousctl, prints the results, then stops
+# what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp -d)
@@ -30,7 +31,7 @@ echo "   $line"
 
 export SOUS_QUEUE="${SOUS_QUEUE:-sous.demo.requests}" SOUS_RESULTS_QUEUE="${SOUS_RESULTS_QUEUE:-sous.demo.results}"
 echo "== starting the worker on queue $SOUS_QUEUE"
-SOUS_ENGINE_URL="$url" SOUS_MODEL=tiny SOUS_HTTP_ADDR=127.0.0.1:0 SOUS_LOG_FORMAT=text \
+SOUS_ENGINE_URL="$url" SOUS_MODEL=tiny SOUS_MODELS_ALLOWED=tiny,tiny-scripted SOUS_HTTP_ADDR=127.0.0.1:0 SOUS_LOG_FORMAT=text \
   SOUS_MAX_NUM_PREDICT=24 SOUS_WORKER_ID=demo bin/worker >"$tmp/worker.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
@@ -44,6 +45,16 @@ bin/sousctl publish "Why is the sky blue?" "Write a haiku about queues" "Name th
 echo
 echo "== sousctl publish -chat -stream: one chat message, streamed"
 bin/sousctl publish -chat -stream "Tell me a story"
+echo
+echo "== the scripted model (exact answers): a question answered in plain words"
+bin/sousctl publish -model tiny-scripted "Why is the sky blue?"
+echo
+echo "== the agent loop: the model calls get_weather, sousctl answers it, the model answers"
+cat >"$tmp/tools.json" <<'JSON'
+[{"type": "function", "function": {"name": "get_weather", "description": "Get the current weather for a city",
+  "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}]
+JSON
+bin/sousctl publish -model tiny-scripted -tools "$tmp/tools.json" -tool-answer get_weather=sunny "What is the weather in Paris?"
 echo
 echo "== a bad request is dead-lettered with a reason and answered with an error"
 echo '{"prompt":"x","options":{"num_predict":"many"}}' | bin/sousctl publish -f - || true

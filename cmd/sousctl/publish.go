@@ -30,6 +30,7 @@ type options struct {
 	chat    bool
 	timeout time.Duration
 	trace   *producerTrace // nil: no trace context in the requests
+	tools   toolOptions    // -tools, -tool-choice, -tool-answer: tools.go
 }
 
 func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -45,6 +46,7 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	fs.BoolVar(&o.stream, "stream", false, "ask for streamed output and print it as it arrives")
 	fs.BoolVar(&o.chat, "chat", false, "send each prompt as a chat message instead of a completion prompt")
 	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "how long to wait for all results")
+	o.tools.register(fs) // tools.go
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -68,7 +70,7 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 		traceOut = stderr // stdout holds only JSON lines
 	}
 	fmt.Fprintf(traceOut, "trace_id=%s\n", o.trace.traceID())
-	if err := roundTrip(ctx, o, bodies, stdout); err != nil {
+	if err := o.tools.roundTrip(ctx, o, bodies, stdout); err != nil { // tools.go: roundTrip, or the agent loop
 		msg := secret.Scrub(err.Error(), secret.Value(o.url))
 		o.trace.finish(msg)
 		fmt.Fprintf(stderr, "sousctl: %s\n", msg)
@@ -90,7 +92,7 @@ func requests(o options, prompts []string, stdin io.Reader) ([][]byte, error) {
 	var out [][]byte
 	for _, p := range prompts {
 		r := map[string]any{}
-		if o.chat {
+		if o.chat || o.tools.offered() {
 			r["messages"] = []map[string]string{{"role": "user", "content": p}}
 		} else {
 			r["prompt"] = p
@@ -101,6 +103,7 @@ func requests(o options, prompts []string, stdin io.Reader) ([][]byte, error) {
 		if o.stream {
 			r["stream"] = true
 		}
+		o.tools.apply(r) // tools.go
 		b, _ := json.Marshal(r)
 		out = append(out, b)
 	}
@@ -217,6 +220,7 @@ func roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer
 							fmt.Fprintf(stdout, "\n[%s] (stream restarted, attempt %d)\n", c.ID, c.Attempt)
 						}
 						fmt.Fprint(stdout, c.Delta)
+						printChunkToolCalls(stdout, c) // tools.go
 					}
 				} else {
 					fmt.Fprintln(stdout, string(m.Body))
@@ -258,11 +262,12 @@ func printResult(w io.Writer, r wire.Result, streamed bool) {
 		fmt.Fprintf(w, "  error %s: %s\n", r.Error.Code, r.Error.Message)
 	case r.Response != nil && !streamed:
 		fmt.Fprintf(w, "  %s\n", strings.ReplaceAll(*r.Response, "\n", "\n  "))
-	case r.Message != nil && !streamed:
+	case r.Message != nil && !streamed && (r.Message.Content != "" || len(r.Message.ToolCalls) == 0): // tool calls: tools.go
 		fmt.Fprintf(w, "  %s: %s\n", r.Message.Role, strings.ReplaceAll(r.Message.Content, "\n", "\n  "))
 	case r.Embeddings != nil:
 		fmt.Fprintf(w, "  %d embedding(s)\n", len(r.Embeddings))
 	}
+	printToolCalls(w, r) // tools.go
 	if r.Usage != nil {
 		fmt.Fprintf(w, "  tokens in=%d out=%d done=%s\n", r.Usage.InputTokens, r.Usage.OutputTokens, r.DoneReason)
 	}

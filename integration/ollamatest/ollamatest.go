@@ -31,6 +31,10 @@ const (
 	// runs until num_predict or the context is full. For requests that must
 	// still be running when a test kills the engine.
 	EndlessModelName = "tiny-endless"
+	// ScriptedModelName is the scripted model (tinymodel.WriteScriptedFile):
+	// its answers are known exactly, e.g. tinymodel.SkyQuestion is answered
+	// tinymodel.SkyAnswer at any temperature, and it can call a tool.
+	ScriptedModelName = "tiny-scripted"
 	// BinEnv names the variable that points at the ollama binary.
 	BinEnv = "SOUS_OLLAMA_BIN"
 )
@@ -217,6 +221,9 @@ func (s *Server) URL() string { return "http://" + s.addr }
 // Model is the name of the tiny model, ModelName.
 func (s *Server) Model() string { return ModelName }
 
+// ScriptedModel is the name of the scripted model, ScriptedModelName.
+func (s *Server) ScriptedModel() string { return ScriptedModelName }
+
 // EndlessModel is the name of the model that never stops by itself,
 // EndlessModelName.
 func (s *Server) EndlessModel() string { return EndlessModelName }
@@ -366,15 +373,24 @@ func (s *Server) answers(ctx context.Context) bool {
 // ollama CLI, as a user would.
 func (s *Server) createModels(ctx context.Context, opts Options) error {
 	for _, m := range []struct {
-		name    string
-		endless bool
-	}{{ModelName, false}, {EndlessModelName, true}} {
+		name     string
+		endless  bool
+		scripted bool
+	}{{ModelName, false, false}, {EndlessModelName, true, false}, {ScriptedModelName, false, true}} {
 		gguf := filepath.Join(s.dir, m.name+".gguf")
-		if err := tinymodel.WriteFile(gguf, tinymodel.Options{Seed: opts.Seed, Endless: m.endless}); err != nil {
+		tmpl := template
+		var err error
+		if m.scripted {
+			tmpl = tinymodel.ScriptedTemplate
+			err = tinymodel.WriteScriptedFile(gguf, tinymodel.ScriptedOptions{})
+		} else {
+			err = tinymodel.WriteFile(gguf, tinymodel.Options{Seed: opts.Seed, Endless: m.endless})
+		}
+		if err != nil {
 			return fmt.Errorf("ollamatest: %w", err)
 		}
 		modelfile := filepath.Join(s.dir, m.name+".Modelfile")
-		content := fmt.Sprintf("FROM %s\nTEMPLATE \"\"\"%s\"\"\"\n", gguf, template)
+		content := fmt.Sprintf("FROM %s\nTEMPLATE \"\"\"%s\"\"\"\n", gguf, tmpl)
 		switch {
 		case opts.Threads == 0:
 			content += "PARAMETER num_thread 1\n"

@@ -7,6 +7,11 @@
 // whole-batch rejections (out of memory, overload) as an *Error with a Kind
 // that tells the caller whether to retry, shrink, or give up.
 //
+// Chat requests may offer Tools; an answer that calls them holds
+// Message.ToolCalls in one shape whatever the engine (an ID on every call,
+// Arguments a JSON object) and DoneReason DoneToolCalls.
+//
 // Concurrency: drivers are safe for concurrent use; a Request's Stream
-// callback is called from one goroutine at a time, in order.
+// and StreamToolCalls callbacks are called from one goroutine at a time, in
+// order.
 package inference

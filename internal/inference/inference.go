@@ -1,9 +1,12 @@
 package inference
 
 import (
+	"bytes"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 )
 
 // Kind of request: what the engine is asked to do.
@@ -31,10 +34,87 @@ func (k Kind) String() string {
 	}
 }
 
-// Message is one chat turn.
+// Message is one chat turn. An assistant turn may hold tool calls instead
+// of (or beside) content; a "tool" turn answers one of them.
 type Message struct {
 	Role    string `json:"role"`
 	Content string `json:"content"`
+	// ToolCalls are the functions the assistant asked to call.
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
+	// ToolCallID names the call a "tool" message answers (OpenAI engines
+	// match it against ToolCall.ID; Ollama 0.6.5 ignores it).
+	ToolCallID string `json:"tool_call_id,omitempty"`
+}
+
+// Tool is a function the model may call, in the OpenAI / Ollama schema.
+type Tool struct {
+	// Type is "function".
+	Type     string       `json:"type"`
+	Function ToolFunction `json:"function"`
+}
+
+// ToolFunction describes a callable function.
+type ToolFunction struct {
+	Name        string `json:"name"`
+	Description string `json:"description,omitempty"`
+	// Parameters is a JSON Schema object, raw.
+	Parameters json.RawMessage `json:"parameters,omitempty"`
+	// Strict is OpenAI's strict schema adherence; other engines ignore it.
+	Strict *bool `json:"strict,omitempty"`
+}
+
+// ToolCall is one call the model asked for.
+type ToolCall struct {
+	// ID identifies the call within the conversation: the engine's, or one
+	// sous made up when the engine gives none (Ollama).
+	ID       string           `json:"id,omitempty"`
+	Type     string           `json:"type,omitempty"` // "function"
+	Function ToolCallFunction `json:"function"`
+}
+
+// ToolCallFunction is the function and arguments of a call.
+type ToolCallFunction struct {
+	Name string `json:"name"`
+	// Arguments is a JSON object, raw (never the JSON string OpenAI
+	// engines send: drivers decode that).
+	Arguments json.RawMessage `json:"arguments"`
+}
+
+// DoneToolCalls is the done reason of an answer that asks for tool calls,
+// whatever the engine called it.
+const DoneToolCalls = "tool_calls"
+
+// NewToolCallID returns a random call id, "call_" and 24 characters, for
+// engines that give none.
+func NewToolCallID() string {
+	return "call_" + strings.ToLower(rand.Text()[:24])
+}
+
+// ToolArguments turns an engine's arguments into a JSON object: raw JSON
+// as it is when it is an object, a string holding a JSON object (OpenAI's
+// form) decoded; anything else is kept as a JSON string, so the caller sees
+// what the model produced.
+func ToolArguments(raw json.RawMessage) json.RawMessage {
+	raw = json.RawMessage(bytes.TrimSpace(raw))
+	if len(raw) == 0 || string(raw) == "null" {
+		return json.RawMessage("{}")
+	}
+	if raw[0] == '{' && json.Valid(raw) {
+		return raw
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		t := bytes.TrimSpace([]byte(s))
+		if len(t) == 0 {
+			return json.RawMessage("{}")
+		}
+		if t[0] == '{' && json.Valid(t) {
+			return json.RawMessage(t)
+		}
+		return raw
+	}
+	b, _ := json.Marshal(string(raw))
+	return b
 }
 
 // Request is one validated item of work.
@@ -50,9 +130,18 @@ type Request struct {
 	Options map[string]any
 	// Format is the requested output format ("json" or a JSON schema), raw.
 	Format json.RawMessage
+	// Tools the model may call (Chat only). Nil: none.
+	Tools []Tool
+	// ToolChoice is "auto", "none", "required" or {"type":"function",
+	// "function":{"name":...}}, raw; nil leaves it to the engine.
+	ToolChoice json.RawMessage
 	// Stream, when set, receives text deltas as the engine produces them,
 	// in order, from one goroutine. It must not block for long.
 	Stream func(delta string)
+	// StreamToolCalls, when set beside Stream, receives tool calls as the
+	// engine streams them, from the same goroutine as Stream and in order
+	// with the deltas. The final Response holds them all again.
+	StreamToolCalls func(calls []ToolCall)
 }
 
 // Usage counts tokens.

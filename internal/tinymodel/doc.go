@@ -7,9 +7,14 @@
 // to exercise the serving path (tokenizer, scheduler, HTTP API, batching),
 // not to say anything useful.
 //
+// WriteScriptedFile writes the scripted model instead: a lookup table in
+// the same shape whose answers are known exactly (SkyQuestion is answered
+// SkyAnswer, WeatherQuestion with a tool call, ...), at any temperature, so
+// tests can assert what comes back.
+//
 // The file is written with the ollama module's own GGUF writer
 // (github.com/ollama/ollama/fs/ggml), which writes tensors concurrently;
 // every tensor therefore draws from its own seeded source.
 //
-// Concurrency: WriteFile is safe for concurrent use on distinct paths.
+// Concurrency: WriteFile and WriteScriptedFile are safe for concurrent use on distinct paths.
 package tinymodel

@@ -7,8 +7,6 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
 
 	"github.com/ollama/ollama/fs/ggml"
 )
@@ -135,9 +133,11 @@ func KV(opts Options) ggml.KV {
 
 // TensorShapes returns every tensor's name and shape, in ggml order (first
 // dimension first: token_embd.weight is [EmbeddingLength, VocabSize]).
-func TensorShapes() map[string][]uint64 {
+func TensorShapes() map[string][]uint64 { return tensorShapes(VocabSize) }
+
+func tensorShapes(vocab int) map[string][]uint64 {
 	const e, f = EmbeddingLength, FeedForwardLength
-	v := uint64(VocabSize)
+	v := uint64(vocab)
 	kvDim := uint64(e / HeadCount * HeadCountKV)
 	shapes := map[string][]uint64{
 		"token_embd.weight":  {e, v},
@@ -161,18 +161,7 @@ func TensorShapes() map[string][]uint64 {
 
 // WriteFile writes the model to path as GGUF, replacing any file there. The
 // file appears whole or not at all: it is written beside path and renamed.
-func WriteFile(path string, opts Options) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), ".tinymodel-*.gguf")
-	if err != nil {
-		return fmt.Errorf("tiny model: %w", err)
-	}
-	defer func() {
-		if err != nil {
-			_ = f.Close()
-			_ = os.Remove(f.Name())
-		}
-	}()
-
+func WriteFile(path string, opts Options) error {
 	shapes := TensorShapes()
 	ts := make([]*ggml.Tensor, 0, len(shapes))
 	for name, shape := range shapes {
@@ -183,19 +172,7 @@ func WriteFile(path string, opts Options) (err error) {
 			WriterTo: newTensorData(opts, name, shape),
 		})
 	}
-	if err := ggml.WriteGGUF(f, KV(opts), ts); err != nil {
-		return fmt.Errorf("tiny model: write gguf: %w", err)
-	}
-	if err := f.Chmod(0o644); err != nil {
-		return fmt.Errorf("tiny model: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("tiny model: %w", err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("tiny model: %w", err)
-	}
-	return nil
+	return writeAtomically(path, KV(opts), ts)
 }
 
 // steerDim is the embedding dimension that carries the steering signal.

@@ -25,9 +25,14 @@ type Request struct {
 	System  string          `json:"system,omitempty"`
 	Options map[string]any  `json:"options,omitempty"`
 	// Format is "json" or a JSON schema object.
-	Format   json.RawMessage `json:"format,omitempty"`
-	Stream   bool            `json:"stream,omitempty"`
-	Deadline *time.Time      `json:"deadline,omitempty"`
+	Format json.RawMessage `json:"format,omitempty"`
+	// Tools the model may call (chat only), in the OpenAI / Ollama
+	// function schema; ToolChoice is "auto", "none", "required" or
+	// {"type":"function","function":{"name":...}}.
+	Tools      []inference.Tool `json:"tools,omitempty"`
+	ToolChoice json.RawMessage  `json:"tool_choice,omitempty"`
+	Stream     bool             `json:"stream,omitempty"`
+	Deadline   *time.Time       `json:"deadline,omitempty"`
 }
 
 // Limits bound what a request may ask for. Zero values mean "no limit"
@@ -35,7 +40,9 @@ type Request struct {
 type Limits struct {
 	// MaxBodyBytes bounds the raw body (required, > 0).
 	MaxBodyBytes int
-	// MaxPromptBytes bounds prompt + system + all message contents + inputs.
+	// MaxPromptBytes bounds prompt + system + all message contents + inputs
+	// + tools (names, descriptions, parameter schemas, tool_choice) + the
+	// tool calls in messages.
 	MaxPromptBytes int
 	// MaxNumPredict bounds options.num_predict.
 	MaxNumPredict int
@@ -55,12 +62,13 @@ type Decoded struct {
 }
 
 // BatchKey groups requests that may share one engine call: the same kind,
-// model, options, output format and stream flag. Anything a request adds
-// that an engine would apply to a whole call belongs in it. Map keys are
-// marshalled sorted, so equal options give equal keys.
+// model, options, output format, tools (a digest of tools and tool_choice)
+// and stream flag. Anything a request adds that an engine would apply to a
+// whole call belongs in it. Map keys are marshalled sorted, so equal
+// options give equal keys.
 func (d *Decoded) BatchKey() string {
 	opts, _ := json.Marshal(d.Req.Options)
-	return fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%t", d.Req.Kind, d.Req.Model, opts, d.Req.Format, d.Stream)
+	return fmt.Sprintf("%s\x00%s\x00%s\x00%s\x00%t\x00%s", d.Req.Kind, d.Req.Model, opts, d.Req.Format, d.Stream, toolsDigest(d.Req))
 }
 
 // Reason codes for rejected input; they appear in dead-letter headers and
@@ -178,6 +186,11 @@ func DecodeRequest(body []byte, contentType, fallbackID string, lim Limits, now 
 	for _, s := range req.Input {
 		size += len(s)
 	}
+	toolBytes, terr := checkTools(&r, &req)
+	if terr != nil {
+		return d, terr
+	}
+	size += toolBytes
 	if lim.MaxPromptBytes > 0 && size > lim.MaxPromptBytes {
 		return d, inputErr(ReasonPromptTooLarge, "prompt is %d bytes, the limit is %d (SOUS_MAX_PROMPT_BYTES)", size, lim.MaxPromptBytes)
 	}

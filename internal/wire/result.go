@@ -62,7 +62,10 @@ type Chunk struct {
 	// interrupted one for the same request: the consumer discards what it
 	// has and starts again.
 	Restart bool `json:"restart,omitempty"`
-	Attempt int  `json:"attempt"`
+	// ToolCalls are tool calls the engine streamed (whole calls, as in the
+	// result's message.tool_calls).
+	ToolCalls []inference.ToolCall `json:"tool_calls,omitempty"`
+	Attempt   int                  `json:"attempt"`
 }
 
 // OKResult builds the result of a successful engine call.
@@ -75,6 +78,21 @@ func OKResult(id string, req inference.Request, resp inference.Response) Result 
 		m := inference.Message{Role: "assistant"}
 		if resp.Message != nil {
 			m = *resp.Message
+		}
+		if len(m.ToolCalls) > 0 {
+			// The same shape from every engine: an id and a type on each
+			// call, arguments a JSON object, done_reason "tool_calls".
+			calls := make([]inference.ToolCall, len(m.ToolCalls))
+			for i, c := range m.ToolCalls {
+				if c.ID == "" {
+					c.ID = inference.NewToolCallID()
+				}
+				c.Type = "function"
+				c.Function.Arguments = inference.ToolArguments(c.Function.Arguments)
+				calls[i] = c
+			}
+			m.ToolCalls = calls
+			r.DoneReason = inference.DoneToolCalls
 		}
 		r.Message = &m
 	case inference.Embed:

@@ -17,6 +17,8 @@ import (
 
 var now = time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 
+const weatherTool = `{"type":"function","function":{"name":"get_weather","description":"weather of a city","parameters":{"type":"object","required":["city"],"properties":{"city":{"type":"string"}}}}}`
+
 func limits() wire.Limits {
 	return wire.Limits{MaxBodyBytes: 4096, MaxPromptBytes: 1024, MaxNumPredict: 256, DefaultModel: "tiny", AllowedModels: []string{"tiny", "big"}}
 }
@@ -108,6 +110,47 @@ func TestDecodeRequest(t *testing.T) {
 		{name: "xml", body: `{"prompt":"x"}`, ctype: "application/xml", reason: wire.ReasonContentType},
 		{name: "deep nesting", body: `{"format":` + strings.Repeat("[", 20000) + strings.Repeat("]", 20000) + `,"prompt":"x"}`, reason: wire.ReasonBodyTooLarge},
 		{name: "NUL in id", body: `{"id":"a\u0000b","prompt":"x"}`, reason: wire.ReasonInvalidRequest},
+		{name: "tools", body: `{"messages":[{"role":"user","content":"weather?"}],"tools":[` + weatherTool + `],"tool_choice":"auto"}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if len(d.Req.Tools) != 1 || d.Req.Tools[0].Function.Name != "get_weather" || string(d.Req.ToolChoice) != `"auto"` {
+				t.Errorf("tools %+v choice %s", d.Req.Tools, d.Req.ToolChoice)
+			}
+			if !strings.Contains(string(d.Req.Tools[0].Function.Parameters), `"city"`) {
+				t.Errorf("parameters %s", d.Req.Tools[0].Function.Parameters)
+			}
+		}},
+		{name: "tool type defaults to function", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"f"}}]}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if d.Req.Tools[0].Type != "function" {
+				t.Errorf("type %q", d.Req.Tools[0].Type)
+			}
+		}},
+		{name: "tool choice a function", body: `{"messages":[{"role":"user","content":"x"}],"tools":[` + weatherTool + `],"tool_choice":{"type":"function","function":{"name":"get_weather"}}}`, schemaAgrees: true},
+		{name: "second turn", body: `{"messages":[{"role":"user","content":"weather?"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"}}]},{"role":"tool","tool_call_id":"call_1","content":"sunny"}],"tools":[` + weatherTool + `]}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			m := d.Req.Messages[1]
+			if len(m.ToolCalls) != 1 || string(m.ToolCalls[0].Function.Arguments) != `{"city":"Paris"}` || m.Content != "" {
+				t.Errorf("assistant message %+v (arguments %s): want the string arguments as a compact object", m, m.ToolCalls[0].Function.Arguments)
+			}
+			if d.Req.Messages[2].ToolCallID != "call_1" {
+				t.Errorf("tool message %+v", d.Req.Messages[2])
+			}
+		}},
+		{name: "tool call arguments object", body: `{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":{"a":1}}}]},{"role":"tool","content":"2"}]}`, schemaAgrees: true},
+		{name: "tools on a prompt", body: `{"prompt":"x","tools":[` + weatherTool + `]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool not a function", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"code","function":{"name":"f"}}]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool without name", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"description":"d"}}]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool name with space", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"get weather"}}]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool parameters not an object", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"f","parameters":[1]}}]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool unknown field", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"f","colour":1}}]}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
+		{name: "two tools same name", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"f"}},{"function":{"name":"f"}}]}`, reason: wire.ReasonInvalidTools},
+		{name: "tool choice without tools", body: `{"messages":[{"role":"user","content":"x"}],"tool_choice":"auto"}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool choice unknown word", body: `{"messages":[{"role":"user","content":"x"}],"tools":[` + weatherTool + `],"tool_choice":"always"}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tool choice names another function", body: `{"messages":[{"role":"user","content":"x"}],"tools":[` + weatherTool + `],"tool_choice":{"type":"function","function":{"name":"nope"}}}`, reason: wire.ReasonInvalidTools},
+		{name: "tool calls on a user message", body: `{"messages":[{"role":"user","content":"x","tool_calls":[{"function":{"name":"f","arguments":{}}}]}]}`, reason: wire.ReasonInvalidToolCall, schemaAgrees: true},
+		{name: "tool call id on a user message", body: `{"messages":[{"role":"user","content":"x","tool_call_id":"c"}]}`, reason: wire.ReasonInvalidToolCall, schemaAgrees: true},
+		{name: "tool call arguments a list", body: `{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":[1]}}]}]}`, reason: wire.ReasonInvalidToolCall, schemaAgrees: true},
+		{name: "tool call arguments a bad string", body: `{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f","arguments":"{oops"}}]}]}`, reason: wire.ReasonInvalidToolCall},
+		{name: "tool call without arguments", body: `{"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f"}}]}]}`, reason: wire.ReasonInvalidToolCall, schemaAgrees: true},
+		{name: "tools too many", body: `{"messages":[{"role":"user","content":"x"}],"tools":[` + strings.Repeat(`{"function":{"name":"f"}},`, 128) + `{"function":{"name":"g"}}]}`, reason: wire.ReasonInvalidTools, schemaAgrees: true},
+		{name: "tools count toward the prompt limit", body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"function":{"name":"f","description":"` + strings.Repeat("d", 1100) + `"}}]}`, reason: wire.ReasonPromptTooLarge},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -155,7 +198,14 @@ func TestResultsMatchSchema(t *testing.T) {
 	emb.Worker = "w1"
 	bad := wire.ErrorResult("r4", "tiny", "invalid_json", "body is not JSON")
 	bad.Worker = "w1"
-	for _, v := range []wire.Result{ok, chat, emb, bad} {
+	calls := wire.OKResult("r5", inference.Request{Kind: inference.Chat, Model: "tiny"}, inference.Response{DoneReason: "stop", Message: &inference.Message{Role: "assistant", ToolCalls: []inference.ToolCall{
+		{Function: inference.ToolCallFunction{Name: "get_weather", Arguments: json.RawMessage(`"{\"city\":\"Paris\"}"`)}},
+	}}})
+	calls.Worker = "w1"
+	if c := calls.Message.ToolCalls[0]; calls.DoneReason != "tool_calls" || c.ID == "" || c.Type != "function" || string(c.Function.Arguments) != `{"city":"Paris"}` {
+		t.Errorf("tool call result %+v, call %+v (arguments %s): want done_reason tool_calls, an id, type function, arguments an object", calls, c, c.Function.Arguments)
+	}
+	for _, v := range []wire.Result{ok, chat, emb, bad, calls} {
 		b, _ := json.Marshal(v)
 		if err := validates(t, resSchema, b); err != nil {
 			t.Errorf("result %s does not match schema: %v\n%s", v.ID, err, b)
@@ -171,6 +221,41 @@ func TestResultsMatchSchema(t *testing.T) {
 	if err := validates(t, chunkSchema, c); err != nil {
 		t.Errorf("chunk does not match schema: %v", err)
 	}
+	c, _ = json.Marshal(wire.Chunk{ID: "r1", Seq: 1, Attempt: 1, ToolCalls: calls.Message.ToolCalls})
+	if err := validates(t, chunkSchema, c); err != nil {
+		t.Errorf("tool call chunk does not match schema: %v\n%s", err, c)
+	}
+}
+
+// TestBatchKeyTools: requests that offer different tools, or choose
+// differently among them, never share an engine call.
+func TestBatchKeyTools(t *testing.T) {
+	t.Parallel()
+	key := func(body string) string {
+		t.Helper()
+		d, err := wire.DecodeRequest([]byte(body), "", "m", limits(), now)
+		if err != nil {
+			t.Fatalf("%s: %v", body, err)
+		}
+		return d.BatchKey()
+	}
+	const user = `"messages":[{"role":"user","content":"x"}]`
+	plain := key(`{` + user + `}`)
+	weather := key(`{` + user + `,"tools":[` + weatherTool + `]}`)
+	other := key(`{` + user + `,"tools":[{"function":{"name":"other"}}]}`)
+	auto := key(`{` + user + `,"tools":[` + weatherTool + `],"tool_choice":"auto"}`)
+	required := key(`{` + user + `,"tools":[` + weatherTool + `],"tool_choice":"required"}`)
+	keys := []string{plain, weather, other, auto, required}
+	for i := range keys {
+		for j := range i {
+			if keys[i] == keys[j] {
+				t.Errorf("keys %d and %d are equal: %q", i, j, keys[i])
+			}
+		}
+	}
+	if again := key(`{"messages":[{"role":"user","content":"other text"}],"tools":[` + weatherTool + `]}`); again != weather {
+		t.Error("same tools, different messages: different keys; want one batch")
+	}
 }
 
 func FuzzDecodeRequest(f *testing.F) {
@@ -184,6 +269,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add([]byte(`{"prompt":"hi","options":{"num_predict":5,"stop":["a"]}}`), "")
 	f.Add([]byte(`{"messages":[{"role":"user","content":"x"}],"format":{"type":"object"}}`), "application/json")
 	f.Add([]byte(`{"input":["a"],"deadline":"2030-01-01T00:00:00Z"}`), "text/json")
+	f.Add([]byte(`{"messages":[{"role":"user","content":"w"},{"role":"assistant","content":null,"tool_calls":[{"id":"c","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},{"role":"tool","tool_call_id":"c","content":"sunny"}],"tools":[`+weatherTool+`],"tool_choice":{"type":"function","function":{"name":"get_weather"}}}`), "application/json")
 	f.Fuzz(func(t *testing.T, body []byte, ctype string) {
 		d, err := wire.DecodeRequest(body, ctype, "fallback", limits(), now)
 		if err != nil {
@@ -198,6 +284,19 @@ func FuzzDecodeRequest(f *testing.F) {
 		}
 		if n, ok := d.Req.Options["num_predict"].(int64); !ok || n < 1 || n > 256 {
 			t.Fatalf("num_predict out of bounds: %v", d.Req.Options["num_predict"])
+		}
+		if (len(d.Req.Tools) > 0 || len(d.Req.ToolChoice) > 0) && d.Req.Kind != inference.Chat {
+			t.Fatalf("accepted tools on a %s request", d.Req.Kind)
+		}
+		for _, m := range d.Req.Messages {
+			for _, c := range m.ToolCalls {
+				if m.Role != "assistant" || !json.Valid(c.Function.Arguments) || c.Function.Arguments[0] != '{' {
+					t.Fatalf("accepted tool call %+v on a %s message", c, m.Role)
+				}
+			}
+		}
+		if d.BatchKey() == "" {
+			t.Fatal("empty batch key")
 		}
 	})
 }

@@ -125,6 +125,7 @@ func (w *Worker) infer(ctx context.Context, items []*item, on int) []inference.R
 		if it.dec.Stream {
 			streams[i] = w.newChunker(ctx, it)
 			reqs[i].Stream = streams[i].add
+			reqs[i].StreamToolCalls = streams[i].addToolCalls
 		}
 	}
 	callCtx, end := w.obs.EngineCall(ctx, EngineCall{Kind: reqs[0].Kind, Model: reqs[0].Model, Size: len(reqs)})

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -21,6 +22,8 @@ type chunker struct {
 	seq  int
 	last time.Time
 	dead bool // a chunk failed to publish; stop trying, the result still goes
+
+	calls []inference.ToolCall // tool calls for the next chunk
 }
 
 func (w *Worker) newChunker(ctx context.Context, it *item) *chunker {
@@ -44,15 +47,26 @@ func (c *chunker) flush() {
 	}
 }
 
+// addToolCalls sends the text gathered so far and the calls in one chunk,
+// at once: a call is whole, and the producer may act on it.
+func (c *chunker) addToolCalls(calls []inference.ToolCall) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.calls = append(c.calls, calls...)
+	c.send()
+}
+
 func (c *chunker) send() {
 	if c.dead {
 		c.buf.Reset()
+		c.calls = nil
 		return
 	}
 	d := c.it.d
 	// A stream starts over (restart) on a redelivery, and when an overloaded
 	// batch is retried smaller after this request had already streamed.
-	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), Attempt: d.Attempt, Restart: c.seq == 0 && (d.Attempt > 1 || c.it.streamed.Load())}
+	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), ToolCalls: c.calls, Attempt: d.Attempt, Restart: c.seq == 0 && (d.Attempt > 1 || c.it.streamed.Load())}
+	c.calls = nil
 	c.it.streamed.Store(true)
 	c.buf.Reset()
 	c.seq++

@@ -10,6 +10,12 @@
 // takes and has. Slots always says "cannot say": Ollama shows
 // OLLAMA_NUM_PARALLEL on no endpoint.
 //
+// Chat goes to /api/chat with the request's tools passed on raw (the api
+// package's Tool type would drop schema keywords it does not know). Ollama
+// has no tool_choice: "auto" is its default, "none" is sent as no tools,
+// and a forced call is refused as a permanent error rather than ignored.
+// Tool calls come back without ids; the driver gives each one.
+//
 // Concurrency: an *Engine is safe for concurrent use and shares one
 // http.Client across all calls.
 package ollama

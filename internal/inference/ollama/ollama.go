@@ -88,32 +88,7 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 	done := false
 	switch r.Kind {
 	case inference.Chat:
-		msgs := make([]api.Message, 0, len(r.Messages)+1)
-		if r.System != "" {
-			msgs = append(msgs, api.Message{Role: "system", Content: r.System})
-		}
-		for _, m := range r.Messages {
-			msgs = append(msgs, api.Message{Role: m.Role, Content: m.Content})
-		}
-		req := &api.ChatRequest{Model: r.Model, Messages: msgs, Format: r.Format, Options: r.Options, Stream: &stream, KeepAlive: e.keepAlive}
-		var text []byte
-		err = e.stream(ctx, "/api/chat", req, func(line []byte) error {
-			var cr api.ChatResponse
-			if err := json.Unmarshal(line, &cr); err != nil {
-				return inference.Classify(0, "", fmt.Errorf("ollama: decode a chat line: %w", err))
-			}
-			if stream && cr.Message.Content != "" {
-				r.Stream(cr.Message.Content)
-			}
-			text = append(text, cr.Message.Content...)
-			if cr.Done {
-				done = true
-				resp.DoneReason = cr.DoneReason
-				resp.Usage = inference.Usage{InputTokens: cr.PromptEvalCount, OutputTokens: cr.EvalCount}
-			}
-			return nil
-		})
-		resp.Message = &inference.Message{Role: "assistant", Content: string(text)}
+		resp, done, err = e.chat(ctx, r)
 	default:
 		req := &api.GenerateRequest{Model: r.Model, Prompt: r.Prompt, System: r.System, Format: r.Format, Options: r.Options, Stream: &stream, KeepAlive: e.keepAlive}
 		var text []byte

@@ -16,6 +16,12 @@
 // of vLLM's, llama.cpp's or TGI's GET /metrics). /props, /info and
 // /metrics live at the server's root, beside /v1.
 //
+// Tools, tool_choice and tool messages go as OpenAI defines them; an
+// assistant message that only calls tools is sent with content null
+// (Ollama 0.6.5's /v1 drops the calls of a message whose content is a
+// string). Answers' arguments, JSON strings, become JSON objects; streamed
+// argument fragments are joined by index and handed on as whole calls.
+//
 // Concurrency: an *Engine is safe for concurrent use and shares one
 // http.Client.
 package openai

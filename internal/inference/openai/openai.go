@@ -135,11 +135,13 @@ type choice struct {
 	Text         string `json:"text"`
 	FinishReason string `json:"finish_reason"`
 	Message      *struct {
-		Role    string `json:"role"`
-		Content string `json:"content"`
+		Role      string     `json:"role"`
+		Content   string     `json:"content"`
+		ToolCalls []toolCall `json:"tool_calls"`
 	} `json:"message"`
 	Delta *struct {
-		Content string `json:"content"`
+		Content   string     `json:"content"`
+		ToolCalls []toolCall `json:"tool_calls"`
 	} `json:"delta"`
 }
 
@@ -153,14 +155,13 @@ func (e *Engine) one(ctx context.Context, r inference.Request) (inference.Respon
 	path := "/completions"
 	if r.Kind == inference.Chat {
 		path = "/chat/completions"
-		var msgs []map[string]string
-		if r.System != "" {
-			msgs = append(msgs, map[string]string{"role": "system", "content": r.System})
+		body["messages"] = messages(r)
+		if len(r.Tools) > 0 {
+			body["tools"] = r.Tools
 		}
-		for _, m := range r.Messages {
-			msgs = append(msgs, map[string]string{"role": m.Role, "content": m.Content})
+		if len(r.ToolChoice) > 0 {
+			body["tool_choice"] = r.ToolChoice
 		}
-		body["messages"] = msgs
 	} else {
 		prompt := r.Prompt
 		if r.System != "" {
@@ -190,6 +191,10 @@ func toResponse(kind inference.Kind, c choice, u *usage) inference.Response {
 		m := inference.Message{Role: "assistant"}
 		if c.Message != nil {
 			m.Content = c.Message.Content
+			m.ToolCalls = fromToolCalls(c.Message.ToolCalls)
+		}
+		if len(m.ToolCalls) > 0 {
+			resp.DoneReason = inference.DoneToolCalls
 		}
 		resp.Message = &m
 	} else {
@@ -344,6 +349,7 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 	}
 	defer resp.Body.Close()
 	var text strings.Builder
+	var parts callParts
 	out := inference.Response{}
 	finished := false // [DONE] or a finish_reason: the answer is whole
 	sc := bufio.NewScanner(resp.Body)
@@ -370,6 +376,7 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 			delta := ch.Text
 			if ch.Delta != nil {
 				delta = ch.Delta.Content
+				parts.add(ch.Delta.ToolCalls)
 			}
 			if delta != "" {
 				text.WriteString(delta)
@@ -388,7 +395,16 @@ func (e *Engine) stream(ctx context.Context, path string, body map[string]any, r
 		return inference.Response{}, &inference.Error{Kind: inference.Retryable, Code: "engine_error", Err: errors.New("the stream ended before the engine finished the answer (engine stopped?)")}
 	}
 	if r.Kind == inference.Chat {
-		out.Message = &inference.Message{Role: "assistant", Content: text.String()}
+		// Tool calls arrive in pieces; they go on as whole calls, once the
+		// engine has finished them.
+		calls := parts.done()
+		if len(calls) > 0 {
+			out.DoneReason = inference.DoneToolCalls
+			if r.StreamToolCalls != nil {
+				r.StreamToolCalls(calls)
+			}
+		}
+		out.Message = &inference.Message{Role: "assistant", Content: text.String(), ToolCalls: calls}
 	} else {
 		out.Text = text.String()
 	}
