@@ -209,6 +209,8 @@ type gate struct {
 	url  string
 	open chan struct{}
 	once sync.Once
+	held atomic.Int64 // generation calls waiting at the gate now
+	peak atomic.Int64 // the most that waited at once
 }
 
 func newGate(t *testing.T, target string) *gate {
@@ -221,6 +223,10 @@ func newGate(t *testing.T, target string) *gate {
 	proxy := httputil.NewSingleHostReverseProxy(u)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/api/generate" || r.URL.Path == "/api/chat" {
+			n := g.held.Add(1)
+			for p := g.peak.Load(); n > p && !g.peak.CompareAndSwap(p, n); p = g.peak.Load() {
+			}
+			defer g.held.Add(-1)
 			select {
 			case <-g.open:
 			case <-r.Context().Done():
