@@ -50,6 +50,10 @@ type Request struct {
 	Options map[string]any
 	// Format is the requested output format ("json" or a JSON schema), raw.
 	Format json.RawMessage
+	// Notes say what the decoder changed in the request (a num_predict
+	// capped at the worker's limit); they are echoed in the result.
+	// Engines ignore them.
+	Notes []string
 	// Stream, when set, receives text deltas as the engine produces them,
 	// in order, from one goroutine. It must not block for long.
 	Stream func(delta string)
