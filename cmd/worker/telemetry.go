@@ -152,7 +152,7 @@ type observability struct {
 func startTelemetry(ctx context.Context, cfg Config, snapshot func() sizing.Snapshot, log *slog.Logger) (*observability, error) {
 	tc := cfg.Telemetry
 	o := &observability{}
-	tcfg := telemetry.Config{System: cfg.Broker, Queue: cfg.Queue, EngineProvider: cfg.Engine}
+	tcfg := telemetry.Config{System: cfg.Broker, Queue: cfg.Queue, EngineProvider: cfg.Engine, Model: cfg.Model}
 	prom, otlpMetrics := tc.metricReaders()
 	traces := tc.tracesOn()
 	var res *resource.Resource
