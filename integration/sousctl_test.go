@@ -121,3 +121,32 @@ func TestSousctlShowsIDsAndNotes(t *testing.T) {
 		}
 	}
 }
+
+// TestSousctlProgressOnATerminal: on a terminal, how many results arrived
+// is drawn in place on one line and cleared at the end; piped, it comes as
+// plain lines (TestSousctlStreamsStayWithTheirRequests). util-linux's
+// script gives sousctl a terminal.
+func TestSousctlProgressOnATerminal(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Fatal("script (util-linux) is needed to give sousctl a terminal: apt-get install util-linux")
+	}
+	q, _ := names(t)
+	startWorker(t, q)
+	line := strings.Join([]string{filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-queue", q, "a", "b", "c", "d", "e"}, " ")
+	cmd := exec.Command("script", "-qefc", line, "/dev/null")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("sousctl on a terminal: %v\n%q", err, out)
+	}
+	text := string(out)
+	if !strings.Contains(text, "\r\x1b[K5 of 5 results\r\x1b[K") { // drawn in place, then cleared
+		t.Errorf("no in-place progress ending cleared:\n%q", text)
+	}
+	if strings.Contains(text, "sousctl: 5 of 5 results") {
+		t.Errorf("plain progress lines on a terminal:\n%q", text)
+	}
+	if n := strings.Count(text, "] ok model=tiny"); n != 5 {
+		t.Errorf("%d results printed, want 5:\n%q", n, text)
+	}
+}
