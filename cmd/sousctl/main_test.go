@@ -15,6 +15,8 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/integration/itest"
 )
 
 var (
@@ -319,14 +321,10 @@ func TestInterruptSaysRequestsStayQueued(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(stderr.String(), "no worker is consuming") {
-		if time.Now().After(deadline) {
-			_ = cmd.Process.Kill()
-			t.Fatalf("no 'no worker' line; stdout %q stderr %q", stdout.String(), stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	itest.WaitUntil(t, 30*time.Second, "sousctl says no worker consumes the queue", func() bool {
+		return strings.Contains(stderr.String(), "no worker is consuming")
+	})
 	_ = cmd.Process.Signal(syscall.SIGINT)
 	err := cmd.Wait()
 	var ee *exec.ExitError
