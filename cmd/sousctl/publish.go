@@ -359,9 +359,12 @@ func roundTrip(ctx context.Context, o options, reqs []request, p *printer, stder
 	// went away since the check) comes back before its confirm.
 	returns := ch.NotifyReturn(make(chan amqp.Return, len(reqs)))
 	pending := map[string]bool{} // id → streamed
+	interrupted := func() error {
+		return fmt.Errorf("%w after publishing %d of %d request(s): those stay queued on %s and will still run", errInterrupted, len(pending), len(reqs), o.queue)
+	}
 	for _, r := range reqs {
 		if ctx.Err() != nil {
-			return fmt.Errorf("%w after publishing %d of %d request(s): those stay queued on %s and will still run", errInterrupted, len(pending), len(reqs), o.queue)
+			return interrupted()
 		}
 		id := newID()
 		headers, sent := o.trace.send(o.queue, id)
@@ -376,10 +379,18 @@ func roundTrip(ctx context.Context, o options, reqs []request, p *printer, stder
 		})
 		if err != nil {
 			sent(err)
+			if ctx.Err() != nil {
+				return interrupted()
+			}
 			return fmt.Errorf("publish: %w", err)
 		}
 		if ok, err := conf.WaitContext(ctx); err != nil || !ok {
-			err = fmt.Errorf("broker did not confirm the request (queue %q exists?): %v", o.queue, err)
+			if ctx.Err() != nil {
+				// The broker may still take this one: it is not counted.
+				sent(ctx.Err())
+				return interrupted()
+			}
+			err = fmt.Errorf("the broker did not confirm the request (queue %q exists?): %v", o.queue, err)
 			sent(err)
 			return err
 		}
