@@ -22,7 +22,10 @@ build:
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
 # build cache has it, about 5 minutes cold on 2 cores.
 $(OLLAMA_BIN):
+	@echo "== building the dev Ollama $(OLLAMA_VERSION) from its Go module into .cache/bin, once:"
+	@echo "   about 5 minutes on 2 cores (the Go build cache makes later builds take seconds)"
 	GOBIN=$(CACHE)/bin $(GO) install github.com/ollama/ollama@$(OLLAMA_VERSION)
+	@echo "== the dev Ollama is built: $(OLLAMA_BIN)"
 
 .PHONY: ollama
 ollama: $(OLLAMA_BIN)

@@ -2,33 +2,55 @@
 // request queue and prints the results as they come back.
 //
 //	sousctl publish "Why is the sky blue?" "Write a haiku"
-//	sousctl publish -f prompts.jsonl --json
+//	sousctl publish -json -f prompts.jsonl
 //	echo '{"messages":[{"role":"user","content":"hi"}]}' | sousctl publish -f -
 package main
 
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
 )
 
-const usage = `usage: sousctl publish [flags] [prompt ...]
+const usage = `usage: sousctl <command> [flags] [arguments]
 
-Publishes each prompt (or each JSON request line of -f FILE, "-" for stdin)
-to the sous request queue, waits for the results on RabbitMQ's direct
-reply-to and prints them. Run "sousctl publish -h" for the flags.
+Commands:
+  publish   publish prompts (or JSON request lines) to the sous request queue
+            and print the results as they come back
+  help      print this text
+
+Run "sousctl publish -h" for the flags of publish. Example:
+
+  sousctl publish "Why is the sky blue?" "Write a haiku about queues"
 `
 
 func main() {
-	if len(os.Args) < 2 || os.Args[1] != "publish" {
-		fmt.Fprint(os.Stderr, usage)
-		os.Exit(2)
-	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	code := publish(ctx, os.Args[2:], os.Stdin, os.Stdout, os.Stderr)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
+}
+
+// run dispatches to a command and returns the exit code: 0 done, 1 a
+// request failed or the broker did, 2 a usage error, 130 interrupted.
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "publish":
+		return publish(ctx, args[1:], stdin, stdout, stderr)
+	case "help", "-h", "-help", "--help":
+		if len(args) > 1 && args[1] == "publish" {
+			return publish(ctx, []string{"-h"}, stdin, stdout, stderr)
+		}
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "sousctl: unknown command %q\n\n%s", args[0], usage)
+	return 2
 }

@@ -89,26 +89,27 @@ func (t *toolOptions) apply(r map[string]any) {
 
 // roundTrip is publish's round trip, or, with -tool-answer, the agent loop
 // for each request in turn.
-func (t *toolOptions) roundTrip(ctx context.Context, o options, bodies [][]byte, stdout io.Writer) error {
+func (t *toolOptions) roundTrip(ctx context.Context, o options, reqs []request, stdout, stderr io.Writer) error {
 	if len(t.answers) == 0 {
-		return roundTrip(ctx, o, bodies, stdout)
+		return roundTrip(ctx, o, reqs, newPrinter(stdout, stderr, o.jsonOut, len(reqs)), stderr)
 	}
-	for _, body := range bodies {
-		if err := t.converse(ctx, o, body, stdout); err != nil {
+	for _, r := range reqs {
+		if err := t.converse(ctx, o, r, stdout, stderr); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// converse publishes body and, while the answer calls tools, the
+// converse publishes r and, while the answer calls tools, the
 // conversation with their answers.
-func (t *toolOptions) converse(ctx context.Context, o options, body []byte, stdout io.Writer) error {
+func (t *toolOptions) converse(ctx context.Context, o options, r request, stdout, stderr io.Writer) error {
+	body := r.body
 	for turn := 1; ; turn++ {
 		quiet := o
 		quiet.jsonOut = true
 		var buf bytes.Buffer
-		err := roundTrip(ctx, quiet, [][]byte{body}, &buf)
+		err := roundTrip(ctx, quiet, []request{{body: body, stream: r.stream}}, newPrinter(&buf, io.Discard, true, 1), stderr)
 		res, perr := printTurn(&buf, o, stdout)
 		if err != nil {
 			return err
@@ -159,7 +160,7 @@ func printTurn(r io.Reader, o options, stdout io.Writer) (wire.Result, error) {
 			return res, fmt.Errorf("result is not JSON: %w", err)
 		}
 		if !o.jsonOut {
-			printResult(stdout, res, o.stream)
+			printResult(stdout, res)
 		}
 	}
 	return res, sc.Err()

@@ -45,10 +45,11 @@ func TestToolsFlagsBuildAChatWithTools(t *testing.T) {
 		t.Fatal(err)
 	}
 	tools := parseTools(t, "-tools", file, "-tool-choice", "get_weather", "-tool-answer", "get_weather=sunny")
-	bodies, err := requests(options{tools: tools}, []string{"What is the weather in Paris?"}, nil)
-	if err != nil || len(bodies) != 1 {
-		t.Fatal(err, bodies)
+	reqs, err := requests(options{tools: tools}, []string{"What is the weather in Paris?"}, nil)
+	if err != nil || len(reqs) != 1 {
+		t.Fatal(err, reqs)
 	}
+	bodies := [][]byte{reqs[0].body}
 	d := decodes(t, bodies[0])
 	if d.Req.Kind != inference.Chat || len(d.Req.Tools) != 1 || d.Req.Tools[0].Function.Name != "get_weather" ||
 		string(d.Req.ToolChoice) != `{"function":{"name":"get_weather"},"type":"function"}` {
@@ -93,7 +94,7 @@ func TestPrintToolCalls(t *testing.T) {
 	t.Parallel()
 	var b bytes.Buffer
 	r := wire.Result{ID: "r", Status: "ok", Message: &inference.Message{Role: "assistant", ToolCalls: []inference.ToolCall{{ID: "call_1", Function: inference.ToolCallFunction{Name: "get_weather", Arguments: json.RawMessage(`{"city":"Paris"}`)}}}}}
-	printResult(&b, r, false)
+	printResult(&b, r)
 	if !strings.Contains(b.String(), `tool call: get_weather({"city":"Paris"})  id=call_1`) {
 		t.Errorf("printed:\n%s", b.String())
 	}

@@ -53,6 +53,10 @@ type Config struct {
 	ServiceBusNamespace            string        `env:"SOUS_SERVICEBUS_NAMESPACE"`
 	ServiceBusDeadLetterQueue      string        `env:"SOUS_SERVICEBUS_DEAD_LETTER_QUEUE"`
 	ServiceBusLockRenew            time.Duration `env:"SOUS_SERVICEBUS_LOCK_RENEW_INTERVAL" envDefault:"20s"`
+	// ServiceBusMaxSenders bounds the cached senders, one per reply queue;
+	// the least recently used is closed beyond it
+	// (SOUS_SERVICEBUS_MAX_SENDERS, default 64).
+	ServiceBusMaxSenders int `env:"SOUS_SERVICEBUS_MAX_SENDERS" envDefault:"64"`
 
 	// Engine
 	Engine             string        `env:"SOUS_ENGINE" envDefault:"ollama"`
@@ -155,11 +159,41 @@ func describeEnvError(err error) error {
 	if errors.As(err, &agg) && len(agg.Errors) > 0 {
 		var pe env.ParseError
 		if errors.As(agg.Errors[0], &pe) {
-			return bad(envName(pe.Name), "cannot parse as %s: %v", pe.Type, pe.Err)
+			return bad(envName(pe.Name), "%s", expected(pe.Type, envName(pe.Name)))
 		}
 		return fmt.Errorf("configuration: %w", agg.Errors[0])
 	}
 	return fmt.Errorf("configuration: %w", err)
+}
+
+// expected says what a variable of type t must look like, with its default
+// as the example where there is one.
+func expected(t reflect.Type, name string) string {
+	example := ""
+	for _, v := range configVars() {
+		if v.name == name && v.def != "" && !v.secret {
+			example = v.def
+		}
+	}
+	like := func(what, fallback string) string {
+		if example == "" {
+			example = fallback
+		}
+		return fmt.Sprintf("must be %s, such as %s", what, example)
+	}
+	switch {
+	case t == reflect.TypeFor[time.Duration]():
+		return like("a duration with a unit (ms, s, m, h)", "20ms")
+	case t.Kind() == reflect.Bool:
+		return "must be true or false"
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Int64:
+		return like("a whole number", "4")
+	case t.Kind() >= reflect.Uint && t.Kind() <= reflect.Uint64:
+		return like("a whole number, 0 or more", "4")
+	case t.Kind() == reflect.Float32 || t.Kind() == reflect.Float64:
+		return like("a number", "0.5")
+	}
+	return fmt.Sprintf("cannot be read as %s", t)
 }
 
 func envName(field string) string {
@@ -217,6 +251,9 @@ func (c Config) validate() error {
 	case "servicebus":
 		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
 			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "set it (or SOUS_SERVICEBUS_NAMESPACE for workload identity) when SOUS_BROKER=servicebus")
+		}
+		if c.ServiceBusMaxSenders <= 0 {
+			return bad("SOUS_SERVICEBUS_MAX_SENDERS", "must be greater than zero")
 		}
 		if !c.ServiceBusConnectionString.IsZero() && !strings.Contains(c.ServiceBusConnectionString.Reveal(), "Endpoint=") {
 			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string (Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)")

@@ -5,7 +5,6 @@ import (
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/worker"
 	"os"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -85,27 +84,6 @@ func TestSecretFromFile(t *testing.T) {
 	}
 	if c.AMQPURL.Reveal() != "amqps://u:fromfile@broker:5671/" {
 		t.Fatalf("got %q", c.AMQPURL.Reveal())
-	}
-}
-
-// TestEveryVariableIsInTheReadme keeps the README's table complete.
-func TestEveryVariableIsInTheReadme(t *testing.T) {
-	t.Parallel()
-	readme, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	rows := map[string]bool{}
-	for _, m := range regexp.MustCompile("(?m)^\\| `([A-Z_]+)` \\|").FindAllStringSubmatch(string(readme), -1) {
-		rows[m[1]] = true
-	}
-	for _, name := range configFieldTags() {
-		if !rows[name] {
-			t.Errorf("%s is not in README.md's configuration table", name)
-		}
-	}
-	if len(rows) < 40 {
-		t.Fatalf("found only %d table rows; did the table's format change?", len(rows))
 	}
 }
 

@@ -16,9 +16,17 @@ import (
 )
 
 func main() {
+	if isHelp(os.Args[1:]) {
+		printUsage(os.Stdout)
+		return
+	}
+	if len(os.Args) > 1 {
+		fmt.Fprintf(os.Stderr, "sous worker: unexpected argument %q: the worker takes no arguments, only SOUS_* environment variables (worker -h lists them)\n", os.Args[1])
+		os.Exit(2)
+	}
 	cfg, err := loadConfig(os.Environ())
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "sous worker: invalid configuration: %v\n", err)
+		fmt.Fprintf(os.Stderr, "sous worker: invalid configuration: %v\n(worker -h lists every variable with its default)\n", err)
 		os.Exit(2)
 	}
 	log := newLogger(cfg, os.Stderr)

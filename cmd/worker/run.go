@@ -32,7 +32,7 @@ import (
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// An engine URL may carry a password (basic auth in front of the
 	// engine): log it redacted, like the broker's.
-	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, "amqp_url", cfg.AMQPURL)
+	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, brokerLogKey(cfg), brokerLogValue(cfg))
 
 	// Deferred calls run last-in first-out: the worker drains, then the
 	// broker closes, then the engine this worker owns stops, then telemetry
@@ -105,10 +105,40 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}, broker, engine, sizer, log)
 
 	ready.set(w)
-	log.Info("ready to work", "http_addr", cfg.HTTPAddr)
+	httpAddr := "off"
+	if srv != nil {
+		httpAddr = srv.addr // the bound address: SOUS_HTTP_ADDR=:0 logs the real port
+	}
+	log.Info("ready to work", "http_addr", httpAddr)
 	runErr := w.Run(ctx)
 	log.Info("stopped")
 	return runErr
+}
+
+// brokerLogKey and brokerLogValue say where the broker is, for the start
+// log line: the RabbitMQ URL with its password masked, or the Service Bus
+// namespace (a connection string is a secret whole; only its endpoint is
+// shown).
+func brokerLogKey(cfg Config) string {
+	if cfg.Broker == "servicebus" {
+		return "servicebus_namespace"
+	}
+	return "amqp_url"
+}
+
+func brokerLogValue(cfg Config) string {
+	if cfg.Broker != "servicebus" {
+		return secret.URL(cfg.AMQPURL.Reveal())
+	}
+	if cfg.ServiceBusNamespace != "" {
+		return cfg.ServiceBusNamespace
+	}
+	for _, part := range strings.Split(cfg.ServiceBusConnectionString.Reveal(), ";") {
+		if v, ok := strings.CutPrefix(part, "Endpoint="); ok {
+			return secret.URL(v)
+		}
+	}
+	return "(from the connection string)"
 }
 
 // lateReadiness is not ready until the worker exists.
@@ -266,6 +296,7 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 			Queue:             cfg.Queue,
 			DeadLetterQueue:   cfg.ServiceBusDeadLetterQueue,
 			LockRenewInterval: cfg.ServiceBusLockRenew,
+			MaxSenders:        cfg.ServiceBusMaxSenders,
 		}, log)
 		if err != nil {
 			return nil, nil, err
@@ -336,8 +367,15 @@ type readiness interface {
 	Ready(ctx context.Context) error
 }
 
+// httpServer is the probe and metrics server, with the address it bound.
+type httpServer struct {
+	*http.Server
+	addr string // host:port as bound: the real port when SOUS_HTTP_ADDR asks for port 0
+}
+
 // startHTTP serves the probes and, when metrics is not nil, GET /metrics.
-func startHTTP(cfg Config, r readiness, metrics http.Handler, log *slog.Logger) (*http.Server, error) {
+// It returns nil when SOUS_HTTP_ADDR is off.
+func startHTTP(cfg Config, r readiness, metrics http.Handler, log *slog.Logger) (*httpServer, error) {
 	if cfg.HTTPAddr == "" || cfg.HTTPAddr == "off" {
 		return nil, nil
 	}
@@ -372,5 +410,5 @@ func startHTTP(cfg Config, r readiness, metrics http.Handler, log *slog.Logger) 
 			log.Error("http server", "err", err)
 		}
 	}()
-	return srv, nil
+	return &httpServer{Server: srv, addr: ln.Addr().String()}, nil
 }

@@ -152,7 +152,7 @@ type observability struct {
 func startTelemetry(ctx context.Context, cfg Config, snapshot func() sizing.Snapshot, log *slog.Logger) (*observability, error) {
 	tc := cfg.Telemetry
 	o := &observability{}
-	tcfg := telemetry.Config{System: cfg.Broker, Queue: cfg.Queue, EngineProvider: cfg.Engine}
+	tcfg := telemetry.Config{System: cfg.Broker, Queue: cfg.Queue, EngineProvider: cfg.Engine, Model: cfg.Model}
 	prom, otlpMetrics := tc.metricReaders()
 	traces := tc.tracesOn()
 	var res *resource.Resource
@@ -204,8 +204,12 @@ func startTelemetry(ctx context.Context, cfg Config, snapshot func() sizing.Snap
 		return nil, err
 	}
 	o.obs = obs
+	endpoint := "none"
+	if e := orDefault(tc.TracesEndpoint, tc.Endpoint); e != "" {
+		endpoint = secret.URL(e)
+	}
 	log.Info("telemetry",
-		"traces", onOff(traces), "traces_endpoint", secret.URL(orDefault(tc.TracesEndpoint, tc.Endpoint)),
+		"traces", onOff(traces), "traces_endpoint", endpoint,
 		"metrics_endpoint", onOff(prom), "metrics_otlp", onOff(otlpMetrics))
 	return o, nil
 }

@@ -78,7 +78,8 @@ func corpus() []hostile {
 		// Options out of range.
 		{name: "num_predict_negative", body: `{"prompt":"x","options":{"num_predict":-1}}`, want: wire.ReasonInvalidOption},
 		{name: "num_predict_zero", body: `{"prompt":"x","options":{"num_predict":0}}`, want: wire.ReasonInvalidOption},
-		{name: "num_predict_absurd", body: `{"prompt":"x","options":{"num_predict":1000000000}}`, want: wire.ReasonInvalidOption},
+		{name: "num_predict_above_limit", body: `{"prompt":"x","options":{"num_predict":1000000000}}`, want: "ok"}, // capped at SOUS_MAX_NUM_PREDICT, with a note
+		{name: "num_predict_absurd", body: `{"prompt":"x","options":{"num_predict":10000000000}}`, want: wire.ReasonInvalidOption},
 		{name: "num_predict_int64", body: `{"prompt":"x","options":{"num_predict":9223372036854775807}}`, want: wire.ReasonInvalidOption},
 		{name: "num_predict_1e400", body: `{"prompt":"x","options":{"num_predict":1e400}}`, want: wire.ReasonInvalidOption},
 		{name: "num_predict_fraction", body: `{"prompt":"x","options":{"num_predict":3.5}}`, want: wire.ReasonInvalidOption},

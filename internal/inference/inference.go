@@ -135,6 +135,10 @@ type Request struct {
 	// ToolChoice is "auto", "none", "required" or {"type":"function",
 	// "function":{"name":...}}, raw; nil leaves it to the engine.
 	ToolChoice json.RawMessage
+	// Notes say what the decoder changed in the request (a num_predict
+	// capped at the worker's limit); they are echoed in the result.
+	// Engines ignore them.
+	Notes []string
 	// Stream, when set, receives text deltas as the engine produces them,
 	// in order, from one goroutine. It must not block for long.
 	Stream func(delta string)
@@ -209,11 +213,41 @@ type Error struct {
 	Err    error
 }
 
+// Error reads as a sentence with the code in brackets, e.g. "the engine
+// is unavailable (engine_unavailable): dial tcp ...: connection refused".
 func (e *Error) Error() string {
+	code := e.Code
 	if e.Status != 0 {
-		return fmt.Sprintf("engine %s (HTTP %d): %v", e.Code, e.Status, e.Err)
+		code = fmt.Sprintf("%s, HTTP %d", e.Code, e.Status)
 	}
-	return fmt.Sprintf("engine %s: %v", e.Code, e.Err)
+	if e.Err == nil {
+		return fmt.Sprintf("%s (%s)", describeCode(e.Code), code)
+	}
+	return fmt.Sprintf("%s (%s): %v", describeCode(e.Code), code, e.Err)
+}
+
+// describeCode says what a code means, for a person reading a result or a
+// dead-letter header.
+func describeCode(code string) string {
+	switch code {
+	case "engine_unavailable":
+		return "the engine is unavailable"
+	case "engine_timeout":
+		return "the engine did not answer within SOUS_ENGINE_TIMEOUT"
+	case "out_of_memory":
+		return "the engine ran out of memory"
+	case "engine_busy":
+		return "the engine is busy"
+	case "model_not_found":
+		return "the engine does not have the model"
+	case "engine_unauthorized":
+		return "the engine refused the credentials; check SOUS_ENGINE_API_KEY"
+	case "engine_rejected":
+		return "the engine rejected the request"
+	case "engine_error", "":
+		return "the engine failed"
+	}
+	return "the engine failed"
 }
 
 func (e *Error) Unwrap() error { return e.Err }

@@ -79,18 +79,26 @@ type options struct {
 	// startLater leaves the worker stopped until harness.start, so that
 	// messages sent before it form one batch.
 	startLater bool
+	// reader, when set, also reads the metrics (a Prometheus exporter).
+	reader sdkmetric.Reader
+	// model is telemetry.Config.Model.
+	model string
 }
 
 func setup(t *testing.T, o options) *harness {
 	t.Helper()
 	h := &harness{b: queuetest.NewMemBroker(), spans: tracetest.NewSpanRecorder(), reader: sdkmetric.NewManualReader(), logs: &syncBuffer{}}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(h.spans))
-	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(h.reader))
+	readers := []sdkmetric.Option{sdkmetric.WithReader(h.reader)}
+	if o.reader != nil {
+		readers = append(readers, sdkmetric.WithReader(o.reader))
+	}
+	mp := sdkmetric.NewMeterProvider(readers...)
 	t.Cleanup(func() {
 		_ = tp.Shutdown(context.Background())
 		_ = mp.Shutdown(context.Background())
 	})
-	cfg := telemetry.Config{TracerProvider: tp, MeterProvider: mp, Queue: "requests"}
+	cfg := telemetry.Config{TracerProvider: tp, MeterProvider: mp, Queue: "requests", Model: o.model}
 	if o.noTracing {
 		cfg.TracerProvider = nil
 	}

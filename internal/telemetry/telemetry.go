@@ -73,6 +73,9 @@ type Config struct {
 	Queue string
 	// EngineProvider is gen_ai.provider.name (default "ollama").
 	EngineProvider string
+	// Model is the worker's default model: its token counters are
+	// exported at 0 from the start. Empty: they appear with the first call.
+	Model string
 }
 
 // Observer records the worker's events as spans and metrics. It implements
@@ -128,6 +131,7 @@ func New(cfg Config) (*Observer, error) {
 	if o.m, err = newInstruments(o.meter); err != nil {
 		return nil, fmt.Errorf("telemetry: instruments: %w", err)
 	}
+	o.startAtZero(cfg.Model)
 	if _, err := o.meter.RegisterCallback(func(_ context.Context, obs metric.Observer) error {
 		if up := o.engineUp.Load(); up >= 0 {
 			obs.ObserveInt64(o.m.engineUp, up)
@@ -167,6 +171,43 @@ func (o *Observer) ObserveSizer(snapshot func() sizing.Snapshot) error {
 		return fmt.Errorf("telemetry: sizer gauges: %w", err)
 	}
 	return nil
+}
+
+// startAtZero exports every counter at 0 before its first event, so that a
+// dashboard or an alert on rate() or increase() sees a series from the
+// start (sous_broker_reconnects_total before the first reconnect). Counters
+// with open-ended labels start with the label values the documented alerts
+// select: results by status, settlements acked, dead letters for
+// max_attempts and model_not_found, tokens of the default model.
+func (o *Observer) startAtZero(model string) {
+	ctx := context.Background()
+	o.m.received.Add(ctx, 0, o.queueAttr)
+	o.m.redelivered.Add(ctx, 0, o.queueAttr)
+	o.m.reconnects.Add(ctx, 0, o.queueAttr)
+	for _, status := range []string{wire.StatusOK, wire.StatusError} {
+		o.m.results.Add(ctx, 0, o.opts.get(optKey{metric: keyResults, a: status}, func() []attribute.KeyValue {
+			return []attribute.KeyValue{AttrResultStatus.String(status)}
+		}))
+	}
+	ack := action(queue.Ack)
+	o.m.settled.Add(ctx, 0, o.opts.get(optKey{metric: keySettled, a: ack}, func() []attribute.KeyValue {
+		return []attribute.KeyValue{AttrQueue.String(o.queue), AttrSettleAction.String(ack), AttrSettleReason.String("")}
+	}))
+	for _, reason := range []string{"max_attempts", "model_not_found"} {
+		o.m.deadLetters.Add(ctx, 0, o.opts.get(optKey{metric: keyDeadLetters, a: reason}, func() []attribute.KeyValue {
+			return []attribute.KeyValue{AttrQueue.String(o.queue), AttrSettleReason.String(reason)}
+		}))
+	}
+	if model == "" {
+		return
+	}
+	m := genai.GenAIRequestModel(model)
+	o.m.tokens.Add(ctx, 0, o.opts.get(optKey{metric: keyTokens, a: model, b: "input"}, func() []attribute.KeyValue {
+		return []attribute.KeyValue{m, genai.GenAITokenTypeInput}
+	}))
+	o.m.tokens.Add(ctx, 0, o.opts.get(optKey{metric: keyTokens, a: model, b: "output"}, func() []attribute.KeyValue {
+		return []attribute.KeyValue{m, genai.GenAITokenTypeOutput}
+	}))
 }
 
 // BrokerReconnected counts a broker reconnect. It suits

@@ -5,5 +5,7 @@
 //
 // Everything here is pure and safe for concurrent use. The decoder treats its
 // input as hostile: it bounds size, rejects invalid UTF-8, unknown fields and
-// wrongly typed options, and never panics (FuzzDecodeRequest).
+// wrongly typed options, and never panics (FuzzDecodeRequest). A rejected
+// request still gives back the producer's id when a bounded scan can read it,
+// so that its error result carries it.
 package wire

@@ -2,8 +2,10 @@ package wire
 
 import (
 	"encoding/json"
+	"fmt"
 	"math"
 	"sort"
+	"strconv"
 )
 
 type optKind int
@@ -46,9 +48,10 @@ var knownOptions = map[string]optSpec{
 }
 
 // checkOptions type-checks options and returns them with JSON numbers turned
-// into int64 or float64. num_predict is capped by lim.MaxNumPredict and
-// defaults to it, so no request can generate without bound.
-func checkOptions(in map[string]any, lim Limits) (map[string]any, *InputError) {
+// into int64 or float64. num_predict is capped at lim.MaxNumPredict, with a
+// note saying so for the result, and defaults to it, so no request can
+// generate without bound.
+func checkOptions(in map[string]any, lim Limits) (map[string]any, []string, *InputError) {
 	out := make(map[string]any, len(in)+1)
 	names := make([]string, 0, len(in))
 	for k := range in {
@@ -58,24 +61,36 @@ func checkOptions(in map[string]any, lim Limits) (map[string]any, *InputError) {
 	for _, name := range names {
 		spec, ok := knownOptions[name]
 		if !ok {
-			return nil, inputErr(ReasonInvalidOption, "unknown option %q; see docs/messages.md for the options sous accepts", truncate(name, 64))
+			return nil, nil, inputErr(ReasonInvalidOption, "unknown option %q; see docs/messages.md for the options sous accepts", truncate(name, 64))
 		}
 		v, err := convertOption(name, spec, in[name])
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		out[name] = v
 	}
+	var notes []string
 	if lim.MaxNumPredict > 0 {
 		if n, ok := out["num_predict"].(int64); ok && n > int64(lim.MaxNumPredict) {
-			return nil, inputErr(ReasonInvalidOption, "option \"num_predict\" is %d, the limit is %d (SOUS_MAX_NUM_PREDICT)", n, lim.MaxNumPredict)
+			out["num_predict"] = int64(lim.MaxNumPredict)
+			notes = append(notes, NumPredictCapped(n, lim.MaxNumPredict))
 		}
 		if _, ok := out["num_predict"]; !ok {
 			out["num_predict"] = int64(lim.MaxNumPredict)
 		}
 	}
-	return out, nil
+	return out, notes, nil
 }
+
+// NumPredictCapped is the result note of a request whose num_predict was
+// above the worker's limit.
+func NumPredictCapped(asked int64, limit int) string {
+	return fmt.Sprintf("num_predict %d capped at %d (SOUS_MAX_NUM_PREDICT)", asked, limit)
+}
+
+// number prints a bound the way a person writes it: 2147483647, not
+// 2.147483647e+09.
+func number(f float64) string { return strconv.FormatFloat(f, 'f', -1, 64) }
 
 func convertOption(name string, spec optSpec, v any) (any, *InputError) {
 	switch spec.kind {
@@ -89,7 +104,7 @@ func convertOption(name string, spec optSpec, v any) (any, *InputError) {
 			return nil, inputErr(ReasonInvalidOption, "option %q must be a finite number", name)
 		}
 		if f < spec.min || f > spec.max {
-			return nil, inputErr(ReasonInvalidOption, "option %q must be between %g and %g", name, spec.min, spec.max)
+			return nil, inputErr(ReasonInvalidOption, "option %q must be between %s and %s, got %s", name, number(spec.min), number(spec.max), truncate(num.String(), 32))
 		}
 		if spec.kind == optFloat {
 			return f, nil

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
@@ -53,7 +54,8 @@ type Limits struct {
 	AllowedModels []string
 }
 
-// Decoded is a validated request, ready for the engine.
+// Decoded is a validated request, ready for the engine. Notes on its Req
+// say what the decoder changed (a capped num_predict); results carry them.
 type Decoded struct {
 	ID       string
 	Stream   bool
@@ -102,7 +104,22 @@ func inputErr(reason, format string, args ...any) *InputError {
 // DecodeRequest validates body and returns the request it carries. fallbackID
 // is used when the body has no id (the broker message id). now is compared
 // with the request's deadline. A non-nil error is always an *InputError.
+//
+// With an error, the Decoded returned (when not nil) holds what could be
+// read before the request was rejected, at least its ID: the producer's own
+// id is echoed in the error result even when the rest of the body is wrong
+// (not JSON after the id, a field of the wrong type, a body too large).
 func DecodeRequest(body []byte, contentType, fallbackID string, lim Limits, now time.Time) (*Decoded, error) {
+	d, err := decodeRequest(body, contentType, fallbackID, lim, now)
+	if err != nil && d == nil {
+		if id := scanID(body, lim.MaxBodyBytes); id != "" {
+			d = &Decoded{ID: id}
+		}
+	}
+	return d, err
+}
+
+func decodeRequest(body []byte, contentType, fallbackID string, lim Limits, now time.Time) (*Decoded, error) {
 	if lim.MaxBodyBytes > 0 && len(body) > lim.MaxBodyBytes {
 		return nil, inputErr(ReasonBodyTooLarge, "body is %d bytes, the limit is %d (SOUS_MAX_BODY_BYTES)", len(body), lim.MaxBodyBytes)
 	}
@@ -194,11 +211,11 @@ func DecodeRequest(body []byte, contentType, fallbackID string, lim Limits, now 
 	if lim.MaxPromptBytes > 0 && size > lim.MaxPromptBytes {
 		return d, inputErr(ReasonPromptTooLarge, "prompt is %d bytes, the limit is %d (SOUS_MAX_PROMPT_BYTES)", size, lim.MaxPromptBytes)
 	}
-	opts, err := checkOptions(r.Options, lim)
+	opts, notes, err := checkOptions(r.Options, lim)
 	if err != nil {
 		return d, err
 	}
-	req.Options = opts
+	req.Options, req.Notes = opts, notes
 	if len(r.Format) > 0 {
 		if err := checkFormat(r.Format); err != nil {
 			return d, err
@@ -264,7 +281,10 @@ func checkFormat(raw json.RawMessage) *InputError {
 func describeJSONError(err error) *InputError {
 	var typeErr *json.UnmarshalTypeError
 	if errors.As(err, &typeErr) {
-		return inputErr(ReasonInvalidRequest, "field %q must be %s, not a JSON %s", typeErr.Field, typeErr.Type.String(), typeErr.Value)
+		if typeErr.Field == "" {
+			return inputErr(ReasonInvalidRequest, "the body must be a JSON object such as {\"prompt\": \"Why is the sky blue?\"}, not a JSON %s", typeErr.Value)
+		}
+		return inputErr(ReasonInvalidRequest, "field %q must be %s, not a JSON %s; see docs/messages.md", truncate(typeErr.Field, 80), describeType(typeErr.Type), typeErr.Value)
 	}
 	var timeErr *time.ParseError
 	if errors.As(err, &timeErr) {
@@ -282,6 +302,96 @@ func describeJSONError(err error) *InputError {
 		return inputErr(ReasonInvalidJSON, "body is empty or truncated")
 	}
 	return inputErr(ReasonInvalidJSON, "body is not a JSON request object: %s", truncate(msg, 120))
+}
+
+// describeType names a Go type the way a producer writing JSON thinks of it.
+func describeType(t reflect.Type) string {
+	switch t {
+	case reflect.TypeFor[time.Time]():
+		return "an RFC 3339 time string"
+	case reflect.TypeFor[json.RawMessage]():
+		return "a JSON value"
+	}
+	switch t.Kind() {
+	case reflect.Pointer:
+		return describeType(t.Elem())
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a whole number"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Slice, reflect.Array:
+		return "a list of " + strings.TrimPrefix(strings.TrimPrefix(describeType(t.Elem()), "a "), "an ") + "s"
+	case reflect.Map, reflect.Struct:
+		return "an object"
+	}
+	return "a different JSON type"
+}
+
+// maxScannedID bounds the id scanID returns, as DecodeRequest bounds ids.
+const maxScannedID = 256
+
+// maxIDScan bounds the bytes scanID reads of a body too large to decode.
+const maxIDScan = 64 << 10
+
+// scanID is a best-effort read of the top-level "id" string of a body that
+// failed to decode, so that the error result still carries the producer's
+// id. It reads tokens until the JSON breaks, at most limit bytes (or 64 KiB
+// when limit is not set or larger), and never recurses. "" when no usable id
+// (a string of 1 to 256 bytes without NUL) came before the break.
+func scanID(body []byte, limit int) string {
+	if limit <= 0 || limit > maxIDScan {
+		limit = maxIDScan
+	}
+	if len(body) > limit {
+		body = body[:limit]
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	tok, err := dec.Token()
+	if err != nil || tok != json.Delim('{') {
+		return ""
+	}
+	id := ""
+	depth := 1
+	key := true // at depth 1, the next string token is a key
+	idNext := false
+	for depth > 0 {
+		tok, err := dec.Token()
+		if err != nil {
+			return id
+		}
+		switch v := tok.(type) {
+		case json.Delim:
+			switch v {
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 1 {
+					key = true
+				}
+			}
+			idNext = false
+			continue
+		case string:
+			if depth == 1 && key {
+				idNext = strings.EqualFold(v, "id") // as encoding/json matches field names
+				key = false
+				continue
+			}
+			if depth == 1 && idNext && v != "" && len(v) <= maxScannedID && !strings.ContainsRune(v, 0) {
+				id = v
+			}
+		}
+		if depth == 1 {
+			key, idNext = true, false
+		}
+	}
+	return id
 }
 
 func truncate(s string, n int) string {

@@ -28,6 +28,9 @@ type Result struct {
 	Worker     string             `json:"worker"`
 	Attempt    int                `json:"attempt,omitempty"`
 	Error      *ErrorInfo         `json:"error,omitempty"`
+	// Notes say what the worker changed in the request to run it, such as
+	// a num_predict capped at SOUS_MAX_NUM_PREDICT.
+	Notes []string `json:"notes,omitempty"`
 	// Done is set on streamed requests: the final message of a stream.
 	Done *bool `json:"done,omitempty"`
 }
@@ -70,7 +73,7 @@ type Chunk struct {
 
 // OKResult builds the result of a successful engine call.
 func OKResult(id string, req inference.Request, resp inference.Response) Result {
-	r := Result{ID: id, Status: StatusOK, Model: req.Model, DoneReason: resp.DoneReason}
+	r := Result{ID: id, Status: StatusOK, Model: req.Model, DoneReason: resp.DoneReason, Notes: req.Notes}
 	u := resp.Usage
 	r.Usage = &u
 	switch req.Kind {

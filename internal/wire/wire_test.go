@@ -92,7 +92,15 @@ func TestDecodeRequest(t *testing.T) {
 		{name: "option wrong type", body: `{"prompt":"x","options":{"num_predict":"many"}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
 		{name: "option negative", body: `{"prompt":"x","options":{"num_predict":-5}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
 		{name: "option fraction", body: `{"prompt":"x","options":{"top_k":1.5}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
-		{name: "option absurd", body: `{"prompt":"x","options":{"num_predict":100000000}}`, reason: wire.ReasonInvalidOption},
+		{name: "num_predict above the limit is capped", body: `{"prompt":"x","options":{"num_predict":100000000}}`, schemaAgrees: true, check: func(t *testing.T, d *wire.Decoded) {
+			if d.Req.Options["num_predict"] != int64(256) {
+				t.Errorf("num_predict %v, want capped at 256", d.Req.Options["num_predict"])
+			}
+			if want := []string{"num_predict 100000000 capped at 256 (SOUS_MAX_NUM_PREDICT)"}; strings.Join(d.Req.Notes, "|") != strings.Join(want, "|") {
+				t.Errorf("notes %q, want %q", d.Req.Notes, want)
+			}
+		}},
+		{name: "num_predict beyond int32", body: `{"prompt":"x","options":{"num_predict":1e12}}`, reason: wire.ReasonInvalidOption},
 		{name: "option unknown", body: `{"prompt":"x","options":{"tempurature":1}}`, reason: wire.ReasonInvalidOption, schemaAgrees: true},
 		{name: "unknown field", body: `{"prompt":"x","colour":"red"}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
 		{name: "no prompt", body: `{"model":"tiny"}`, reason: wire.ReasonMissingPrompt, schemaAgrees: true},
@@ -185,6 +193,62 @@ func TestDecodeRequest(t *testing.T) {
 	}
 }
 
+// TestRejectedRequestKeepsItsID: the producer's own id comes back in the
+// error result whenever it can be read, even from a body that is otherwise
+// wrong, and never an id the decoder would refuse.
+func TestRejectedRequestKeepsItsID(t *testing.T) {
+	t.Parallel()
+	long := strings.Repeat("x", 257)
+	tests := []struct {
+		name, body, id string // id "" = no Decoded expected
+	}{
+		{"wrong type after id", `{"id":"mine","prompt":42}`, "mine"},
+		{"broken JSON after id", `{"id":"mine","prompt":"x",}`, "mine"},
+		{"unknown field", `{"colour":"red","id":"mine"}`, "mine"},
+		{"id after nested values", `{"options":{"id":"inner"},"messages":[{"id":"no"}],"id":"outer","prompt":1}`, "outer"},
+		{"case-insensitive like encoding/json", `{"ID":"mine","prompt":false}`, "mine"},
+		{"too large", `{"id":"big","prompt":"` + strings.Repeat("a", 5000) + `"}`, "big"},
+		{"unknown option", `{"id":"mine","prompt":"x","options":{"tempurature":1}}`, "mine"},
+		{"not an object", `["id","mine"]`, ""},
+		{"id not a string", `{"id":7,"prompt":1}`, ""},
+		{"id too long", `{"id":"` + long + `","prompt":1}`, ""},
+		{"id with NUL", `{"id":"a\u0000b","prompt":"x"}`, ""},
+		{"broken before id", `{"prompt":"x",,"id":"mine"}`, ""},
+		{"not JSON", `hello`, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d, err := wire.DecodeRequest([]byte(tt.body), "", "msg-1", limits(), now)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			switch {
+			case tt.id == "" && d != nil && d.ID != "msg-1":
+				t.Errorf("got id %q, want none (or the fallback)", d.ID)
+			case tt.id != "" && (d == nil || d.ID != tt.id):
+				t.Errorf("got %+v, want id %q", d, tt.id)
+			}
+		})
+	}
+}
+
+func TestOptionErrorsReadAsNumbers(t *testing.T) {
+	t.Parallel()
+	_, err := wire.DecodeRequest([]byte(`{"prompt":"x","options":{"num_predict":0}}`), "", "m", limits(), now)
+	if err == nil || !strings.Contains(err.Error(), `option "num_predict" must be between 1 and 2147483647, got 0`) {
+		t.Fatalf("error %v", err)
+	}
+	_, err = wire.DecodeRequest([]byte(`"hello"`), "", "m", limits(), now)
+	if err == nil || !strings.Contains(err.Error(), "the body must be a JSON object") || strings.Contains(err.Error(), "wire.Request") {
+		t.Fatalf("error %v", err)
+	}
+	_, err = wire.DecodeRequest([]byte(`{"messages":"hi"}`), "", "m", limits(), now)
+	if err == nil || !strings.Contains(err.Error(), `field "messages" must be a list of objects, not a JSON string`) {
+		t.Fatalf("error %v", err)
+	}
+}
+
 func TestResultsMatchSchema(t *testing.T) {
 	t.Parallel()
 	resSchema := schema(t, "result.schema.json")
@@ -192,6 +256,7 @@ func TestResultsMatchSchema(t *testing.T) {
 	done := true
 	ok := wire.OKResult("r1", inference.Request{Kind: inference.Generate, Model: "tiny"}, inference.Response{Text: "hi", DoneReason: "stop", Usage: inference.Usage{InputTokens: 3, OutputTokens: 1}})
 	ok.Worker, ok.Batch, ok.Attempt = "w1", &wire.BatchInfo{ID: "b1", Size: 4}, 1
+	ok.Notes = []string{wire.NumPredictCapped(10000, 4096)}
 	chat := wire.OKResult("r2", inference.Request{Kind: inference.Chat, Model: "tiny"}, inference.Response{Message: &inference.Message{Role: "assistant", Content: "yo"}})
 	chat.Worker, chat.Done = "w1", &done
 	emb := wire.OKResult("r3", inference.Request{Kind: inference.Embed, Model: "tiny"}, inference.Response{Embeddings: [][]float32{{0.1, 0.2}}})
@@ -276,6 +341,9 @@ func FuzzDecodeRequest(f *testing.F) {
 			var ie *wire.InputError
 			if !errors.As(err, &ie) || ie.Reason == "" {
 				t.Fatalf("error is not a classified InputError: %v", err)
+			}
+			if d != nil && (d.ID == "" || len(d.ID) > 256 || strings.ContainsRune(d.ID, 0)) {
+				t.Fatalf("rejected request echoes an id the decoder would refuse: %q", d.ID)
 			}
 			return
 		}

@@ -1,0 +1,166 @@
+package telemetry_test
+
+import (
+	"bufio"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sous-run/sous/internal/sizing"
+	"github.com/sous-run/sous/internal/telemetry"
+)
+
+// docsNamingMetrics are the files whose sous_* names a reader takes for
+// metrics they can query.
+var docsNamingMetrics = []string{"README.md", "docs/observability.md", "docs/reliability.md", "docs/benchmarks.md", "deploy/README.md"}
+
+// scrape is one GET /metrics: the metric families (from # TYPE lines), the
+// sample names (with _bucket, _total, ...) and the label names.
+type scrape struct {
+	families, samples, labels map[string]bool
+	text                      string
+}
+
+var labelName = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="`)
+
+func get(t *testing.T, srv *httptest.Server) scrape {
+	t.Helper()
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	s := scrape{families: map[string]bool{}, samples: map[string]bool{}, labels: map[string]bool{}}
+	var text strings.Builder
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		text.WriteString(line + "\n")
+		if f, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			s.families[strings.Fields(f)[0]] = true
+			continue
+		}
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		name, rest, _ := strings.Cut(line, "{")
+		name = strings.Fields(name)[0]
+		s.samples[name] = true
+		for _, m := range labelName.FindAllStringSubmatch(rest, -1) {
+			s.labels[m[1]] = true
+		}
+	}
+	s.text = text.String()
+	return s
+}
+
+// TestCountersAreExportedFromStart: every counter is on /metrics at 0
+// before its first event, so rate() and increase() alerts (broker
+// reconnects, dead letters) see a series from the start.
+func TestCountersAreExportedFromStart(t *testing.T) {
+	t.Parallel()
+	reader, handler, err := telemetry.NewPrometheus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	setup(t, options{reader: reader, model: "tiny", startLater: true})
+	srv := httptest.NewServer(handler)
+	t.Cleanup(srv.Close)
+	s := get(t, srv)
+	for _, want := range []string{
+		`sous_messages_received_total{messaging_destination_name="requests"`,
+		`sous_messages_redelivered_total{messaging_destination_name="requests"`,
+		`sous_broker_reconnects_total{messaging_destination_name="requests"`,
+		`sous_results_total{`,
+		`sous_messages_settled_total{`,
+		`sous_dead_letters_total{`,
+		`sous_engine_tokens_total{`,
+	} {
+		found := false
+		for _, line := range strings.Split(s.text, "\n") {
+			if strings.HasPrefix(line, want) && strings.HasSuffix(line, " 0") {
+				found = true
+				break
+			}
+		}
+		if !found {
+			t.Errorf("no %s…} 0 series before any event; the sous_ lines of /metrics:\n%s", want, sousLines(s.text))
+		}
+	}
+}
+
+// TestEveryDocumentedMetricIsExported reads every sous_* name in the docs
+// and checks /metrics exports it (as a metric, one of its series or a
+// label) once the worker has run one request; and that every sous_* metric
+// /metrics exports is in docs/observability.md.
+func TestEveryDocumentedMetricIsExported(t *testing.T) {
+	t.Parallel()
+	reader, handler, err := telemetry.NewPrometheus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := setup(t, options{reader: reader, model: "tiny"})
+	if err := h.obs.ObserveSizer(func() sizing.Snapshot {
+		return sizing.Snapshot{Decision: sizing.Decision{Size: 4, Reason: "max"}, Ceiling: 4, FreeBytes: 1 << 30, Devices: 1, ReadAt: time.Now()}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	h.obs.EngineHealth(nil)
+	h.b.Send("a", `{"prompt":"x"}`)
+	waitFor(t, "the request settled", func() bool { return h.b.SettledCount() == 1 })
+	srv := httptest.NewServer(handler)
+	t.Cleanup(srv.Close)
+	s := get(t, srv)
+
+	name := regexp.MustCompile(`\bsous_[a-z0-9_]*[a-z0-9]`)
+	documented := map[string]bool{}
+	for _, doc := range docsNamingMetrics {
+		f, err := os.Open(filepath.Join("..", "..", doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc := bufio.NewScanner(f)
+		for n := 1; sc.Scan(); n++ {
+			for _, m := range name.FindAllString(sc.Text(), -1) {
+				if doc == "docs/observability.md" {
+					documented[m] = true
+				}
+				if !s.samples[m] && !s.families[m] && !s.labels[m] {
+					t.Errorf("%s:%d names %s, which /metrics does not export (neither a metric, a series nor a label); fix the doc or export it", doc, n, m)
+				}
+			}
+		}
+		f.Close()
+	}
+	var families []string
+	for f := range s.families {
+		if strings.HasPrefix(f, "sous_") {
+			families = append(families, f)
+		}
+	}
+	sort.Strings(families)
+	if len(families) < 10 {
+		t.Fatalf("only %d sous_* metrics on /metrics: %v", len(families), families)
+	}
+	for _, f := range families {
+		if !documented[f] {
+			t.Errorf("/metrics exports %s, but docs/observability.md does not name it; add it to the metrics table", f)
+		}
+	}
+}
+
+func sousLines(text string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, "sous_") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
