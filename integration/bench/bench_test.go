@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"runtime/pprof"
 	"strconv"
@@ -227,38 +228,128 @@ func (e *env) checkResults(n int) {
 	}
 }
 
-// ackCounter is an Observer that closes done when n deliveries have been
-// acked: the in-process worker's own count, which costs the broker
-// nothing, as the hand-written worker's count of its own acks does.
-type ackCounter struct {
+// runObserver is an Observer that closes done when n deliveries have been
+// acked (the in-process worker's own count, which costs the broker
+// nothing, as the hand-written worker's count of its own acks does), and
+// measures where a request's time goes in sous: waiting in the worker for
+// a slot (receipt to dispatch), on the engine, and waiting for the
+// result's publisher confirm. A sampler notes how often the engine had a
+// free slot while nothing waited in the worker and the queue still held
+// requests: the worker starved for deliveries, so the broker, not the
+// engine, set the pace.
+type runObserver struct {
 	worker.NopObserver
-	n    int64
-	acks atomic.Int64
-	done chan struct{}
+	n     int64
+	limit int64
+	acks  atomic.Int64
+	done  chan struct{}
+
+	received atomic.Int64
+	waiting  atomic.Int64 // received, decoded and not yet dispatched
+	onEngine atomic.Int64 // dispatched and not yet answered
+	waitNS   atomic.Int64 // sums, over requests
+	engineNS atomic.Int64
+	pubNS    atomic.Int64
+	pubs     atomic.Int64
+	samples  atomic.Int64
+	starved  atomic.Int64 // samples with a free slot, nothing waiting, more in the queue
 }
 
-func (c *ackCounter) Done(_ context.Context, _ *queue.Delivery, o worker.Outcome) {
-	if o.Settlement.Action == queue.Ack && c.acks.Add(1) == c.n {
-		close(c.done)
+func newRunObserver(n, limit int) *runObserver {
+	return &runObserver{n: int64(n), limit: int64(limit), done: make(chan struct{})}
+}
+
+func (o *runObserver) Received(ctx context.Context, _ *queue.Delivery) context.Context {
+	o.received.Add(1)
+	o.waiting.Add(1)
+	return ctx
+}
+
+func (o *runObserver) BatchStarted(ctx context.Context, b *worker.BatchEvent) context.Context {
+	n := int64(len(b.Items))
+	o.waiting.Add(-n)
+	o.onEngine.Add(n)
+	for _, it := range b.Items {
+		o.waitNS.Add(int64(b.Start.Sub(it.Delivery.ReceivedAt)))
+	}
+	return ctx
+}
+
+func (o *runObserver) BatchFinished(_ context.Context, b *worker.BatchEvent, elapsed time.Duration) {
+	n := int64(len(b.Items))
+	o.onEngine.Add(-n)
+	o.engineNS.Add(n * int64(elapsed))
+}
+
+func (o *runObserver) Publishing(context.Context, *queue.Message, string) func(error) {
+	t0 := time.Now()
+	return func(error) {
+		o.pubNS.Add(int64(time.Since(t0)))
+		o.pubs.Add(1)
+	}
+}
+
+func (o *runObserver) Done(_ context.Context, _ *queue.Delivery, out worker.Outcome) {
+	if out.Settlement.Action == queue.Ack && o.acks.Add(1) == o.n {
+		close(o.done)
+	}
+}
+
+// sample runs until done, every 5 ms.
+func (o *runObserver) sample() {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-o.done:
+			return
+		case <-t.C:
+		}
+		if o.received.Load() >= o.n {
+			continue // the queue is empty: the run's tail, as for every design
+		}
+		o.samples.Add(1)
+		if o.waiting.Load() <= 0 && o.onEngine.Load() < o.limit {
+			o.starved.Add(1)
+		}
+	}
+}
+
+// report adds wait-ms, engine-ms and confirm-ms (means per request) and
+// starved (the share of samples, before the queue ran empty, with a free
+// slot and nothing waiting in the worker).
+func (o *runObserver) report(b *testing.B) {
+	if o.n == 0 {
+		return
+	}
+	ms := func(ns int64, n int64) float64 { return float64(ns) / float64(max(1, n)) / 1e6 }
+	b.ReportMetric(ms(o.waitNS.Load(), o.n), "wait-ms")
+	b.ReportMetric(ms(o.engineNS.Load(), o.n), "engine-ms")
+	b.ReportMetric(ms(o.pubNS.Load(), o.pubs.Load()), "confirm-ms")
+	if s := o.samples.Load(); s > 0 {
+		b.ReportMetric(float64(o.starved.Load())/float64(s), "starved")
 	}
 }
 
 // runSous runs the sous worker in-process on the env's queue until it has
-// acked n requests, then checks every result with the timer stopped.
+// acked n requests, then checks every result with the timer stopped, and
+// reports where the requests' time went (runObserver).
 // Opening the driver is timed: it starts consuming as it connects, as the
 // hand-written worker does when it consumes.
 func (e *env) runSous(engine worker.Engine, slots, n int) {
 	e.b.Helper()
-	c := &ackCounter{n: int64(n), done: make(chan struct{})}
-	stop := e.startSous(engine, slots, c)
+	o := newRunObserver(n, newDefaultSizer(e.b, slots).Size())
+	stop := e.startSous(engine, slots, o)
+	go o.sample()
 	select {
-	case <-c.done:
+	case <-o.done:
 	case <-time.After(10 * time.Minute):
-		e.b.Fatalf("%d of %d requests acked", c.acks.Load(), n)
+		e.b.Fatalf("%d of %d requests acked", o.acks.Load(), n)
 	}
 	e.b.StopTimer()
 	stop()
 	e.checkResults(n)
+	o.report(e.b)
 	e.b.StartTimer()
 }
 
@@ -266,7 +357,7 @@ func (e *env) runSous(engine worker.Engine, slots, n int) {
 // (slots), SOUS_MODEL and the queues set: the default sizer, the driver
 // opened with the prefetch worker.Capacity(limit), and every worker
 // setting at its default. obs (nil: none) is the one addition, to count
-// acks. stop drains the worker and closes the driver. The worker's
+// acks and time the stages. stop drains the worker and closes the driver. The worker's
 // goroutines, the driver's and its HTTP client's carry the pprof label
 // design=sous, so `go tool pprof -tagfocus=design=sous` shows sous's side
 // of a CPU profile.
@@ -396,19 +487,50 @@ func selfCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// findBroker returns the pid of the local RabbitMQ node (beam.smp), or 0.
+// findBroker returns the pid of the process that listens on the broker
+// URL's port on this machine (RabbitMQ's beam.smp), or 0: the listening
+// socket's inode from /proc/net/tcp*, then the process holding it.
 func findBroker() int {
-	ents, err := os.ReadDir("/proc")
+	u, err := url.Parse(brokerURL)
 	if err != nil {
 		return 0
 	}
+	port, err := strconv.Atoi(u.Port())
+	if err != nil {
+		port = 5672
+	}
+	want := fmt.Sprintf(":%04X", port)
+	inodes := map[string]bool{}
+	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		raw, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(raw), "\n")[1:] {
+			// sl local_address rem_address st ... inode (field 9)
+			fs := strings.Fields(line)
+			if len(fs) > 9 && strings.HasSuffix(fs[1], want) && fs[3] == "0A" {
+				inodes["socket:["+fs[9]+"]"] = true
+			}
+		}
+	}
+	if len(inodes) == 0 {
+		return 0
+	}
+	ents, _ := os.ReadDir("/proc")
 	for _, ent := range ents {
 		pid, err := strconv.Atoi(ent.Name())
 		if err != nil {
 			continue
 		}
-		if comm, err := os.ReadFile("/proc/" + ent.Name() + "/comm"); err == nil && strings.TrimSpace(string(comm)) == "beam.smp" {
-			return pid
+		if comm, err := os.ReadFile("/proc/" + ent.Name() + "/comm"); err != nil || strings.TrimSpace(string(comm)) != "beam.smp" {
+			continue
+		}
+		fds, _ := os.ReadDir("/proc/" + ent.Name() + "/fd")
+		for _, fd := range fds {
+			if l, err := os.Readlink("/proc/" + ent.Name() + "/fd/" + fd.Name()); err == nil && inodes[l] {
+				return pid
+			}
 		}
 	}
 	return 0
