@@ -2,7 +2,9 @@ package bench
 
 import (
 	"context"
+	"os"
 	"runtime/pprof"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -26,7 +28,7 @@ import (
 func BenchmarkBrokerPath(b *testing.B) {
 	const slots = 32
 	prefetch := worker.Capacity(slots)
-	eng := newHTTPEngine(b)
+	srv := startHTTPEngine(b)
 	work := uniform(1)
 	var hand baseline
 	b.Run("design=handwritten", func(b *testing.B) {
@@ -34,17 +36,41 @@ func BenchmarkBrokerPath(b *testing.B) {
 		e.fill(b.N)
 		cpu := startCPU()
 		b.ResetTimer()
-		e.runHandwritten(eng, prefetch, b.N)
+		e.runHandwritten(srv.client(b), prefetch, b.N, handOptions{})
 		b.StopTimer()
 		hand.set(b, perSecond(b))
 		cpu.report(b)
 	})
+	if os.Getenv("SOUS_BENCH_VARIANTS") != "" {
+		// The hand-written worker with one of sous's broker habits each, to
+		// tell which of them costs: one ack per delivery, and sous's
+		// publish (mandatory, its two headers, a timestamp).
+		for _, v := range []struct {
+			name string
+			opt  handOptions
+		}{
+			{"ack-each", handOptions{ackEach: true}},
+			{"sous-publish", handOptions{sousPublish: true}},
+			{"ack-each+sous-publish", handOptions{ackEach: true, sousPublish: true}},
+		} {
+			b.Run("design=handwritten/"+v.name, func(b *testing.B) {
+				e := setup(b, "tiny", work)
+				e.fill(b.N)
+				cpu := startCPU()
+				b.ResetTimer()
+				e.runHandwritten(srv.client(b), prefetch, b.N, v.opt)
+				b.StopTimer()
+				hand.ratio(b, perSecond(b), "xhandwritten")
+				cpu.report(b)
+			})
+		}
+	}
 	b.Run("design=sous", func(b *testing.B) {
 		e := setup(b, "tiny", work)
 		e.fill(b.N)
 		cpu := startCPU()
 		b.ResetTimer()
-		e.runSous(eng, slots, b.N)
+		e.runSous(srv.client(b), slots, b.N)
 		b.StopTimer()
 		hand.ratio(b, perSecond(b), "xhandwritten")
 		cpu.report(b)
@@ -59,7 +85,7 @@ func BenchmarkBrokerPath(b *testing.B) {
 // multiple=true, the highest delivery tag below which every result is
 // confirmed). It stops when n requests are acked; then the results are
 // checked with the timer stopped.
-func (e *env) runHandwritten(eng worker.Engine, prefetch, n int) {
+func (e *env) runHandwritten(eng worker.Engine, prefetch, n int, opt handOptions) {
 	e.b.Helper()
 	var (
 		conn      *amqp.Connection
@@ -103,7 +129,13 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int) {
 				if next == from {
 					continue
 				}
-				if err := ch.Ack(next-1, true); err != nil {
+				if opt.ackEach {
+					for t := from; t < next; t++ {
+						if err := ch.Ack(t, false); err != nil {
+							fail("ack", err)
+						}
+					}
+				} else if err := ch.Ack(next-1, true); err != nil {
 					fail("ack", err)
 				}
 				if count += int(next - from); count == n {
@@ -136,8 +168,13 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int) {
 				fail("marshal", err)
 				return
 			}
-			c, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", e.results, false, false, amqp.Publishing{
-				CorrelationId: d.MessageId, ContentType: "application/json", DeliveryMode: amqp.Persistent, Body: body})
+			p := amqp.Publishing{CorrelationId: d.MessageId, ContentType: "application/json", DeliveryMode: amqp.Persistent, Body: body}
+			if opt.sousPublish {
+				p.MessageId = d.MessageId + "/result"
+				p.Timestamp = time.Now()
+				p.Headers = amqp.Table{"x-sous-status": "ok", "x-sous-publish-id": strconv.FormatUint(d.DeliveryTag, 10)}
+			}
+			c, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", e.results, opt.sousPublish, false, p)
 			if err != nil {
 				fail("publish", err)
 				return
@@ -167,6 +204,13 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int) {
 	}
 	e.checkResults(n)
 	e.b.StartTimer()
+}
+
+// handOptions give the hand-written worker one of sous's habits, to
+// measure what each costs (SOUS_BENCH_VARIANTS=1).
+type handOptions struct {
+	ackEach     bool // ack each delivery alone, not multiple=true
+	sousPublish bool // publish as sous does: mandatory, with headers and a timestamp
 }
 
 func deref(s *string) string {

@@ -140,8 +140,26 @@ func (g *gpuSim) Infer(ctx context.Context, reqs []inference.Request) ([]inferen
 // /api/generate at once, as Ollama does (one NDJSON line, done), with the
 // num_predict asked for as its eval_count, and /api/version and /api/tags
 // (the model "tiny") as Ollama does: what is measured is sous, the broker
-// and the HTTP path, not a model.
-func newHTTPEngine(b *testing.B) *ollama.Engine {
+// and the HTTP path, not a model. Each call starts a server of its own;
+// httpEngine.client makes more clients of it.
+func newHTTPEngine(b *testing.B) *ollama.Engine { return startHTTPEngine(b).client(b) }
+
+// httpEngine is the server newHTTPEngine starts.
+type httpEngine struct{ url string }
+
+// client is a new Ollama driver, with HTTP connections of its own, for the
+// server: designs compared side by side each get one, so that neither
+// runs on connections (and their goroutines) the other opened.
+func (h httpEngine) client(b *testing.B) *ollama.Engine {
+	b.Helper()
+	e, err := ollama.New(ollama.Config{URL: h.url})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return e
+}
+
+func startHTTPEngine(b *testing.B) httpEngine {
 	b.Helper()
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
@@ -165,9 +183,5 @@ func newHTTPEngine(b *testing.B) *ollama.Engine {
 	})
 	srv := httptest.NewServer(mux)
 	b.Cleanup(srv.Close)
-	e, err := ollama.New(ollama.Config{URL: srv.URL})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return e
+	return httpEngine{url: srv.URL}
 }
