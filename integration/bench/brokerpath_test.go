@@ -84,13 +84,15 @@ func BenchmarkBrokerPath(b *testing.B) {
 // for it; one goroutine acks in delivery order what is confirmed (with
 // multiple=true, the highest delivery tag below which every result is
 // confirmed). It stops when n requests are acked; then the results are
-// checked with the timer stopped.
+// checked with the timer stopped. It reports confirm-ms, the mean time from
+// publishing a result to its confirm, as sous does.
 func (e *env) runHandwritten(eng worker.Engine, prefetch, n int, opt handOptions) {
 	e.b.Helper()
 	var (
 		conn      *amqp.Connection
 		ch        *amqp.Channel
 		failed    atomic.Pointer[string] // the first error
+		confirmNS atomic.Int64           // publish to confirm, summed
 		acked     = make(chan struct{})
 		confirmed = make(chan uint64, prefetch) // delivery tags whose result is confirmed
 	)
@@ -174,6 +176,7 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int, opt handOptions
 				p.Timestamp = time.Now()
 				p.Headers = amqp.Table{"x-sous-status": "ok", "x-sous-publish-id": strconv.FormatUint(d.DeliveryTag, 10)}
 			}
+			t0 := time.Now()
 			c, err := ch.PublishWithDeferredConfirmWithContext(ctx, "", e.results, opt.sousPublish, false, p)
 			if err != nil {
 				fail("publish", err)
@@ -183,6 +186,7 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int, opt handOptions
 				fail("publish", errNack)
 				return
 			}
+			confirmNS.Add(int64(time.Since(t0)))
 			confirmed <- d.DeliveryTag
 		}
 		go func() {
@@ -203,6 +207,7 @@ func (e *env) runHandwritten(eng worker.Engine, prefetch, n int, opt handOptions
 		e.b.Fatalf("hand-written worker: %s", *f)
 	}
 	e.checkResults(n)
+	e.b.ReportMetric(float64(confirmNS.Load())/float64(n)/1e6, "confirm-ms")
 	e.b.StartTimer()
 }
 
