@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -105,12 +106,14 @@ func numPredict(r inference.Request) int {
 	return 0
 }
 
-// gpuSim is a simulated GPU whose API takes a list: a call of n requests
-// takes fixed + perItem × n, and more than max requests in one call run
-// it out of memory.
+// gpuSim is a simulated GPU whose API takes a list and which runs one
+// call at a time (later calls wait their turn): a call of n requests takes
+// fixed + perItem × n, and more than max requests in one call run it out
+// of memory.
 type gpuSim struct {
 	fixed, perItem time.Duration
 	max            int
+	mu             sync.Mutex
 	calls          atomic.Int64
 	items          atomic.Int64
 }
@@ -124,6 +127,8 @@ func (g *gpuSim) Infer(ctx context.Context, reqs []inference.Request) ([]inferen
 	}
 	g.calls.Add(1)
 	g.items.Add(int64(len(reqs)))
+	g.mu.Lock() // one call at a time on the device
+	defer g.mu.Unlock()
 	select {
 	case <-time.After(g.fixed + g.perItem*time.Duration(len(reqs))):
 	case <-ctx.Done():

@@ -57,9 +57,10 @@ func BenchmarkUniform(b *testing.B) {
 }
 
 // BenchmarkBatching: an engine whose API takes a list (as /v1/completions
-// prompt lists and /api/embed do), simulated: a call of n requests takes
-// 50 ms + 2 ms × n, at most 32 (more is an out-of-memory error). sous at
-// its defaults with SOUS_ENGINE_PARALLEL=32 against the ideal,
+// prompt lists and /api/embed do), simulated: one call at a time on the
+// device, a call of n requests takes 50 ms + 2 ms × n, at most 32 (more is
+// an out-of-memory error). sous at its defaults with
+// SOUS_ENGINE_PARALLEL=32 against the ideal, full calls back to back:
 // 32 / (50 ms + 64 ms) requests per second.
 func BenchmarkBatching(b *testing.B) {
 	const fixed, perItem, size = 50 * time.Millisecond, 2 * time.Millisecond, 32
