@@ -68,17 +68,19 @@ run: build
 
 # The figures in docs/benchmarks.md come from this target; each group runs
 # the designs it compares side by side, one after the other, in one run, and
-# the later designs report their ratio to the baseline ("x..." metrics).
-# b.N is the number of requests, fixed here so every design does the same
-# work. The groups this shared machine makes noisy run three times.
+# sous reports its ratio to the baseline of that run ("x..." metrics). b.N
+# is the number of requests, fixed here so every design does the same work.
+# This shared machine makes every throughput group noisy: each runs three
+# times.
 BENCH = SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -run='^$$' -count=1
 .PHONY: bench
 bench: ollama rabbitmq
-	for i in 1 2 3; do $(BENCH) -bench='Overhead' -benchtime=3000x ./integration/bench || exit 1; done
-	$(BENCH) -bench='Batching/design=sous' -benchtime=1280x ./integration/bench
-	$(BENCH) -bench='Batching/design=one' -benchtime=60x ./integration/bench
-	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
+	for i in 1 2 3; do $(BENCH) -bench='MixedLengths' -benchtime=3200x ./integration/bench || exit 1; done
+	for i in 1 2 3; do $(BENCH) -bench='Uniform' -benchtime=3200x ./integration/bench || exit 1; done
 	for i in 1 2 3; do $(BENCH) -bench='RealOllama' -benchtime=800x ./integration/bench || exit 1; done
+	for i in 1 2 3; do $(BENCH) -bench='BrokerPath' -benchtime=10000x ./integration/bench || exit 1; done
+	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
+	$(BENCH) -bench='Batching' -benchtime=1280x ./integration/bench
 	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
 # On a machine with an NVIDIA GPU (the device tool): NVML through go-nvml,
@@ -86,6 +88,18 @@ bench: ollama rabbitmq
 .PHONY: gpu-check
 gpu-check:
 	@scripts/gpu-check.sh
+
+# A CPU profile of the broker path comparison (BenchmarkBrokerPath), with
+# where each design's time goes: the designs' goroutines carry the pprof
+# label design=sous or design=handwritten. The profile and the test binary
+# stay in .cache/profile for `go tool pprof`.
+PROFILE := $(CACHE)/profile
+.PHONY: bench-profile
+bench-profile: rabbitmq
+	mkdir -p $(PROFILE)
+	$(BENCH) -bench='BrokerPath' -benchtime=10000x -o $(PROFILE)/bench.test -cpuprofile=$(PROFILE)/brokerpath.pprof ./integration/bench
+	$(GO) tool pprof -top -nodecount=35 -tagfocus=design=sous $(PROFILE)/bench.test $(PROFILE)/brokerpath.pprof
+	$(GO) tool pprof -top -nodecount=35 -tagfocus=design=handwritten $(PROFILE)/bench.test $(PROFILE)/brokerpath.pprof
 
 .PHONY: fuzz
 fuzz:
