@@ -116,9 +116,9 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		// Scale-to-zero rules.
 		{"amqp protocol", mutation{rmqSO, "protocol: http", "protocol: amqp"}, `protocol "amqp", want http`},
 		{"unacked excluded", mutation{rmqSO, "        protocol: http\n", "        protocol: http\n        excludeUnacknowledged: \"true\"\n"}, "excludeUnacknowledged drops the in-flight batch"},
-		{"value not the worker's capacity", mutation{rmqSO, `value: "96"`, `value: "64"`}, `value "64", want 96 = 3 x min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL)`},
-		{"batch size changed alone", mutation{configF, "\n  SOUS_BATCH_MAX: \"32\"", "\n  SOUS_BATCH_MAX: \"16\""}, `messageCount "96", want 48 = 3 x min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL)`},
-		{"slots changed alone", mutation{configF, `SOUS_ENGINE_PARALLEL: "32"`, `SOUS_ENGINE_PARALLEL: "8"`}, `value "96", want 24`},
+		{"value not the worker's capacity", mutation{rmqSO, `value: "96"`, `value: "64"`}, `value "64", want 96 = worker.Capacity`},
+		{"batch size changed alone", mutation{configF, "\n  SOUS_BATCH_MAX: \"32\"", "\n  SOUS_BATCH_MAX: \"16\""}, `messageCount "96", want 48 = worker.Capacity`},
+		{"slots changed alone", mutation{configF, `SOUS_ENGINE_PARALLEL: "32"`, `SOUS_ENGINE_PARALLEL: "8"`}, `value "96", want 40`},
 		{"activation strands messages", mutation{rmqSO, `activationValue: "0"`, `activationValue: "5"`}, `activationValue "5" with minReplicaCount 0 strands`},
 		{"queue mismatch", mutation{sbSO, "queueName: sous.requests", "queueName: sous.request"}, `queueName "sous.request" is not SOUS_QUEUE "sous.requests"`},
 		{"namespace mismatch", mutation{sbus + "config.yaml", "sous-example.servicebus.windows.net", "sous-prod.servicebus.windows.net"}, `namespace "sous-example" is not the one of SOUS_SERVICEBUS_NAMESPACE`},

@@ -1105,7 +1105,7 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)
 	} else if m[valueKey] != strconv.Itoa(capacity) {
-		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = 3 x min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
+		errs = append(errs, fmt.Errorf("%s: %s %q, want %d = worker.Capacity: max(3 x limit, limit + 32) with limit = min(SOUS_BATCH_MAX, SOUS_ENGINE_PARALLEL), the most messages one worker holds", where, valueKey, m[valueKey], capacity))
 	}
 	if act := m[activationKey]; act != "" && act != "0" && so.Spec.MinReplicaCount != nil && *so.Spec.MinReplicaCount == 0 {
 		errs = append(errs, fmt.Errorf("%s: %s %q with minReplicaCount 0 strands up to that many messages; use 0 (activate on the first message)", where, activationKey, act))

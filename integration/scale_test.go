@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sous-run/sous/internal/worker"
 )
 
 // managementURL is the RabbitMQ management API, as KEDA's rabbitmq scaler
@@ -96,14 +98,14 @@ func TestScaleToZeroSemantics(t *testing.T) {
 }
 
 // TestPrefetchFollowsTheInFlightLimit: the broker holds what the worker is
-// not working on. The worker's consumer prefetch is 3 × the in-flight limit
-// (worker.Capacity), read back from the management API.
+// not working on. The worker's consumer prefetch is worker.Capacity of the
+// in-flight limit, read back from the management API.
 func TestPrefetchFollowsTheInFlightLimit(t *testing.T) {
 	t.Parallel()
 	q, _ := names(t)
 	startWorker(t, q, "SOUS_BATCH_MAX=3", "SOUS_ENGINE_PARALLEL=8")
 	waitUntil(t, 30*time.Second, "the consumer's prefetch in the management API", func() bool {
-		return consumerPrefetch(t, q) == 3*3
+		return consumerPrefetch(t, q) == worker.Capacity(3)
 	})
 }
 

@@ -241,12 +241,12 @@ func (c Config) validate() error {
 		if c.AMQPConsumerTimeout < 0 {
 			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")
 		}
-		// A prefetched delivery can wait for the calls ahead of it, then run
-		// in its own, with pauses after overloads (worker.HoldBound).
-		if hold := worker.HoldBound(c.EngineTimeout, c.RetryBackoffMax, c.BatchWait, c.MaxAttempts); c.AMQPConsumerTimeout > 0 && hold >= c.AMQPConsumerTimeout {
-			return bad("SOUS_ENGINE_TIMEOUT", "is %s: a delivery may stay unacknowledged for %s (2 × SOUS_ENGINE_TIMEOUT + (SOUS_MAX_ATTEMPTS + 1) × SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT), "+
-				"which reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every request in flight. "+
-				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, hold, c.AMQPConsumerTimeout)
+		// A delivery waits for a slot at most maxWait (then it goes back to
+		// the queue), then runs: what is left must fit consumer_timeout.
+		if run := worker.HoldBound(0, c.EngineTimeout, c.RetryBackoffMax, c.BatchWait); c.AMQPConsumerTimeout > 0 && run >= c.AMQPConsumerTimeout {
+			return bad("SOUS_ENGINE_TIMEOUT", "is %s: one engine call with its pause (SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT = %s) "+
+				"reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every request in flight. "+
+				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, run, c.AMQPConsumerTimeout)
 		}
 	case "servicebus":
 		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
@@ -406,6 +406,18 @@ func (c Config) fixedParallel() int {
 		return n
 	}
 	return max(defaultEngineParallel, c.BatchMin)
+}
+
+// maxWait is how long a request may wait in the worker for a slot before
+// it goes back to the queue: half of what consumer_timeout leaves after one
+// engine call and its pause, the other half being the margin for
+// settlement. 0 (no limit) without a consumer_timeout to respect (Service
+// Bus renews its locks).
+func (c Config) maxWait() time.Duration {
+	if c.Broker != "rabbitmq" || c.AMQPConsumerTimeout <= 0 {
+		return 0
+	}
+	return max(time.Millisecond, (c.AMQPConsumerTimeout-worker.HoldBound(0, c.EngineTimeout, c.RetryBackoffMax, c.BatchWait))/2)
 }
 
 func (c Config) sizingConfig() sizing.Config {

@@ -103,7 +103,8 @@ func TestAllowedModelsAreTrimmedAndIncludeTheDefault(t *testing.T) {
 
 // The worker's prefetch must fit AMQP's 16-bit prefetch count: 4096 ×
 // (14 + 2) = 65,536 went out as 0, which RabbitMQ reads as unlimited. The
-// prefetch is now 3 × the in-flight limit, at most 3 × SOUS_BATCH_MAX =
+// prefetch is now worker.Capacity of the in-flight limit, at most 3 ×
+// SOUS_BATCH_MAX =
 // 12,288; the configuration that wrapped is accepted and fits, and the
 // largest SOUS_BATCH_MAX is refused.
 func TestPrefetchFitsTheAMQPLimit(t *testing.T) {

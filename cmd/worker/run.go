@@ -96,6 +96,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		MaxAttempts:     cfg.MaxAttempts,
 		BatchWait:       cfg.BatchWait,
 		EngineTimeout:   cfg.EngineTimeout,
+		MaxWait:         cfg.maxWait(),
 		DrainTimeout:    cfg.DrainTimeout,
 		RetryBackoff:    cfg.RetryBackoff,
 		RetryBackoffMax: cfg.RetryBackoffMax,

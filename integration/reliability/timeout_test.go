@@ -15,8 +15,8 @@ import (
 // consumer_timeout is 4s (checked every 500ms; RabbitMQ 3.10's default is
 // 30 min, checked every minute).
 //
-// Within the limit (SOUS_ENGINE_TIMEOUT=800ms: 3 × 800ms + 4 × 200ms
-// backoff + 20ms batch window is under 4s) the worker cuts each engine
+// Within the limit (SOUS_ENGINE_TIMEOUT=800ms + 200ms backoff + 20ms
+// batch window is under 4s; requests wait at most half the rest for a slot) the worker cuts each engine
 // call, requeues, and dead-letters after SOUS_MAX_ATTEMPTS with its own
 // reason; the broker never closes its channel.
 //
@@ -95,12 +95,12 @@ func TestConsumerTimeoutEnforced(t *testing.T) {
 		want int
 	}{
 		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=4s", "SOUS_ENGINE_TIMEOUT=20s"}, 2},
-		{[]string{"SOUS_ENGINE_TIMEOUT=9m"}, 2},                                   // 30m default: 3 × 9m + 6 × 30s reaches it
-		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=-1s"}, 2},                           // not a timeout
-		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=1h", "SOUS_ENGINE_TIMEOUT=14m"}, 0}, // a broker configured for it
-		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=0", "SOUS_ENGINE_TIMEOUT=2h"}, 0},   // check off
-		{[]string{"SOUS_ENGINE_TIMEOUT=8m"}, 0},                                   // 3 × 8m + 6 × 30s (worker.HoldBound)
-		{[]string{"SOUS_ENGINE_TIMEOUT=8m", "SOUS_MAX_ATTEMPTS=20"}, 2},           // 3 × 8m + 21 × 30s
+		{[]string{"SOUS_ENGINE_TIMEOUT=29m40s"}, 2},                                                                                      // 30m default: 29m40s + 30s backoff reaches it
+		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=-1s"}, 2},                                                                                  // not a timeout
+		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=1h", "SOUS_ENGINE_TIMEOUT=14m"}, 0},                                                        // a broker configured for it
+		{[]string{"SOUS_AMQP_CONSUMER_TIMEOUT=0", "SOUS_ENGINE_TIMEOUT=2h"}, 0},                                                          // check off
+		{[]string{"SOUS_ENGINE_TIMEOUT=20m"}, 0},                                                                                         // fits; requests wait at most (30m - 20m30s) / 2 for a slot
+		{[]string{"SOUS_ENGINE_TIMEOUT=20s", "SOUS_RETRY_BACKOFF=1s", "SOUS_RETRY_BACKOFF_MAX=1m", "SOUS_AMQP_CONSUMER_TIMEOUT=80s"}, 2}, // 20s + 1m reaches 80s
 	}
 	for _, tt := range tests {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

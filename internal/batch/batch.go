@@ -37,6 +37,7 @@ type Batch[T any] struct {
 type entry[T any] struct {
 	v     T
 	added time.Time
+	order uint64 // insertion order: ties in added go to the first added
 }
 
 type group[T any] struct {
@@ -50,12 +51,19 @@ func (g *group[T]) len() int { return len(g.entries) - g.head }
 
 func (g *group[T]) oldest() time.Time { return g.entries[g.head].added }
 
+// before reports whether g's oldest item is older than h's.
+func (g *group[T]) before(h *group[T]) bool {
+	a, b := g.entries[g.head], h.entries[h.head]
+	return a.added.Before(b.added) || a.added.Equal(b.added) && a.order < b.order
+}
+
 // Batcher holds the items waiting for the engine, grouped by key. The zero
 // value is not usable; call New.
 type Batcher[T any] struct {
 	window time.Duration
 	prefix string
 	seq    uint64
+	order  uint64
 	groups []*group[T] // each holds at least one item
 	n      int
 }
@@ -84,7 +92,8 @@ func (b *Batcher[T]) group(key string, perCall int) *group[T] {
 // added in.
 func (b *Batcher[T]) Add(now time.Time, key string, perCall int, v T) {
 	g := b.group(key, perCall)
-	g.entries = append(g.entries, entry[T]{v, now})
+	b.order++
+	g.entries = append(g.entries, entry[T]{v, now, b.order})
 	b.n++
 }
 
@@ -100,7 +109,8 @@ func (b *Batcher[T]) PutBack(added time.Time, key string, perCall int, v T) {
 	}
 	entries := make([]entry[T], 0, len(rest)+1)
 	entries = append(entries, rest[:i]...)
-	entries = append(entries, entry[T]{v, added})
+	b.order++
+	entries = append(entries, entry[T]{v, added, b.order})
 	g.entries, g.head = append(entries, rest[i:]...), 0
 	b.n++
 }
@@ -109,27 +119,30 @@ func (b *Batcher[T]) PutBack(added time.Time, key string, perCall int, v T) {
 func (b *Batcher[T]) Len() int { return b.n }
 
 // Next removes and returns the next engine call to make at instant now,
-// given room, the number of requests the in-flight limit still allows, and
-// busy, whether any call is on the engine. ok is false when nothing should
-// go now.
+// given limit, the in-flight limit, room, the number of requests it still
+// allows, and busy, whether any call is on the engine. ok is false when
+// nothing should go now.
 //
 // The oldest work goes first across keys: the group whose oldest item is
 // oldest is looked at first, so a steady inflow of one key never starves
 // another. A group of one request per call goes at once. A list group goes
 // when it fills the room (or the most one call takes), when the window has
 // passed since its oldest item, or at once when the engine is idle; until
-// then it is passed over for younger groups, for at most the window.
-func (b *Batcher[T]) Next(now time.Time, room int, busy bool) (_ Batch[T], ok bool) {
+// then it is passed over for younger groups, for at most the window. A list
+// is full when it fills the whole limit (or the most one call takes) and
+// there is room for all of it: while a call holds part of the limit, the
+// next list waits for the rest rather than go half full.
+func (b *Batcher[T]) Next(now time.Time, limit, room int, busy bool) (_ Batch[T], ok bool) {
 	if room < 1 || b.n == 0 {
 		return Batch[T]{}, false
 	}
 	var best *group[T]
 	var bestReason Reason
 	for _, g := range b.groups {
-		if best != nil && !g.oldest().Before(best.oldest()) {
+		if best != nil && !g.before(best) {
 			continue
 		}
-		if r, ok := b.ready(g, now, room, busy); ok {
+		if r, ok := b.ready(g, now, limit, room, busy); ok {
 			best, bestReason = g, r
 		}
 	}
@@ -139,11 +152,12 @@ func (b *Batcher[T]) Next(now time.Time, room int, busy bool) (_ Batch[T], ok bo
 	return b.take(best, min(room, best.perCall), bestReason), true
 }
 
-func (b *Batcher[T]) ready(g *group[T], now time.Time, room int, busy bool) (Reason, bool) {
+func (b *Batcher[T]) ready(g *group[T], now time.Time, limit, room int, busy bool) (Reason, bool) {
+	full := min(max(1, limit), g.perCall)
 	switch {
 	case g.perCall == 1:
 		return Slot, true
-	case g.len() >= min(room, g.perCall):
+	case g.len() >= full && room >= full:
 		return Full, true
 	case !now.Before(g.oldest().Add(b.window)):
 		return Window, true
@@ -195,13 +209,29 @@ func (b *Batcher[T]) Deadline() (at time.Time, ok bool) {
 	return at, ok
 }
 
+// Expire removes and returns the items added before instant before: they
+// have waited too long and go back to the queue.
+func (b *Batcher[T]) Expire(before time.Time) []T {
+	var out []T
+	for _, g := range append([]*group[T](nil), b.groups...) {
+		n := 0
+		for n < g.len() && g.entries[g.head+n].added.Before(before) {
+			n++
+		}
+		if n > 0 {
+			out = append(out, b.take(g, n, "").Items...)
+		}
+	}
+	return out
+}
+
 // Drain removes and returns every waiting item, oldest group first.
 func (b *Batcher[T]) Drain() []T {
 	out := make([]T, 0, b.n)
 	for b.n > 0 {
 		var first *group[T]
 		for _, g := range b.groups {
-			if first == nil || g.oldest().Before(first.oldest()) {
+			if first == nil || g.before(first) {
 				first = g
 			}
 		}

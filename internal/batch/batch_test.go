@@ -14,9 +14,9 @@ var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 func at(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 
 // next calls Next until it says no, and returns the sizes and reasons.
-func next[T any](b *batch.Batcher[T], now time.Time, room int, busy bool) (sizes []int, reasons []batch.Reason) {
+func next[T any](b *batch.Batcher[T], now time.Time, limit, room int, busy bool) (sizes []int, reasons []batch.Reason) {
 	for room > 0 {
-		bt, ok := b.Next(now, room, busy)
+		bt, ok := b.Next(now, limit, room, busy)
 		if !ok {
 			break
 		}
@@ -39,6 +39,7 @@ func TestNext(t *testing.T) {
 		name    string
 		adds    []add
 		now     int
+		limit   int // 0: room
 		room    int
 		busy    bool
 		want    []int
@@ -53,6 +54,8 @@ func TestNext(t *testing.T) {
 		{name: "a list is cut at the most one call takes", adds: []add{{0, "e", 2}, {0, "e", 2}, {0, "e", 2}}, now: 0, room: 8, busy: true, want: []int{2}, reasons: []batch.Reason{batch.Full}, left: 1},
 		{name: "window passed", adds: []add{{0, "e", 8}, {3, "e", 8}}, now: 10, room: 8, busy: true, want: []int{2}, reasons: []batch.Reason{batch.Window}},
 		{name: "keys never mix", adds: []add{{0, "a", 8}, {0, "b", 8}, {0, "a", 8}}, now: 10, room: 8, busy: true, want: []int{2, 1}},
+		{name: "a list waits for the whole limit, not the half a call left", adds: []add{{0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}}, now: 5, limit: 8, room: 4, busy: true, left: 6},
+		{name: "past its window a list takes the room there is", adds: []add{{0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}, {0, "e", 8}}, now: 10, limit: 8, room: 4, busy: true, want: []int{4}, reasons: []batch.Reason{batch.Window}, left: 2},
 		{name: "a list held for its window lets younger single requests pass", adds: []add{{0, "e", 8}, {1, "a", 1}}, now: 2, room: 8, busy: true, want: []int{1}, reasons: []batch.Reason{batch.Slot}, left: 1},
 	}
 	for _, tt := range tests {
@@ -62,7 +65,11 @@ func TestNext(t *testing.T) {
 			for i, a := range tt.adds {
 				b.Add(at(a.ms), a.key, a.perCall, i)
 			}
-			got, reasons := next(b, at(tt.now), tt.room, tt.busy)
+			limit := tt.limit
+			if limit == 0 {
+				limit = tt.room
+			}
+			got, reasons := next(b, at(tt.now), limit, tt.room, tt.busy)
 			if !slices.Equal(got, tt.want) {
 				t.Fatalf("call sizes = %v, want %v", got, tt.want)
 			}
@@ -98,7 +105,7 @@ func TestOldestFirstAcrossKeys(t *testing.T) {
 			order := []string{}
 			for range 1000 {
 				// Each call that ends is replaced by new work of the steady key.
-				bt, ok := b.Next(at(ms), perCall, true)
+				bt, ok := b.Next(at(ms), perCall, perCall, true)
 				if !ok {
 					ms++
 					continue
@@ -126,14 +133,14 @@ func TestPutBackKeepsItsPlace(t *testing.T) {
 	b.Add(at(0), "k", 1, "a")
 	b.Add(at(1), "k", 1, "b")
 	b.Add(at(2), "j", 1, "c")
-	first, _ := b.Next(at(3), 1, false)
+	first, _ := b.Next(at(3), 1, 1, false)
 	if first.Items[0] != "a" {
 		t.Fatalf("first = %v", first.Items)
 	}
 	b.PutBack(first.Oldest, "k", 1, "a") // the engine had no room for it
 	var got []string
 	for b.Len() > 0 {
-		bt, ok := b.Next(at(4), 1, false)
+		bt, ok := b.Next(at(4), 1, 1, false)
 		if !ok {
 			t.Fatal("nothing ready")
 		}
@@ -150,7 +157,7 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	for i := range 5 {
 		b.Add(at(i), "k", 3, fmt.Sprint(i))
 	}
-	got, ok := b.Next(at(5), 8, true)
+	got, ok := b.Next(at(5), 8, 8, true)
 	if !ok || !slices.Equal(got.Items, []string{"0", "1", "2"}) || got.ID != "w1-1" || !got.Oldest.Equal(at(0)) {
 		t.Fatalf("got %+v", got)
 	}
@@ -166,6 +173,20 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	}
 }
 
+func TestExpire(t *testing.T) {
+	t.Parallel()
+	b := batch.New[string](time.Second, "w-")
+	b.Add(at(0), "k", 1, "a")
+	b.Add(at(5), "j", 4, "b")
+	b.Add(at(10), "k", 1, "c")
+	b.PutBack(at(1), "j", 4, "d")
+	got := b.Expire(at(6))
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"a", "b", "d"}) || b.Len() != 1 {
+		t.Fatalf("expired %v, %d left; want a, b, d and c left", got, b.Len())
+	}
+}
+
 // BenchmarkBatcher is the dispatcher's hot path: add a call's worth of
 // items, take them; size=1 is continuous dispatch of one request per call.
 func BenchmarkBatcher(b *testing.B) {
@@ -178,7 +199,7 @@ func BenchmarkBatcher(b *testing.B) {
 				for j := range size {
 					bt.Add(now, "k", size, j)
 				}
-				if got, ok := bt.Next(now, size, true); !ok || len(got.Items) != size {
+				if got, ok := bt.Next(now, size, size, true); !ok || len(got.Items) != size {
 					b.Fatal("no call")
 				}
 			}

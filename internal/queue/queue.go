@@ -138,9 +138,14 @@ const ReasonShutdown = "shutdown"
 // the request's, so it is not counted as an attempt either.
 const ReasonEngineDown = "engine_down"
 
+// ReasonHeldTooLong is the requeue reason for deliveries that waited in a
+// busy worker longer than its bound for a slot (so that the broker's
+// consumer_timeout never fires): not counted as an attempt.
+const ReasonHeldTooLong = "held_too_long"
+
 // Counts reports whether a requeue for reason spends one of the request's
 // attempts. Drivers that count attempts themselves use it; a broker that
 // counts every redelivery itself (Service Bus) counts them all.
 func Counts(reason string) bool {
-	return reason != ReasonShutdown && reason != ReasonEngineDown
+	return reason != ReasonShutdown && reason != ReasonEngineDown && reason != ReasonHeldTooLong
 }

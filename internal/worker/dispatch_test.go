@@ -164,34 +164,34 @@ func TestRequestsGoTheMomentASlotFrees(t *testing.T) {
 	}
 }
 
-// TestWindowIsThreeTimesTheLimit: with the engine stuck, a worker holds
+// TestWindowIsCapacity: with the engine stuck, a worker holds
 // Capacity(limit) deliveries: limit on the engine, the rest waiting.
-func TestWindowIsThreeTimesTheLimit(t *testing.T) {
+func TestWindowIsCapacity(t *testing.T) {
 	t.Parallel()
 	e := newGateEngine()
 	b := queuetest.NewMemBroker()
 	w, _, _ := startWorker(t, worker.Config{}, b, e, 2)
-	for i := range 10 {
+	for i := range 50 {
 		b.Send(fmt.Sprint("m", i), `{"prompt":"wait:all"}`)
 	}
 	waitFor(t, func() bool { return w.InFlight() == worker.Capacity(2) && w.OnEngine() == 2 })
 	time.Sleep(20 * time.Millisecond) // nothing more may come in
-	if w.InFlight() != 6 || w.OnEngine() != 2 {
-		t.Fatalf("in flight %d, on engine %d; want 6 and 2", w.InFlight(), w.OnEngine())
+	if w.InFlight() != 34 || w.OnEngine() != 2 {
+		t.Fatalf("in flight %d, on engine %d; want 34 and 2", w.InFlight(), w.OnEngine())
 	}
 	e.open("all")
-	b.WaitSettled(t, 10)
+	b.WaitSettled(t, 50)
 }
 
 func TestCapacityAndHoldBound(t *testing.T) {
 	t.Parallel()
-	for _, tt := range []struct{ limit, want int }{{0, 3}, {1, 3}, {4, 12}, {32, 96}, {4096, 12288}, {30000, worker.MaxPrefetch}} {
+	for _, tt := range []struct{ limit, want int }{{0, 33}, {1, 33}, {4, 36}, {16, 48}, {32, 96}, {4096, 12288}, {30000, worker.MaxPrefetch}} {
 		if got := worker.Capacity(tt.limit); got != tt.want {
 			t.Errorf("Capacity(%d) = %d, want %d", tt.limit, got, tt.want)
 		}
 	}
-	if got := worker.HoldBound(5*time.Minute, 30*time.Second, 20*time.Millisecond, 5); got != 18*time.Minute+20*time.Millisecond {
-		t.Errorf("HoldBound at defaults = %s", got)
+	if got := worker.HoldBound(12*time.Minute, 5*time.Minute, 30*time.Second, 20*time.Millisecond); got != 17*time.Minute+30*time.Second+20*time.Millisecond {
+		t.Errorf("HoldBound = %s", got)
 	}
 }
 
@@ -472,7 +472,27 @@ func TestNoKeyStarves(t *testing.T) {
 	b.WaitSettled(t, 206)
 	started, _, _ := e.snapshot()
 	at := slices.Index(started, "other")
-	if at < 0 || at > 12 { // 5 ahead of it, and a window of 12 read at once
+	if at < 0 || at > 5 { // 5 ahead of it
 		t.Fatalf("the other model's request ran at position %d of %d; 5 requests were ahead of it", at, len(started))
 	}
+}
+
+// TestWaitBoundHandsBack: a request that waits for a slot longer than
+// MaxWait goes back to the queue, uncounted, instead of being held until
+// the broker's consumer_timeout takes it (and every other delivery on the
+// channel) back.
+func TestWaitBoundHandsBack(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	startWorker(t, worker.Config{MaxWait: 50 * time.Millisecond}, b, e, 1)
+	b.Send("running", `{"prompt":"wait:long"}`)
+	b.Send("waiting", `{"prompt":"x"}`)
+	b.WaitSettled(t, 1)
+	st, _ := b.Settlement("waiting")
+	if st.Action != queue.Requeue || st.Reason != queue.ReasonHeldTooLong || queue.Counts(st.Reason) {
+		t.Fatalf("waiting: %+v, want an uncounted requeue", st)
+	}
+	e.open("long")
+	b.WaitSettled(t, 2)
 }

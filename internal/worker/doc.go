@@ -27,8 +27,10 @@
 // batcher), one goroutine per engine call (at most the in-flight limit; each
 // also settles its requests after the engine has answered) and, during an
 // engine outage, a prober; it waits for all of them. Deliveries in flight
-// are bounded by Capacity, 3 × the in-flight limit: a limit's worth waiting
-// for a slot, on the engine, and having its results confirmed. Panics in
+// are bounded by Capacity, 3 × the in-flight limit (at least the limit +
+// 32): room for requests waiting for a slot, on the engine, and having
+// their results confirmed. A request waits for a slot at most
+// Config.MaxWait, then goes back to the queue unspent. Panics in
 // the Observer and in the loops are contained and logged.
 //
 // Shutdown is staged: when Run's context is cancelled the receive loop stops

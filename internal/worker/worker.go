@@ -111,6 +111,11 @@ type Config struct {
 	BatchWait time.Duration
 	// EngineTimeout bounds one engine call (default 5m).
 	EngineTimeout time.Duration
+	// MaxWait is the longest a request waits in the worker for a slot;
+	// past it the request goes back to the queue with no attempt counted,
+	// so a delivery is never held past the broker's consumer_timeout (see
+	// HoldBound). 0: no limit.
+	MaxWait time.Duration
 	// DrainTimeout is how long running calls may finish on shutdown
 	// (default 25s).
 	DrainTimeout time.Duration
@@ -299,30 +304,34 @@ func (w *Worker) capacity() int {
 // 16 bits, and 0 means no limit at all.
 const MaxPrefetch = 65535
 
+// windowFloor is the least room the window leaves beyond the requests on
+// the engine: the results being confirmed and the requests that replace
+// them. A confirm takes tens of milliseconds on a busy broker, as long as a
+// short answer, so a window of 3 × a small limit left slots idle.
+const windowFloor = 32
+
 // Capacity is the most deliveries a worker holds (received and not yet
-// settled) at an in-flight limit, and so its prefetch: 3 × limit, clamped
-// to MaxPrefetch. The window covers the three places a request can be:
-// waiting for a slot (a full set, so that when every call on the engine
-// ends at once each slot is refilled from memory, not from the broker), on
-// the engine, and having its result confirmed (the slot frees when the
-// engine answers, before the broker confirms, so the engine never waits
-// for the broker).
+// settled) at an in-flight limit, and so its prefetch: 3 × limit, or limit
+// + 32 when that is more, clamped to MaxPrefetch. The window covers the
+// three places a request can be: waiting for a slot (so that when calls on
+// the engine end, their slots are refilled from memory, not from the
+// broker), on the engine, and having its result confirmed (the slot frees
+// when the engine answers, before the broker confirms, so the engine never
+// waits for the broker).
 func Capacity(limit int) int {
-	return min(MaxPrefetch, max(1, limit)*3)
+	limit = max(1, limit)
+	return min(MaxPrefetch, max(3*limit, limit+windowFloor))
 }
 
 // HoldBound is the longest a delivery is held between its receipt and its
 // settlement, for a broker that takes back deliveries unacknowledged for
-// too long (RabbitMQ's consumer_timeout). A delivery received last into a
-// window (Capacity) with no result being confirmed has a limit's worth of
-// requests on the engine and another waiting ahead of it, so it waits for
-// two engine calls and runs in a third. The engine may refuse it for lack of room up to
-// maxAttempts times, each followed by a pause of at most backoffMax, and a
-// failure is followed by one more such pause; a list waits at most
-// batchWait to be coalesced. While the engine is down nothing is held: the
-// worker hands its deliveries back.
-func HoldBound(engineTimeout, backoffMax, batchWait time.Duration, maxAttempts int) time.Duration {
-	return 3*engineTimeout + time.Duration(max(1, maxAttempts)+1)*backoffMax + batchWait
+// too long (RabbitMQ's consumer_timeout): it waits for a slot at most
+// maxWait (then it goes back to the queue), a pause after an overload or a
+// failure (at most backoffMax) and a list's window (batchWait), then runs
+// in one engine call. While the engine is down nothing is held: the worker
+// hands its deliveries back.
+func HoldBound(maxWait, engineTimeout, backoffMax, batchWait time.Duration) time.Duration {
+	return maxWait + engineTimeout + backoffMax + batchWait
 }
 
 // receiveLoop keeps the prefetch at the worker's capacity and hands decoded
@@ -497,6 +506,12 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 			continue
 		}
 		now := w.now()
+		if w.cfg.MaxWait > 0 {
+			if old := b.Expire(now.Add(-w.cfg.MaxWait)); len(old) > 0 {
+				w.log.Warn("requests waited longer than their bound for a slot; handing them back to the queue (no attempt counted)", "requests", len(old), "max_wait", w.cfg.MaxWait)
+				w.handBack(old, queue.ReasonHeldTooLong)
+			}
+		}
 		if wait := w.backoffLeft(now); wait > 0 {
 			timer.Reset(wait)
 			continue
@@ -504,7 +519,7 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 		limit := w.sizer.Size()
 		for {
 			on := int(w.onEngine.Load())
-			bt, ok := b.Next(now, limit-on, on > 0)
+			bt, ok := b.Next(now, limit, limit-on, on > 0)
 			if !ok {
 				break
 			}
@@ -517,12 +532,16 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 			}()
 		}
 		// With the limit reached, only a call that ends can change anything:
-		// wait for it rather than wake for windows that already passed.
+		// wait for it rather than wake for windows that already passed (a
+		// call that ends looks at the wait bound too).
+		next := time.Hour
 		if at, ok := b.Deadline(); ok && int(w.onEngine.Load()) < limit {
-			timer.Reset(max(at.Sub(now), time.Millisecond))
-		} else {
-			timer.Reset(time.Hour)
+			next = max(at.Sub(now), time.Millisecond)
 		}
+		if w.cfg.MaxWait > 0 && b.Len() > 0 {
+			next = min(next, w.cfg.MaxWait)
+		}
+		timer.Reset(next)
 	}
 }
 

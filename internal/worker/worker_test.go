@@ -154,9 +154,10 @@ func TestNextBatchRunsWhileResultsAreConfirmed(t *testing.T) {
 	for _, id := range []string{"a", "b", "c", "d"} {
 		h.b.Send(id, `{"prompt":"x"}`)
 	}
-	// a's and b's results wait for their confirms; c ran on the engine
-	// meanwhile. Capacity(1, 1) = 3: d stays with the broker.
-	waitFor(t, func() bool { return len(e.sizes()) == 3 && h.w.InFlight() == 3 })
+	// Every result waits for its confirm, yet each request ran on the
+	// engine (limit 1) as soon as the one before it answered: the window
+	// (Capacity(1) = 33) has room for what is being confirmed.
+	waitFor(t, func() bool { return len(e.sizes()) == 4 && h.w.InFlight() == 4 })
 	if got := h.b.SettledCount(); got != 0 {
 		t.Fatalf("%d settled before any result was confirmed", got)
 	}
