@@ -472,7 +472,7 @@ func TestNoKeyStarves(t *testing.T) {
 	b.WaitSettled(t, 206)
 	started, _, _ := e.snapshot()
 	at := slices.Index(started, "other")
-	if at < 0 || at > 5 { // 5 ahead of it
+	if at < 0 || at > 5+4 { // 5 ahead of it; calls start in any order among the 4 slots
 		t.Fatalf("the other model's request ran at position %d of %d; 5 requests were ahead of it", at, len(started))
 	}
 }

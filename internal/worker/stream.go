@@ -34,7 +34,9 @@ func (c *chunker) add(delta string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.buf.WriteString(delta)
-	if c.buf.Len() >= c.w.cfg.StreamBytes || c.w.now().Sub(c.last) >= c.w.cfg.StreamInterval {
+	// The first token goes at once (time to first token is what a reader
+	// waits on); later ones are coalesced.
+	if c.seq == 0 || c.buf.Len() >= c.w.cfg.StreamBytes || c.w.now().Sub(c.last) >= c.w.cfg.StreamInterval {
 		c.send()
 	}
 }
