@@ -15,8 +15,14 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 GO_BUILD = CGO_ENABLED=1 $(GO) build -trimpath -ldflags="-s -w" -o bin/
 
 .PHONY: build
-build:
+build: build-gateway
 	$(GO_BUILD) ./cmd/worker ./cmd/sousctl
+
+# The OpenAI-compatible gateway (bin/gateway); the Dockerfile's gateway-build
+# stage runs exactly this line (deploy/gateway_test.go checks it).
+.PHONY: build-gateway
+build-gateway:
+	$(GO_BUILD) ./cmd/gateway
 
 # The dev Ollama server, built from its Go module (newer module versions lack
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
