@@ -163,9 +163,6 @@ func (c Config) validate() error {
 			return bad("SOUS_MODELS_ALLOWED", "has an empty entry; list model names separated by commas, e.g. llama3.2,qwen2.5")
 		}
 	}
-	if len(c.ModelsAllowed) > 0 && !slices.Contains(c.ModelsAllowed, c.Model) {
-		return bad("SOUS_MODELS_ALLOWED", "must include SOUS_MODEL (%s)", c.Model)
-	}
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		return bad("SOUS_GATEWAY_ADDR", "must be host:port or :port, got %q", c.Addr)
 	}
@@ -225,6 +222,18 @@ func (c Config) validate() error {
 		}
 	}
 	return nil
+}
+
+// allowedModels is SOUS_MODEL plus SOUS_MODELS_ALLOWED, as the worker reads
+// them: what GET /v1/models lists and requests may name.
+func allowedModels(c Config) []string {
+	out := []string{c.Model}
+	for _, m := range c.ModelsAllowed {
+		if m = strings.TrimSpace(m); m != "" && !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 func parseLevel(s string) (slog.Level, error) {

@@ -57,7 +57,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go keys.Watch(watchCtx, cfg.KeysReload)
 	}
 	api := gateway.New(gateway.Config{
-		Queue: cfg.Queue, Model: cfg.Model, Models: cfg.ModelsAllowed, Keys: keys,
+		Queue: cfg.Queue, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
 		Tracer: tracer,
