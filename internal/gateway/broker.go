@@ -245,9 +245,12 @@ func (a *AMQP) dial() (_ *session, err error) {
 		cases := make(chan *amqp.Error, len(closed))
 		for _, c := range closed {
 			go func() {
+				// A graceful close sends nothing: it only closes c.
+				var last *amqp.Error
 				for e := range c {
-					cases <- e
+					last = e
 				}
+				cases <- last
 			}()
 		}
 		if why := <-cases; why != nil {

@@ -134,8 +134,10 @@ func (k *Keys) reload() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("keys file %s: %w", k.path, err)
 	}
-	if keys == nil {
-		keys = []*Key{}
+	if len(keys) == 0 {
+		// Most likely a file caught mid-write (truncated, not yet
+		// written): keeping the keys in force beats locking everyone out.
+		return false, fmt.Errorf("keys file %s holds no keys; to shut everyone out, stop the gateway", k.path)
 	}
 	k.mu.Lock()
 	// A key that stays keeps its rate bucket, so a reload does not refill it.
@@ -152,7 +154,8 @@ func (k *Keys) reload() (bool, error) {
 }
 
 // Watch reloads the file every interval until ctx is done. A file that
-// no longer parses keeps the previous keys, with an error logged.
+// no longer parses, or holds no keys, keeps the previous keys, with an
+// error logged.
 func (k *Keys) Watch(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()

@@ -68,10 +68,15 @@ func TestKeysReloadOnChange(t *testing.T) {
 	}
 	write(keyLine("b", "k2", "") + "# k1 revoked\n")
 	waitFor(t, func() bool { return k.Lookup("k2") != nil && k.Lookup("k1") == nil })
-	write("garbage line\n")
-	time.Sleep(30 * time.Millisecond) // several reload ticks
-	if k.Lookup("k2") == nil {
-		t.Fatal("a broken file replaced the keys in force")
+	for _, broken := range []string{"garbage line\n", "# all commented out\n"} {
+		write(broken)
+		time.Sleep(30 * time.Millisecond) // several reload ticks: nothing may change
+		if k.Lookup("k2") == nil {
+			t.Fatalf("%q replaced the keys in force", broken)
+		}
+	}
+	if _, err := LoadKeys(path, 0, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "no keys") {
+		t.Fatalf("a keys file without keys at start: %v", err)
 	}
 }
 
