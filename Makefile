@@ -80,6 +80,9 @@ bench: ollama rabbitmq
 	$(BENCH) -bench='Batching/design=one' -benchtime=60x ./integration/bench
 	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
 	for i in 1 2 3; do $(BENCH) -bench='RealOllama' -benchtime=800x ./integration/bench || exit 1; done
+	$(BENCH) -bench='GatewayAddedLatency' -benchtime=1000x ./integration/bench
+	$(BENCH) -bench='GatewayOpenStreams' -benchtime=20x ./integration/bench
+	$(BENCH) -bench='GatewayTimeToFirstToken' -benchtime=200x ./integration/bench
 	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
 .PHONY: fuzz

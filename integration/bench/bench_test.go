@@ -87,6 +87,8 @@ type env struct {
 	queue   string
 	results string
 	model   string // the workers' default (and only allowed) model
+	// streamInterval is the worker's StreamInterval (0: its default, 50ms).
+	streamInterval time.Duration
 }
 
 func (e *env) limits() wire.Limits {
@@ -217,7 +219,7 @@ func (e *env) startSous(engine worker.Engine, size, concurrency int, obs worker.
 	}
 	w := worker.New(worker.Config{
 		WorkerID: "bench", ResultsQueue: e.results, Concurrency: concurrency, BatchWait: 5 * time.Millisecond,
-		Limits: e.limits(), Observer: obs,
+		Limits: e.limits(), Observer: obs, StreamInterval: e.streamInterval,
 	}, d, engine, fixedSizer(size), log)
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
