@@ -85,9 +85,8 @@ type AMQP struct {
 	cfg AMQPConfig
 	log *slog.Logger
 
-	mu    sync.Mutex
-	sess  *session
-	ready chan struct{} // closed while sess is set
+	mu   sync.Mutex
+	sess *session // nil while disconnected
 
 	next    atomic.Uint64
 	late    atomic.Int64
@@ -131,7 +130,7 @@ func OpenAMQP(ctx context.Context, cfg AMQPConfig, log *slog.Logger) (*AMQP, err
 	if cfg.ReconnectMax <= 0 {
 		cfg.ReconnectMax = 15 * time.Second
 	}
-	a := &AMQP{cfg: cfg, log: log, ready: make(chan struct{}), done: make(chan struct{})}
+	a := &AMQP{cfg: cfg, log: log, done: make(chan struct{})}
 	s, err := a.connectRetry(ctx)
 	if err != nil {
 		return nil, err
@@ -147,11 +146,6 @@ func (a *AMQP) set(s *session) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.sess = s
-	if s != nil {
-		close(a.ready)
-	} else {
-		a.ready = make(chan struct{})
-	}
 }
 
 func (a *AMQP) supervise(ctx context.Context, s *session) {
@@ -257,10 +251,10 @@ func (a *AMQP) dial() (_ *session, err error) {
 			a.log.Warn("broker channel closed", "code", why.Code, "reason", why.Reason)
 		}
 		_ = conn.Close()
-		close(s.dead)
 		for _, l := range s.lanes {
 			l.fail(fmt.Errorf("%w: the connection was lost while waiting for the answer", ErrUnavailable))
 		}
+		close(s.dead)
 	}()
 	return s, nil
 }
@@ -409,6 +403,7 @@ func (a *AMQP) Close() error {
 			_ = s.conn.Close()
 			<-s.dead
 		}
+		a.set(nil)
 	})
 	return nil
 }
