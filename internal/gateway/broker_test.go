@@ -164,7 +164,10 @@ func TestAMQPRefusals(t *testing.T) {
 	if err := ch.Publish("", full, false, false, amqp.Publishing{Body: []byte("filler")}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, func() bool { q, err := ch.QueueDeclarePassive(full, false, true, false, false, nil); return err == nil && q.Messages == 1 })
+	waitFor(t, func() bool {
+		q, err := ch.QueueDeclarePassive(full, false, true, false, false, nil)
+		return err == nil && q.Messages == 1
+	})
 	for _, tc := range []struct {
 		queue string
 		want  error
