@@ -3,10 +3,19 @@ package gateway
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -277,5 +286,82 @@ func TestDrainOnSIGTERM(t *testing.T) {
 	}
 	if code := gw.ExitCode(t, 30*time.Second); code != 0 {
 		t.Fatalf("exit code %d, want 0", code)
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key, and returns
+// their paths and a pool that trusts the certificate.
+func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "sous-gateway-test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+// TestTLSAndKeyReload: with a certificate the gateway serves HTTPS only,
+// and a changed keys file takes effect without a restart.
+func TestTLSAndKeyReload(t *testing.T) {
+	t.Parallel()
+	q := queueName(t, "")
+	certFile, keyFile, pool := selfSigned(t)
+	keys := keysFile(t)
+	gw := startGateway(t, q, "SOUS_GATEWAY_TLS_CERT_FILE="+certFile, "SOUS_GATEWAY_TLS_KEY_FILE="+keyFile,
+		"SOUS_GATEWAY_KEYS_FILE="+keys, "SOUS_GATEWAY_KEYS_RELOAD=100ms")
+	api := strings.Replace(gw.api, "http://", "https://", 1)
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	get := func(c *http.Client, base, key string) int {
+		req, _ := http.NewRequest(http.MethodGet, base+"/v1/models", nil)
+		req.Header.Set("Authorization", "Bearer "+key)
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(client, api, apiKey); code != http.StatusOK {
+		t.Fatalf("HTTPS: %d", code)
+	}
+	if code := get(http.DefaultClient, gw.api, apiKey); code == http.StatusOK {
+		t.Fatal("plain HTTP was served with a certificate configured")
+	}
+	const newKey = "sk-rotated-77"
+	sum := sha256.Sum256([]byte(newKey))
+	if err := os.WriteFile(keys, []byte("rotated "+hex.EncodeToString(sum[:])+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	itest.WaitUntil(t, 10*time.Second, "the rotated key to be accepted", func() bool { return get(client, api, newKey) == http.StatusOK })
+	if code := get(client, api, apiKey); code != http.StatusUnauthorized {
+		t.Fatalf("the revoked key: %d, want 401", code)
+	}
+	if strings.Contains(gw.Logs(), newKey) || strings.Contains(gw.Logs(), apiKey) {
+		t.Fatal("a key is in the gateway's log")
 	}
 }
