@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
@@ -39,6 +41,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	tracer, closeTracer := startTracing(ctx, cfg, log)
 	defer closeTracer()
+	meter, metricsHandler, closeMetrics, err := startMetrics(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeMetrics()
 
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	broker, err := gateway.OpenAMQP(connectCtx, gateway.AMQPConfig{
@@ -51,6 +58,15 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	defer broker.Close()
 
+	if meter != nil {
+		// Replies nobody waited for: the client had gone, or a duplicate.
+		_, _ = meter.Int64ObservableCounter("sous.gateway.late_replies", metric.WithUnit("{message}"),
+			metric.WithDescription("results and chunks dropped because their HTTP request had gone"),
+			metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+				o.Observe(broker.LateReplies())
+				return nil
+			}))
+	}
 	watchCtx, stopWatch := context.WithCancel(context.Background())
 	defer stopWatch()
 	if keys != nil {
@@ -60,7 +76,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Queue: cfg.Queue, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
-		Tracer: tracer,
+		Tracer: tracer, Meter: meter,
 	}, broker, log)
 
 	ln, err := net.Listen("tcp", cfg.Addr)
@@ -80,7 +96,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 	}()
 	draining := make(chan struct{})
-	ops, err := startOps(cfg, broker, draining, log)
+	ops, err := startOps(cfg, broker, draining, metricsHandler, log)
 	if err != nil {
 		_ = srv.Close()
 		return err
@@ -107,8 +123,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	return nil
 }
 
-// startOps serves /healthz and /readyz on SOUS_HTTP_ADDR.
-func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, log *slog.Logger) (*http.Server, error) {
+// startOps serves /healthz, /readyz and (when metrics is not nil)
+// /metrics on SOUS_HTTP_ADDR.
+func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, metrics http.Handler, log *slog.Logger) (*http.Server, error) {
 	if cfg.HTTPAddr == "off" {
 		return nil, nil
 	}
@@ -127,6 +144,9 @@ func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, log *slog.
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+	if metrics != nil {
+		mux.Handle("GET /metrics", metrics)
+	}
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
 		return nil, bad("SOUS_HTTP_ADDR", "cannot listen on %s: %v", cfg.HTTPAddr, err)
@@ -138,6 +158,30 @@ func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, log *slog.
 		}
 	}()
 	return srv, nil
+}
+
+// startMetrics makes the gateway's meter, read by Prometheus at
+// GET /metrics; OTEL_SDK_DISABLED=true turns it off.
+func startMetrics(ctx context.Context, cfg Config) (metric.Meter, http.Handler, func(), error) {
+	if strings.EqualFold(strings.TrimSpace(cfg.OTelDisabled), "true") || cfg.HTTPAddr == "off" {
+		return nil, nil, func() {}, nil
+	}
+	reader, handler, err := telemetry.NewPrometheus()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	res, _ := resource.New(ctx, resource.WithSchemaURL(semconv.SchemaURL),
+		resource.WithAttributes(semconv.ServiceName(cfg.OTelServiceName)), resource.WithFromEnv(), resource.WithTelemetrySDK())
+	opts := []sdkmetric.Option{sdkmetric.WithReader(reader)}
+	if res != nil {
+		opts = append(opts, sdkmetric.WithResource(res))
+	}
+	mp := sdkmetric.NewMeterProvider(opts...)
+	return mp.Meter("github.com/sous-run/sous/internal/gateway"), handler, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = mp.Shutdown(ctx)
+	}, nil
 }
 
 // startTracing returns the tracer of the gateway's producer spans. Spans

@@ -175,6 +175,18 @@ func TestOpenAINodeClient(t *testing.T) {
 	if strings.Contains(gw.Logs(), apiKey) {
 		t.Error("the API key is in the gateway's log")
 	}
+	code, metrics := gw.GetBody("/metrics")
+	for _, want := range []string{`sous_gateway_requests_total{`, `error_type="model_not_found"`, `error_type="client_closed"`, `http_response_status_code="401"`, "sous_gateway_late_replies_total", "sous_gateway_request_duration_seconds_bucket"} {
+		if code != http.StatusOK || !strings.Contains(metrics, want) {
+			t.Errorf("/metrics (%d) has no %s", code, want)
+		}
+	}
+	if _, fm := full.GetBody("/metrics"); !strings.Contains(fm, `error_type="queue_full"`) {
+		t.Error("the full queue's gateway counts no queue_full")
+	}
+	if strings.Contains(metrics, apiKey) || strings.Contains(metrics, `key="`) {
+		t.Error("a key in /metrics")
+	}
 }
 
 // TestPublishedRequest: what the gateway publishes is a persistent message

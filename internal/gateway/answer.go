@@ -87,15 +87,16 @@ func (a *answer) fail(e *apiError) {
 }
 
 // wait answers a non-streamed request with one JSON body.
-func (a *answer) wait(ctx context.Context, w http.ResponseWriter, c Call) {
+func (a *answer) wait(ctx context.Context, w http.ResponseWriter, c Call) *apiError {
 	for {
 		rs, err := next(ctx, c, 0, nil)
 		if err != nil {
-			if e := a.failure(err); e != nil {
+			e := a.failure(err)
+			if e != nil {
 				a.fail(e)
 				writeError(w, e)
 			}
-			return
+			return e
 		}
 		for _, rep := range rs {
 			if rep.Chunk {
@@ -105,10 +106,10 @@ func (a *answer) wait(ctx context.Context, w http.ResponseWriter, c Call) {
 			if e != nil {
 				a.fail(e)
 				writeError(w, e)
-				return
+				return e
 			}
 			writeJSON(w, http.StatusOK, a.body(r))
-			return
+			return nil
 		}
 	}
 }
@@ -163,7 +164,7 @@ func (s sse) raw(line string) error {
 // and comments keep the connection alive until the first chunk. Errors
 // after that are an SSE event {"error": {...}}, which OpenAI's clients
 // raise as an APIError.
-func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
+func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *apiError {
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
 	h.Set("Cache-Control", "no-cache")
@@ -172,7 +173,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
 	w.WriteHeader(http.StatusOK)
 	out := sse{w: w, rc: http.NewResponseController(w)}
 	if err := out.raw(": queued\n\n"); err != nil {
-		return
+		return nil // the client went away
 	}
 	// sent is what the client has seen, for a stream that restarts on
 	// another worker: see docs/messages.md, Streaming.
@@ -182,11 +183,12 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
 	for {
 		rs, err := next(ctx, c, a.s.cfg.KeepAlive, keepAlive)
 		if err != nil {
-			if e := a.failure(err); e != nil {
+			e := a.failure(err)
+			if e != nil {
 				a.fail(e)
 				_ = out.event(e.body())
 			}
-			return
+			return e
 		}
 		for _, rep := range rs {
 			if rep.Chunk {
@@ -206,7 +208,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
 					continue
 				}
 				if err := a.delta(out, ch.Delta, sent.Len() == 0); err != nil {
-					return
+					return nil // the client went away
 				}
 				sent.WriteString(ch.Delta)
 				continue
@@ -215,7 +217,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
 			if e != nil {
 				a.fail(e)
 				_ = out.event(e.body())
-				return
+				return e
 			}
 			rest := resultText(r)
 			if !strings.HasPrefix(rest, sent.String()) {
@@ -223,15 +225,15 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) {
 					Message: "the worker streaming this answer failed and another attempt produced a different text; retry the request"}
 				a.fail(e)
 				_ = out.event(e.body())
-				return
+				return e
 			}
 			if rest = rest[sent.Len():]; rest != "" {
 				if err := a.delta(out, rest, sent.Len() == 0); err != nil {
-					return
+					return nil
 				}
 			}
 			_ = a.finish(out, r)
-			return
+			return nil
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
@@ -47,6 +48,8 @@ type Config struct {
 	// Tracer starts the producer span whose context goes into the
 	// message's traceparent; nil passes the client's traceparent on as is.
 	Tracer trace.Tracer
+	// Meter makes the gateway's metrics; nil makes none.
+	Meter metric.Meter
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -60,6 +63,7 @@ type Server struct {
 	mux    *http.ServeMux
 	open   chan struct{}
 	prop   propagation.TextMapPropagator
+	m      metrics
 }
 
 // New returns a server that sends requests through b.
@@ -88,12 +92,12 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}}
-	s.mux.HandleFunc("POST /v1/chat/completions", s.auth(func(w http.ResponseWriter, r *http.Request, k *Key) { s.serve(w, r, k, epChat) }))
-	s.mux.HandleFunc("POST /v1/completions", s.auth(func(w http.ResponseWriter, r *http.Request, k *Key) { s.serve(w, r, k, epCompletion) }))
-	s.mux.HandleFunc("POST /v1/embeddings", s.auth(func(w http.ResponseWriter, r *http.Request, k *Key) { s.serve(w, r, k, epEmbedding) }))
-	s.mux.HandleFunc("GET /v1/models", s.auth(s.models))
-	s.mux.HandleFunc("GET /v1/models/{model...}", s.auth(s.model))
+	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
+	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
+	s.handle("POST /v1/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epCompletion) })
+	s.handle("POST /v1/embeddings", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epEmbedding) })
+	s.handle("GET /v1/models", s.models)
+	s.handle("GET /v1/models/{model...}", s.model)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "unknown_url",
 			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"})
@@ -103,28 +107,54 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
+// handler serves one route for an authenticated key (nil without keys).
+// It returns the error it answered with, nil on success, for the metrics
+// (a stream's error after its 200 included).
+type handler func(http.ResponseWriter, *http.Request, *Key) *apiError
+
+// handle registers h behind the key check and the metrics.
+func (s *Server) handle(pattern string, h handler) {
+	route := pattern[strings.IndexByte(pattern, ' ')+1:]
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		start := s.cfg.Now()
+		rec := &statusRecorder{ResponseWriter: w}
+		e := s.auth(rec, r, h)
+		o := outcome{status: rec.status}
+		if e != nil {
+			o = outcome{status: e.Status, code: e.Code}
+		}
+		if e == nil && (rec.status == 0 || r.Context().Err() != nil) {
+			// The client went away: before any answer, or mid-stream.
+			o = outcome{status: 499, code: "client_closed"}
+		}
+		s.m.record(route, start, o)
+	})
+}
+
 // auth checks the bearer key (when keys are configured) and its rate.
-func (s *Server) auth(next func(http.ResponseWriter, *http.Request, *Key)) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var k *Key
-		if s.cfg.Keys != nil {
-			token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if ok {
-				k = s.cfg.Keys.Lookup(strings.TrimSpace(token))
-			}
-			if k == nil {
-				writeError(w, errUnauthorized())
-				return
-			}
-			if k.bucket != nil {
-				if ok, wait := k.bucket.take(s.cfg.Now()); !ok {
-					writeError(w, errRateLimited(wait))
-					return
-				}
+func (s *Server) auth(w http.ResponseWriter, r *http.Request, next handler) *apiError {
+	var k *Key
+	if s.cfg.Keys != nil {
+		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if ok {
+			k = s.cfg.Keys.Lookup(strings.TrimSpace(token))
+		}
+		if k == nil {
+			return fail(w, errUnauthorized())
+		}
+		if k.bucket != nil {
+			if ok, wait := k.bucket.take(s.cfg.Now()); !ok {
+				return fail(w, errRateLimited(wait))
 			}
 		}
-		next(w, r, k)
 	}
+	return next(w, r, k)
+}
+
+// fail answers e and returns it.
+func fail(w http.ResponseWriter, e *apiError) *apiError {
+	writeError(w, e)
+	return e
 }
 
 func (s *Server) allowed(k *Key) []string {
@@ -134,36 +164,37 @@ func (s *Server) allowed(k *Key) []string {
 	return slices.DeleteFunc(slices.Clone(s.cfg.Models), func(m string) bool { return !k.Allows(m) })
 }
 
-func (s *Server) models(w http.ResponseWriter, _ *http.Request, k *Key) {
+func (s *Server) models(w http.ResponseWriter, _ *http.Request, k *Key) *apiError {
 	list := modelList{Object: "list", Data: []model{}}
 	for _, m := range s.allowed(k) {
 		list.Data = append(list.Data, model{ID: m, Object: "model", OwnedBy: "sous"})
 	}
 	writeJSON(w, http.StatusOK, list)
+	return nil
 }
 
-func (s *Server) model(w http.ResponseWriter, r *http.Request, k *Key) {
+func (s *Server) model(w http.ResponseWriter, r *http.Request, k *Key) *apiError {
 	m := r.PathValue("model")
 	if !slices.Contains(s.allowed(k), m) {
-		writeError(w, errModelNotFound(m))
-		return
+		return fail(w, errModelNotFound(m))
 	}
 	writeJSON(w, http.StatusOK, model{ID: m, Object: "model", OwnedBy: "sous"})
+	return nil
 }
 
 // serve runs one completion, chat or embedding request end to end.
-func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) {
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) *apiError {
 	select {
 	case s.open <- struct{}{}:
 		defer func() { <-s.open }()
 	default:
-		writeError(w, errTooManyOpen(time.Second))
-		return
+		return fail(w, errTooManyOpen(time.Second))
 	}
+	s.m.open.Add(context.Background(), 1)
+	defer s.m.open.Add(context.Background(), -1)
 	body, aerr := s.readBody(w, r)
 	if aerr != nil {
-		writeError(w, aerr)
-		return
+		return fail(w, aerr)
 	}
 	var t *translated
 	switch ep {
@@ -175,15 +206,13 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 		t, aerr = translateEmbedding(body)
 	}
 	if aerr != nil {
-		writeError(w, aerr)
-		return
+		return fail(w, aerr)
 	}
 	if t.req.Model == "" {
 		t.req.Model = s.cfg.Model
 	}
 	if !slices.Contains(s.allowed(k), t.req.Model) {
-		writeError(w, errModelNotFound(t.req.Model))
-		return
+		return fail(w, errModelNotFound(t.req.Model))
 	}
 	now := s.cfg.Now()
 	id := newID()
@@ -199,11 +228,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}, now); err != nil {
 		var ie *wire.InputError
 		if errors.As(err, &ie) {
-			writeError(w, fromInputError(ie, t.req.Model))
-			return
+			return fail(w, fromInputError(ie, t.req.Model))
 		}
-		writeError(w, badRequest("", "invalid request"))
-		return
+		return fail(w, badRequest("", "invalid request"))
 	}
 
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
@@ -229,12 +256,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	if err != nil {
 		aerr := s.sendError(err)
 		if aerr == nil { // the client went away
-			return
+			return nil
 		}
 		span.SetStatus(codes.Error, aerr.Code)
 		log.Warn("request not published", "status", aerr.Status, "err", err)
-		writeError(w, aerr)
-		return
+		return fail(w, aerr)
 	}
 	defer c.Close()
 	log.Debug("request published")
@@ -243,10 +269,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 		ans.id = "cmpl-" + id
 	}
 	if t.req.Stream {
-		ans.stream(ctx, w, c)
-	} else {
-		ans.wait(ctx, w, c)
+		return ans.stream(ctx, w, c)
 	}
+	return ans.wait(ctx, w, c)
 }
 
 func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/binary"
@@ -18,6 +19,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/wire"
@@ -521,5 +525,46 @@ func TestTooManyOpen(t *testing.T) {
 	}
 	if s := <-done; s != 200 {
 		t.Fatalf("first request: %d", s)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	t.Parallel()
+	reader := sdkmetric.NewManualReader()
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))
+	srv, _ := setup(t, setupOpts{keys: keyLine("alice", testKey, ""), answer: okAnswer("x"), cfg: func(c *Config) { c.Meter = mp.Meter("test") }})
+	post(t, srv.URL+"/v1/completions", testKey, `{"prompt":"hi"}`)
+	post(t, srv.URL+"/v1/completions", "sk-wrong", `{"prompt":"hi"}`)
+	post(t, srv.URL+"/v1/completions", testKey, `{"model":"nope","prompt":"hi"}`)
+	var rm metricdata.ResourceMetrics
+	if err := reader.Collect(context.Background(), &rm); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int64{}
+	for _, sm := range rm.ScopeMetrics {
+		for _, m := range sm.Metrics {
+			if m.Name != "sous.gateway.requests" {
+				continue
+			}
+			for _, dp := range m.Data.(metricdata.Sum[int64]).DataPoints {
+				var parts []string
+				for _, kv := range dp.Attributes.ToSlice() {
+					parts = append(parts, string(kv.Key)+"="+kv.Value.Emit())
+					if strings.Contains(kv.Value.Emit(), "sk-") || strings.Contains(kv.Value.Emit(), "alice") || kv.Value.Emit() == "nope" {
+						t.Fatalf("a key, key name or model in a metric label: %v", kv)
+					}
+				}
+				got[strings.Join(parts, ",")] += dp.Value
+			}
+		}
+	}
+	for _, want := range []string{
+		"error.type=,http.response.status_code=200,http.route=/v1/completions",
+		"error.type=invalid_api_key,http.response.status_code=401,http.route=/v1/completions",
+		"error.type=model_not_found,http.response.status_code=404,http.route=/v1/completions",
+	} {
+		if got[want] != 1 {
+			t.Errorf("%s: %d, want 1 (all: %v)", want, got[want], got)
+		}
 	}
 }
