@@ -52,6 +52,7 @@ test: ollama rabbitmq sbpeer
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq
+	$(GO) test -run='^$$' -fuzz=FuzzTranslate -fuzztime=$(FUZZTIME) ./internal/gateway
 	$(GO) test -run='^$$' -bench=. -benchtime=3x ./...
 
 # The first run: RabbitMQ (started if down), the dev Ollama with a tiny
@@ -89,6 +90,7 @@ bench: ollama rabbitmq
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=3m ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=3m ./internal/queue/rabbitmq
+	$(GO) test -run='^$$' -fuzz=FuzzTranslate -fuzztime=3m ./internal/gateway
 
 .PHONY: clean
 clean:

@@ -2,9 +2,12 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -191,5 +194,103 @@ func TestAMQPSendAfterClose(t *testing.T) {
 	_ = a.Close()
 	if _, err := a.Send(context.Background(), Message{ID: "x", Body: []byte(`{}`)}); !errors.Is(err, ErrUnavailable) {
 		t.Fatalf("send after close: %v", err)
+	}
+}
+
+func managementURL() string {
+	if u := os.Getenv("RABBITMQ_MANAGEMENT_URL"); u != "" {
+		return u
+	}
+	return "http://guest:guest@127.0.0.1:15672"
+}
+
+// closeConnection has the broker close the connection whose client named
+// itself name, through the management API (as an operator or a broker
+// restart would).
+func closeConnection(t *testing.T, name string) {
+	t.Helper()
+	// No idle connection outlives the test (goleak).
+	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	var target string
+	deadline := time.Now().Add(20 * time.Second) // the API lists a connection after its first stats tick
+	for target == "" {
+		resp, err := client.Get(managementURL() + "/api/connections?columns=name,user_provided_name")
+		if err != nil {
+			t.Fatalf("management API (rabbitmq-plugins enable rabbitmq_management): %v", err)
+		}
+		var conns []struct {
+			Name         string `json:"name"`
+			ProvidedName string `json:"user_provided_name"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&conns)
+		resp.Body.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range conns {
+			if c.ProvidedName == name {
+				target = c.Name
+			}
+		}
+		if target == "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("connection %q not listed by the management API", name)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodDelete, managementURL()+"/api/connections/"+url.PathEscape(target), nil)
+	req.Header.Set("X-Reason", "test: connection lost")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		t.Fatalf("close connection: %s", resp.Status)
+	}
+}
+
+// TestAMQPReconnects: a lost connection fails the calls waiting on it
+// (their replies cannot reach a new channel) with ErrUnavailable, and the
+// broker reconnects and serves again.
+func TestAMQPReconnects(t *testing.T) {
+	t.Parallel()
+	ch := rawChannel(t)
+	q := declare(t, ch, nil)
+	name := fmt.Sprintf("sous-gw-unit-reconnect-%d-%d", os.Getpid(), queueSeq.Add(1))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a, err := OpenAMQP(ctx, AMQPConfig{URL: secret.Value(brokerURL()), Queue: q, Channels: 2, ConnectionName: name,
+		ReconnectMin: 50 * time.Millisecond, ReconnectMax: 200 * time.Millisecond}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	c, err := a.Send(ctx, Message{ID: "before", Body: []byte(`{}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closeConnection(t, name)
+	select {
+	case <-c.Notify():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiting call was not told about the lost connection")
+	}
+	if _, err := c.Take(); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("waiting call: %v, want ErrUnavailable", err)
+	}
+	c.Close()
+	waitFor(t, func() bool { return a.Ready(ctx) == nil })
+	var c2 Call
+	waitFor(t, func() bool {
+		c2, err = a.Send(ctx, Message{ID: "after", Body: []byte(`{}`)})
+		return err == nil
+	})
+	defer c2.Close()
+	playWorker(t, ch, q) // "before" is still in the queue: persistent
+	playWorker(t, ch, q)
+	if rs := waitReplies(t, c2, 3); len(rs) != 3 {
+		t.Fatalf("replies after the reconnect: %d", len(rs))
 	}
 }
