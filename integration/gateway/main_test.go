@@ -31,7 +31,8 @@ func testMain(m *testing.M) int {
 	if u := os.Getenv("RABBITMQ_URL"); u != "" {
 		brokerURL = u
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	// npm ci, a race build of two binaries and the dev Ollama, on a busy machine.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	conn, err := amqp.Dial(brokerURL)
 	if err != nil {
