@@ -182,6 +182,9 @@ func (c Config) validate() error {
 	if c.Rate < 0 {
 		return bad("SOUS_GATEWAY_RATE", "must be requests per second, 0 or more (0: no limit)")
 	}
+	if c.Rate > 0 && c.KeysFile == "" {
+		return bad("SOUS_GATEWAY_RATE", "is a rate per API key: set SOUS_GATEWAY_KEYS_FILE too, or leave it 0")
+	}
 	positive := []struct {
 		name string
 		v    int64
