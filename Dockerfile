@@ -58,3 +58,22 @@ EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/sous-worker"]
 # The base image's CMD ["serve"] is for ollama; the worker takes no arguments.
 CMD []
+
+# gateway: the OpenAI-compatible HTTP front door (cmd/gateway), CPU only.
+#
+#   docker build --target gateway -t sous-gateway .
+#
+# Built in the build stage's tree by the Makefile's own build-gateway target
+# (the golang image has make). distroless base-nossl: glibc for the cgo build,
+# CA certificates, no OpenSSL (Go brings its own TLS); the same Debian
+# release as the worker image (deploy/gateway_test.go checks all this).
+FROM build AS gateway-build
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+    make build-gateway
+
+FROM gcr.io/distroless/base-nossl-debian12:nonroot AS gateway
+COPY --from=gateway-build /src/bin/gateway /usr/local/bin/sous-gateway
+USER 65532:65532
+# 8081: the API (SOUS_GATEWAY_ADDR); 8080: /healthz and /readyz (SOUS_HTTP_ADDR).
+EXPOSE 8081 8080
+ENTRYPOINT ["/usr/local/bin/sous-gateway"]

@@ -15,8 +15,14 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 GO_BUILD = CGO_ENABLED=1 $(GO) build -trimpath -ldflags="-s -w" -o bin/
 
 .PHONY: build
-build:
+build: build-gateway
 	$(GO_BUILD) ./cmd/worker ./cmd/sousctl
+
+# The OpenAI-compatible gateway (bin/gateway); the Dockerfile's gateway-build
+# stage runs exactly this line (deploy/gateway_test.go checks it).
+.PHONY: build-gateway
+build-gateway:
+	$(GO_BUILD) ./cmd/gateway
 
 # The dev Ollama server, built from its Go module (newer module versions lack
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
@@ -51,6 +57,7 @@ test: ollama rabbitmq sbpeer
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq
+	$(GO) test -run='^$$' -fuzz=FuzzTranslate -fuzztime=$(FUZZTIME) ./internal/gateway
 	$(GO) test -run='^$$' -bench=. -benchtime=3x ./...
 
 # The first run: RabbitMQ (started if down), the dev Ollama with a tiny
@@ -81,6 +88,9 @@ bench: ollama rabbitmq
 	for i in 1 2 3; do $(BENCH) -bench='BrokerPath' -benchtime=10000x ./integration/bench || exit 1; done
 	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
 	$(BENCH) -bench='Batching' -benchtime=1280x ./integration/bench
+	$(BENCH) -bench='GatewayAddedLatency' -benchtime=1000x ./integration/bench
+	$(BENCH) -bench='GatewayOpenStreams' -benchtime=20x ./integration/bench
+	$(BENCH) -bench='GatewayTimeToFirstToken' -benchtime=200x ./integration/bench
 	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
 # On a machine with an NVIDIA GPU (the device tool): NVML through go-nvml,
@@ -105,6 +115,7 @@ bench-profile: rabbitmq
 fuzz:
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=3m ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=3m ./internal/queue/rabbitmq
+	$(GO) test -run='^$$' -fuzz=FuzzTranslate -fuzztime=3m ./internal/gateway
 
 .PHONY: clean
 clean:

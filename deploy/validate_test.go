@@ -56,6 +56,7 @@ var coreKinds = map[string]func() any{
 	"v1/ConfigMap":                  func() any { return &corev1.ConfigMap{} },
 	"v1/Secret":                     func() any { return &corev1.Secret{} },
 	"v1/ServiceAccount":             func() any { return &corev1.ServiceAccount{} },
+	"v1/Service":                    func() any { return &corev1.Service{} },
 	"v1/PersistentVolumeClaim":      func() any { return &corev1.PersistentVolumeClaim{} },
 	"v1/Namespace":                  func() any { return &corev1.Namespace{} },
 	"apps/v1/Deployment":            func() any { return &appsv1.Deployment{} },
@@ -516,7 +517,14 @@ func checkSet(ks *kedaSchemas, objs []object, ex examples) []error {
 	for _, o := range s["Deployment"] {
 		d := o.typed.(*appsv1.Deployment)
 		errs = append(errs, prefix(o, checkPodSpec(&d.Spec.Template.Spec))...)
+		if d.Spec.Template.Labels["app.kubernetes.io/component"] == "gateway" {
+			errs = append(errs, prefix(o, checkGateway(s, d, ex))...) // gateway_test.go
+			continue
+		}
 		errs = append(errs, prefix(o, checkWorker(s, d, ex))...)
+	}
+	for _, o := range s["Service"] {
+		errs = append(errs, prefix(o, checkService(s, o.typed.(*corev1.Service)))...)
 	}
 	for _, o := range s["ServiceAccount"] {
 		sa := o.typed.(*corev1.ServiceAccount)

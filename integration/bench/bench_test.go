@@ -116,6 +116,8 @@ type env struct {
 	results string
 	model   string // the workers' default (and only allowed) model
 	work    workload
+	// streamInterval is the worker's StreamInterval (0: its default, 50ms).
+	streamInterval time.Duration
 }
 
 // limits are cmd/worker's defaults (SOUS_MAX_BODY_BYTES and so on) with
@@ -379,7 +381,7 @@ func (e *env) startSous(engine worker.Engine, slots int, obs worker.Observer) (s
 		if err != nil {
 			e.b.Fatal(err)
 		}
-		w := worker.New(worker.Config{WorkerID: "bench", ResultsQueue: e.results, Limits: e.limits(), Observer: obs}, d, engine, sizer, log)
+		w := worker.New(worker.Config{WorkerID: "bench", ResultsQueue: e.results, Limits: e.limits(), Observer: obs, StreamInterval: e.streamInterval}, d, engine, sizer, log)
 		go func() { done <- w.Run(ctx) }()
 	})
 	return func() {

@@ -1,0 +1,274 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"reflect"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v11"
+
+	"github.com/sous-run/sous/internal/secret"
+	"github.com/sous-run/sous/internal/telemetry"
+)
+
+// Config is everything the gateway reads from its environment. Each field
+// names its variable and default; README.md lists them (a test checks).
+type Config struct {
+	// Addr is where the OpenAI-compatible API listens
+	// (SOUS_GATEWAY_ADDR, default :8081).
+	Addr string `env:"SOUS_GATEWAY_ADDR" envDefault:":8081"`
+	// KeysFile holds the API keys, "<name> <hex sha256>" per line
+	// (SOUS_GATEWAY_KEYS_FILE; unset: no authentication, with a warning).
+	KeysFile string `env:"SOUS_GATEWAY_KEYS_FILE"`
+	// KeysReload is how often the keys file is checked for changes
+	// (SOUS_GATEWAY_KEYS_RELOAD, default 5s).
+	KeysReload time.Duration `env:"SOUS_GATEWAY_KEYS_RELOAD" envDefault:"5s"`
+	// Rate is each key's requests per second unless its line says rate=
+	// (SOUS_GATEWAY_RATE, default 0: no limit).
+	Rate float64 `env:"SOUS_GATEWAY_RATE" envDefault:"0"`
+	// Timeout bounds the wait for an answer; requests carry now + Timeout
+	// as their deadline (SOUS_GATEWAY_TIMEOUT, default 5m).
+	Timeout time.Duration `env:"SOUS_GATEWAY_TIMEOUT" envDefault:"5m"`
+	// KeepAlive is the interval of SSE comments on a waiting stream
+	// (SOUS_GATEWAY_KEEPALIVE, default 15s).
+	KeepAlive time.Duration `env:"SOUS_GATEWAY_KEEPALIVE" envDefault:"15s"`
+	// RetryAfter is the Retry-After of a 429 for a full queue
+	// (SOUS_GATEWAY_RETRY_AFTER, default 5s).
+	RetryAfter time.Duration `env:"SOUS_GATEWAY_RETRY_AFTER" envDefault:"5s"`
+	// MaxOpen bounds the requests held open at once
+	// (SOUS_GATEWAY_MAX_OPEN, default 4096).
+	MaxOpen int `env:"SOUS_GATEWAY_MAX_OPEN" envDefault:"4096"`
+	// Channels is the number of AMQP channels, each with its own direct
+	// reply-to consumer (SOUS_GATEWAY_CHANNELS, default 4).
+	Channels int `env:"SOUS_GATEWAY_CHANNELS" envDefault:"4"`
+	// TLSCertFile and TLSKeyFile turn on HTTPS (SOUS_GATEWAY_TLS_CERT_FILE,
+	// SOUS_GATEWAY_TLS_KEY_FILE).
+	TLSCertFile string `env:"SOUS_GATEWAY_TLS_CERT_FILE"`
+	TLSKeyFile  string `env:"SOUS_GATEWAY_TLS_KEY_FILE"`
+
+	// Shared with the worker.
+	Broker         string        `env:"SOUS_BROKER" envDefault:"rabbitmq"`
+	AMQPURL        secret.Value  `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	AMQPURLFile    string        `env:"SOUS_AMQP_URL_FILE"`
+	AMQPCAFile     string        `env:"SOUS_AMQP_CA_FILE"`
+	AMQPCertFile   string        `env:"SOUS_AMQP_CERT_FILE"`
+	AMQPKeyFile    string        `env:"SOUS_AMQP_KEY_FILE"`
+	AMQPHeartbeat  time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
+	Queue          string        `env:"SOUS_QUEUE" envDefault:"sous.requests"`
+	Model          string        `env:"SOUS_MODEL"`
+	ModelsAllowed  []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
+	MaxBodyBytes   int           `env:"SOUS_MAX_BODY_BYTES" envDefault:"1048576"`
+	MaxPromptBytes int           `env:"SOUS_MAX_PROMPT_BYTES" envDefault:"262144"`
+	MaxNumPredict  int           `env:"SOUS_MAX_NUM_PREDICT" envDefault:"4096"`
+	DrainTimeout   time.Duration `env:"SOUS_DRAIN_TIMEOUT" envDefault:"25s"`
+	HTTPAddr       string        `env:"SOUS_HTTP_ADDR" envDefault:":8080"`
+	LogLevel       string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
+	LogFormat      string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
+
+	// OpenTelemetry (traces only: the gateway's span continues the
+	// client's traceparent into the message).
+	OTelDisabled       string `env:"OTEL_SDK_DISABLED" envDefault:"false"`
+	OTelServiceName    string `env:"OTEL_SERVICE_NAME" envDefault:"sous-gateway"`
+	OTelTracesExporter string `env:"OTEL_TRACES_EXPORTER"`
+	OTelEndpoint       string `env:"OTEL_EXPORTER_OTLP_ENDPOINT"`
+	OTelTracesEndpoint string `env:"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"`
+	OTelProtocol       string `env:"OTEL_EXPORTER_OTLP_PROTOCOL" envDefault:"http/protobuf"`
+	OTelTracesProtocol string `env:"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"`
+}
+
+// configError names the variable that is wrong; main exits 2 on it.
+type configError struct {
+	Var string
+	Msg string
+}
+
+func (e *configError) Error() string { return e.Var + ": " + e.Msg }
+
+func bad(v, format string, args ...any) error {
+	return &configError{Var: v, Msg: fmt.Sprintf(format, args...)}
+}
+
+// loadConfig reads the environment (environ as os.Environ gives it).
+func loadConfig(environ []string) (Config, error) {
+	vars := make(map[string]string, len(environ))
+	for _, kv := range environ {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			vars[k] = v
+		}
+	}
+	var c Config
+	if err := env.ParseWithOptions(&c, env.Options{Environment: vars}); err != nil {
+		var agg env.AggregateError
+		if errors.As(err, &agg) && len(agg.Errors) > 0 {
+			var pe env.ParseError
+			if errors.As(agg.Errors[0], &pe) {
+				// Keep the variable, drop the value: it may be a secret.
+				return c, bad(fieldVar(pe.Name), "cannot parse as %s", pe.Type)
+			}
+		}
+		return c, fmt.Errorf("configuration: %w", err)
+	}
+	if c.AMQPURLFile != "" {
+		b, err := os.ReadFile(c.AMQPURLFile)
+		if err != nil {
+			return c, bad("SOUS_AMQP_URL_FILE", "cannot read the secret file: %v", err)
+		}
+		c.AMQPURL = secret.Value(strings.TrimSpace(string(b)))
+	}
+	return c, c.validate()
+}
+
+func fieldVar(field string) string {
+	if f, ok := reflect.TypeFor[Config]().FieldByName(field); ok {
+		return strings.Split(f.Tag.Get("env"), ",")[0]
+	}
+	return field
+}
+
+func (c Config) validate() error {
+	switch c.Broker {
+	case "rabbitmq":
+	case "servicebus":
+		return bad("SOUS_BROKER", "the gateway supports rabbitmq only for now (results come back on RabbitMQ's direct reply-to)")
+	default:
+		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq", c.Broker)
+	}
+	u, err := url.Parse(c.AMQPURL.Reveal())
+	if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
+	}
+	if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
+		return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
+	}
+	if c.AMQPHeartbeat < time.Second {
+		return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
+	}
+	if c.Queue == "" || len(c.Queue) > 255 {
+		return bad("SOUS_QUEUE", "must be a queue name of 1 to 255 bytes")
+	}
+	if c.Model == "" {
+		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")
+	}
+	for _, m := range c.ModelsAllowed {
+		if strings.TrimSpace(m) == "" {
+			return bad("SOUS_MODELS_ALLOWED", "has an empty entry; list model names separated by commas, e.g. llama3.2,qwen2.5")
+		}
+	}
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		return bad("SOUS_GATEWAY_ADDR", "must be host:port or :port, got %q", c.Addr)
+	}
+	if c.HTTPAddr != "off" {
+		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
+			return bad("SOUS_HTTP_ADDR", "must be host:port or :port (or off), got %q", c.HTTPAddr)
+		}
+	}
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return bad("SOUS_GATEWAY_TLS_CERT_FILE", "set SOUS_GATEWAY_TLS_CERT_FILE and SOUS_GATEWAY_TLS_KEY_FILE together to serve HTTPS")
+	}
+	if c.TLSCertFile != "" {
+		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
+			return bad("SOUS_GATEWAY_TLS_CERT_FILE", "cannot load the certificate and key: %v", err)
+		}
+	}
+	if c.Rate < 0 {
+		return bad("SOUS_GATEWAY_RATE", "must be requests per second, 0 or more (0: no limit)")
+	}
+	if c.Rate > 0 && c.KeysFile == "" {
+		return bad("SOUS_GATEWAY_RATE", "is a rate per API key: set SOUS_GATEWAY_KEYS_FILE too, or leave it 0")
+	}
+	positive := []struct {
+		name string
+		v    int64
+	}{
+		{"SOUS_GATEWAY_TIMEOUT", int64(c.Timeout)}, {"SOUS_GATEWAY_KEEPALIVE", int64(c.KeepAlive)},
+		{"SOUS_GATEWAY_RETRY_AFTER", int64(c.RetryAfter)}, {"SOUS_GATEWAY_MAX_OPEN", int64(c.MaxOpen)},
+		{"SOUS_GATEWAY_CHANNELS", int64(c.Channels)}, {"SOUS_GATEWAY_KEYS_RELOAD", int64(c.KeysReload)},
+		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
+		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			return bad(p.name, "must be greater than zero")
+		}
+	}
+	if c.Channels > 64 {
+		return bad("SOUS_GATEWAY_CHANNELS", "is %d; at most 64", c.Channels)
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		return bad("SOUS_LOG_LEVEL", "%v", err)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "text" {
+		return bad("SOUS_LOG_FORMAT", "must be json or text")
+	}
+	switch strings.ToLower(strings.TrimSpace(c.OTelDisabled)) {
+	case "true", "false", "":
+	default:
+		return bad("OTEL_SDK_DISABLED", "must be true or false")
+	}
+	switch c.OTelTracesExporter {
+	case "", "otlp", "none":
+	default:
+		return bad("OTEL_TRACES_EXPORTER", "%q is not supported; use otlp or none", c.OTelTracesExporter)
+	}
+	for _, p := range []struct{ name, v string }{{"OTEL_EXPORTER_OTLP_PROTOCOL", c.OTelProtocol}, {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", c.OTelTracesProtocol}} {
+		if p.v != "" && p.v != telemetry.ProtocolHTTP && p.v != telemetry.ProtocolGRPC {
+			return bad(p.name, "%q is not supported; use %s or %s", p.v, telemetry.ProtocolHTTP, telemetry.ProtocolGRPC)
+		}
+	}
+	return nil
+}
+
+// allowedModels is SOUS_MODEL plus SOUS_MODELS_ALLOWED, as the worker reads
+// them: what GET /v1/models lists and requests may name.
+func allowedModels(c Config) []string {
+	out := []string{c.Model}
+	for _, m := range c.ModelsAllowed {
+		if m = strings.TrimSpace(m); m != "" && !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return l, fmt.Errorf("%q is not one of debug, info, warn, error", s)
+	}
+	return l, nil
+}
+
+func amqpTLS(c Config) (*tls.Config, error) {
+	if c.AMQPCAFile == "" && c.AMQPCertFile == "" {
+		return nil, nil
+	}
+	t := &tls.Config{MinVersion: tls.VersionTLS12}
+	if c.AMQPCAFile != "" {
+		pem, err := os.ReadFile(c.AMQPCAFile)
+		if err != nil {
+			return nil, bad("SOUS_AMQP_CA_FILE", "cannot read: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, bad("SOUS_AMQP_CA_FILE", "holds no PEM certificate")
+		}
+		t.RootCAs = pool
+	}
+	if c.AMQPCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(c.AMQPCertFile, c.AMQPKeyFile)
+		if err != nil {
+			return nil, bad("SOUS_AMQP_CERT_FILE", "cannot load the client certificate and key: %v", err)
+		}
+		t.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
+}

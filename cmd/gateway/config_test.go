@@ -1,0 +1,105 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoadConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig([]string{"SOUS_MODEL=llama3.2", "SOUS_MODELS_ALLOWED=qwen2.5, llama3.2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Addr != ":8081" || c.Timeout != 5*time.Minute || c.KeepAlive != 15*time.Second || c.Queue != "sous.requests" ||
+		c.HTTPAddr != ":8080" || c.Channels != 4 || c.MaxBodyBytes != 1<<20 || c.KeysFile != "" || c.DrainTimeout != 25*time.Second {
+		t.Fatalf("defaults: %+v", c)
+	}
+	if got := allowedModels(c); strings.Join(got, "|") != "llama3.2|qwen2.5" {
+		t.Fatalf("allowed %q", got)
+	}
+}
+
+func TestInvalidConfigNamesTheVariable(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		env  []string
+		name string
+	}{
+		{nil, "SOUS_MODEL"},
+		{[]string{"SOUS_BROKER=servicebus"}, "SOUS_BROKER"},
+		{[]string{"SOUS_AMQP_URL=http://x"}, "SOUS_AMQP_URL"},
+		{[]string{"SOUS_GATEWAY_ADDR=8081"}, "SOUS_GATEWAY_ADDR"},
+		{[]string{"SOUS_GATEWAY_TIMEOUT=soon"}, "SOUS_GATEWAY_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_TIMEOUT=0s"}, "SOUS_GATEWAY_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_KEEPALIVE=-1s"}, "SOUS_GATEWAY_KEEPALIVE"},
+		{[]string{"SOUS_GATEWAY_RATE=-1"}, "SOUS_GATEWAY_RATE"},
+		{[]string{"SOUS_GATEWAY_RATE=5"}, "SOUS_GATEWAY_KEYS_FILE"},
+		{[]string{"SOUS_GATEWAY_CHANNELS=100"}, "SOUS_GATEWAY_CHANNELS"},
+		{[]string{"SOUS_GATEWAY_TLS_CERT_FILE=/x"}, "SOUS_GATEWAY_TLS_CERT_FILE"},
+		{[]string{"SOUS_GATEWAY_TLS_CERT_FILE=/nonexistent", "SOUS_GATEWAY_TLS_KEY_FILE=/nonexistent"}, "SOUS_GATEWAY_TLS_CERT_FILE"},
+		{[]string{"SOUS_MODELS_ALLOWED=a,,b"}, "SOUS_MODELS_ALLOWED"},
+		{[]string{"SOUS_MAX_BODY_BYTES=0"}, "SOUS_MAX_BODY_BYTES"},
+		{[]string{"SOUS_LOG_LEVEL=loud"}, "SOUS_LOG_LEVEL"},
+		{[]string{"OTEL_EXPORTER_OTLP_PROTOCOL=carrier-pigeon"}, "OTEL_EXPORTER_OTLP_PROTOCOL"},
+		{[]string{"SOUS_AMQP_URL_FILE=/nonexistent/secret"}, "SOUS_AMQP_URL_FILE"},
+	} {
+		env := tt.env
+		if tt.name != "SOUS_MODEL" {
+			env = append([]string{"SOUS_MODEL=m"}, env...)
+		}
+		_, err := loadConfig(env)
+		if err == nil || !strings.Contains(err.Error(), tt.name) {
+			t.Errorf("%v: error %v does not name %s", tt.env, err, tt.name)
+		}
+	}
+}
+
+// A bad URL never reaches the error text: it may hold a password.
+func TestConfigErrorsHideTheURL(t *testing.T) {
+	t.Parallel()
+	_, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_AMQP_URL=http://u:hunter2@x/"})
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("%v", err)
+	}
+}
+
+// TestEveryVariableIsInTheReadme keeps the README's tables complete.
+func TestEveryVariableIsInTheReadme(t *testing.T) {
+	t.Parallel()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string]bool{}
+	for _, m := range regexp.MustCompile("(?m)^\\| `([A-Z_]+)` \\|").FindAllStringSubmatch(string(readme), -1) {
+		rows[m[1]] = true
+	}
+	ty := reflect.TypeFor[Config]()
+	for i := range ty.NumField() {
+		if name := strings.Split(ty.Field(i).Tag.Get("env"), ",")[0]; name != "" && !rows[name] {
+			t.Errorf("%s is not in README.md's configuration tables", name)
+		}
+	}
+}
+
+// The binary exits 2 on a bad configuration, naming the variable.
+func TestExitTwoOnBadConfig(t *testing.T) {
+	t.Parallel()
+	if os.Getenv("SOUS_GATEWAY_TEST_MAIN") == "1" {
+		main()
+		return
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestExitTwoOnBadConfig$")
+	cmd.Env = append(os.Environ(), "SOUS_GATEWAY_TEST_MAIN=1", "SOUS_MODEL=m", "SOUS_GATEWAY_TIMEOUT=forever")
+	out, err := cmd.CombinedOutput()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "SOUS_GATEWAY_TIMEOUT") {
+		t.Fatalf("exit %v, output %s", err, out)
+	}
+}

@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sous-run/sous/internal/gateway"
+	"github.com/sous-run/sous/internal/telemetry"
+)
+
+// run serves until ctx is done (SIGTERM), then drains: the listener
+// closes, /readyz fails, open requests and streams get SOUS_DRAIN_TIMEOUT
+// to finish, then the rest are cut and the broker connection closes.
+func run(ctx context.Context, cfg Config, log *slog.Logger) error {
+	var keys *gateway.Keys
+	if cfg.KeysFile == "" {
+		log.Warn("SOUS_GATEWAY_KEYS_FILE is not set: ANYONE WHO REACHES THE GATEWAY CAN USE IT. Set it to a file of \"<name> <sha256 of the key>\" lines")
+	} else {
+		var err error
+		if keys, err = gateway.LoadKeys(cfg.KeysFile, cfg.Rate, log); err != nil {
+			return bad("SOUS_GATEWAY_KEYS_FILE", "%v", err)
+		}
+		log.Info("API keys loaded", "keys", keys.Len())
+	}
+	tlsCfg, err := amqpTLS(cfg)
+	if err != nil {
+		return err
+	}
+	tracer, closeTracer := startTracing(ctx, cfg, log)
+	defer closeTracer()
+	meter, metricsHandler, closeMetrics, err := startMetrics(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeMetrics()
+
+	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	broker, err := gateway.OpenAMQP(connectCtx, gateway.AMQPConfig{
+		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
+		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
+	}, log)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("connect to the broker: %w", err)
+	}
+	defer broker.Close()
+
+	if meter != nil {
+		// Replies nobody waited for: the client had gone, or a duplicate.
+		_, _ = meter.Int64ObservableCounter("sous.gateway.late_replies", metric.WithUnit("{message}"),
+			metric.WithDescription("results and chunks dropped because their HTTP request had gone"),
+			metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+				o.Observe(broker.LateReplies())
+				return nil
+			}))
+	}
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	if keys != nil {
+		go keys.Watch(watchCtx, cfg.KeysReload)
+	}
+	api := gateway.New(gateway.Config{
+		Queue: cfg.Queue, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
+		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
+		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
+		Tracer: tracer, Meter: meter,
+	}, broker, log)
+
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return bad("SOUS_GATEWAY_ADDR", "cannot listen on %s: %v", cfg.Addr, err)
+	}
+	// No WriteTimeout: streams stay open as long as SOUS_GATEWAY_TIMEOUT.
+	// Bodies have their own read deadline (the handler sets it).
+	srv := &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	served := make(chan error, 1)
+	go func() {
+		if cfg.TLSCertFile != "" {
+			served <- srv.ServeTLS(ln, cfg.TLSCertFile, cfg.TLSKeyFile)
+		} else {
+			served <- srv.Serve(ln)
+		}
+	}()
+	draining := make(chan struct{})
+	ops, err := startOps(cfg, broker, draining, metricsHandler, log)
+	if err != nil {
+		_ = srv.Close()
+		return err
+	}
+	log.Info("gateway serving", "addr", ln.Addr().String(), "tls", cfg.TLSCertFile != "", "queue", cfg.Queue, "auth", keys != nil)
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	close(draining)
+	log.Info("draining: no new requests; open ones may finish", "within", cfg.DrainTimeout)
+	drainCtx, cancelDrain := context.WithTimeout(context.Background(), cfg.DrainTimeout)
+	defer cancelDrain()
+	if err := srv.Shutdown(drainCtx); err != nil {
+		log.Warn("drain time is up; cutting the requests still open", "err", err)
+		_ = srv.Close()
+	}
+	if ops != nil {
+		_ = ops.Close()
+	}
+	log.Info("gateway stopped")
+	return nil
+}
+
+// startOps serves /healthz, /readyz and (when metrics is not nil)
+// /metrics on SOUS_HTTP_ADDR.
+func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, metrics http.Handler, log *slog.Logger) (*http.Server, error) {
+	if cfg.HTTPAddr == "off" {
+		return nil, nil
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-draining:
+			http.Error(w, "not ready: draining", http.StatusServiceUnavailable)
+			return
+		default:
+		}
+		if err := b.Ready(r.Context()); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	if metrics != nil {
+		mux.Handle("GET /metrics", metrics)
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		return nil, bad("SOUS_HTTP_ADDR", "cannot listen on %s: %v", cfg.HTTPAddr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("ops http server", "err", err)
+		}
+	}()
+	return srv, nil
+}
+
+// startMetrics makes the gateway's meter, read by Prometheus at
+// GET /metrics; OTEL_SDK_DISABLED=true turns it off.
+func startMetrics(ctx context.Context, cfg Config) (metric.Meter, http.Handler, func(), error) {
+	if strings.EqualFold(strings.TrimSpace(cfg.OTelDisabled), "true") || cfg.HTTPAddr == "off" {
+		return nil, nil, func() {}, nil
+	}
+	reader, handler, err := telemetry.NewPrometheus()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	res, _ := resource.New(ctx, resource.WithSchemaURL(semconv.SchemaURL),
+		resource.WithAttributes(semconv.ServiceName(cfg.OTelServiceName)), resource.WithFromEnv(), resource.WithTelemetrySDK())
+	opts := []sdkmetric.Option{sdkmetric.WithReader(reader)}
+	if res != nil {
+		opts = append(opts, sdkmetric.WithResource(res))
+	}
+	mp := sdkmetric.NewMeterProvider(opts...)
+	return mp.Meter("github.com/sous-run/sous/internal/gateway"), handler, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = mp.Shutdown(ctx)
+	}, nil
+}
+
+// startTracing returns the tracer of the gateway's producer spans. Spans
+// are exported over OTLP when an endpoint is set; otherwise they are made
+// but not sent, so that the trace still runs from the client's
+// traceparent through the message to the worker.
+func startTracing(ctx context.Context, cfg Config, log *slog.Logger) (trace.Tracer, func()) {
+	if strings.EqualFold(strings.TrimSpace(cfg.OTelDisabled), "true") {
+		return nil, func() {}
+	}
+	var opts []sdktrace.TracerProviderOption
+	if cfg.OTelEndpoint+cfg.OTelTracesEndpoint != "" && cfg.OTelTracesExporter != "none" {
+		protocol := cfg.OTelTracesProtocol
+		if protocol == "" {
+			protocol = cfg.OTelProtocol
+		}
+		exp, err := telemetry.NewSpanExporter(ctx, protocol)
+		if err != nil {
+			log.Warn("telemetry: spans are not exported", "err", err)
+		} else {
+			opts = append(opts, sdktrace.WithBatcher(exp))
+		}
+	}
+	res, _ := resource.New(ctx, resource.WithSchemaURL(semconv.SchemaURL),
+		resource.WithAttributes(semconv.ServiceName(cfg.OTelServiceName)), resource.WithFromEnv(), resource.WithTelemetrySDK())
+	if res != nil {
+		opts = append(opts, sdktrace.WithResource(res))
+	}
+	tp := sdktrace.NewTracerProvider(opts...)
+	return tp.Tracer("github.com/sous-run/sous/internal/gateway", trace.WithSchemaURL(semconv.SchemaURL)), func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = tp.Shutdown(ctx)
+	}
+}

@@ -1,0 +1,288 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// answer turns the replies of one call into the HTTP response.
+type answer struct {
+	s       *Server
+	t       *translated
+	id      string
+	created int64
+	model   string
+	log     *slog.Logger
+	span    trace.Span
+}
+
+// next waits for replies, calling tick every interval while none come.
+// It returns the replies, or an error: ctx's, or the call's.
+func next(ctx context.Context, c Call, interval time.Duration, tick func() error) ([]Reply, error) {
+	var t *time.Ticker
+	var tc <-chan time.Time
+	if tick != nil {
+		t = time.NewTicker(interval)
+		defer t.Stop()
+		tc = t.C
+	}
+	for {
+		if rs, err := c.Take(); len(rs) > 0 || err != nil {
+			return rs, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-c.Notify():
+		case <-tc:
+			if err := tick(); err != nil {
+				return nil, err
+			}
+		}
+	}
+}
+
+// failure maps a wait that ended without a result; nil when the client
+// went away.
+func (a *answer) failure(err error) *apiError {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return errTimeout(a.s.cfg.Timeout)
+	case errors.Is(err, context.Canceled):
+		a.log.Info("client went away; a late result will be dropped")
+		return nil
+	}
+	return errUnavailable("the connection to the message broker was lost while waiting for the answer; retry")
+}
+
+func (a *answer) decodeResult(body []byte) (*wire.Result, *apiError) {
+	var r wire.Result
+	if err := json.Unmarshal(body, &r); err != nil {
+		return nil, &apiError{Status: 502, Type: "server_error", Code: "bad_result", Message: "the worker's result is not JSON"}
+	}
+	if r.Status != wire.StatusOK {
+		e := r.Error
+		if e == nil {
+			e = &wire.ErrorInfo{Code: "unknown", Message: "the worker reported an error without details"}
+		}
+		return nil, fromResult(e, a.model)
+	}
+	return &r, nil
+}
+
+func (a *answer) fail(e *apiError) {
+	a.span.SetStatus(codes.Error, e.Code)
+	a.log.Warn("request failed", "status", e.Status, "code", e.Code)
+}
+
+// wait answers a non-streamed request with one JSON body.
+func (a *answer) wait(ctx context.Context, w http.ResponseWriter, c Call) *apiError {
+	for {
+		rs, err := next(ctx, c, 0, nil)
+		if err != nil {
+			e := a.failure(err)
+			if e != nil {
+				a.fail(e)
+				writeError(w, e)
+			}
+			return e
+		}
+		for _, rep := range rs {
+			if rep.Chunk {
+				continue
+			}
+			r, e := a.decodeResult(rep.Body)
+			if e != nil {
+				a.fail(e)
+				writeError(w, e)
+				return e
+			}
+			writeJSON(w, http.StatusOK, a.body(r))
+			return nil
+		}
+	}
+}
+
+func (a *answer) body(r *wire.Result) any {
+	u := usageOf(r)
+	switch a.t.ep {
+	case epChat:
+		return chatCompletion{ID: a.id, Object: "chat.completion", Created: a.created, Model: a.model,
+			Choices: []chatChoice{{Index: 0, Message: assistantMsg{Role: "assistant", Content: resultText(r)}, FinishReason: finishReason(r.DoneReason)}},
+			Usage:   u}
+	case epCompletion:
+		fr := finishReason(r.DoneReason)
+		return textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
+			Choices: []textChoice{{Text: resultText(r), Index: 0, FinishReason: &fr}}, Usage: &u}
+	}
+	list := embeddingList{Object: "list", Model: a.model, Data: make([]embedding, 0, len(r.Embeddings)),
+		Usage: embedUsage{PromptTokens: u.PromptTokens, TotalTokens: u.PromptTokens}}
+	for i, v := range r.Embeddings {
+		var e any = v
+		if a.t.base64 {
+			e = base64Floats(v)
+		}
+		list.Data = append(list.Data, embedding{Object: "embedding", Embedding: e, Index: i})
+	}
+	return list
+}
+
+// sse writes server-sent events and flushes each.
+type sse struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func (s sse) event(v any) error {
+	b, _ := json.Marshal(v)
+	if _, err := fmt.Fprintf(s.w, "data: %s\n\n", b); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
+func (s sse) raw(line string) error {
+	if _, err := fmt.Fprint(s.w, line); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
+// stream answers a streamed request with server-sent events: the
+// request is already confirmed by the broker, so the 200 goes out at once
+// and comments keep the connection alive until the first chunk. Errors
+// after that are an SSE event {"error": {...}}, which OpenAI's clients
+// raise as an APIError.
+func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *apiError {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("Connection", "keep-alive")
+	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream
+	w.WriteHeader(http.StatusOK)
+	out := sse{w: w, rc: http.NewResponseController(w)}
+	if err := out.raw(": queued\n\n"); err != nil {
+		return nil // the client went away
+	}
+	// sent is what the client has seen, for a stream that restarts on
+	// another worker: see docs/messages.md, Streaming.
+	var sent strings.Builder
+	started, restarted := false, false
+	keepAlive := func() error { return out.raw(": waiting\n\n") }
+	for {
+		rs, err := next(ctx, c, a.s.cfg.KeepAlive, keepAlive)
+		if err != nil {
+			e := a.failure(err)
+			if e != nil {
+				a.fail(e)
+				_ = out.event(e.body())
+			}
+			return e
+		}
+		for _, rep := range rs {
+			if rep.Chunk {
+				var ch wire.Chunk
+				if json.Unmarshal(rep.Body, &ch) != nil {
+					continue
+				}
+				if (ch.Restart || (ch.Seq == 0 && started)) && sent.Len() > 0 {
+					// The text shown so far cannot be taken back: wait for
+					// the final result and send what follows it, if it
+					// continues what was shown.
+					restarted = true
+					a.log.Info("stream restarted on another attempt; waiting for the final result", "attempt", ch.Attempt)
+				}
+				started = true
+				if restarted || ch.Delta == "" {
+					continue
+				}
+				if err := a.delta(out, ch.Delta, sent.Len() == 0); err != nil {
+					return nil // the client went away
+				}
+				sent.WriteString(ch.Delta)
+				continue
+			}
+			r, e := a.decodeResult(rep.Body)
+			if e != nil {
+				a.fail(e)
+				_ = out.event(e.body())
+				return e
+			}
+			rest := resultText(r)
+			if !strings.HasPrefix(rest, sent.String()) {
+				e := &apiError{Status: 502, Type: "server_error", Code: "stream_restarted",
+					Message: "the worker streaming this answer failed and another attempt produced a different text; retry the request"}
+				a.fail(e)
+				_ = out.event(e.body())
+				return e
+			}
+			if rest = rest[sent.Len():]; rest != "" {
+				if err := a.delta(out, rest, sent.Len() == 0); err != nil {
+					return nil
+				}
+			}
+			_ = a.finish(out, r)
+			return nil
+		}
+	}
+}
+
+func (a *answer) delta(out sse, text string, first bool) error {
+	if a.t.ep == epCompletion {
+		return out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
+			Choices: []textChoice{{Text: text, Index: 0}}})
+	}
+	d := delta{Content: &text}
+	if first {
+		d.Role = "assistant"
+	}
+	return out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: d}}))
+}
+
+func (a *answer) chunk(choices []chatChunkChoice) chatChunk {
+	c := chatChunk{ID: a.id, Object: "chat.completion.chunk", Created: a.created, Model: a.model, Choices: choices}
+	if a.t.includeUsage {
+		c.Usage = (*usage)(nil) // "usage": null on every chunk but the last
+	}
+	return c
+}
+
+func (a *answer) finish(out sse, r *wire.Result) error {
+	fr := finishReason(r.DoneReason)
+	u := usageOf(r)
+	if a.t.ep == epCompletion {
+		if err := out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
+			Choices: []textChoice{{Text: "", Index: 0, FinishReason: &fr}}}); err != nil {
+			return err
+		}
+		if a.t.includeUsage {
+			if err := out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
+				Choices: []textChoice{}, Usage: &u}); err != nil {
+				return err
+			}
+		}
+	} else {
+		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: delta{}, FinishReason: &fr}})); err != nil {
+			return err
+		}
+		if a.t.includeUsage {
+			last := a.chunk([]chatChunkChoice{})
+			last.Usage = &u
+			if err := out.event(last); err != nil {
+				return err
+			}
+		}
+	}
+	return out.raw("data: [DONE]\n\n")
+}

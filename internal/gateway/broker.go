@@ -1,0 +1,476 @@
+package gateway
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/sous-run/sous/internal/secret"
+)
+
+// Broker is what the server needs from the message broker.
+type Broker interface {
+	// Send publishes m persistently and returns once the broker has
+	// confirmed it, with the Call on which its chunks and result arrive.
+	// Errors: ErrQueueFull, ErrNoQueue, ErrUnavailable (wrapped).
+	Send(ctx context.Context, m Message) (Call, error)
+	// Ready reports whether requests can be sent now.
+	Ready(ctx context.Context) error
+}
+
+// Call is one request's way back. Replies arrive in order.
+type Call interface {
+	// Notify receives a value when Take may return something new.
+	Notify() <-chan struct{}
+	// Take returns the replies that arrived since the last Take, and a
+	// non-nil error once no more can arrive (the connection was lost).
+	Take() ([]Reply, error)
+	// Close stops routing replies to the call; later ones are dropped. Safe
+	// to call more than once.
+	Close()
+}
+
+// Message is a request to publish.
+type Message struct {
+	ID      string
+	Body    []byte
+	Headers map[string]string
+}
+
+// Reply is a chunk or the result of a request.
+type Reply struct {
+	Chunk bool // header x-sous-status: chunk
+	Body  []byte
+}
+
+var (
+	// ErrQueueFull: the broker refused the request (a nack: a max-length
+	// queue with overflow reject-publish).
+	ErrQueueFull = errors.New("the broker refused the request: the queue is full")
+	// ErrNoQueue: the request queue does not exist.
+	ErrNoQueue = errors.New("the request queue does not exist")
+	// ErrUnavailable: no connection to the broker.
+	ErrUnavailable = errors.New("the broker is unavailable")
+)
+
+// AMQPConfig configures an AMQP broker.
+type AMQPConfig struct {
+	URL            secret.Value
+	TLS            *tls.Config // amqps; nil: system roots
+	Queue          string
+	Channels       int           // reply-to channels (default 4)
+	Heartbeat      time.Duration // default 10s
+	ConnectionName string
+	ReconnectMin   time.Duration // default 250ms
+	ReconnectMax   time.Duration // default 15s
+}
+
+const directReplyTo = "amq.rabbitmq.reply-to"
+
+// AMQP sends requests to RabbitMQ and takes results on direct reply-to:
+// each of its channels consumes amq.rabbitmq.reply-to (auto-ack, as
+// RabbitMQ requires) and publishes with confirms, and replies are routed
+// to waiting calls by correlation id. A lost connection fails the calls
+// in flight (their replies cannot reach a new channel) and reconnects in
+// the background.
+type AMQP struct {
+	cfg AMQPConfig
+	log *slog.Logger
+
+	mu   sync.Mutex
+	sess *session // nil while disconnected
+
+	next    atomic.Uint64
+	late    atomic.Int64
+	stop    context.CancelFunc
+	done    chan struct{}
+	closeMu sync.Once
+}
+
+type session struct {
+	conn  *amqp.Connection
+	lanes []*lane
+	dead  chan struct{}
+}
+
+// lane is one channel: a reply-to consumer and a confirming publisher.
+type lane struct {
+	a       *AMQP
+	ch      *amqp.Channel
+	pubMu   sync.Mutex
+	mu      sync.Mutex
+	calls   map[string]*call
+	failed  error
+	dead    <-chan struct{} // the session's
+	barrier chan chan struct{}
+	retMu   sync.Mutex
+	ret     map[string]string // correlation id -> the broker's reply text
+}
+
+// OpenAMQP connects (retrying until ctx is done) and keeps reconnecting
+// until Close.
+func OpenAMQP(ctx context.Context, cfg AMQPConfig, log *slog.Logger) (*AMQP, error) {
+	if cfg.Channels <= 0 {
+		cfg.Channels = 4
+	}
+	if cfg.Heartbeat <= 0 {
+		cfg.Heartbeat = 10 * time.Second
+	}
+	if cfg.ReconnectMin <= 0 {
+		cfg.ReconnectMin = 250 * time.Millisecond
+	}
+	if cfg.ReconnectMax <= 0 {
+		cfg.ReconnectMax = 15 * time.Second
+	}
+	a := &AMQP{cfg: cfg, log: log, done: make(chan struct{})}
+	s, err := a.connectRetry(ctx)
+	if err != nil {
+		return nil, err
+	}
+	a.set(s)
+	sctx, stop := context.WithCancel(context.Background())
+	a.stop = stop
+	go a.supervise(sctx, s)
+	return a, nil
+}
+
+func (a *AMQP) set(s *session) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.sess = s
+}
+
+func (a *AMQP) supervise(ctx context.Context, s *session) {
+	defer close(a.done)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.dead:
+		}
+		a.set(nil)
+		a.log.Warn("connection to the broker lost; reconnecting")
+		var err error
+		if s, err = a.connectRetry(ctx); err != nil {
+			return
+		}
+		a.set(s)
+		a.log.Info("reconnected to the broker")
+	}
+}
+
+func (a *AMQP) connectRetry(ctx context.Context) (*session, error) {
+	wait := a.cfg.ReconnectMin
+	for {
+		s, err := a.dial()
+		if err == nil {
+			return s, nil
+		}
+		a.log.Warn("cannot connect to the broker; retrying", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+		case <-time.After(wait + rand.N(wait/4+1)):
+		}
+		wait = min(wait*2, a.cfg.ReconnectMax)
+	}
+}
+
+func (a *AMQP) dial() (_ *session, err error) {
+	conn, err := amqp.DialConfig(a.cfg.URL.Reveal(), amqp.Config{
+		Heartbeat:       a.cfg.Heartbeat,
+		TLSClientConfig: a.cfg.TLS,
+		Properties:      amqp.Table{"connection_name": a.cfg.ConnectionName},
+		Dial:            amqp.DefaultDial(10 * time.Second),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %s", secret.URL(a.cfg.URL.Reveal()), secret.Scrub(err.Error(), a.cfg.URL))
+	}
+	defer func() {
+		if err != nil {
+			_ = conn.Close()
+		}
+	}()
+	s := &session{conn: conn, dead: make(chan struct{})}
+	closed := []<-chan *amqp.Error{conn.NotifyClose(make(chan *amqp.Error, 1))}
+	for range a.cfg.Channels {
+		l := &lane{a: a, dead: s.dead, calls: map[string]*call{}, barrier: make(chan chan struct{}), ret: map[string]string{}}
+		if l.ch, err = conn.Channel(); err != nil {
+			return nil, fmt.Errorf("open channel: %w", err)
+		}
+		// Consume before the first publish that names amq.rabbitmq.reply-to.
+		replies, err := l.ch.Consume(directReplyTo, "", true, false, false, false, nil)
+		if err != nil {
+			return nil, fmt.Errorf("consume direct reply-to: %w", err)
+		}
+		if err := l.ch.Confirm(false); err != nil {
+			return nil, fmt.Errorf("enable publisher confirms: %w", err)
+		}
+		closed = append(closed, l.ch.NotifyClose(make(chan *amqp.Error, 1)))
+		// Unbuffered: amqp091-go hands a basic.return to this channel before
+		// it processes the basic.ack of the same message, so a publisher
+		// that passes the barrier after its confirm sees its return.
+		returns := l.ch.NotifyReturn(make(chan amqp.Return))
+		go l.watchReturns(returns)
+		go l.route(replies)
+		s.lanes = append(s.lanes, l)
+	}
+	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	go func() {
+		for b := range blocked {
+			if b.Active {
+				a.log.Warn("broker blocked publishing (resource alarm)", "reason", b.Reason)
+			} else {
+				a.log.Info("broker unblocked publishing")
+			}
+		}
+	}()
+	go func() {
+		// Any channel or the connection closing ends the session; drain
+		// the others so that the library never blocks on them.
+		cases := make(chan *amqp.Error, len(closed))
+		for _, c := range closed {
+			go func() {
+				// A graceful close sends nothing: it only closes c.
+				var last *amqp.Error
+				for e := range c {
+					last = e
+				}
+				cases <- last
+			}()
+		}
+		if why := <-cases; why != nil {
+			a.log.Warn("broker channel closed", "code", why.Code, "reason", why.Reason)
+		}
+		_ = conn.Close()
+		for _, l := range s.lanes {
+			l.fail(fmt.Errorf("%w: the connection was lost while waiting for the answer", ErrUnavailable))
+		}
+		close(s.dead)
+	}()
+	return s, nil
+}
+
+// route hands each reply to its call; replies nobody waits for (the HTTP
+// request went away, or a duplicate after a redelivery) are dropped.
+func (l *lane) route(replies <-chan amqp.Delivery) {
+	for d := range replies {
+		l.mu.Lock()
+		c := l.calls[d.CorrelationId]
+		l.mu.Unlock()
+		if c == nil {
+			l.a.late.Add(1)
+			l.a.log.Debug("reply for no waiting request dropped", "correlation_id", d.CorrelationId)
+			continue
+		}
+		status, _ := d.Headers["x-sous-status"].(string)
+		c.push(Reply{Chunk: status == "chunk", Body: d.Body})
+	}
+}
+
+func (l *lane) watchReturns(returns <-chan amqp.Return) {
+	for {
+		select {
+		case r, ok := <-returns:
+			if !ok {
+				return
+			}
+			l.retMu.Lock()
+			l.ret[r.CorrelationId] = r.ReplyText
+			l.retMu.Unlock()
+		case b := <-l.barrier:
+			close(b)
+		}
+	}
+}
+
+func (l *lane) fail(err error) {
+	l.mu.Lock()
+	l.failed = err
+	calls := l.calls
+	l.calls = map[string]*call{}
+	l.mu.Unlock()
+	for _, c := range calls {
+		c.fail(err)
+	}
+}
+
+// LateReplies counts replies dropped because no request waited for them.
+func (a *AMQP) LateReplies() int64 { return a.late.Load() }
+
+// Ready reports whether the broker connection is up.
+func (a *AMQP) Ready(context.Context) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.sess == nil {
+		return ErrUnavailable
+	}
+	return nil
+}
+
+// Send implements Broker.
+func (a *AMQP) Send(ctx context.Context, m Message) (Call, error) {
+	a.mu.Lock()
+	s := a.sess
+	a.mu.Unlock()
+	if s == nil {
+		return nil, fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	l := s.lanes[a.next.Add(1)%uint64(len(s.lanes))]
+	c := &call{lane: l, id: m.ID, notify: make(chan struct{}, 1)}
+	l.mu.Lock()
+	if l.failed != nil {
+		l.mu.Unlock()
+		return nil, fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	l.calls[m.ID] = c
+	l.mu.Unlock()
+	if err := l.publish(ctx, m); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (l *lane) publish(ctx context.Context, m Message) error {
+	h := amqp.Table{"timestamp_in_ms": time.Now().UnixMilli()}
+	for k, v := range m.Headers {
+		h[k] = v
+	}
+	l.pubMu.Lock()
+	conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", l.a.cfg.Queue, true, false, amqp.Publishing{
+		ContentType: "application/json", DeliveryMode: amqp.Persistent,
+		MessageId: m.ID, CorrelationId: m.ID, ReplyTo: directReplyTo,
+		Timestamp: time.Now(), Headers: h, Body: m.Body,
+	})
+	l.pubMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+	}
+	ok, err := conf.WaitContext(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w: no confirm: %v", ErrUnavailable, err)
+	}
+	// Sync with watchReturns: a return comes before its message's confirm.
+	b := make(chan struct{})
+	select {
+	case l.barrier <- b:
+		<-b
+	case <-l.dead:
+		return fmt.Errorf("%w: the connection was lost before the confirm", ErrUnavailable)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	l.retMu.Lock()
+	text, returned := l.ret[m.ID]
+	delete(l.ret, m.ID)
+	l.retMu.Unlock()
+	if returned {
+		return fmt.Errorf("%w: %q (%s)", ErrNoQueue, l.a.cfg.Queue, text)
+	}
+	if !ok {
+		if l.ch.IsClosed() {
+			// amqp091-go settles outstanding confirms as nacks when the
+			// channel closes: that is a lost connection, not a full queue.
+			return fmt.Errorf("%w: the channel closed before the confirm", ErrUnavailable)
+		}
+		return ErrQueueFull
+	}
+	return nil
+}
+
+// Close stops reconnecting and closes the connection; calls in flight
+// fail. Safe to call more than once.
+func (a *AMQP) Close() error {
+	a.closeMu.Do(func() {
+		a.stop()
+		<-a.done
+		a.mu.Lock()
+		s := a.sess
+		a.mu.Unlock()
+		if s != nil {
+			_ = s.conn.Close()
+			<-s.dead
+		}
+		a.set(nil)
+	})
+	return nil
+}
+
+type call struct {
+	lane   *lane
+	id     string
+	notify chan struct{}
+
+	mu      sync.Mutex
+	replies []Reply
+	err     error
+	closed  bool
+}
+
+func (c *call) push(r Reply) {
+	c.mu.Lock()
+	c.replies = append(c.replies, r)
+	c.mu.Unlock()
+	c.wake()
+}
+
+func (c *call) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.mu.Unlock()
+	c.wake()
+}
+
+func (c *call) wake() {
+	select {
+	case c.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (c *call) Notify() <-chan struct{} { return c.notify }
+
+func (c *call) Take() ([]Reply, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r := c.replies
+	c.replies = nil
+	if len(r) > 0 {
+		return r, nil
+	}
+	return nil, c.err
+}
+
+func (c *call) Close() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.mu.Unlock()
+	c.lane.mu.Lock()
+	if c.lane.calls[c.id] == c {
+		delete(c.lane.calls, c.id)
+	}
+	c.lane.mu.Unlock()
+}
+
+// newID returns a request id: 16 random bytes as hex.
+func newID() string {
+	return fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64())
+}

@@ -1,0 +1,18 @@
+// Package gateway is sous's OpenAI-compatible HTTP front door. It turns
+// POST /v1/chat/completions, /v1/completions and /v1/embeddings into sous
+// requests published durably (persistent, publisher-confirmed) to the
+// request queue, waits for the results and streamed chunks on RabbitMQ's
+// direct reply-to, and answers in OpenAI's wire format, as one JSON body
+// or as server-sent events (chat.completion.chunk, then [DONE]).
+//
+// Nothing is promised before the broker confirms the request: a publish
+// the broker nacks (a max-length queue with overflow reject-publish) is a
+// 429 with Retry-After, a broker that is down is a 503. Each request carries
+// a deadline, so a worker that has not started it by then skips it; a
+// result that arrives after its HTTP request has gone is dropped.
+//
+// Concurrency: a *Server serves any number of requests at once, bounded by
+// Config.MaxOpen. An *AMQP broker is safe for concurrent use; its
+// supervisor and reply consumers are goroutines it owns and Close waits
+// for. *Keys is safe for concurrent use; Watch reloads it from its file.
+package gateway

@@ -1,0 +1,56 @@
+package gateway
+
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// FuzzTranslate: any body an HTTP client sends is either refused with a
+// 400 that says why, or becomes a sous request that the worker's decoder
+// accepts or refuses with an InputError; nothing panics.
+func FuzzTranslate(f *testing.F) {
+	for _, seed := range []string{
+		`{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"stop":["a"],"stream":true,"stream_options":{"include_usage":true}}`,
+		`{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object"}}}}`,
+		`{"prompt":["once"],"temperature":0.5,"seed":1}`,
+		`{"input":"x","encoding_format":"base64"}`,
+		`{"input":[1,2]}`, `{"n":2}`, `[]`, `null`, ``, `{"messages":[{"role":"developer"}]}`,
+	} {
+		for ep := epChat; ep <= epEmbedding; ep++ {
+			f.Add(uint8(ep), []byte(seed))
+		}
+	}
+	lim := wire.Limits{MaxBodyBytes: 1 << 20, MaxPromptBytes: 1 << 16, MaxNumPredict: 64, DefaultModel: "tiny"}
+	f.Fuzz(func(t *testing.T, ep uint8, body []byte) {
+		var tr *translated
+		var aerr *apiError
+		switch endpoint(ep%3 + 1) {
+		case epChat:
+			tr, aerr = translateChat(body)
+		case epCompletion:
+			tr, aerr = translateCompletion(body)
+		default:
+			tr, aerr = translateEmbedding(body)
+		}
+		if aerr != nil {
+			if aerr.Status != 400 || aerr.Message == "" {
+				t.Fatalf("refusal %+v", aerr)
+			}
+			return
+		}
+		msg, err := json.Marshal(tr.req)
+		if err != nil {
+			t.Fatalf("marshal %+v: %v", tr.req, err)
+		}
+		if _, err := wire.DecodeRequest(msg, "application/json", "id", lim, time.Now()); err != nil {
+			var ie *wire.InputError
+			if !errors.As(err, &ie) {
+				t.Fatalf("decoder error %v is not an InputError", err)
+			}
+		}
+	})
+}

@@ -1,0 +1,328 @@
+package gateway
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+
+	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// The request bodies of OpenAI's API, as far as sous can honour them.
+// Fields sous cannot honour with a different meaning (tools, n > 1,
+// logprobs) are refused with a 400 rather than ignored; fields that only
+// tag a request (user, metadata, store) are ignored.
+
+type chatRequest struct {
+	Model               string          `json:"model"`
+	Messages            []chatMessage   `json:"messages"`
+	Stream              bool            `json:"stream"`
+	StreamOptions       *streamOptions  `json:"stream_options"`
+	Temperature         *float64        `json:"temperature"`
+	TopP                *float64        `json:"top_p"`
+	MaxTokens           *int64          `json:"max_tokens"`
+	MaxCompletionTokens *int64          `json:"max_completion_tokens"`
+	Seed                *int64          `json:"seed"`
+	Stop                json.RawMessage `json:"stop"`
+	PresencePenalty     *float64        `json:"presence_penalty"`
+	FrequencyPenalty    *float64        `json:"frequency_penalty"`
+	N                   *int            `json:"n"`
+	ResponseFormat      *responseFormat `json:"response_format"`
+	Logprobs            *bool           `json:"logprobs"`
+	Tools               json.RawMessage `json:"tools"`
+	Functions           json.RawMessage `json:"functions"`
+}
+
+type chatMessage struct {
+	Role string `json:"role"`
+	// Content is a string or a list of content parts; only text parts are
+	// supported.
+	Content json.RawMessage `json:"content"`
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
+}
+
+type responseFormat struct {
+	Type       string `json:"type"`
+	JSONSchema *struct {
+		Schema json.RawMessage `json:"schema"`
+	} `json:"json_schema"`
+}
+
+type completionRequest struct {
+	Model            string          `json:"model"`
+	Prompt           json.RawMessage `json:"prompt"`
+	Stream           bool            `json:"stream"`
+	StreamOptions    *streamOptions  `json:"stream_options"`
+	Temperature      *float64        `json:"temperature"`
+	TopP             *float64        `json:"top_p"`
+	MaxTokens        *int64          `json:"max_tokens"`
+	Seed             *int64          `json:"seed"`
+	Stop             json.RawMessage `json:"stop"`
+	PresencePenalty  *float64        `json:"presence_penalty"`
+	FrequencyPenalty *float64        `json:"frequency_penalty"`
+	N                *int            `json:"n"`
+	BestOf           *int            `json:"best_of"`
+	Echo             bool            `json:"echo"`
+	Suffix           *string         `json:"suffix"`
+	Logprobs         *int            `json:"logprobs"`
+}
+
+type embeddingRequest struct {
+	Model          string          `json:"model"`
+	Input          json.RawMessage `json:"input"`
+	EncodingFormat string          `json:"encoding_format"`
+	Dimensions     *int            `json:"dimensions"`
+}
+
+// endpoint says which OpenAI call a request came in as.
+type endpoint int
+
+const (
+	epChat endpoint = iota + 1
+	epCompletion
+	epEmbedding
+)
+
+// translated is an OpenAI request turned into a sous request.
+type translated struct {
+	ep           endpoint
+	req          wire.Request
+	includeUsage bool
+	base64       bool // embeddings: answer in base64 (openai-node's default)
+}
+
+// badRequest is a 400 whose message names the offending parameter.
+func badRequest(param, format string, args ...any) *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_request", Param: param, Message: fmt.Sprintf(format, args...)}
+}
+
+func decodeJSON(body []byte, v any) *apiError {
+	if err := json.Unmarshal(body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		if ok := asTypeError(err, &te); ok {
+			return badRequest(te.Field, "parameter %q must be %s, not a JSON %s", te.Field, te.Type.String(), te.Value)
+		}
+		return badRequest("", "the body is not a JSON object: %v", err)
+	}
+	return nil
+}
+
+func asTypeError(err error, te **json.UnmarshalTypeError) bool {
+	t, ok := err.(*json.UnmarshalTypeError)
+	if ok {
+		*te = t
+	}
+	return ok
+}
+
+// options maps OpenAI sampling parameters onto sous's (Ollama's) option names.
+func options(temperature, topP *float64, maxTokens, seed *int64, stop json.RawMessage, presence, frequency *float64) (map[string]any, *apiError) {
+	o := map[string]any{}
+	if temperature != nil {
+		o["temperature"] = *temperature
+	}
+	if topP != nil {
+		o["top_p"] = *topP
+	}
+	if maxTokens != nil {
+		o["num_predict"] = *maxTokens
+	}
+	if seed != nil {
+		o["seed"] = *seed
+	}
+	if presence != nil {
+		o["presence_penalty"] = *presence
+	}
+	if frequency != nil {
+		o["frequency_penalty"] = *frequency
+	}
+	if len(stop) > 0 && string(stop) != "null" {
+		var one string
+		var many []string
+		switch {
+		case json.Unmarshal(stop, &one) == nil:
+			o["stop"] = []string{one}
+		case json.Unmarshal(stop, &many) == nil:
+			o["stop"] = many
+		default:
+			return nil, badRequest("stop", "\"stop\" must be a string or a list of strings")
+		}
+	}
+	if len(o) == 0 {
+		return nil, nil
+	}
+	return o, nil
+}
+
+func checkN(n *int) *apiError {
+	if n != nil && *n != 1 {
+		return badRequest("n", "only n=1 is supported: send one request per choice")
+	}
+	return nil
+}
+
+func translateChat(body []byte) (*translated, *apiError) {
+	var c chatRequest
+	if err := decodeJSON(body, &c); err != nil {
+		return nil, err
+	}
+	if err := checkN(c.N); err != nil {
+		return nil, err
+	}
+	if len(c.Tools) > 0 && string(c.Tools) != "null" || len(c.Functions) > 0 && string(c.Functions) != "null" {
+		return nil, badRequest("tools", "tools and functions are not supported by this gateway")
+	}
+	if c.Logprobs != nil && *c.Logprobs {
+		return nil, badRequest("logprobs", "logprobs are not supported by this gateway")
+	}
+	if len(c.Messages) == 0 {
+		return nil, badRequest("messages", "\"messages\" must be a non-empty list")
+	}
+	t := &translated{ep: epChat}
+	t.req.Model = c.Model
+	t.req.Stream = c.Stream
+	t.includeUsage = c.Stream && c.StreamOptions != nil && c.StreamOptions.IncludeUsage
+	for i, m := range c.Messages {
+		role := m.Role
+		if role == "developer" { // OpenAI's newer name for system
+			role = "system"
+		}
+		text, err := messageText(m.Content)
+		if err != nil {
+			err.Param = fmt.Sprintf("messages[%d].content", i)
+			return nil, err
+		}
+		t.req.Messages = append(t.req.Messages, inference.Message{Role: role, Content: text})
+	}
+	maxTokens := c.MaxCompletionTokens
+	if maxTokens == nil {
+		maxTokens = c.MaxTokens
+	}
+	opts, err := options(c.Temperature, c.TopP, maxTokens, c.Seed, c.Stop, c.PresencePenalty, c.FrequencyPenalty)
+	if err != nil {
+		return nil, err
+	}
+	t.req.Options = opts
+	if c.ResponseFormat != nil {
+		switch c.ResponseFormat.Type {
+		case "", "text":
+		case "json_object":
+			t.req.Format = json.RawMessage(`"json"`)
+		case "json_schema":
+			if c.ResponseFormat.JSONSchema == nil || len(c.ResponseFormat.JSONSchema.Schema) == 0 {
+				return nil, badRequest("response_format", "response_format json_schema needs json_schema.schema")
+			}
+			t.req.Format = c.ResponseFormat.JSONSchema.Schema
+		default:
+			return nil, badRequest("response_format", "response_format type %q is not supported; use text, json_object or json_schema", truncate(c.ResponseFormat.Type, 40))
+		}
+	}
+	return t, nil
+}
+
+// messageText flattens a message's content: a string, or text parts.
+func messageText(raw json.RawMessage) (string, *apiError) {
+	if len(raw) == 0 || string(raw) == "null" {
+		return "", nil
+	}
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return s, nil
+	}
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return "", badRequest("", "content must be a string or a list of content parts")
+	}
+	var b strings.Builder
+	for _, p := range parts {
+		if p.Type != "text" {
+			return "", badRequest("", "content part type %q is not supported; only text parts are", truncate(p.Type, 40))
+		}
+		b.WriteString(p.Text)
+	}
+	return b.String(), nil
+}
+
+func translateCompletion(body []byte) (*translated, *apiError) {
+	var c completionRequest
+	if err := decodeJSON(body, &c); err != nil {
+		return nil, err
+	}
+	if err := checkN(c.N); err != nil {
+		return nil, err
+	}
+	switch {
+	case c.BestOf != nil && *c.BestOf != 1:
+		return nil, badRequest("best_of", "best_of is not supported by this gateway")
+	case c.Echo:
+		return nil, badRequest("echo", "echo is not supported by this gateway")
+	case c.Suffix != nil && *c.Suffix != "":
+		return nil, badRequest("suffix", "suffix is not supported by this gateway")
+	case c.Logprobs != nil:
+		return nil, badRequest("logprobs", "logprobs are not supported by this gateway")
+	}
+	var prompt string
+	var list []string
+	switch {
+	case json.Unmarshal(c.Prompt, &prompt) == nil:
+	case json.Unmarshal(c.Prompt, &list) == nil && len(list) == 1:
+		prompt = list[0]
+	default:
+		return nil, badRequest("prompt", "\"prompt\" must be a string (or a list of exactly one string); token arrays are not supported")
+	}
+	t := &translated{ep: epCompletion}
+	t.req.Model = c.Model
+	t.req.Prompt = &prompt
+	t.req.Stream = c.Stream
+	t.includeUsage = c.Stream && c.StreamOptions != nil && c.StreamOptions.IncludeUsage
+	opts, err := options(c.Temperature, c.TopP, c.MaxTokens, c.Seed, c.Stop, c.PresencePenalty, c.FrequencyPenalty)
+	if err != nil {
+		return nil, err
+	}
+	t.req.Options = opts
+	return t, nil
+}
+
+func translateEmbedding(body []byte) (*translated, *apiError) {
+	var e embeddingRequest
+	if err := decodeJSON(body, &e); err != nil {
+		return nil, err
+	}
+	if e.Dimensions != nil {
+		return nil, badRequest("dimensions", "dimensions is not supported by this gateway: the model decides the vector size")
+	}
+	t := &translated{ep: epEmbedding}
+	switch e.EncodingFormat {
+	case "", "float":
+	case "base64":
+		t.base64 = true
+	default:
+		return nil, badRequest("encoding_format", "encoding_format must be float or base64")
+	}
+	var one string
+	var many []string
+	switch {
+	case json.Unmarshal(e.Input, &one) == nil:
+		many = []string{one}
+	case json.Unmarshal(e.Input, &many) == nil:
+	default:
+		return nil, badRequest("input", "\"input\" must be a string or a list of strings; token arrays are not supported")
+	}
+	t.req.Model = e.Model
+	t.req.Input, _ = json.Marshal(many)
+	return t, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}

@@ -1,0 +1,309 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// Config configures a Server. cmd/gateway fills it from the environment.
+type Config struct {
+	// Queue is the request queue (for span names).
+	Queue string
+	// Model answers requests that name none; Models are the models clients
+	// may ask for (empty: Model only). GET /v1/models lists them.
+	Model  string
+	Models []string
+	// Keys authenticates clients; nil lets everyone in.
+	Keys *Keys
+	// Timeout bounds the wait for an answer (504 after it); the request's
+	// deadline is now + Timeout, so workers skip it once nobody waits.
+	Timeout time.Duration
+	// KeepAlive is the interval of SSE comments while a stream waits.
+	KeepAlive time.Duration
+	// RetryAfter is sent with a 429 for a full queue.
+	RetryAfter time.Duration
+	// MaxOpen bounds the requests held open at once (429 beyond).
+	MaxOpen int
+	// Limits are the request limits (body, prompt, num_predict), checked
+	// with the worker's own decoder before anything is published.
+	MaxBodyBytes   int
+	MaxPromptBytes int
+	MaxNumPredict  int
+	// Tracer starts the producer span whose context goes into the
+	// message's traceparent; nil passes the client's traceparent on as is.
+	Tracer trace.Tracer
+	// Meter makes the gateway's metrics; nil makes none.
+	Meter metric.Meter
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Server serves the OpenAI-compatible API. Create it with New; it is an
+// http.Handler.
+type Server struct {
+	cfg    Config
+	broker Broker
+	log    *slog.Logger
+	mux    *http.ServeMux
+	open   chan struct{}
+	prop   propagation.TextMapPropagator
+	m      metrics
+}
+
+// New returns a server that sends requests through b.
+func New(cfg Config, b Broker, log *slog.Logger) *Server {
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 5 * time.Minute
+	}
+	if cfg.KeepAlive <= 0 {
+		cfg.KeepAlive = 15 * time.Second
+	}
+	if cfg.RetryAfter <= 0 {
+		cfg.RetryAfter = 5 * time.Second
+	}
+	if cfg.MaxOpen <= 0 {
+		cfg.MaxOpen = 1024
+	}
+	if cfg.MaxBodyBytes <= 0 {
+		cfg.MaxBodyBytes = 1 << 20
+	}
+	if len(cfg.Models) == 0 && cfg.Model != "" {
+		cfg.Models = []string{cfg.Model}
+	}
+	if cfg.Tracer == nil {
+		cfg.Tracer = noop.NewTracerProvider().Tracer("")
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
+	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
+	s.handle("POST /v1/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epCompletion) })
+	s.handle("POST /v1/embeddings", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epEmbedding) })
+	s.handle("GET /v1/models", s.models)
+	s.handle("GET /v1/models/{model...}", s.model)
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "unknown_url",
+			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"})
+	})
+	return s
+}
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// handler serves one route for an authenticated key (nil without keys).
+// It returns the error it answered with, nil on success, for the metrics
+// (a stream's error after its 200 included).
+type handler func(http.ResponseWriter, *http.Request, *Key) *apiError
+
+// handle registers h behind the key check and the metrics.
+func (s *Server) handle(pattern string, h handler) {
+	route := pattern[strings.IndexByte(pattern, ' ')+1:]
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		start := s.cfg.Now()
+		rec := &statusRecorder{ResponseWriter: w}
+		e := s.auth(rec, r, h)
+		o := outcome{status: rec.status}
+		if e != nil {
+			o = outcome{status: e.Status, code: e.Code}
+		}
+		if e == nil && (rec.status == 0 || r.Context().Err() != nil) {
+			// The client went away: before any answer, or mid-stream.
+			o = outcome{status: 499, code: "client_closed"}
+		}
+		s.m.record(route, start, o)
+	})
+}
+
+// auth checks the bearer key (when keys are configured) and its rate.
+func (s *Server) auth(w http.ResponseWriter, r *http.Request, next handler) *apiError {
+	var k *Key
+	if s.cfg.Keys != nil {
+		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if ok {
+			k = s.cfg.Keys.Lookup(strings.TrimSpace(token))
+		}
+		if k == nil {
+			return fail(w, errUnauthorized())
+		}
+		if k.bucket != nil {
+			if ok, wait := k.bucket.take(s.cfg.Now()); !ok {
+				return fail(w, errRateLimited(wait))
+			}
+		}
+	}
+	return next(w, r, k)
+}
+
+// fail answers e and returns it.
+func fail(w http.ResponseWriter, e *apiError) *apiError {
+	writeError(w, e)
+	return e
+}
+
+func (s *Server) allowed(k *Key) []string {
+	if k == nil {
+		return s.cfg.Models
+	}
+	return slices.DeleteFunc(slices.Clone(s.cfg.Models), func(m string) bool { return !k.Allows(m) })
+}
+
+func (s *Server) models(w http.ResponseWriter, _ *http.Request, k *Key) *apiError {
+	list := modelList{Object: "list", Data: []model{}}
+	for _, m := range s.allowed(k) {
+		list.Data = append(list.Data, model{ID: m, Object: "model", OwnedBy: "sous"})
+	}
+	writeJSON(w, http.StatusOK, list)
+	return nil
+}
+
+func (s *Server) model(w http.ResponseWriter, r *http.Request, k *Key) *apiError {
+	m := r.PathValue("model")
+	if !slices.Contains(s.allowed(k), m) {
+		return fail(w, errModelNotFound(m))
+	}
+	writeJSON(w, http.StatusOK, model{ID: m, Object: "model", OwnedBy: "sous"})
+	return nil
+}
+
+// serve runs one completion, chat or embedding request end to end.
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) *apiError {
+	select {
+	case s.open <- struct{}{}:
+		defer func() { <-s.open }()
+	default:
+		return fail(w, errTooManyOpen(time.Second))
+	}
+	s.m.open.Add(context.Background(), 1)
+	defer s.m.open.Add(context.Background(), -1)
+	body, aerr := s.readBody(w, r)
+	if aerr != nil {
+		return fail(w, aerr)
+	}
+	var t *translated
+	switch ep {
+	case epChat:
+		t, aerr = translateChat(body)
+	case epCompletion:
+		t, aerr = translateCompletion(body)
+	default:
+		t, aerr = translateEmbedding(body)
+	}
+	if aerr != nil {
+		return fail(w, aerr)
+	}
+	if t.req.Model == "" {
+		t.req.Model = s.cfg.Model
+	}
+	if !slices.Contains(s.allowed(k), t.req.Model) {
+		return fail(w, errModelNotFound(t.req.Model))
+	}
+	now := s.cfg.Now()
+	id := newID()
+	deadline := now.Add(s.cfg.Timeout)
+	t.req.ID = id
+	t.req.Deadline = &deadline
+	msg, _ := json.Marshal(t.req)
+	// The worker's own decoder and limits: what it would dead-letter is a
+	// 400 here, before anything is published.
+	if _, err := wire.DecodeRequest(msg, "application/json", id, wire.Limits{
+		MaxBodyBytes: s.cfg.MaxBodyBytes, MaxPromptBytes: s.cfg.MaxPromptBytes, MaxNumPredict: s.cfg.MaxNumPredict,
+		DefaultModel: s.cfg.Model, AllowedModels: s.cfg.Models,
+	}, now); err != nil {
+		var ie *wire.InputError
+		if errors.As(err, &ie) {
+			return fail(w, fromInputError(ie, t.req.Model))
+		}
+		return fail(w, badRequest("", "invalid request"))
+	}
+
+	ctx, cancel := context.WithDeadline(r.Context(), deadline)
+	defer cancel()
+	ctx = s.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
+	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+s.cfg.Queue, trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "rabbitmq"),
+			attribute.String("messaging.operation.type", "send"),
+			attribute.String("messaging.destination.name", s.cfg.Queue),
+			attribute.String("messaging.message.id", id),
+			attribute.String("gen_ai.request.model", t.req.Model),
+		))
+	defer span.End()
+	headers := map[string]string{}
+	s.prop.Inject(ctx, propagation.MapCarrier(headers))
+
+	log := s.log.With("request_id", id, "model", t.req.Model)
+	if k != nil {
+		log = log.With("key", k.Name)
+	}
+	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
+	if err != nil {
+		aerr := s.sendError(err)
+		if aerr == nil { // the client went away
+			return nil
+		}
+		span.SetStatus(codes.Error, aerr.Code)
+		log.Warn("request not published", "status", aerr.Status, "err", err)
+		return fail(w, aerr)
+	}
+	defer c.Close()
+	log.Debug("request published")
+	ans := answer{s: s, t: t, id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, log: log, span: span}
+	if ep == epCompletion {
+		ans.id = "cmpl-" + id
+	}
+	if t.req.Stream {
+		return ans.stream(ctx, w, c)
+	}
+	return ans.wait(ctx, w, c)
+}
+
+func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(strings.ToLower(ct), "application/json") {
+		return nil, &apiError{Status: 415, Type: "invalid_request_error", Code: "unsupported_content_type", Message: "send the body as application/json"}
+	}
+	// A slow sender may hold a connection only so long.
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(s.cfg.Now().Add(30 * time.Second))
+	defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(s.cfg.MaxBodyBytes)))
+	var mbe *http.MaxBytesError
+	switch {
+	case errors.As(err, &mbe):
+		return nil, errBodyTooLarge(s.cfg.MaxBodyBytes)
+	case err != nil:
+		return nil, badRequest("", "cannot read the body: %v", err)
+	}
+	return body, nil
+}
+
+// sendError maps a failed Send; nil means the client went away.
+func (s *Server) sendError(err error) *apiError {
+	switch {
+	case errors.Is(err, ErrQueueFull):
+		return errQueueFull(s.cfg.RetryAfter)
+	case errors.Is(err, ErrNoQueue):
+		return errUnavailable("the request queue does not exist yet: start a worker (it declares the queue) or check SOUS_QUEUE")
+	case errors.Is(err, context.DeadlineExceeded):
+		return errTimeout(s.cfg.Timeout)
+	case errors.Is(err, context.Canceled):
+		return nil
+	}
+	return errUnavailable("the message broker is unavailable; retry shortly")
+}
