@@ -128,6 +128,9 @@ func TestEveryDocumentedMetricIsExported(t *testing.T) {
 		sc := bufio.NewScanner(f)
 		for n := 1; sc.Scan(); n++ {
 			for _, m := range name.FindAllString(sc.Text(), -1) {
+				if strings.HasPrefix(m, "sous_gateway_") {
+					continue // the gateway's own metrics: internal/gateway exports them
+				}
 				if doc == "docs/observability.md" {
 					documented[m] = true
 				}
