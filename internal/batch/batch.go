@@ -66,13 +66,26 @@ type Batcher[T any] struct {
 	order  uint64
 	groups []*group[T] // each holds at least one item
 	n      int
+	// lists counts the list calls of each key on the engine: a list does
+	// not go half full past its window while one of its key runs.
+	lists map[string]int
 }
 
 // New returns a Batcher whose batch window (for list groups, while the
 // engine is busy) is window; batch ids are prefix followed by a sequence
 // number.
 func New[T any](window time.Duration, prefix string) *Batcher[T] {
-	return &Batcher[T]{window: window, prefix: prefix}
+	return &Batcher[T]{window: window, prefix: prefix, lists: map[string]int{}}
+}
+
+// Ended tells the Batcher that an engine call it returned, for key, has
+// ended.
+func (b *Batcher[T]) Ended(key string) {
+	if b.lists[key] > 1 {
+		b.lists[key]--
+	} else {
+		delete(b.lists, key)
+	}
 }
 
 func (b *Batcher[T]) group(key string, perCall int) *group[T] {
@@ -149,6 +162,9 @@ func (b *Batcher[T]) Next(now time.Time, limit, room int, busy bool) (_ Batch[T]
 	if best == nil {
 		return Batch[T]{}, false
 	}
+	if best.perCall > 1 {
+		b.lists[best.key]++
+	}
 	return b.take(best, min(room, best.perCall), bestReason), true
 }
 
@@ -159,6 +175,11 @@ func (b *Batcher[T]) ready(g *group[T], now time.Time, limit, room int, busy boo
 		return Slot, true
 	case g.len() >= full && room >= full:
 		return Full, true
+	case b.lists[g.key] > 0:
+		// A list of this key is on the engine: it fills up while that
+		// call runs and goes when it ends (an engine that runs one list
+		// at a time gains nothing from a second, half-full one).
+		return "", false
 	case !now.Before(g.oldest().Add(b.window)):
 		return Window, true
 	case !busy:
@@ -195,11 +216,12 @@ func (b *Batcher[T]) take(g *group[T], size int, reason Reason) Batch[T] {
 
 // Deadline is the instant the earliest window of a list group ends; ok is
 // false when no list group waits. Groups of one request per call have no
-// window: they wait only for room.
+// window: they wait only for room; nor has a list group whose key has a
+// call on the engine: it waits for Ended.
 func (b *Batcher[T]) Deadline() (at time.Time, ok bool) {
 	for _, g := range b.groups {
-		if g.perCall == 1 {
-			continue
+		if g.perCall == 1 || b.lists[g.key] > 0 {
+			continue // no window: it waits for room, or for its key's call
 		}
 		d := g.oldest().Add(b.window)
 		if !ok || d.Before(at) {

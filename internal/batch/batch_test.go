@@ -110,6 +110,7 @@ func TestOldestFirstAcrossKeys(t *testing.T) {
 					ms++
 					continue
 				}
+				b.Ended(bt.Key) // the call is over at once
 				order = append(order, bt.Items...)
 				for range bt.Items {
 					b.Add(at(ms), "steady", perCall, "steady")
@@ -161,6 +162,10 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	if !ok || !slices.Equal(got.Items, []string{"0", "1", "2"}) || got.ID != "w1-1" || !got.Oldest.Equal(at(0)) {
 		t.Fatalf("got %+v", got)
 	}
+	if _, ok := b.Deadline(); ok {
+		t.Fatal("a deadline for a list whose key has a call on the engine: it waits for Ended")
+	}
+	b.Ended("k")
 	if d, ok := b.Deadline(); !ok || !d.Equal(at(3).Add(time.Second)) {
 		t.Fatalf("deadline = %v %v, want the window of the oldest leftover", d, ok)
 	}
@@ -170,6 +175,35 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	}
 	if _, ok := b.Deadline(); ok {
 		t.Fatal("deadline with nothing waiting")
+	}
+}
+
+// TestListFillsWhileItsKeyRuns: while a list of one key is on the engine,
+// the next list of that key waits for it to end rather than go half full
+// past its window (an engine that runs one list at a time got two
+// half-full calls in turn: 0.6 of the ideal).
+func TestListFillsWhileItsKeyRuns(t *testing.T) {
+	t.Parallel()
+	b := batch.New[int](10*time.Millisecond, "w-")
+	for i := range 8 {
+		b.Add(at(0), "e", 8, i)
+	}
+	first, ok := b.Next(at(0), 8, 8, false)
+	if !ok || len(first.Items) != 8 {
+		t.Fatalf("first list: %v %v", ok, first.Items)
+	}
+	for i := range 5 {
+		b.Add(at(1), "e", 8, i)
+	}
+	if bt, ok := b.Next(at(50), 8, 0, true); ok {
+		t.Fatalf("a list went with no room: %v", bt.Items)
+	}
+	if bt, ok := b.Next(at(50), 8, 4, true); ok {
+		t.Fatalf("a half-full list went while its key ran: %d items", len(bt.Items))
+	}
+	b.Ended("e")
+	if bt, ok := b.Next(at(51), 8, 8, false); !ok || len(bt.Items) != 5 {
+		t.Fatalf("after the call ended: %v %d", ok, len(bt.Items))
 	}
 }
 
@@ -199,9 +233,11 @@ func BenchmarkBatcher(b *testing.B) {
 				for j := range size {
 					bt.Add(now, "k", size, j)
 				}
-				if got, ok := bt.Next(now, size, size, true); !ok || len(got.Items) != size {
+				got, ok := bt.Next(now, size, size, true)
+				if !ok || len(got.Items) != size {
 					b.Fatal("no call")
 				}
+				bt.Ended(got.Key)
 			}
 		})
 	}

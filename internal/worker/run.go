@@ -25,9 +25,13 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	// back to the dispatcher.
 	done := make([]atomic.Bool, len(bt.Items))
 	var once sync.Once
+	listKey := ""
+	if len(bt.Items) > 0 && bt.Items[0].perCall > 1 {
+		listKey = bt.Key
+	}
 	release := func(back []*item) {
 		once.Do(func() {
-			w.giveBack(back)
+			w.giveBack(back, listKey)
 			w.onEngine.Add(-int64(len(bt.Items)))
 			w.signal()
 		})

@@ -182,7 +182,8 @@ type Worker struct {
 	wake     chan struct{} // wakes the dispatcher: a call ended, work came back
 
 	backMu sync.Mutex
-	back   []*item // taken for the engine but not run: no room; retried here
+	back   []*item  // taken for the engine but not run: no room; retried here
+	ended  []string // keys of list calls that ended, for the batcher
 
 	backoffMu    sync.Mutex
 	backoffUntil time.Time
@@ -485,15 +486,20 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 		case <-w.wake:
 		case <-timer.C:
 		}
-		for _, it := range w.takeBack() {
+		back, ended := w.takeBack()
+		for _, it := range back {
 			add(it)
+		}
+		for _, k := range ended {
+			b.Ended(k)
 		}
 		if draining {
 			// Requeue what waits; let running calls finish, then requeue
 			// what they gave back.
 			w.handBack(b.Drain(), queue.ReasonShutdown)
 			calls.Wait()
-			w.handBack(w.takeBack(), queue.ReasonShutdown)
+			back, _ := w.takeBack()
+			w.handBack(back, queue.ReasonShutdown)
 			return
 		}
 		if w.down.Load() != nil {
@@ -560,21 +566,25 @@ func (w *Worker) handBack(items []*item, reason string) {
 	wg.Wait()
 }
 
-// giveBack returns items the engine had no room for to the dispatcher.
-func (w *Worker) giveBack(items []*item) {
-	if len(items) > 0 {
+// giveBack returns items the engine had no room for to the dispatcher, and
+// says that a list call of key ended (key empty: not a list).
+func (w *Worker) giveBack(items []*item, key string) {
+	if len(items) > 0 || key != "" {
 		w.backMu.Lock()
 		w.back = append(w.back, items...)
+		if key != "" {
+			w.ended = append(w.ended, key)
+		}
 		w.backMu.Unlock()
 	}
 }
 
-func (w *Worker) takeBack() []*item {
+func (w *Worker) takeBack() (back []*item, ended []string) {
 	w.backMu.Lock()
 	defer w.backMu.Unlock()
-	out := w.back
-	w.back = nil
-	return out
+	back, ended = w.back, w.ended
+	w.back, w.ended = nil, nil
+	return back, ended
 }
 
 // signal wakes the dispatcher.
