@@ -95,6 +95,8 @@ type session struct {
 	deliveries <-chan amqp.Delivery // owned by the receive goroutine
 	tag        string               // owned by the receive goroutine
 	cancelled  atomic.Bool          // the broker cancelled the consumer
+	acker      *acker               // coalesces acks (acks.go)
+	readMu     sync.Mutex           // held while reading deliveries and tracking their tags
 	dead       chan struct{}        // closed when the connection or a channel closes
 
 	pubSeq   atomic.Uint64
@@ -263,7 +265,7 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 			return nil, err
 		}
 	}
-	s = &session{conn: conn, dead: make(chan struct{}), barrier: make(chan chan struct{}), returned: map[string]string{}}
+	s = &session{conn: conn, dead: make(chan struct{}), barrier: make(chan chan struct{}), returned: map[string]string{}, acker: newAcker()}
 	if s.pub, err = conn.Channel(); err != nil {
 		return nil, fmt.Errorf("open publish channel: %w", err)
 	}
@@ -299,6 +301,7 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	returns := s.pub.NotifyReturn(make(chan amqp.Return))
 	cancels := s.cons.NotifyCancel(make(chan string, 4))
 	go s.watchReturns(returns)
+	go s.ackLoop()
 	go func() {
 		for tag := range cancels {
 			d.log.Warn("the broker cancelled the consumer (queue deleted?); consuming again", "consumer", tag)
@@ -483,16 +486,26 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 		if moved {
 			continue
 		}
+		// Reading a delivery and tracking its tag happen under readMu, so
+		// that tags are tracked in the order they arrive even when Pause
+		// drains the consumer meanwhile (acks.go).
 		var first amqp.Delivery
 		var ok bool
+		s.readMu.Lock()
 		select {
 		case <-ctx.Done():
+			s.readMu.Unlock()
 			return nil, ctx.Err()
 		case <-s.dead:
+			s.readMu.Unlock()
 			continue
 		case first, ok = <-s.deliveries:
+			if ok {
+				s.acker.track(first.DeliveryTag)
+			}
 		}
 		if !ok {
+			s.readMu.Unlock()
 			// The broker cancelled the consumer, or the channel closed:
 			// maintainConsumer sorts it out on the next pass.
 			select {
@@ -511,11 +524,13 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 				if !ok {
 					break more
 				}
+				s.acker.track(raw.DeliveryTag)
 				out = append(out, d.toDelivery(s, raw))
 			default:
 				break more
 			}
 		}
+		s.readMu.Unlock()
 		return out, nil
 	}
 }
@@ -673,12 +688,15 @@ func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
 	if err != nil {
 		return fmt.Errorf("cancel consumer: %w", err)
 	}
+	s.readMu.Lock()
+	defer s.readMu.Unlock()
 	for {
 		select {
 		case raw, ok := <-s.deliveries:
 			if !ok {
 				return nil
 			}
+			s.acker.track(raw.DeliveryTag)
 			d.mu.Lock()
 			d.pending = append(d.pending, pendingDelivery{s, raw})
 			d.mu.Unlock()
@@ -1050,16 +1068,15 @@ func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery,
 	return h.s.ack(h.tag)
 }
 
-func (s *session) ack(tag uint64) error {
-	s.consMu.Lock()
-	defer s.consMu.Unlock()
-	return s.cons.Ack(tag, false)
-}
-
+// nack sends a nack for tag alone, then lets the ack run pass it.
 func (s *session) nack(tag uint64, requeue bool) error {
 	s.consMu.Lock()
-	defer s.consMu.Unlock()
-	return s.cons.Nack(tag, false, requeue)
+	err := s.cons.Nack(tag, false, requeue)
+	s.consMu.Unlock()
+	if err == nil {
+		s.acker.settled(tag)
+	}
+	return err
 }
 
 // Ready reports whether the broker connection is up.
