@@ -44,8 +44,11 @@ func TestEmbeddingsBatchedEndToEnd(t *testing.T) {
 		}
 		batches[r.Batch.ID] = true
 	}
-	if calls := int(embedCalls.Load()); calls != len(batches) {
-		t.Fatalf("%d /api/embed calls for %d batches: want one call per batch", calls, len(batches))
+	// One call per list; a list Ollama refused for lack of room (busy
+	// while it loads the model) is retried in the worker as a new call,
+	// under the batch id of the call that answered.
+	if calls := int(embedCalls.Load()); calls < len(batches) || calls > len(batches)+2 {
+		t.Fatalf("%d /api/embed calls for %d batches: want one call per batch (and at most two retries)", calls, len(batches))
 	}
 	t.Logf("%d requests in %d batches", n, len(batches))
 }
