@@ -97,8 +97,9 @@ if [ -f "$state/dockerd.pid" ] && kill -0 "$(cat "$state/dockerd.pid")" 2>/dev/n
 fi
 echo "docker: starting dockerd (no iptables, no bridge; log $log)"
 # setsid: dockerd outlives this script and the make that ran it, and a ^C in
-# the terminal does not reach it.
-setsid dockerd --iptables=false --ip6tables=false --bridge=none \
+# the terminal does not reach it. nice: image builds and test containers run
+# under dockerd and share the machine with everything else.
+setsid nice -n 10 dockerd --iptables=false --ip6tables=false --bridge=none \
   --host "unix://$sock" >"$log" 2>&1 </dev/null &
 echo $! >"$state/dockerd.pid"
 for _ in $(seq 1 120); do

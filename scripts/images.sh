@@ -228,7 +228,7 @@ tiny_model() {
   SOUS_OLLAMA_BIN=$OLLAMA_BIN "$tmp/devollama" -dir "$out/dev" >"$tmp/devollama.out" 2>"$tmp/devollama.err" &
   local pid=$!
   for _ in $(seq 1 240); do
-    line=$(grep '^OLLAMA_URL=' "$tmp/devollama.out" || true)
+    line=$(grep -s '^OLLAMA_URL=' "$tmp/devollama.out" || true)
     [ -z "$line" ] || break
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
@@ -281,7 +281,7 @@ modproxy() {
     "$tmp/modproxy" -dir "$(go env GOMODCACHE)/cache/download" -addr "$addr" >"$tmp/modproxy.out" 2>"$tmp/modproxy.err" &
     proxy_pid=$!
     for _ in $(seq 1 50); do
-      line=$(grep '^GOPROXY=' "$tmp/modproxy.out" || true)
+      line=$(grep -s '^GOPROXY=' "$tmp/modproxy.out" || true)
       [ -z "$line" ] || break
       kill -0 "$proxy_pid" 2>/dev/null || break
       sleep 0.1
