@@ -201,7 +201,7 @@ EOF
   rm -rf "$c"
 }
 
-rabbit_key=$(key rabbitmq "$debian_key")
+rabbit_key=$(key rabbitmq "$debian_key" 2)
 standin_rabbitmq() {
   fresh "$rabbit_img" "$rabbit_key" && return
   local c=$tmp/rabbitmq
@@ -212,6 +212,7 @@ standin_rabbitmq() {
   cat >"$c/Dockerfile" <<EOF
 FROM $debian_img
 ENV RABBITMQ_LOGS=- HOME=/var/lib/rabbitmq
+RUN mkdir -p /var/log/rabbitmq && chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq /etc/rabbitmq
 USER rabbitmq
 WORKDIR /var/lib/rabbitmq
 CMD ["/usr/lib/rabbitmq/bin/rabbitmq-server"]

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/docker/docker/api/types/container"
 	"github.com/docker/go-connections/nat"
 	"github.com/testcontainers/testcontainers-go"
 	"github.com/testcontainers/testcontainers-go/wait"
@@ -83,17 +82,25 @@ func Run(ctx context.Context, img string, opts ...testcontainers.ContainerCustom
 			return nil, fmt.Errorf("soustest: %w", err)
 		}
 		req.ExposedPorts = nil
-		req.HostConfigModifier = func(hc *container.HostConfig) { hc.NetworkMode = "host" }
 	}
 	req.Env = s.env
 	req.WaitingFor = wait.ForHTTP("/readyz").WithPort(port).WithStartupTimeout(s.startup)
+	if s.hostNetwork {
+		req.WaitingFor = readyzOnLoopback{url: "http://127.0.0.1:" + port.Port() + "/readyz", timeout: s.startup}
+	}
 	for _, o := range opts {
 		if err := o.Customize(&req); err != nil {
 			return nil, fmt.Errorf("soustest: %w", err)
 		}
 	}
 
-	ctr, err := testcontainers.GenericContainer(ctx, req)
+	var ctr testcontainers.Container
+	var err error
+	if s.hostNetwork {
+		ctr, err = runOnHostNetwork(ctx, req)
+	} else {
+		ctr, err = testcontainers.GenericContainer(ctx, req)
+	}
 	var c *Container
 	if ctr != nil {
 		c = &Container{Container: ctr, queue: s.get("SOUS_QUEUE", defaultQueue), clientURL: s.clientURL}
@@ -103,6 +110,10 @@ func Run(ctx context.Context, img string, opts ...testcontainers.ContainerCustom
 	}
 	if err != nil {
 		return c, fmt.Errorf("soustest: start %s: %w", img, err)
+	}
+	if s.hostNetwork {
+		c.httpURL = "http://127.0.0.1:" + port.Port()
+		return c, nil
 	}
 	host, err := ctr.Host(ctx)
 	if err != nil {

@@ -4,10 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	neturl "net/url"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -205,18 +211,21 @@ func TestWorkerOllamaImageRunsItsEngine(t *testing.T) {
 	}
 }
 
-// TestDockerStopDrains: `docker stop` under load sends SIGTERM; the worker
-// exits 0 within the grace period and every request has a result or is
-// back in the queue, none lost.
+// TestDockerStopDrains: `docker stop` while a batch is on the engine sends
+// SIGTERM; the worker stops receiving, lets that batch finish, returns what
+// it had prefetched, and exits 0 within the grace period: every request has
+// a result or is back in the queue, none lost.
 func TestDockerStopDrains(t *testing.T) {
 	containertest.Require(t)
 	t.Parallel()
 	q, results := names(t)
+	g := newGate(t, ollama.URL())
 	c := runWorker(t, containertest.WorkerImage,
 		soustest.WithAMQPURL(brokerURL), soustest.WithQueue(q), soustest.WithResultsQueue(results),
-		soustest.WithEngineURL(ollama.URL()), soustest.WithModel("tiny"),
+		soustest.WithEngineURL(g.url), soustest.WithModel("tiny"),
 		soustest.WithBatchMax(2), soustest.WithSetting("SOUS_ENGINE_PARALLEL", "2"),
-		soustest.WithMaxNumPredict(64), soustest.WithDrainTimeout(20*time.Second))
+		soustest.WithSetting("SOUS_BATCH_CONCURRENCY", "1"), soustest.WithDrainTimeout(20*time.Second))
+	g.arm()
 	conn := dial(t, brokerURL)
 	ch, err := conn.Channel()
 	if err != nil {
@@ -225,21 +234,27 @@ func TestDockerStopDrains(t *testing.T) {
 	if err := ch.Confirm(false); err != nil {
 		t.Fatal(err)
 	}
-	const n = 20
+	const n = 6
 	for i := range n {
 		conf, err := ch.PublishWithDeferredConfirmWithContext(context.Background(), "", q, false, false, amqp.Publishing{
 			MessageId: fmt.Sprint("s", i), ContentType: "application/json", DeliveryMode: amqp.Persistent,
-			Body: []byte(`{"prompt":"count to ten","options":{"num_predict":64}}`)})
+			Body: []byte(`{"prompt":"count to ten","options":{"num_predict":8}}`)})
 		if err != nil || !conf.Wait() {
 			t.Fatalf("publish %d: %v", i, err)
 		}
 	}
-	itest.WaitUntil(t, 60*time.Second, "a first result", func() bool { return itest.QueueDepth(t, conn, results) > 0 })
+	itest.WaitUntil(t, 60*time.Second, "a batch on the engine", func() bool { return g.held.Load() >= 1 })
 
 	const grace = 30 * time.Second
 	start := time.Now()
-	timeout := grace
-	if err := c.Stop(context.Background(), &timeout); err != nil {
+	stopped := make(chan error, 1)
+	go func() {
+		timeout := grace
+		stopped <- c.Stop(context.Background(), &timeout)
+	}()
+	itest.WaitUntil(t, grace, "the worker to start draining", func() bool { return strings.Contains(logs(c), "draining") })
+	g.release()
+	if err := <-stopped; err != nil {
 		t.Fatal(err)
 	}
 	took := time.Since(start)
@@ -253,13 +268,47 @@ func TestDockerStopDrains(t *testing.T) {
 	t.Logf("drained in %s", took.Round(time.Millisecond))
 	done := itest.QueueDepth(t, conn, results)
 	left := itest.QueueDepth(t, conn, q)
-	if done+left != n {
-		t.Fatalf("%d results + %d requeued = %d, want %d: something was lost or duplicated", done, left, done+left, n)
-	}
-	if left == 0 {
-		t.Log("note: the worker finished everything before the signal landed")
+	if done+left != n || done == 0 || left == 0 {
+		t.Fatalf("%d results + %d requeued, want %d in all, with the batch on the engine finished and the rest requeued\n%s", done, left, n, logs(c))
 	}
 }
+
+// gate is a reverse proxy to an engine that, once armed, holds generation
+// and chat calls until released; other calls pass.
+type gate struct {
+	url   string
+	armed atomic.Bool
+	held  atomic.Int64
+	open  chan struct{}
+	once  sync.Once
+}
+
+func newGate(t *testing.T, target string) *gate {
+	t.Helper()
+	u, err := neturl.Parse(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gate{open: make(chan struct{})}
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if g.armed.Load() && (r.URL.Path == "/api/generate" || r.URL.Path == "/api/chat") {
+			g.held.Add(1)
+			select {
+			case <-g.open:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	g.url = srv.URL
+	t.Cleanup(func() { g.release(); srv.Close() })
+	return g
+}
+
+func (g *gate) arm()     { g.armed.Store(true) }
+func (g *gate) release() { g.once.Do(func() { close(g.open) }) }
 
 // TestTestcontainersBrokerAndWorker: RabbitMQ and the worker, both started
 // with testcontainers-go, pass the end-to-end checks of the RABBITMQ_URL

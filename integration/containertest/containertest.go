@@ -51,6 +51,12 @@ func Init(ctx context.Context) error {
 	if err := os.Setenv("TESTCONTAINERS_RYUK_DISABLED", "true"); err != nil {
 		return err
 	}
+	// Every container here is on the host's network, so it is on loopback.
+	// Without this, testcontainers running inside a container (/.dockerenv)
+	// would reach containers through the default gateway's address.
+	if err := os.Setenv("TESTCONTAINERS_HOST_OVERRIDE", "127.0.0.1"); err != nil {
+		return err
+	}
 	if err := ping(ctx); err != nil {
 		unavailable = fmt.Sprintf("no Docker engine answers (%v); `scripts/ensure-docker.sh` starts one", err)
 		return nil
@@ -182,7 +188,7 @@ func StartRabbitMQ(ctx context.Context, log tclog.Logger) (url string, stop func
 	if log != nil {
 		req.Logger = log
 	}
-	c, err := testcontainers.GenericContainer(ctx, req)
+	c, err := runOnHostNetwork(ctx, req)
 	stop = func() {
 		if err := testcontainers.TerminateContainer(c); err != nil {
 			fmt.Fprintln(os.Stderr, "containertest: terminate RabbitMQ:", err)
@@ -205,4 +211,29 @@ func freePorts(n int) ([]int, error) {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports, nil
+}
+
+// runOnHostNetwork is testcontainers.GenericContainer for a container in the
+// host's network namespace, with a provider whose default network is "host"
+// (soustest's runOnHostNetwork says why GenericContainer's own provider
+// cannot start one on an engine without a bridge).
+func runOnHostNetwork(ctx context.Context, req testcontainers.GenericContainerRequest) (testcontainers.Container, error) {
+	logger := req.Logger
+	if logger == nil {
+		logger = tclog.Default()
+	}
+	//lint:ignore SA1019 the one way to give the provider a default network
+	p, err := testcontainers.NewDockerProvider(testcontainers.WithLogger(logger), testcontainers.DefaultNetwork("host"))
+	if err != nil {
+		return nil, fmt.Errorf("docker provider: %w", err)
+	}
+	defer p.Close()
+	c, err := p.CreateContainer(ctx, req.ContainerRequest)
+	if err != nil {
+		return c, fmt.Errorf("create container: %w", err)
+	}
+	if err := c.Start(ctx); err != nil {
+		return c, fmt.Errorf("start container: %w", err)
+	}
+	return c, nil
 }
