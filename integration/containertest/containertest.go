@@ -17,6 +17,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -93,16 +95,44 @@ func Require(tb testing.TB) {
 // Unavailable says why the container tests cannot run; empty when they can.
 func Unavailable() string { return unavailable }
 
+// ping asks the engine at DOCKER_HOST (default unix:///var/run/docker.sock)
+// for /_ping. testcontainers' own client panics when it finds no engine, so
+// this check comes first and uses plain HTTP.
 func ping(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	cli, err := testcontainers.NewDockerClientWithOpts(ctx)
+	host := os.Getenv("DOCKER_HOST")
+	if host == "" {
+		host = "unix:///var/run/docker.sock"
+	}
+	u, err := url.Parse(host)
+	if err != nil {
+		return fmt.Errorf("DOCKER_HOST=%s: %w", host, err)
+	}
+	base := "http://docker"
+	var d net.Dialer
+	dial := d.DialContext
+	switch u.Scheme {
+	case "unix":
+		dial = func(ctx context.Context, _, _ string) (net.Conn, error) { return d.DialContext(ctx, "unix", u.Path) }
+	case "tcp":
+		base = "http://" + u.Host
+	default:
+		return fmt.Errorf("DOCKER_HOST=%s: only unix:// and tcp:// engines are checked", host)
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: dial}, Timeout: 10 * time.Second}
+	defer client.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/_ping", nil)
 	if err != nil {
 		return err
 	}
-	defer cli.Close()
-	_, err = cli.Ping(ctx)
-	return err
+	resp, err := client.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s: %w", host, err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: /_ping answered %s", host, resp.Status)
+	}
+	return nil
 }
 
 func imagesPresent(ctx context.Context) bool {
