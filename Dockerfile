@@ -1,5 +1,6 @@
-# sous worker images. Docker cannot build here; deploy/dockerfile_test.go keeps
-# this file honest (stages, pinned bases, non-root users, the build command, glibc).
+# sous worker images. deploy/dockerfile_test.go keeps this file honest (stages,
+# pinned bases, non-root users, the build command, glibc); `make images` builds
+# both targets and the container tests run them (deploy/README.md).
 #
 #   docker build --target worker        -t sous-worker .
 #   docker build --target worker-ollama -t sous-worker-ollama .
@@ -8,10 +9,21 @@
 # (docker buildx imagetools inspect <ref>). No registry was reachable where this
 # file was written, and an unverified digest is worse than a tag.
 
+# The bases are build arguments whose defaults are the real, pinned images
+# (the checks read the defaults). `make images` passes stand-ins built from
+# Debian packages where no registry is reachable; deploy/README.md says how
+# they differ.
+ARG GO_IMAGE=golang:1.26.8-bookworm
+ARG WORKER_BASE=gcr.io/distroless/base-debian12:nonroot
+ARG OLLAMA_IMAGE=ollama/ollama:0.17.4
+
 # The build stage's Debian release sets the glibc the cgo binary needs
 # (bookworm: 2.36). Every final stage must ship that glibc or newer.
-FROM golang:1.26.8-bookworm AS build
+FROM ${GO_IMAGE} AS build
 WORKDIR /src
+# Unset: Go's default proxy. `make images` points it at a loopback server
+# of this machine's module cache, so the build needs no network.
+ARG GOPROXY
 # Fail instead of downloading a toolchain when go.mod asks for a newer Go.
 ENV GOTOOLCHAIN=local
 COPY go.mod go.sum ./
@@ -24,7 +36,7 @@ RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache
 
 # worker: the worker alone, for an engine it does not own (SOUS_ENGINE_URL).
 # distroless/base has glibc, which go-nvml needs: it dlopens libnvidia-ml at run time.
-FROM gcr.io/distroless/base-debian12:nonroot AS worker
+FROM ${WORKER_BASE} AS worker
 COPY --from=build /src/bin/worker /usr/local/bin/sous-worker
 COPY --from=build /src/bin/sousctl /usr/local/bin/sousctl
 # Numeric, so that Kubernetes can check runAsNonRoot against the image.
@@ -37,7 +49,7 @@ ENTRYPOINT ["/usr/local/bin/sous-worker"]
 # github.com/ollama/ollama version in go.mod (the API client the worker is
 # built against); its base is ubuntu:24.04 (glibc 2.39). Ollama images before
 # that were ubuntu:20.04 (glibc 2.31) and could not run a bookworm cgo binary.
-FROM ollama/ollama:0.17.4 AS worker-ollama
+FROM ${OLLAMA_IMAGE} AS worker-ollama
 COPY --from=build /src/bin/worker /usr/local/bin/sous-worker
 COPY --from=build /src/bin/sousctl /usr/local/bin/sousctl
 # The engine listens on loopback only: nothing outside the pod reaches it.

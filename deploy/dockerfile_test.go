@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"go/version"
+	"maps"
 	"os"
 	"os/exec"
 	"path"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,7 +28,8 @@ import (
 	"golang.org/x/mod/modfile"
 )
 
-// Docker cannot build here; these checks keep the Dockerfile honest instead.
+// These checks keep the Dockerfile honest without a Docker engine; the
+// container tests (integration/container) build and run it where one answers.
 
 const (
 	buildStage   = "build"
@@ -63,11 +66,50 @@ func dockerfileStages(b []byte) ([]instructions.Stage, []error) {
 		}
 		errs = append(errs, fmt.Errorf("Dockerfile:%d: lint %s: %s", line, rule, msg))
 	}})
-	stages, _, err := instructions.Parse(res.AST, lint)
+	stages, metaArgs, err := instructions.Parse(res.AST, lint)
 	if err != nil {
 		return nil, append(errs, fmt.Errorf("Dockerfile: %w", err))
 	}
+	errs = append(errs, expandBases(stages, metaArgs)...)
 	return stages, errs
+}
+
+// expandBases replaces a base given as a build argument (FROM ${GO_IMAGE})
+// with the argument's default, the image a plain `docker build` uses: the
+// checks then apply to the real base. An argument without a default is
+// refused, so that what the checks see is what gets pulled.
+func expandBases(stages []instructions.Stage, metaArgs []instructions.ArgCommand) []error {
+	defaults := map[string]string{}
+	for _, a := range metaArgs {
+		for _, kv := range a.Args {
+			if kv.Value != nil {
+				defaults[kv.Key] = *kv.Value
+			} else {
+				delete(defaults, kv.Key)
+			}
+		}
+	}
+	var errs []error
+	lex := shell.NewLex('\\')
+	for i, st := range stages {
+		if !strings.Contains(st.BaseName, "$") {
+			continue
+		}
+		env := make([]string, 0, len(defaults))
+		for k, v := range defaults {
+			env = append(env, k+"="+v)
+		}
+		base, unset, err := lex.ProcessWord(st.BaseName, shell.EnvsFromSlice(env))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("stage %s: base %q: %w", st.Name, st.BaseName, err))
+			continue
+		}
+		for _, name := range slices.Sorted(maps.Keys(unset)) {
+			errs = append(errs, fmt.Errorf("stage %s: base %q uses ARG %s, which has no default before the first FROM; default it to the real, pinned image", st.Name, st.BaseName, name))
+		}
+		stages[i].BaseName = base
+	}
+	return errs
 }
 
 // checkDockerfile applies every Dockerfile rule and returns what is wrong.
@@ -115,13 +157,14 @@ func checkDockerfile(in dockerInputs) []error {
 	return errs
 }
 
-// imageRef parses a stage's base image; ARG expansion is refused so that what
-// the checks see is what gets pulled.
+// imageRef parses a stage's base image (a build argument's default, as
+// expandBases left it).
 func imageRef(st instructions.Stage) (reference.Named, error) {
-	if strings.Contains(st.BaseName, "$") {
-		return nil, fmt.Errorf("stage %s: base %q uses an ARG; name the image literally", st.Name, st.BaseName)
+	ref, err := reference.ParseNormalizedNamed(st.BaseName)
+	if err != nil {
+		return nil, fmt.Errorf("stage %s: base %q: %w", st.Name, st.BaseName, err)
 	}
-	return reference.ParseNormalizedNamed(st.BaseName)
+	return ref, nil
 }
 
 var (
@@ -574,12 +617,13 @@ func TestDockerfileChecksCatchBrokenCopies(t *testing.T) {
 		want string
 	}{
 		{"stage missing", mutation{df, "AS worker-ollama", "AS ollama"}, `no stage named "worker-ollama"`},
-		{"latest", mutation{df, "FROM golang:1.26.8-bookworm", "FROM golang:latest"}, "is not pinned: latest"},
-		{"no tag", mutation{df, "FROM ollama/ollama:0.17.4", "FROM ollama/ollama"}, "is not pinned: no tag"},
-		{"tag without a version", mutation{df, "FROM golang:1.26.8-bookworm", "FROM golang:bookworm"}, `tag "bookworm" carries no version`},
+		{"latest", mutation{df, "GO_IMAGE=golang:1.26.8-bookworm", "GO_IMAGE=golang:latest"}, "is not pinned: latest"},
+		{"no tag", mutation{df, "OLLAMA_IMAGE=ollama/ollama:0.17.4", "OLLAMA_IMAGE=ollama/ollama"}, "is not pinned: no tag"},
+		{"tag without a version", mutation{df, "GO_IMAGE=golang:1.26.8-bookworm", "GO_IMAGE=golang:bookworm"}, `tag "bookworm" carries no version`},
 		{"distroless without a release", mutation{df, "gcr.io/distroless/base-debian12:nonroot", "gcr.io/distroless/base:nonroot"}, `tag "nonroot" carries no version`},
 		{"digest pins", mutation{df, "gcr.io/distroless/base-debian12:nonroot", "gcr.io/distroless/base-debian12@sha256:" + strings.Repeat("a", 64)}, ""},
-		{"base from an ARG", mutation{df, "FROM golang:1.26.8-bookworm", "ARG GO_IMAGE=golang:1.26.8-bookworm\nFROM ${GO_IMAGE}"}, "uses an ARG"},
+		{"base ARG without a default", mutation{df, "ARG GO_IMAGE=golang:1.26.8-bookworm", "ARG GO_IMAGE"}, "uses ARG GO_IMAGE, which has no default"},
+		{"literal base is fine", mutation{df, "FROM ${GO_IMAGE} AS build", "FROM golang:1.26.8-bookworm AS build"}, ""},
 		{"worker as root", mutation{df, "USER 65532:65532\nEXPOSE 8080\nENTRYPOINT [\"/usr/local/bin/sous-worker\"]\n\n", "USER 0\nEXPOSE 8080\nENTRYPOINT [\"/usr/local/bin/sous-worker\"]\n\n"}, "stage worker: USER 0 runs as root"},
 		{"named user", mutation{df, "USER 65532:65532\nEXPOSE 8080\nENTRYPOINT [\"/usr/local/bin/sous-worker\"]\n\n", "USER nonroot\nEXPOSE 8080\nENTRYPOINT [\"/usr/local/bin/sous-worker\"]\n\n"}, "USER nonroot is not numeric"},
 		{"ollama stage keeps root", mutation{df, "/models /home/sous\nUSER 65532:65532\n", "/models /home/sous\n"}, "stage worker-ollama: no USER"},
@@ -596,12 +640,12 @@ func TestDockerfileChecksCatchBrokenCopies(t *testing.T) {
 		{"HEALTHCHECK", mutation{df, "CMD []\n", "CMD []\nHEALTHCHECK CMD [\"/usr/local/bin/sousctl\", \"health\"]\n"}, "HEALTHCHECK is ignored by Kubernetes"},
 		{"secret baked in", mutation{df, "ENV GOTOOLCHAIN=local\n", "ENV GOTOOLCHAIN=local\nENV SOUS_AMQP_URL=amqp://sous:pw@rabbitmq:5672/\n"}, "ENV SOUS_AMQP_URL bakes a secret"},
 		{"secret build arg", mutation{df, "ENV GOTOOLCHAIN=local\n", "ENV GOTOOLCHAIN=local\nARG GITHUB_TOKEN\n"}, "ARG GITHUB_TOKEN"},
-		{"BuildKit lint", mutation{df, "FROM golang:1.26.8-bookworm AS build", "FROM golang:1.26.8-bookworm as build"}, "lint FromAsCasing"},
-		{"Go older than go.mod", mutation{df, "FROM golang:1.26.8-bookworm", "FROM golang:1.26.1-bookworm"}, "Go 1.26.1 is older than go.mod's go 1.26.8"},
-		{"glibc newer than the runtime", mutation{df, "FROM golang:1.26.8-bookworm", "FROM golang:1.26.8-trixie"}, "stage worker: base gcr.io/distroless/base-debian12:nonroot has glibc 2.36, the worker built on golang:1.26.8-trixie needs 2.41"},
-		{"old Ollama image", mutation{df, "FROM ollama/ollama:0.17.4", "FROM ollama/ollama:0.6.5"}, "stage worker-ollama: base ollama/ollama:0.6.5 has glibc 2.31"},
+		{"BuildKit lint", mutation{df, "FROM ${GO_IMAGE} AS build", "FROM ${GO_IMAGE} as build"}, "lint FromAsCasing"},
+		{"Go older than go.mod", mutation{df, "GO_IMAGE=golang:1.26.8-bookworm", "GO_IMAGE=golang:1.26.1-bookworm"}, "Go 1.26.1 is older than go.mod's go 1.26.8"},
+		{"glibc newer than the runtime", mutation{df, "GO_IMAGE=golang:1.26.8-bookworm", "GO_IMAGE=golang:1.26.8-trixie"}, "stage worker: base gcr.io/distroless/base-debian12:nonroot has glibc 2.36, the worker built on golang:1.26.8-trixie needs 2.41"},
+		{"old Ollama image", mutation{df, "OLLAMA_IMAGE=ollama/ollama:0.17.4", "OLLAMA_IMAGE=ollama/ollama:0.6.5"}, "stage worker-ollama: base ollama/ollama:0.6.5 has glibc 2.31"},
 		{"Ollama not the go.mod version", mutation{"go.mod", "github.com/ollama/ollama v0.17.4", "github.com/ollama/ollama v0.17.5"}, "want ollama/ollama:0.17.5"},
-		{"not the official Ollama", mutation{df, "FROM ollama/ollama:0.17.4", "FROM example.com/ollama:0.17.4"}, "not the official ollama/ollama image"},
+		{"not the official Ollama", mutation{df, "OLLAMA_IMAGE=ollama/ollama:0.17.4", "OLLAMA_IMAGE=example.com/ollama:0.17.4"}, "not the official ollama/ollama image"},
 		{".git in context", mutation{".dockerignore", "\n.git\n", "\n"}, ".dockerignore does not exclude .git/HEAD"},
 		{".cache in context", mutation{".dockerignore", "\n.cache\n", "\n"}, ".dockerignore does not exclude .cache/bin/ollama"},
 		{"bin in context", mutation{".dockerignore", "\nbin\n", "\n"}, ".dockerignore does not exclude bin/worker"},

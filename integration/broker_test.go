@@ -8,46 +8,48 @@ import (
 	"os"
 	"time"
 
-	tcrabbit "github.com/testcontainers/testcontainers-go/modules/rabbitmq"
+	"github.com/sous-run/sous/integration/containertest"
 )
+
+// brokerEnv forces where the suite's broker comes from: "testcontainers"
+// starts a RabbitMQ container even when a local broker answers, so that
+// the end-to-end checks run on the testcontainers path too (make test does).
+const brokerEnv = "SOUS_IT_BROKER"
 
 // ensureBroker finds the broker the tests use: RABBITMQ_URL when set; else
 // the local broker on 127.0.0.1:5672 when it answers; else, where a Docker
-// engine answers, a RabbitMQ container started with testcontainers-go.
+// engine answers, a RabbitMQ container started with testcontainers-go from
+// the image scripts/images.sh builds out of Debian's rabbitmq-server.
 func ensureBroker(ctx context.Context) (url string, stop func(), err error) {
-	if u := os.Getenv("RABBITMQ_URL"); u != "" {
+	force := os.Getenv(brokerEnv)
+	switch force {
+	case "", "testcontainers":
+	default:
+		return "", nil, fmt.Errorf("%s=%q: want testcontainers or nothing", brokerEnv, force)
+	}
+	if u := os.Getenv("RABBITMQ_URL"); u != "" && force == "" {
 		return u, func() {}, nil
 	}
 	const local = "amqp://guest:guest@127.0.0.1:5672/"
-	if c, err := net.DialTimeout("tcp", "127.0.0.1:5672", time.Second); err == nil {
+	if c, err := net.DialTimeout("tcp", "127.0.0.1:5672", time.Second); err == nil && force == "" {
 		c.Close()
 		return local, func() {}, nil
 	}
-	if !dockerAnswers() {
-		return "", nil, errors.New("no RabbitMQ: nothing answers on 127.0.0.1:5672, RABBITMQ_URL is unset and no Docker engine answers; " +
-			"start one with `rabbitmq-server -detached` (or `make rabbitmq`)")
-	}
-	c, err := tcrabbit.Run(ctx, "rabbitmq:3.13-management-alpine")
-	if err != nil {
-		return "", nil, fmt.Errorf("start a RabbitMQ container: %w", err)
-	}
-	u, err := c.AmqpURL(ctx)
-	if err != nil {
-		_ = c.Terminate(context.Background())
+	if err := containertest.Init(ctx); err != nil {
 		return "", nil, err
 	}
-	return u, func() { _ = c.Terminate(context.Background()) }, nil
-}
-
-func dockerAnswers() bool {
-	sock := "/var/run/docker.sock"
-	if h := os.Getenv("DOCKER_HOST"); h != "" {
-		return true
+	if why := containertest.Unavailable(); why != "" {
+		if force != "" {
+			return "", nil, fmt.Errorf("%s=testcontainers, but %s", brokerEnv, why)
+		}
+		return "", nil, errors.New("no RabbitMQ: nothing answers on 127.0.0.1:5672, RABBITMQ_URL is unset and " + why +
+			"; start a broker with `rabbitmq-server -detached` (or `make rabbitmq`)")
 	}
-	c, err := net.DialTimeout("unix", sock, time.Second)
+	u, stop, err := containertest.StartRabbitMQ(ctx, nil)
 	if err != nil {
-		return false
+		stop()
+		return "", nil, err
 	}
-	c.Close()
-	return true
+	fmt.Fprintln(os.Stderr, "integration: RabbitMQ in a container (testcontainers-go) at", u)
+	return u, stop, nil
 }
