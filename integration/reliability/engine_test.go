@@ -124,10 +124,12 @@ func TestEngineOutageDeadLetters(t *testing.T) {
 			eng := newFakeEngine(t)
 			eng.status.Store(500)
 			q := names(t)
-			startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), probe: "/healthz", env: []string{
+			w := startWorker(t, workerOpts{queue: q, engineURL: eng.URL(), probe: "/healthz", env: []string{
 				"SOUS_RETRY_BACKOFF=500ms", "SOUS_RETRY_BACKOFF_MAX=30s", "SOUS_MAX_ATTEMPTS=5", "SOUS_LOG_LEVEL=info"}})
 			l := watch(t, sharedURL, q)
 			c := newClient(t, sharedURL)
+			// /healthz answers before the queues are declared.
+			waitUntil(t, 30*time.Second, "the worker to open the broker", func() bool { return strings.Contains(w.Logs(), "ready to work") })
 			ids := c.publishRequests(q, "u", n)
 			time.Sleep(outage)
 			eng.status.Store(0)

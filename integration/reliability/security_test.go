@@ -237,7 +237,11 @@ func TestSecretsNeverLeak(t *testing.T) {
 	// A worker with the wrong password, and one whose engine echoes its key.
 	bad := startWorker(t, workerOpts{queue: names(t), brokerURL: "amqp://unused:unused@127.0.0.1:1/", engineURL: eng.URL(), probe: "none", env: append([]string{
 		"SOUS_AMQP_URL_FILE=" + writeSecret("wrong-url", strings.Replace(url, brokerPW, wrongPW, 1))}, telemetryEnv...)})
-	waitUntil(t, 30*time.Second, "an authentication failure", func() bool { return strings.Contains(bad.Logs(), "broker connect failed") })
+	// A refused password at start is configuration: the worker says so
+	// naming SOUS_AMQP_URL and exits 2.
+	waitUntil(t, 30*time.Second, "an authentication failure", func() bool {
+		return strings.Contains(bad.Logs(), "broker connect failed") || strings.Contains(bad.Logs(), "SOUS_AMQP_URL")
+	})
 	oa := fakeOpenAI(t)
 	q2 := names(t)
 	keyed := startWorker(t, workerOpts{queue: q2, brokerURL: url, engineURL: oa.URL, env: append([]string{
