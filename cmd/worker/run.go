@@ -101,6 +101,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Observer:        tel.obs,
 	}, broker, engine, sizer, log)
 
+	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
+	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()
+
 	ready.set(w)
 	log.Info("ready to work", "http_addr", cfg.HTTPAddr)
 	runErr := w.Run(ctx)
