@@ -33,6 +33,13 @@ rabbitmq:
 
 # Qpid Proton for the Service Bus protocol test double (a Debian package;
 # installs only when missing).
+# The control plane and the KEDA operator for integration/k8s, each built
+# from its Go module into .cache/k8s (scripts/build-k8s.sh): about 15
+# minutes cold on 2 cores, one binary at a time; seconds once built.
+.PHONY: k8s
+k8s:
+	@scripts/build-k8s.sh
+
 .PHONY: sbpeer
 sbpeer:
 	@internal/queue/servicebus/sbpeer/install.sh
@@ -41,9 +48,11 @@ sbpeer:
 # request decoder, and every benchmark for a few iterations (to prove they
 # run; figures come from `make bench`).
 .PHONY: test
-test: ollama rabbitmq sbpeer
+test: ollama rabbitmq sbpeer k8s
 	$(GO) vet ./...
-	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m ./...
+	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) $(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /integration/k8s$$)
+	# Verbose: the scaling transitions and their timings are the point.
+	$(GO) test -race -count=1 -timeout 15m -v ./integration/k8s
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq
 	$(GO) test -run='^$$' -bench=. -benchtime=3x ./...
