@@ -14,9 +14,9 @@
 // since KEDA and the HPA change a Deployment's replicas and the ReplicaSet
 // controller picks which pods to delete.
 //
-// When the binaries are missing, NeedControlPlane and NeedKEDA skip the test with one line
-// naming `make k8s`, except under CI=true, where it fails: CI runs
-// `make test`, which builds them.
+// When the binaries are missing, NeedControlPlane and NeedKEDA skip the
+// test with one line naming `make k8s`, except under CI=true, where the
+// test fails: CI runs `make test`, which builds them.
 //
 // A ControlPlane belongs to one test; Start registers its teardown with
 // t.Cleanup, which stops every process it started and waits for it.
