@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/sous-run/sous/internal/podcost"
 )
@@ -26,8 +27,9 @@ const workerSelector = "app.kubernetes.io/name=sous,app.kubernetes.io/component=
 // real ReplicaSet controller deletes an idle one, because each pod's
 // internal/podcost Keeper (what the worker runs) set its
 // pod-deletion-cost, patching as the pod's own ServiceAccount under the
-// project's Role. The same rounds without the annotation show the choice
-// is then blind to work.
+// project's Role. The busy one is always the newest pod, the one the
+// controller removes first among equals; the same rounds without the
+// annotation show it then goes.
 func TestScaleInKeepsTheBusyWorker(t *testing.T) {
 	b := NeedControlPlane(t)
 	cp := Start(t, b, Options{})
@@ -73,10 +75,10 @@ func TestScaleInKeepsTheBusyWorker(t *testing.T) {
 		busyDeleted := 0
 		for round := range rounds {
 			pods := scaleTo(t, ctx, cp, 3)
-			// The busy one takes each position in turn (pods sorted by
-			// name), so whatever order the controller would fall back to,
-			// every round asks something different of it.
-			busy := pods[round%3].Name
+			// The busy one is the newest pod: the one the controller deletes
+			// first among equals (newer before older), so the one most at
+			// risk. From round 2 on it is the pod the last scale-up made.
+			busy := newest(pods)
 			if annotate {
 				for _, p := range pods {
 					inFlight := 0
@@ -107,7 +109,7 @@ func TestScaleInKeepsTheBusyWorker(t *testing.T) {
 		if annotate {
 			t.Logf("k8s: SCALE-IN with pod-deletion-cost: the busy worker was kept in %d of %d rounds", rounds, rounds)
 		} else {
-			t.Logf("k8s: SCALE-IN without pod-deletion-cost: the busy worker was deleted in %d of %d rounds (the ReplicaSet controller cannot tell it is busy: equal pods are ranked by creation time and UID)", busyDeleted, rounds)
+			t.Logf("k8s: SCALE-IN without pod-deletion-cost: the busy (newest) worker was deleted in %d of %d rounds (the ReplicaSet controller cannot tell it is busy: among equal pods it deletes the newest first, by creation time on a log scale, then UID)", busyDeleted, rounds)
 		}
 	}
 }
@@ -118,12 +120,18 @@ func TestScaleInKeepsTheBusyWorker(t *testing.T) {
 func scaleTo(t *testing.T, ctx context.Context, cp *ControlPlane, n int32) []corev1.Pod {
 	t.Helper()
 	deps := cp.Client.AppsV1().Deployments(rabbitNS)
-	sc, err := deps.GetScale(ctx, "sous-worker", metav1.GetOptions{})
+	// The Deployment controller writes the object too (status): retry on
+	// a conflict, as the HPA does.
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		sc, err := deps.GetScale(ctx, "sous-worker", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		sc.Spec.Replicas = n
+		_, err = deps.UpdateScale(ctx, "sous-worker", sc, metav1.UpdateOptions{})
+		return err
+	})
 	if err != nil {
-		t.Fatal(err)
-	}
-	sc.Spec.Replicas = n
-	if _, err := deps.UpdateScale(ctx, "sous-worker", sc, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(60 * time.Second)
@@ -180,6 +188,18 @@ func clearAnnotations(t *testing.T, ctx context.Context, cp *ControlPlane, pods 
 		}
 	}
 	sleep(ctx, 500*time.Millisecond)
+}
+
+// newest is the name of the most recently created pod (ties: the first by
+// name).
+func newest(pods []corev1.Pod) string {
+	n := pods[0]
+	for _, p := range pods[1:] {
+		if p.CreationTimestamp.After(n.CreationTimestamp.Time) {
+			n = p
+		}
+	}
+	return n.Name
 }
 
 func gone(before, after []corev1.Pod) string {
