@@ -77,6 +77,15 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		{"secret as a literal env", mutation{rabbit + "deployment.yaml", "              valueFrom:\n                secretKeyRef:\n                  name: sous-rabbitmq\n                  key: amqp-url\n", "              value: amqp://sous:pw@rabbitmq:5672/\n"}, "env SOUS_AMQP_URL looks like a secret"},
 		{"secret key not documented", mutation{rabbit + "deployment.yaml", "key: amqp-url", "key: url"}, "reads key url of Secret sous-rabbitmq"},
 		{"service account token mounted", mutation{base + "serviceaccount.yaml", "automountServiceAccountToken: false", "automountServiceAccountToken: true"}, "automountServiceAccountToken must be false"},
+		{"job mounts a token", mutation{"deploy/k8s/jobs/model-pull.yaml", "automountServiceAccountToken: false", "automountServiceAccountToken: true"}, "the job does not call the Kubernetes API"},
+
+		// Busy-aware scale-in: the pod patches its own pod-deletion-cost.
+		{"worker pod without a token", mutation{deployF, "      automountServiceAccountToken: true\n", "      automountServiceAccountToken: false\n"}, "automountServiceAccountToken must be true on the worker's pod"},
+		{"no downward pod name", mutation{deployF, "- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name", "- name: POD_NAME\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.uid"}, "no env POD_NAME from the downward API"},
+		{"role allows more", mutation{base + "role.yaml", "verbs: [patch]", "verbs: [patch, get, list]"}, "allows more than patch on pods"},
+		{"role on another resource", mutation{base + "role.yaml", "resources: [pods]", "resources: [deployments]"}, "allows more than patch on pods"},
+		{"binding to another account", mutation{base + "rolebinding.yaml", "    name: sous-worker\n", "    name: default\n"}, "no RoleBinding gives ServiceAccount sous-worker a Role"},
+		{"no binding", mutation{base + "kustomization.yaml", "  - rolebinding.yaml\n", ""}, "no RoleBinding"},
 
 		// securityContext.
 		{"writable root filesystem", mutation{deployF, "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"}, "readOnlyRootFilesystem must be true"},

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"path"
 	"regexp"
 	"slices"
@@ -21,6 +22,7 @@ import (
 	batchv1 "k8s.io/api/batch/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	metavalidation "k8s.io/apimachinery/pkg/apis/meta/v1/validation"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -53,15 +55,17 @@ func (o object) String() string { return fmt.Sprintf("%s: %s %s", o.where, o.kin
 // into their k8s.io/api types. Any other kind is refused: every manifest is
 // validated or the test fails.
 var coreKinds = map[string]func() any{
-	"v1/ConfigMap":                  func() any { return &corev1.ConfigMap{} },
-	"v1/Secret":                     func() any { return &corev1.Secret{} },
-	"v1/ServiceAccount":             func() any { return &corev1.ServiceAccount{} },
-	"v1/Service":                    func() any { return &corev1.Service{} },
-	"v1/PersistentVolumeClaim":      func() any { return &corev1.PersistentVolumeClaim{} },
-	"v1/Namespace":                  func() any { return &corev1.Namespace{} },
-	"apps/v1/Deployment":            func() any { return &appsv1.Deployment{} },
-	"policy/v1/PodDisruptionBudget": func() any { return &policyv1.PodDisruptionBudget{} },
-	"batch/v1/Job":                  func() any { return &batchv1.Job{} },
+	"v1/ConfigMap":                             func() any { return &corev1.ConfigMap{} },
+	"v1/Secret":                                func() any { return &corev1.Secret{} },
+	"v1/ServiceAccount":                        func() any { return &corev1.ServiceAccount{} },
+	"v1/Service":                               func() any { return &corev1.Service{} },
+	"v1/PersistentVolumeClaim":                 func() any { return &corev1.PersistentVolumeClaim{} },
+	"v1/Namespace":                             func() any { return &corev1.Namespace{} },
+	"apps/v1/Deployment":                       func() any { return &appsv1.Deployment{} },
+	"policy/v1/PodDisruptionBudget":            func() any { return &policyv1.PodDisruptionBudget{} },
+	"batch/v1/Job":                             func() any { return &batchv1.Job{} },
+	"rbac.authorization.k8s.io/v1/Role":        func() any { return &rbacv1.Role{} },
+	"rbac.authorization.k8s.io/v1/RoleBinding": func() any { return &rbacv1.RoleBinding{} },
 }
 
 // scaledObject is the part of a KEDA ScaledObject the policy checks read,
@@ -472,7 +476,7 @@ func render(ks *kedaSchemas, tr tree, dir string) ([]object, []error) {
 
 // checkOverlayComplete: an overlay renders everything a running deployment needs.
 func checkOverlayComplete(dir string, objs []object) []error {
-	want := []string{"Namespace", "ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Deployment", "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication"}
+	want := []string{"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PersistentVolumeClaim", "Deployment", "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication"}
 	have := map[string]bool{}
 	for _, o := range objs {
 		have[o.kind] = true
@@ -532,6 +536,9 @@ func checkSet(ks *kedaSchemas, objs []object, ex examples) []error {
 			errs = append(errs, fmt.Errorf("%s: automountServiceAccountToken must be false", o))
 		}
 	}
+	for _, o := range s["Role"] {
+		errs = append(errs, prefix(o, checkRole(o.typed.(*rbacv1.Role)))...)
+	}
 	for _, o := range s["PodDisruptionBudget"] {
 		errs = append(errs, prefix(o, checkPDB(s, o.typed.(*policyv1.PodDisruptionBudget)))...)
 	}
@@ -560,9 +567,6 @@ func prefix(o object, errs []error) []error {
 // checkPodSpec: the restricted Pod Security Standard and then some.
 func checkPodSpec(ps *corev1.PodSpec) []error {
 	var errs []error
-	if ps.AutomountServiceAccountToken == nil || *ps.AutomountServiceAccountToken {
-		errs = append(errs, errors.New("automountServiceAccountToken must be false: the worker does not call the Kubernetes API"))
-	}
 	psc := ps.SecurityContext
 	if psc == nil {
 		psc = &corev1.PodSecurityContext{}
@@ -721,6 +725,7 @@ func checkWorker(s set, d *appsv1.Deployment, ex examples) []error {
 	if ann["prometheus.io/scrape"] != "true" || ann["prometheus.io/port"] != strconv.Itoa(workerPort) || ann["prometheus.io/path"] != "/metrics" {
 		errs = append(errs, fmt.Errorf("pod annotations: want prometheus.io/scrape \"true\", port \"%d\", path /metrics; got %v", workerPort, ann))
 	}
+	errs = append(errs, checkPodDeletionCost(s, d, c)...)
 	if d.Spec.Template.Spec.ServiceAccountName == "" {
 		errs = append(errs, errors.New("no serviceAccountName"))
 	} else if s["ServiceAccount"] != nil {
@@ -1139,11 +1144,73 @@ func checkJobs(standalone []object, base []object) []error {
 			continue
 		}
 		errs = append(errs, prefix(o, checkPodSpec(&j.Spec.Template.Spec))...)
+		if a := j.Spec.Template.Spec.AutomountServiceAccountToken; a == nil || *a {
+			errs = append(errs, fmt.Errorf("%s: automountServiceAccountToken must be false: the job does not call the Kubernetes API", o))
+		}
 		for _, c := range j.Spec.Template.Spec.Containers {
 			if c.Image != image {
 				errs = append(errs, fmt.Errorf("%s: image %s, want the workers' image %s (same engine, same model store)", o, c.Image, image))
 			}
 		}
+	}
+	return errs
+}
+
+// checkRole: the worker's only Kubernetes API call is patching its own
+// pod's pod-deletion-cost; a Role that allows more is a finding.
+func checkRole(r *rbacv1.Role) []error {
+	var errs []error
+	for _, rule := range r.Rules {
+		if !slices.Equal(rule.APIGroups, []string{""}) || !slices.Equal(rule.Resources, []string{"pods"}) || !slices.Equal(rule.Verbs, []string{"patch"}) || len(rule.ResourceNames) > 0 || len(rule.NonResourceURLs) > 0 {
+			errs = append(errs, fmt.Errorf("rule %v allows more than patch on pods (the worker's only API call: its pod-deletion-cost)", rule))
+		}
+	}
+	if len(r.Rules) != 1 {
+		errs = append(errs, fmt.Errorf("%d rules, want the one that allows patch on pods", len(r.Rules)))
+	}
+	return errs
+}
+
+// checkPodDeletionCost: busy-aware scale-in needs the pod's name and
+// namespace from the downward API, a mounted token and, when the set has
+// RBAC objects, a RoleBinding that gives the pod's ServiceAccount a Role
+// allowing patch on pods.
+func checkPodDeletionCost(s set, d *appsv1.Deployment, c *corev1.Container) []error {
+	var errs []error
+	want := map[string]string{"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+	for _, e := range c.Env {
+		if path, ok := want[e.Name]; ok && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == path {
+			delete(want, e.Name)
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(want)) {
+		errs = append(errs, fmt.Errorf("container %s: no env %s from the downward API (fieldRef %s): the worker patches its own pod's pod-deletion-cost", c.Name, name, want[name]))
+	}
+	ps := d.Spec.Template.Spec
+	if ps.AutomountServiceAccountToken == nil || !*ps.AutomountServiceAccountToken {
+		errs = append(errs, errors.New("automountServiceAccountToken must be true on the worker's pod: it patches its own pod-deletion-cost (its ServiceAccount keeps false for anything else)"))
+	}
+	if s["RoleBinding"] == nil && s["Role"] == nil {
+		return errs // a set without the base (keda/ alone)
+	}
+	bound := false
+	for _, o := range s["RoleBinding"] {
+		rb := o.typed.(*rbacv1.RoleBinding)
+		if rb.RoleRef.Kind != "Role" {
+			continue
+		}
+		r, ok := s["Role"][rb.RoleRef.Name]
+		if !ok || len(checkRole(r.typed.(*rbacv1.Role))) > 0 {
+			continue
+		}
+		for _, sub := range rb.Subjects {
+			if sub.Kind == "ServiceAccount" && sub.Name == ps.ServiceAccountName {
+				bound = true
+			}
+		}
+	}
+	if !bound {
+		errs = append(errs, fmt.Errorf("no RoleBinding gives ServiceAccount %s a Role allowing patch on pods: its pod-deletion-cost patches would be refused", ps.ServiceAccountName))
 	}
 	return errs
 }

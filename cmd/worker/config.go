@@ -114,6 +114,9 @@ type Config struct {
 
 	// OpenTelemetry: the standard OTEL_* variables (telemetry.go).
 	Telemetry telemetryConfig
+
+	// Busy-aware scale-in on Kubernetes (podcost.go).
+	PodCost podCostConfig
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
@@ -349,6 +352,9 @@ func (c Config) validate() error {
 		if _, _, err := net.SplitHostPort(c.HTTPAddr); err != nil {
 			return bad("SOUS_HTTP_ADDR", "must be host:port or :port (or off), got %q", c.HTTPAddr)
 		}
+	}
+	if err := c.PodCost.validate(); err != nil {
+		return err
 	}
 	return c.Telemetry.validate()
 }

@@ -105,6 +105,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Observer:        tel.obs,
 	}, broker, engine, sizer, log)
 
+	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
+	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()
+
 	ready.set(w)
 	httpAddr := "off"
 	if srv != nil {
