@@ -26,8 +26,10 @@ type outage struct {
 // engine answers or Run's context ends.
 func (w *Worker) engineDown(err error) {
 	o := &outage{err: err, since: w.now(), up: make(chan struct{})}
-	if !w.down.CompareAndSwap(nil, o) {
-		return
+	w.bgMu.Lock()
+	defer w.bgMu.Unlock()
+	if w.bgClosed || !w.down.CompareAndSwap(nil, o) {
+		return // draining: no prober is started once Run waits for them
 	}
 	w.engineUp.Store(false)
 	w.obs.EngineHealth(err)

@@ -193,6 +193,8 @@ type Worker struct {
 	stopRecv atomic.Pointer[context.CancelFunc] // cuts the Receive in progress
 	dlq      deadLetters
 	bg       sync.WaitGroup // outage probers
+	bgMu     sync.Mutex     // guards bg.Add against bgClosed
+	bgClosed bool           // Run is waiting for the probers: start no more
 	runCtx   context.Context
 	running  atomic.Bool
 	engineUp atomic.Bool // the last engine call or probe succeeded
@@ -273,6 +275,9 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	<-ctx.Done()
 	<-recvDone
+	w.bgMu.Lock()
+	w.bgClosed = true
+	w.bgMu.Unlock()
 	w.bg.Wait() // the outage prober stops with ctx
 	timer := time.NewTimer(w.cfg.DrainTimeout)
 	defer timer.Stop()
