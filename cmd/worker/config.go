@@ -59,16 +59,19 @@ type Config struct {
 	ServiceBusMaxSenders int `env:"SOUS_SERVICEBUS_MAX_SENDERS" envDefault:"64"`
 
 	// Engine
-	Engine             string        `env:"SOUS_ENGINE" envDefault:"ollama"`
-	EngineURL          string        `env:"SOUS_ENGINE_URL" envDefault:"http://localhost:11434"`
-	EngineAPIKey       secret.Value  `env:"SOUS_ENGINE_API_KEY"`
-	EngineAPIKeyFile   string        `env:"SOUS_ENGINE_API_KEY_FILE"`
-	EngineTimeout      time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
-	EngineParallel     string        `env:"SOUS_ENGINE_PARALLEL" envDefault:"auto"`
-	EngineKeepAlive    time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
-	EngineExec         string        `env:"SOUS_ENGINE_EXEC"`
-	EngineStartTimeout time.Duration `env:"SOUS_ENGINE_START_TIMEOUT" envDefault:"5m"`
-	EngineBatchPrompts string        `env:"SOUS_ENGINE_BATCH_PROMPTS" envDefault:"auto"`
+	Engine           string        `env:"SOUS_ENGINE" envDefault:"ollama"`
+	EngineURL        string        `env:"SOUS_ENGINE_URL" envDefault:"http://localhost:11434"`
+	EngineAPIKey     secret.Value  `env:"SOUS_ENGINE_API_KEY"`
+	EngineAPIKeyFile string        `env:"SOUS_ENGINE_API_KEY_FILE"`
+	EngineTimeout    time.Duration `env:"SOUS_ENGINE_TIMEOUT" envDefault:"5m"`
+	EngineParallel   string        `env:"SOUS_ENGINE_PARALLEL" envDefault:"auto"`
+	// EngineQueueInterval is how often the worker reads the engine's
+	// running/waiting gauges when it adapts the slots to them.
+	EngineQueueInterval time.Duration `env:"SOUS_ENGINE_QUEUE_INTERVAL" envDefault:"1s"`
+	EngineKeepAlive     time.Duration `env:"SOUS_ENGINE_KEEP_ALIVE" envDefault:"0s"`
+	EngineExec          string        `env:"SOUS_ENGINE_EXEC"`
+	EngineStartTimeout  time.Duration `env:"SOUS_ENGINE_START_TIMEOUT" envDefault:"5m"`
+	EngineBatchPrompts  string        `env:"SOUS_ENGINE_BATCH_PROMPTS" envDefault:"auto"`
 	// OllamaNumParallel is the child Ollama's slots, inherited from the
 	// worker's environment: with SOUS_ENGINE_EXEC and
 	// SOUS_ENGINE_PARALLEL=auto it is the engine saying them.
@@ -338,6 +341,9 @@ func (c Config) validate() error {
 	}
 	if c.GPURefresh <= 0 {
 		return bad("SOUS_GPU_REFRESH", "must be greater than zero")
+	}
+	if c.EngineQueueInterval < 100*time.Millisecond {
+		return bad("SOUS_ENGINE_QUEUE_INTERVAL", "must be at least 100ms (how often the engine's running/waiting gauges are read); got %v", c.EngineQueueInterval)
 	}
 	if _, err := sizing.New(nil, c.sizingConfig()); err != nil {
 		return err // sizing names the variable

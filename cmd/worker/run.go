@@ -22,6 +22,7 @@ import (
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/queue/servicebus"
 	"github.com/sous-run/sous/internal/secret"
+	"github.com/sous-run/sous/internal/sizing"
 	"github.com/sous-run/sous/internal/supervisor"
 	"github.com/sous-run/sous/internal/wire"
 	"github.com/sous-run/sous/internal/worker"
@@ -72,7 +73,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if cfg.BatchConcurrency > 0 {
 		log.Warn("SOUS_BATCH_CONCURRENCY has no effect any more: requests go to the engine continuously, up to the in-flight limit; unset it")
 	}
-	engineSlots(ctx, cfg, engine, sizer, log)
+	defer engineSlots(ctx, cfg, engine, sizer.Sizer, log)()
 
 	// Start with the prefetch the worker will ask for, so the first
 	// requests do not restart the consumer.
@@ -164,18 +165,21 @@ type slotser interface {
 }
 
 // engineSlots sets the sizer's engine slots with SOUS_ENGINE_PARALLEL=auto:
-// what the engine says (llama.cpp /props, TGI /info), else the default,
-// and logs which is in force.
-func engineSlots(ctx context.Context, cfg Config, engine worker.Engine, sizer interface{ SetEngineParallel(int) }, log *slog.Logger) {
+// what the engine says (llama.cpp /props, TGI /info); else, for an engine
+// that shows its running and waiting requests (vLLM /metrics), slots
+// adapted to keep its wait queue short; else the default. It logs which is
+// in force. stop ends the adapting, if any.
+func engineSlots(ctx context.Context, cfg Config, engine worker.Engine, sizer *sizing.Sizer, log *slog.Logger) (stop func()) {
+	stop = func() {}
 	if n, _ := cfg.engineParallel(); n > 0 {
 		log.Info("engine slots", "slots", n, "source", "SOUS_ENGINE_PARALLEL")
-		return
+		return stop
 	}
 	if n, err := strconv.Atoi(cfg.OllamaNumParallel); err == nil && n > 0 && cfg.EngineExec != "" && cfg.Engine == "ollama" {
 		// The child Ollama inherits this environment: its slots are known.
 		sizer.SetEngineParallel(n)
 		log.Info("engine slots", "slots", n, "source", "OLLAMA_NUM_PARALLEL of the child engine")
-		return
+		return stop
 	}
 	if s, ok := unwrapEngine(engine).(slotser); ok {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -187,10 +191,26 @@ func engineSlots(ctx context.Context, cfg Config, engine worker.Engine, sizer in
 		case n > 0:
 			sizer.SetEngineParallel(n)
 			log.Info("engine slots", "slots", n, "source", src)
-			return
+			return stop
+		}
+	}
+	if q, ok := unwrapEngine(engine).(sizing.QueueReader); ok {
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, _, shows, err := q.Queue(qctx)
+		cancel()
+		if err == nil && shows {
+			a, err := sizing.NewAdapter(sizer, q, cfg.fixedParallel(), cfg.EngineQueueInterval)
+			if err == nil {
+				log.Info("engine slots", "slots", a.Slots(), "source", "adaptive: the engine's running/waiting gauges (/metrics), read every "+cfg.EngineQueueInterval.String()+"; sous_batch_limit on /metrics shows the limit in force")
+				actx, cancel := context.WithCancel(ctx)
+				done := make(chan struct{})
+				go func() { defer close(done); _ = a.Run(actx) }()
+				return func() { cancel(); <-done }
+			}
 		}
 	}
 	log.Info("engine slots", "slots", cfg.fixedParallel(), "source", "default (the engine does not say; set SOUS_ENGINE_PARALLEL to its parallel slots, e.g. Ollama's OLLAMA_NUM_PARALLEL)")
+	return stop
 }
 
 // unwrapEngine returns the driver inside the wrappers run puts around it.

@@ -19,7 +19,9 @@
 //     "too many requests" answer (Overloaded) halves it; each batch that
 //     succeeds at the ceiling (Succeeded) raises it by a step, up to Max.
 //   - EngineParallel caps the size at what the engine runs at once (such as
-//     Ollama's parallel slots).
+//     Ollama's parallel slots). For an engine that shows its running and
+//     waiting requests but not its slots (vLLM), an Adapter sets it from
+//     the engine's own wait queue.
 //
 // Without a memory source (no NVML on the node), before the first reading,
 // or without a per-item estimate, the size comes from configuration alone:

@@ -75,7 +75,8 @@ func (e *Engine) TakesList(kind inference.Kind) bool {
 //
 // n is a count of requests (never tokens). n = 0 with a nil error means the
 // server cannot say: vLLM (its /metrics has no max_num_seqs, the info gauge
-// vllm:cache_config_info carries the KV-cache settings only; use Queue),
+// vllm:cache_config_info carries the KV-cache settings only; Queue reads
+// its running/waiting gauges, which sizing.Adapter turns into slots),
 // Ollama's /v1, hosted APIs, or an answer that is absent (4xx), not JSON or
 // lacks the field. source is "" exactly when n is 0. err is non-nil only
 // when the server could not be reached, timed out, or answered 5xx other
