@@ -139,6 +139,13 @@ bench: ollama rabbitmq
 gpu-check:
 	@scripts/gpu-check.sh
 
+# The same checks on a GPU machine that has no Go, no RabbitMQ and no
+# network (the device tool's): prebuilt binaries, the dev Ollama and this
+# machine's RabbitMQ in .cache/gpu; carry it and run scripts/gpu-device.sh.
+.PHONY: gpu-bundle
+gpu-bundle: ollama
+	@scripts/gpu-bundle.sh
+
 # A CPU profile of the broker path comparison (BenchmarkBrokerPath), with
 # where each design's time goes: the designs' goroutines carry the pprof
 # label design=sous or design=handwritten. The profile and the test binary
