@@ -1,10 +1,8 @@
 package tinymodel
 
 import (
-	"encoding/binary"
 	"fmt"
 	"io"
-	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -373,21 +371,7 @@ func (t *scriptedData) values() []float32 {
 	return out
 }
 
-func (t *scriptedData) WriteTo(w io.Writer) (int64, error) {
-	vals := t.values()
-	buf := make([]byte, 4*len(vals))
-	for i, v := range vals {
-		binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
-	}
-	n, err := w.Write(buf)
-	if err == nil && n != len(buf) {
-		err = io.ErrShortWrite
-	}
-	if err != nil {
-		return int64(n), fmt.Errorf("tensor %s: %w", t.name, err)
-	}
-	return int64(n), nil
-}
+func (t *scriptedData) WriteTo(w io.Writer) (int64, error) { return writeFloats(w, t.name, t.values()) }
 
 // writeAtomically writes a GGUF beside path and renames it into place.
 func writeAtomically(path string, kv ggml.KV, ts []*ggml.Tensor) (err error) {

@@ -255,8 +255,10 @@ func (t *tensorData) values() []float32 {
 }
 
 // WriteTo writes the tensor's values as little-endian float32.
-func (t *tensorData) WriteTo(w io.Writer) (int64, error) {
-	vals := t.values()
+func (t *tensorData) WriteTo(w io.Writer) (int64, error) { return writeFloats(w, t.name, t.values()) }
+
+// writeFloats writes vals, tensor name's values, as little-endian float32.
+func writeFloats(w io.Writer, name string, vals []float32) (int64, error) {
 	buf := make([]byte, 4*len(vals))
 	for i, v := range vals {
 		binary.LittleEndian.PutUint32(buf[4*i:], math.Float32bits(v))
@@ -266,7 +268,7 @@ func (t *tensorData) WriteTo(w io.Writer) (int64, error) {
 		err = io.ErrShortWrite
 	}
 	if err != nil {
-		return int64(n), fmt.Errorf("tensor %s: %w", t.name, err)
+		return int64(n), fmt.Errorf("tensor %s: %w", name, err)
 	}
 	return int64(n), nil
 }
