@@ -62,13 +62,13 @@ type Config struct {
 	TLSKeyFile  string `env:"SOUS_GATEWAY_TLS_KEY_FILE"`
 
 	// Shared with the worker.
-	Broker         string        `env:"SOUS_BROKER" envDefault:"rabbitmq"`
-	AMQPURL        secret.Value  `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
-	AMQPURLFile    string        `env:"SOUS_AMQP_URL_FILE"`
-	AMQPCAFile     string        `env:"SOUS_AMQP_CA_FILE"`
-	AMQPCertFile   string        `env:"SOUS_AMQP_CERT_FILE"`
-	AMQPKeyFile    string        `env:"SOUS_AMQP_KEY_FILE"`
-	AMQPHeartbeat  time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
+	Broker        string        `env:"SOUS_BROKER" envDefault:"rabbitmq"`
+	AMQPURL       secret.Value  `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	AMQPURLFile   string        `env:"SOUS_AMQP_URL_FILE"`
+	AMQPCAFile    string        `env:"SOUS_AMQP_CA_FILE"`
+	AMQPCertFile  string        `env:"SOUS_AMQP_CERT_FILE"`
+	AMQPKeyFile   string        `env:"SOUS_AMQP_KEY_FILE"`
+	AMQPHeartbeat time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
 
 	ServiceBusConnectionString     secret.Value `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
 	ServiceBusConnectionStringFile string       `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`

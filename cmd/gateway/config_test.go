@@ -125,3 +125,36 @@ func TestExitTwoOnBadConfig(t *testing.T) {
 		t.Fatalf("exit %v, output %s", err, out)
 	}
 }
+
+// Metrics go where the worker's go for the same variables.
+func TestMetricReaders(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		env        []string
+		prom, otlp bool
+	}{
+		{nil, true, false},
+		{[]string{"OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, true, true},
+		{[]string{"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=http://c:4318/v1/metrics"}, true, true},
+		{[]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://c:4318/v1/traces"}, true, false},
+		{[]string{"OTEL_METRICS_EXPORTER=otlp"}, false, true},
+		{[]string{"OTEL_METRICS_EXPORTER=prometheus, otlp"}, true, true},
+		{[]string{"OTEL_METRICS_EXPORTER=none", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, false},
+		{[]string{"SOUS_HTTP_ADDR=off", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, true},
+		{[]string{"OTEL_SDK_DISABLED=true", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, false},
+	} {
+		c, err := loadConfig(append([]string{"SOUS_MODEL=m"}, tt.env...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if prom, otlp := c.metricReaders(); prom != tt.prom || otlp != tt.otlp {
+			t.Errorf("%v: prometheus %v otlp %v, want %v %v", tt.env, prom, otlp, tt.prom, tt.otlp)
+		}
+	}
+	for _, bad := range []string{"OTEL_METRICS_EXPORTER=statsd", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=http/json"} {
+		name, _, _ := strings.Cut(bad, "=")
+		if _, err := loadConfig([]string{"SOUS_MODEL=m", bad}); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: %v", bad, err)
+		}
+	}
+}
