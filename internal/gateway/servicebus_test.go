@@ -201,3 +201,73 @@ func TestServiceBusRenewsSessionLocks(t *testing.T) {
 		t.Errorf("session locks ran out: %v", lost)
 	}
 }
+
+// fakeSession is a sessionReceiver whose receives and renewals the test
+// scripts.
+type fakeSession struct {
+	receive func(ctx context.Context) ([]*azservicebus.ReceivedMessage, error)
+	renew   func(ctx context.Context) error
+}
+
+func (f fakeSession) ReceiveMessages(ctx context.Context, _ int, _ *azservicebus.ReceiveMessagesOptions) ([]*azservicebus.ReceivedMessage, error) {
+	return f.receive(ctx)
+}
+
+func (f fakeSession) RenewSessionLock(ctx context.Context, _ *azservicebus.RenewSessionLockOptions) error {
+	return f.renew(ctx)
+}
+
+func (fakeSession) LockedUntil() time.Time { return time.Now().Add(time.Second) }
+
+func fakeLane() *sbLane {
+	sb := &ServiceBus{cfg: ServiceBusConfig{RenewInterval: 20 * time.Millisecond}, log: slog.New(slog.DiscardHandler)}
+	return &sbLane{sb: sb, session: "s", calls: map[string]*call{}, up: true}
+}
+
+// The SDK's ReceiveMessages returns nothing and no error when its link
+// failed; the lane takes that as the session lost, not as an empty poll.
+func TestLaneEmptyReceiveIsAFailure(t *testing.T) {
+	t.Parallel()
+	l := fakeLane()
+	id := "r1"
+	n := 0
+	err := l.receive(context.Background(), fakeSession{
+		receive: func(context.Context) ([]*azservicebus.ReceivedMessage, error) {
+			n++
+			if n == 1 {
+				return []*azservicebus.ReceivedMessage{{CorrelationID: &id, Body: []byte("{}")}}, nil
+			}
+			return nil, nil
+		},
+		renew: func(context.Context) error { return nil },
+	})
+	if err == nil || n != 2 {
+		t.Fatalf("receive ended with %v after %d receives, want an error after the empty one", err, n)
+	}
+	if l.sb.LateReplies() != 1 {
+		t.Errorf("late replies %d, want the reply nobody waited for", l.sb.LateReplies())
+	}
+}
+
+// A session lock that cannot be renewed ends the receive with the
+// renewal's error.
+func TestLaneRenewalFailureEndsTheReceive(t *testing.T) {
+	t.Parallel()
+	l := fakeLane()
+	renewals := 0
+	err := l.receive(context.Background(), fakeSession{
+		receive: func(ctx context.Context) ([]*azservicebus.ReceivedMessage, error) {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		},
+		renew: func(context.Context) error {
+			if renewals++; renewals == 3 {
+				return errors.New("session lock lost")
+			}
+			return nil
+		},
+	})
+	if err == nil || !strings.Contains(err.Error(), "renew the session lock: session lock lost") || renewals != 3 {
+		t.Fatalf("receive ended with %v after %d renewals", err, renewals)
+	}
+}
