@@ -250,9 +250,11 @@ func TestGatewayManifestChecks(t *testing.T) {
 	t.Parallel()
 	ks, good := setup(t)
 	const (
-		dep  = "deploy/k8s/gateway/deployment.yaml"
-		svc  = "deploy/k8s/gateway/service.yaml"
-		kust = "deploy/k8s/overlays/rabbitmq/kustomization.yaml"
+		dep   = "deploy/k8s/gateway/deployment.yaml"
+		svc   = "deploy/k8s/gateway/service.yaml"
+		kust  = "deploy/k8s/overlays/rabbitmq/kustomization.yaml"
+		rmqGW = "deploy/k8s/overlays/rabbitmq/gateway.yaml"
+		sbGW  = "deploy/k8s/overlays/servicebus/gateway.yaml"
 	)
 	for _, tt := range []struct {
 		name string
@@ -266,12 +268,18 @@ func TestGatewayManifestChecks(t *testing.T) {
 		{"short grace", mutation{dep, "terminationGracePeriodSeconds: 75", "terminationGracePeriodSeconds: 30"}, "must exceed SOUS_DRAIN_TIMEOUT (1m0s)"},
 		{"service misses the pods", mutation{svc, "    app.kubernetes.io/component: gateway\n  ports", "    app.kubernetes.io/component: gateways\n  ports"}, "Service sous-gateway: selector matches no Deployment's pods"},
 		{"service targets no port", mutation{svc, "targetPort: api", "targetPort: web"}, "targetPort web is no container port"},
-		{"URL as a literal", mutation{dep, "            - name: SOUS_AMQP_URL\n              valueFrom:\n                secretKeyRef:\n                  name: sous-rabbitmq\n                  key: amqp-url\n", "            - name: SOUS_AMQP_URL\n              value: amqp://sous:pw@rabbitmq:5672/\n"}, "env SOUS_AMQP_URL looks like a secret"},
-		{"overlay without the gateway", mutation{kust, "  - ../../gateway\n", ""}, ""},
+		{"URL as a literal", mutation{rmqGW, "            - name: SOUS_AMQP_URL\n              valueFrom:\n                secretKeyRef:\n                  name: sous-rabbitmq\n                  key: amqp-url\n", "            - name: SOUS_AMQP_URL\n              value: amqp://sous:pw@rabbitmq:5672/\n"}, "env SOUS_AMQP_URL looks like a secret"},
+		{"connection string as a literal", mutation{sbGW, "            - name: SOUS_SERVICEBUS_CONNECTION_STRING\n              valueFrom:\n                secretKeyRef:\n                  name: sous-servicebus\n                  key: connection-string\n                  optional: true\n", "            - name: SOUS_SERVICEBUS_CONNECTION_STRING\n              value: Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=s\n"}, "env SOUS_SERVICEBUS_CONNECTION_STRING looks like a secret"},
+		// Without the gateway and its patch (removed below).
+		{"overlay without the gateway", mutation{kust, "  - ../../gateway\npatches:\n  - path: config.yaml\n  - path: deployment.yaml\n  - path: gateway.yaml\n", "patches:\n  - path: config.yaml\n  - path: deployment.yaml\n"}, ""},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			requireErr(t, validateTree(ks, tt.m.apply(t, good)), tt.want)
+			tr := tt.m.apply(t, good)
+			if tt.m.file == kust && tt.want == "" {
+				delete(tr, rmqGW)
+			}
+			requireErr(t, validateTree(ks, tr), tt.want)
 		})
 	}
 }

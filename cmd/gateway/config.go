@@ -48,21 +48,32 @@ type Config struct {
 	// (SOUS_GATEWAY_MAX_OPEN, default 4096).
 	MaxOpen int `env:"SOUS_GATEWAY_MAX_OPEN" envDefault:"4096"`
 	// Channels is the number of AMQP channels, each with its own direct
-	// reply-to consumer (SOUS_GATEWAY_CHANNELS, default 4).
+	// reply-to consumer, or with Service Bus the number of reply sessions
+	// this gateway holds, each on its own receiver link
+	// (SOUS_GATEWAY_CHANNELS, default 4).
 	Channels int `env:"SOUS_GATEWAY_CHANNELS" envDefault:"4"`
+	// ReplyQueue is the session-enabled Service Bus queue where workers
+	// send results and chunks in the session each request names
+	// (SOUS_GATEWAY_REPLY_QUEUE, default sous.replies; Service Bus only).
+	ReplyQueue string `env:"SOUS_GATEWAY_REPLY_QUEUE" envDefault:"sous.replies"`
 	// TLSCertFile and TLSKeyFile turn on HTTPS (SOUS_GATEWAY_TLS_CERT_FILE,
 	// SOUS_GATEWAY_TLS_KEY_FILE).
 	TLSCertFile string `env:"SOUS_GATEWAY_TLS_CERT_FILE"`
 	TLSKeyFile  string `env:"SOUS_GATEWAY_TLS_KEY_FILE"`
 
 	// Shared with the worker.
-	Broker         string        `env:"SOUS_BROKER" envDefault:"rabbitmq"`
-	AMQPURL        secret.Value  `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
-	AMQPURLFile    string        `env:"SOUS_AMQP_URL_FILE"`
-	AMQPCAFile     string        `env:"SOUS_AMQP_CA_FILE"`
-	AMQPCertFile   string        `env:"SOUS_AMQP_CERT_FILE"`
-	AMQPKeyFile    string        `env:"SOUS_AMQP_KEY_FILE"`
-	AMQPHeartbeat  time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
+	Broker        string        `env:"SOUS_BROKER" envDefault:"rabbitmq"`
+	AMQPURL       secret.Value  `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	AMQPURLFile   string        `env:"SOUS_AMQP_URL_FILE"`
+	AMQPCAFile    string        `env:"SOUS_AMQP_CA_FILE"`
+	AMQPCertFile  string        `env:"SOUS_AMQP_CERT_FILE"`
+	AMQPKeyFile   string        `env:"SOUS_AMQP_KEY_FILE"`
+	AMQPHeartbeat time.Duration `env:"SOUS_AMQP_HEARTBEAT" envDefault:"10s"`
+
+	ServiceBusConnectionString     secret.Value `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
+	ServiceBusConnectionStringFile string       `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`
+	ServiceBusNamespace            string       `env:"SOUS_SERVICEBUS_NAMESPACE"`
+
 	Queue          string        `env:"SOUS_QUEUE" envDefault:"sous.requests"`
 	Model          string        `env:"SOUS_MODEL"`
 	ModelsAllowed  []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
@@ -74,15 +85,20 @@ type Config struct {
 	LogLevel       string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
 	LogFormat      string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
 
-	// OpenTelemetry (traces only: the gateway's span continues the
-	// client's traceparent into the message).
-	OTelDisabled       string `env:"OTEL_SDK_DISABLED" envDefault:"false"`
-	OTelServiceName    string `env:"OTEL_SERVICE_NAME" envDefault:"sous-gateway"`
-	OTelTracesExporter string `env:"OTEL_TRACES_EXPORTER"`
-	OTelEndpoint       string `env:"OTEL_EXPORTER_OTLP_ENDPOINT"`
-	OTelTracesEndpoint string `env:"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"`
-	OTelProtocol       string `env:"OTEL_EXPORTER_OTLP_PROTOCOL" envDefault:"http/protobuf"`
-	OTelTracesProtocol string `env:"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"`
+	// OpenTelemetry, read as the worker reads it: spans (the gateway's
+	// producer span continues the client's traceparent into the message)
+	// go over OTLP when an endpoint is set; metrics are served at /metrics
+	// (prometheus) and, with an endpoint, exported over OTLP too.
+	OTelDisabled        string `env:"OTEL_SDK_DISABLED" envDefault:"false"`
+	OTelServiceName     string `env:"OTEL_SERVICE_NAME" envDefault:"sous-gateway"`
+	OTelTracesExporter  string `env:"OTEL_TRACES_EXPORTER"`
+	OTelMetricsExporter string `env:"OTEL_METRICS_EXPORTER"`
+	OTelEndpoint        string `env:"OTEL_EXPORTER_OTLP_ENDPOINT"`
+	OTelTracesEndpoint  string `env:"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"`
+	OTelMetricsEndpoint string `env:"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"`
+	OTelProtocol        string `env:"OTEL_EXPORTER_OTLP_PROTOCOL" envDefault:"http/protobuf"`
+	OTelTracesProtocol  string `env:"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"`
+	OTelMetricsProtocol string `env:"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"`
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
@@ -117,12 +133,21 @@ func loadConfig(environ []string) (Config, error) {
 		}
 		return c, fmt.Errorf("configuration: %w", err)
 	}
-	if c.AMQPURLFile != "" {
-		b, err := os.ReadFile(c.AMQPURLFile)
-		if err != nil {
-			return c, bad("SOUS_AMQP_URL_FILE", "cannot read the secret file: %v", err)
+	for _, f := range []struct {
+		name, path string
+		dst        *secret.Value
+	}{
+		{"SOUS_AMQP_URL_FILE", c.AMQPURLFile, &c.AMQPURL},
+		{"SOUS_SERVICEBUS_CONNECTION_STRING_FILE", c.ServiceBusConnectionStringFile, &c.ServiceBusConnectionString},
+	} {
+		if f.path == "" {
+			continue
 		}
-		c.AMQPURL = secret.Value(strings.TrimSpace(string(b)))
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			return c, bad(f.name, "cannot read the secret file: %v", err)
+		}
+		*f.dst = secret.Value(strings.TrimSpace(string(b)))
 	}
 	return c, c.validate()
 }
@@ -137,20 +162,34 @@ func fieldVar(field string) string {
 func (c Config) validate() error {
 	switch c.Broker {
 	case "rabbitmq":
+		u, err := url.Parse(c.AMQPURL.Reveal())
+		if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+			return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
+		}
+		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
+			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
+		}
+		if c.AMQPHeartbeat < time.Second {
+			return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
+		}
 	case "servicebus":
-		return bad("SOUS_BROKER", "the gateway supports rabbitmq only for now (results come back on RabbitMQ's direct reply-to)")
+		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
+			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "set it (or SOUS_SERVICEBUS_NAMESPACE for workload identity) when SOUS_BROKER=servicebus")
+		}
+		if !c.ServiceBusConnectionString.IsZero() && !strings.Contains(c.ServiceBusConnectionString.Reveal(), "Endpoint=") {
+			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string (Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)")
+		}
+		if c.ServiceBusConnectionString.IsZero() && (strings.Contains(c.ServiceBusNamespace, "://") || !strings.Contains(c.ServiceBusNamespace, ".")) {
+			return bad("SOUS_SERVICEBUS_NAMESPACE", "must be a fully qualified host name such as myns.servicebus.windows.net")
+		}
+		if c.ReplyQueue == "" || len(c.ReplyQueue) > 260 {
+			return bad("SOUS_GATEWAY_REPLY_QUEUE", "must be the name of a session-enabled queue, 1 to 260 characters")
+		}
+		if c.ReplyQueue == c.Queue {
+			return bad("SOUS_GATEWAY_REPLY_QUEUE", "must differ from SOUS_QUEUE: replies go to a session-enabled queue of their own")
+		}
 	default:
-		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq", c.Broker)
-	}
-	u, err := url.Parse(c.AMQPURL.Reveal())
-	if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
-		return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
-	}
-	if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
-		return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
-	}
-	if c.AMQPHeartbeat < time.Second {
-		return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
+		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq or servicebus", c.Broker)
 	}
 	if c.Queue == "" || len(c.Queue) > 255 {
 		return bad("SOUS_QUEUE", "must be a queue name of 1 to 255 bytes")
@@ -219,12 +258,48 @@ func (c Config) validate() error {
 	default:
 		return bad("OTEL_TRACES_EXPORTER", "%q is not supported; use otlp or none", c.OTelTracesExporter)
 	}
-	for _, p := range []struct{ name, v string }{{"OTEL_EXPORTER_OTLP_PROTOCOL", c.OTelProtocol}, {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", c.OTelTracesProtocol}} {
+	for _, e := range c.metricsExporters() {
+		if e != "prometheus" && e != "otlp" && e != "none" {
+			return bad("OTEL_METRICS_EXPORTER", "%q is not supported; use prometheus, otlp or none", e)
+		}
+	}
+	for _, p := range []struct{ name, v string }{
+		{"OTEL_EXPORTER_OTLP_PROTOCOL", c.OTelProtocol}, {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", c.OTelTracesProtocol}, {"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", c.OTelMetricsProtocol},
+	} {
 		if p.v != "" && p.v != telemetry.ProtocolHTTP && p.v != telemetry.ProtocolGRPC {
 			return bad(p.name, "%q is not supported; use %s or %s", p.v, telemetry.ProtocolHTTP, telemetry.ProtocolGRPC)
 		}
 	}
 	return nil
+}
+
+func (c Config) otelDisabled() bool {
+	return strings.EqualFold(strings.TrimSpace(c.OTelDisabled), "true")
+}
+
+func (c Config) metricsExporters() []string {
+	var out []string
+	for e := range strings.SplitSeq(c.OTelMetricsExporter, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// metricReaders says where metrics go, as for the worker: /metrics
+// (prometheus; not with SOUS_HTTP_ADDR=off), OTLP, both or neither.
+// OTEL_METRICS_EXPORTER unset means prometheus, plus otlp when an OTLP
+// endpoint is set.
+func (c Config) metricReaders() (prom, otlp bool) {
+	if c.otelDisabled() {
+		return false, false
+	}
+	list := c.metricsExporters()
+	if len(list) == 0 {
+		return c.HTTPAddr != "off", c.OTelEndpoint != "" || c.OTelMetricsEndpoint != ""
+	}
+	return slices.Contains(list, "prometheus") && c.HTTPAddr != "off", slices.Contains(list, "otlp")
 }
 
 // allowedModels is SOUS_MODEL plus SOUS_MODELS_ALLOWED, as the worker reads

@@ -32,7 +32,12 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		name string
 	}{
 		{nil, "SOUS_MODEL"},
-		{[]string{"SOUS_BROKER=servicebus"}, "SOUS_BROKER"},
+		{[]string{"SOUS_BROKER=kafka"}, "SOUS_BROKER"},
+		{[]string{"SOUS_BROKER=servicebus"}, "SOUS_SERVICEBUS_CONNECTION_STRING"},
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_CONNECTION_STRING=sb://x"}, "SOUS_SERVICEBUS_CONNECTION_STRING"},
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=sb://ns"}, "SOUS_SERVICEBUS_NAMESPACE"},
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=ns.servicebus.windows.net", "SOUS_GATEWAY_REPLY_QUEUE=sous.requests"}, "SOUS_GATEWAY_REPLY_QUEUE"},
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_CONNECTION_STRING_FILE=/nonexistent/secret"}, "SOUS_SERVICEBUS_CONNECTION_STRING_FILE"},
 		{[]string{"SOUS_AMQP_URL=http://x"}, "SOUS_AMQP_URL"},
 		{[]string{"SOUS_GATEWAY_ADDR=8081"}, "SOUS_GATEWAY_ADDR"},
 		{[]string{"SOUS_GATEWAY_TIMEOUT=soon"}, "SOUS_GATEWAY_TIMEOUT"},
@@ -57,6 +62,23 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tt.name) {
 			t.Errorf("%v: error %v does not name %s", tt.env, err, tt.name)
 		}
+	}
+}
+
+// Service Bus: the connection string may come from a file; the AMQP URL is
+// not checked.
+func TestServiceBusConfig(t *testing.T) {
+	t.Parallel()
+	path := t.TempDir() + "/cs"
+	if err := os.WriteFile(path, []byte("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=s3cret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_CONNECTION_STRING_FILE=" + path, "SOUS_AMQP_URL=not-a-url"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ReplyQueue != "sous.replies" || !strings.HasSuffix(c.ServiceBusConnectionString.Reveal(), "SharedAccessKey=s3cret") {
+		t.Fatalf("reply queue %q, connection string read: %v", c.ReplyQueue, strings.HasSuffix(c.ServiceBusConnectionString.Reveal(), "s3cret"))
 	}
 }
 
@@ -101,5 +123,38 @@ func TestExitTwoOnBadConfig(t *testing.T) {
 	ee, ok := err.(*exec.ExitError)
 	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "SOUS_GATEWAY_TIMEOUT") {
 		t.Fatalf("exit %v, output %s", err, out)
+	}
+}
+
+// Metrics go where the worker's go for the same variables.
+func TestMetricReaders(t *testing.T) {
+	t.Parallel()
+	for _, tt := range []struct {
+		env        []string
+		prom, otlp bool
+	}{
+		{nil, true, false},
+		{[]string{"OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, true, true},
+		{[]string{"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=http://c:4318/v1/metrics"}, true, true},
+		{[]string{"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=http://c:4318/v1/traces"}, true, false},
+		{[]string{"OTEL_METRICS_EXPORTER=otlp"}, false, true},
+		{[]string{"OTEL_METRICS_EXPORTER=prometheus, otlp"}, true, true},
+		{[]string{"OTEL_METRICS_EXPORTER=none", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, false},
+		{[]string{"SOUS_HTTP_ADDR=off", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, true},
+		{[]string{"OTEL_SDK_DISABLED=true", "OTEL_EXPORTER_OTLP_ENDPOINT=http://c:4318"}, false, false},
+	} {
+		c, err := loadConfig(append([]string{"SOUS_MODEL=m"}, tt.env...))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if prom, otlp := c.metricReaders(); prom != tt.prom || otlp != tt.otlp {
+			t.Errorf("%v: prometheus %v otlp %v, want %v %v", tt.env, prom, otlp, tt.prom, tt.otlp)
+		}
+	}
+	for _, bad := range []string{"OTEL_METRICS_EXPORTER=statsd", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=http/json"} {
+		name, _, _ := strings.Cut(bad, "=")
+		if _, err := loadConfig([]string{"SOUS_MODEL=m", bad}); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: %v", bad, err)
+		}
 	}
 }

@@ -1,6 +1,8 @@
 // Command gateway is sous's OpenAI-compatible HTTP front door: it publishes
 // each request durably to the request queue and answers from the results
-// and streamed chunks that come back on RabbitMQ's direct reply-to.
+// and streamed chunks that come back on RabbitMQ's direct reply-to or, with
+// Azure Service Bus, in the gateway's sessions of a session-enabled reply
+// queue.
 // Configuration is environment variables only; see README.md.
 package main
 

@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/metric"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -35,9 +39,12 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		}
 		log.Info("API keys loaded", "keys", keys.Len())
 	}
-	tlsCfg, err := amqpTLS(cfg)
-	if err != nil {
-		return err
+	var tlsCfg *tls.Config
+	if cfg.Broker == "rabbitmq" {
+		var err error
+		if tlsCfg, err = amqpTLS(cfg); err != nil {
+			return err
+		}
 	}
 	tracer, closeTracer := startTracing(ctx, cfg, log)
 	defer closeTracer()
@@ -46,12 +53,16 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 	defer closeMetrics()
+	if !cfg.otelDisabled() {
+		// The SDK reports export failures here; keep them in the log.
+		otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) { log.Warn("opentelemetry", "err", err) }))
+	}
+	prom, otlp := cfg.metricReaders()
+	log.Info("telemetry", "metrics_endpoint", prom, "metrics_otlp", otlp,
+		"traces_otlp", !cfg.otelDisabled() && cfg.OTelEndpoint+cfg.OTelTracesEndpoint != "" && cfg.OTelTracesExporter != "none")
 
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	broker, err := gateway.OpenAMQP(connectCtx, gateway.AMQPConfig{
-		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
-		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
-	}, log)
+	broker, err := openBroker(connectCtx, cfg, tlsCfg, log)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("connect to the broker: %w", err)
@@ -73,7 +84,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go keys.Watch(watchCtx, cfg.KeysReload)
 	}
 	api := gateway.New(gateway.Config{
-		Queue: cfg.Queue, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
+		Queue: cfg.Queue, System: cfg.Broker, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
 		Tracer: tracer, Meter: meter,
@@ -123,6 +134,43 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	return nil
 }
 
+// broker is a gateway.Broker the gateway owns.
+type broker interface {
+	gateway.Broker
+	LateReplies() int64
+	Close() error
+}
+
+// openBroker connects to RabbitMQ (replies on direct reply-to) or to
+// Service Bus (replies in sessions of SOUS_GATEWAY_REPLY_QUEUE).
+func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.Logger) (broker, error) {
+	if cfg.Broker == "servicebus" {
+		host, _ := os.Hostname()
+		if host == "" {
+			host = "gateway"
+		}
+		sb, err := gateway.OpenServiceBus(ctx, gateway.ServiceBusConfig{
+			ConnectionString: cfg.ServiceBusConnectionString, Namespace: cfg.ServiceBusNamespace,
+			Queue: cfg.Queue, ReplyQueue: cfg.ReplyQueue, Sessions: cfg.Channels,
+			// Unique per process: a restarted gateway must not take over
+			// sessions whose requests died with its predecessor.
+			SessionPrefix: fmt.Sprintf("%s-%08x", host, rand.Uint32()),
+		}, log)
+		if err != nil {
+			return nil, err
+		}
+		return sb, nil
+	}
+	a, err := gateway.OpenAMQP(ctx, gateway.AMQPConfig{
+		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
+		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
+	}, log)
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
 // startOps serves /healthz, /readyz and (when metrics is not nil)
 // /metrics on SOUS_HTTP_ADDR.
 func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, metrics http.Handler, log *slog.Logger) (*http.Server, error) {
@@ -160,24 +208,44 @@ func startOps(cfg Config, b gateway.Broker, draining <-chan struct{}, metrics ht
 	return srv, nil
 }
 
-// startMetrics makes the gateway's meter, read by Prometheus at
-// GET /metrics; OTEL_SDK_DISABLED=true turns it off.
+// startMetrics makes the gateway's meter: read by Prometheus at
+// GET /metrics and, with an OTLP endpoint, exported over OTLP every
+// OTEL_METRIC_EXPORT_INTERVAL (default 60s), like the worker's.
+// OTEL_SDK_DISABLED=true turns both off.
 func startMetrics(ctx context.Context, cfg Config) (metric.Meter, http.Handler, func(), error) {
-	if strings.EqualFold(strings.TrimSpace(cfg.OTelDisabled), "true") || cfg.HTTPAddr == "off" {
+	prom, otlp := cfg.metricReaders()
+	if !prom && !otlp {
 		return nil, nil, func() {}, nil
 	}
-	reader, handler, err := telemetry.NewPrometheus()
-	if err != nil {
-		return nil, nil, nil, err
+	var opts []sdkmetric.Option
+	var handler http.Handler
+	if prom {
+		reader, h, err := telemetry.NewPrometheus()
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		opts = append(opts, sdkmetric.WithReader(reader))
+		handler = h
+	}
+	if otlp {
+		protocol := cfg.OTelMetricsProtocol
+		if protocol == "" {
+			protocol = cfg.OTelProtocol
+		}
+		exp, err := telemetry.NewMetricExporter(ctx, protocol)
+		if err != nil {
+			return nil, nil, nil, bad("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "%v", err)
+		}
+		opts = append(opts, sdkmetric.WithReader(sdkmetric.NewPeriodicReader(exp)))
 	}
 	res, _ := resource.New(ctx, resource.WithSchemaURL(semconv.SchemaURL),
 		resource.WithAttributes(semconv.ServiceName(cfg.OTelServiceName)), resource.WithFromEnv(), resource.WithTelemetrySDK())
-	opts := []sdkmetric.Option{sdkmetric.WithReader(reader)}
 	if res != nil {
 		opts = append(opts, sdkmetric.WithResource(res))
 	}
 	mp := sdkmetric.NewMeterProvider(opts...)
 	return mp.Meter("github.com/sous-run/sous/internal/gateway"), handler, func() {
+		// Flushes the last OTLP export.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = mp.Shutdown(ctx)

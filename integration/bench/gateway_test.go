@@ -41,16 +41,23 @@ func (e *env) startGateway(timeout time.Duration) string {
 	return srv.URL
 }
 
-// sousctlRoundTrips is what sousctl does, one request at a time: publish
+// sousctlClient is what sousctl does, one request at a time: publish
 // (persistent, mandatory, confirmed) with direct reply-to, wait for the
 // result.
-func (e *env) sousctlRoundTrips(n int) []time.Duration {
+type sousctlClient struct {
+	e       *env
+	ch      *amqp.Channel
+	replies <-chan amqp.Delivery
+	n       int
+}
+
+func (e *env) sousctl() *sousctlClient {
 	e.b.Helper()
 	ch, err := e.conn.Channel()
 	if err != nil {
 		e.b.Fatal(err)
 	}
-	defer ch.Close()
+	e.b.Cleanup(func() { ch.Close() })
 	replies, err := ch.Consume("amq.rabbitmq.reply-to", "", true, false, false, false, nil)
 	if err != nil {
 		e.b.Fatal(err)
@@ -58,41 +65,59 @@ func (e *env) sousctlRoundTrips(n int) []time.Duration {
 	if err := ch.Confirm(false); err != nil {
 		e.b.Fatal(err)
 	}
+	return &sousctlClient{e: e, ch: ch, replies: replies}
+}
+
+// roundTrip sends one request and returns its latency.
+func (c *sousctlClient) roundTrip() time.Duration {
+	c.n++
+	id := fmt.Sprint("s", c.n)
+	t0 := time.Now()
+	conf, err := c.ch.PublishWithDeferredConfirmWithContext(context.Background(), "", c.e.queue, true, false, amqp.Publishing{
+		ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
+		ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: []byte(`{"prompt":"x","options":{"num_predict":4}}`)})
+	if err != nil || !conf.Wait() {
+		c.e.b.Fatalf("publish: %v", err)
+	}
+	for d := range c.replies {
+		if d.CorrelationId == id {
+			break
+		}
+	}
+	return time.Since(t0)
+}
+
+func (e *env) sousctlRoundTrips(n int) []time.Duration {
+	e.b.Helper()
+	c := e.sousctl()
 	lat := make([]time.Duration, 0, n)
-	for i := range n {
-		id := fmt.Sprint("s", i)
-		t0 := time.Now()
-		conf, err := ch.PublishWithDeferredConfirmWithContext(context.Background(), "", e.queue, true, false, amqp.Publishing{
-			ContentType: "application/json", DeliveryMode: amqp.Persistent, MessageId: id, CorrelationId: id,
-			ReplyTo: "amq.rabbitmq.reply-to", Timestamp: time.Now(), Body: []byte(`{"prompt":"x","options":{"num_predict":4}}`)})
-		if err != nil || !conf.Wait() {
-			e.b.Fatalf("publish: %v", err)
-		}
-		for d := range replies {
-			if d.CorrelationId == id {
-				break
-			}
-		}
-		lat = append(lat, time.Since(t0))
+	for range n {
+		lat = append(lat, c.roundTrip())
 	}
 	return lat
+}
+
+// gatewayRoundTrip sends one completion through the gateway at url and
+// returns its latency.
+func (e *env) gatewayRoundTrip(url string) time.Duration {
+	t0 := time.Now()
+	resp, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(`{"prompt":"x","max_tokens":4}`))
+	if err != nil {
+		e.b.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		e.b.Fatalf("status %d", resp.StatusCode)
+	}
+	return time.Since(t0)
 }
 
 func (e *env) gatewayRoundTrips(url string, n int) []time.Duration {
 	e.b.Helper()
 	lat := make([]time.Duration, 0, n)
 	for range n {
-		t0 := time.Now()
-		resp, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(`{"prompt":"x","max_tokens":4}`))
-		if err != nil {
-			e.b.Fatal(err)
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			e.b.Fatalf("status %d", resp.StatusCode)
-		}
-		lat = append(lat, time.Since(t0))
+		lat = append(lat, e.gatewayRoundTrip(url))
 	}
 	return lat
 }
@@ -140,6 +165,34 @@ func BenchmarkGatewayAddedLatency(b *testing.B) {
 			b.ReportMetric(percentile(lat, 0.5)-percentile(base, 0.5), "added-p50-ms")
 			b.ReportMetric(percentile(lat, 0.99)-percentile(base, 0.99), "added-p99-ms")
 		}
+	})
+	// The two designs above run one after the other, so a burst of load
+	// on a shared machine lands on one and not the other. Here one worker
+	// serves both, and each sousctl round trip is followed by a gateway
+	// round trip: both designs see the same machine, op by op. added-* is
+	// the gateway's percentile minus sousctl's.
+	b.Run("design=interleaved", func(b *testing.B) {
+		e := setup(b, "tiny", workload{})
+		stop := e.startSous(instant{}, 1, nil)
+		defer stop()
+		url := e.startGateway(time.Minute)
+		sc := e.sousctl()
+		for range 10 { // warm
+			sc.roundTrip()
+			e.gatewayRoundTrip(url)
+		}
+		b.ResetTimer()
+		var s, g []time.Duration
+		for range b.N {
+			s = append(s, sc.roundTrip())
+			g = append(g, e.gatewayRoundTrip(url))
+		}
+		b.ReportMetric(percentile(s, 0.5), "sousctl-p50-ms")
+		b.ReportMetric(percentile(s, 0.99), "sousctl-p99-ms")
+		b.ReportMetric(percentile(g, 0.5), "gateway-p50-ms")
+		b.ReportMetric(percentile(g, 0.99), "gateway-p99-ms")
+		b.ReportMetric(percentile(g, 0.5)-percentile(s, 0.5), "added-p50-ms")
+		b.ReportMetric(percentile(g, 0.99)-percentile(s, 0.99), "added-p99-ms")
 	})
 }
 

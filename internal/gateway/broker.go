@@ -325,7 +325,7 @@ func (a *AMQP) Send(ctx context.Context, m Message) (Call, error) {
 		return nil, fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
 	}
 	l := s.lanes[a.next.Add(1)%uint64(len(s.lanes))]
-	c := &call{lane: l, id: m.ID, notify: make(chan struct{}, 1)}
+	c := newCall(l, m.ID)
 	l.mu.Lock()
 	if l.failed != nil {
 		l.mu.Unlock()
@@ -408,8 +408,9 @@ func (a *AMQP) Close() error {
 	return nil
 }
 
+// call is a Call whose replies a broker's receiving goroutine pushes.
 type call struct {
-	lane   *lane
+	owner  dropper
 	id     string
 	notify chan struct{}
 
@@ -417,6 +418,13 @@ type call struct {
 	replies []Reply
 	err     error
 	closed  bool
+}
+
+// dropper is what routes replies to calls: Close asks it to forget one.
+type dropper interface{ drop(*call) }
+
+func newCall(owner dropper, id string) *call {
+	return &call{owner: owner, id: id, notify: make(chan struct{}, 1)}
 }
 
 func (c *call) push(r Reply) {
@@ -463,11 +471,15 @@ func (c *call) Close() {
 	}
 	c.closed = true
 	c.mu.Unlock()
-	c.lane.mu.Lock()
-	if c.lane.calls[c.id] == c {
-		delete(c.lane.calls, c.id)
+	c.owner.drop(c)
+}
+
+func (l *lane) drop(c *call) {
+	l.mu.Lock()
+	if l.calls[c.id] == c {
+		delete(l.calls, c.id)
 	}
-	c.lane.mu.Unlock()
+	l.mu.Unlock()
 }
 
 // newID returns a request id: 16 random bytes as hex.

@@ -2,8 +2,10 @@
 // POST /v1/chat/completions, /v1/completions and /v1/embeddings into sous
 // requests published durably (persistent, publisher-confirmed) to the
 // request queue, waits for the results and streamed chunks on RabbitMQ's
-// direct reply-to, and answers in OpenAI's wire format, as one JSON body
-// or as server-sent events (chat.completion.chunk, then [DONE]).
+// direct reply-to (AMQP) or in its own sessions of a session-enabled Azure
+// Service Bus reply queue (ServiceBus), and answers in OpenAI's wire
+// format, as one JSON body or as server-sent events (chat.completion.chunk,
+// then [DONE]).
 //
 // Nothing is promised before the broker confirms the request: a publish
 // the broker nacks (a max-length queue with overflow reject-publish) is a
@@ -12,7 +14,7 @@
 // result that arrives after its HTTP request has gone is dropped.
 //
 // Concurrency: a *Server serves any number of requests at once, bounded by
-// Config.MaxOpen. An *AMQP broker is safe for concurrent use; its
-// supervisor and reply consumers are goroutines it owns and Close waits
-// for. *Keys is safe for concurrent use; Watch reloads it from its file.
+// Config.MaxOpen. An *AMQP or *ServiceBus broker is safe for concurrent
+// use; its supervisor, reply consumers or session receivers (and their
+// lock renewers) are goroutines it owns and Close waits for. *Keys is safe for concurrent use; Watch reloads it from its file.
 package gateway

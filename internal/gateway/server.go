@@ -25,6 +25,9 @@ import (
 type Config struct {
 	// Queue is the request queue (for span names).
 	Queue string
+	// System is the broker, as OpenTelemetry's messaging.system names it:
+	// rabbitmq (default) or servicebus.
+	System string
 	// Model answers requests that name none; Models are the models clients
 	// may ask for (empty: Model only). GET /v1/models lists them.
 	Model  string
@@ -91,6 +94,9 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.System == "" {
+		cfg.System = "rabbitmq"
 	}
 	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
 	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
@@ -238,7 +244,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	ctx = s.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
 	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+s.cfg.Queue, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
-			attribute.String("messaging.system", "rabbitmq"),
+			attribute.String("messaging.system", s.cfg.System),
 			attribute.String("messaging.operation.type", "send"),
 			attribute.String("messaging.destination.name", s.cfg.Queue),
 			attribute.String("messaging.message.id", id),

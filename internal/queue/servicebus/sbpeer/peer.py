@@ -26,17 +26,41 @@ Docker or Azure:
     operations answer 501.
   * Locks expire after the lock duration (delivery count + 1), like Service
     Bus; a consumer link closing does not release its locks.
+  * ReceiveAndDelete: a receiver link that asks for settled deliveries
+    (snd-settle-mode settled) gets each message presettled, and the message
+    is gone from the queue once sent.
+  * Sessions, on queues the test marks session-enabled (the "sessions"
+    command; Service Bus's RequiresSession): a message sent there without a
+    session id is rejected (amqp:not-allowed), and so is a receiver link
+    without a session filter. A receiver link whose source carries the
+    com.microsoft:session-filter with a session id locks that session: it
+    gets that session's messages only, in order; the attach answer echoes
+    the filter and carries com.microsoft:locked-until-utc. A second link for
+    a session that is locked is refused with
+    com.microsoft:session-cannot-be-locked (a null source, then a detach,
+    as Service Bus does). The session lock lasts the lock duration; the
+    "<queue>/$management" operation com.microsoft:renew-session-lock renews
+    it, and a session lock that runs out detaches its link with
+    com.microsoft:session-lock-lost. Detaching the link unlocks the session.
+  * Queue limits: the "max_messages" command caps a queue's message count;
+    a send beyond it is rejected with amqp:resource-limit-exceeded, the
+    condition Service Bus uses for a full entity (Service Bus counts bytes,
+    MaxSizeInMegabytes; the peer counts messages).
 
-Not implemented: sessions, topics, scheduling, deferral, transactions, TTL,
+Not implemented: accepting the next available session (a null session
+filter), session state, topics, scheduling, deferral, transactions, TTL,
 duplicate detection, size limits, authorization, TLS.
 
 Protocol with the test (one JSON object per line):
   stdout, events: {"event": "listening", "port": N}, "cbs", "attach",
     "detach", "enqueued", "delivered", "completed", "abandoned",
     "deadlettered", "released", "renew_lock", "update_disposition",
-    "lock_expired", "lock_lost", "management", "reply", "error".
+    "lock_expired", "lock_lost", "management", "reply", "error",
+    "rejected_send", "session_locked", "session_refused",
+    "session_unlocked", "renew_session_lock", "session_lock_lost".
   stdin, commands: {"cmd": "stats" | "expire_locks" | "lock_duration" |
-    "send", "id": N, ...}; each is answered by {"event": "reply", "id": N}.
+    "send" | "sessions" | "max_messages", "id": N, ...}; each is answered
+    by {"event": "reply", "id": N}.
   The peer exits when stdin closes, so it never outlives its test.
 
 Usage: /usr/bin/python3 peer.py --port N [--lock-duration-ms MS]
@@ -56,7 +80,9 @@ from proton import (
     Condition,
     Data,
     Delivery,
+    Link,
     Message,
+    Terminus,
     UNDESCRIBED,
     int32,
     symbol,
@@ -71,6 +97,16 @@ MGMT_SUFFIX = "/$management"
 CBS = "$cbs"
 LOCK_LOST = "com.microsoft:message-lock-lost"
 DEAD_LETTER = "com.microsoft:dead-letter"
+SESSION_FILTER = "com.microsoft:session-filter"
+SESSION_LOCKED_UNTIL = "com.microsoft:locked-until-utc"
+SESSION_CANNOT_BE_LOCKED = "com.microsoft:session-cannot-be-locked"
+SESSION_LOCK_LOST = "com.microsoft:session-lock-lost"
+# .NET ticks (100ns since 0001-01-01) at the Unix epoch.
+TICKS_AT_EPOCH = 621355968000000000
+
+
+def ticks(ms):
+    return TICKS_AT_EPOCH + ms * 10000
 
 
 def now_ms():
@@ -127,6 +163,27 @@ def body_kind(msg):
     return "value"
 
 
+def session_filter(source):
+    """Returns (present, session id) of a source's
+    com.microsoft:session-filter; the id is None for "the next available
+    session"."""
+    data = source.filter
+    data.rewind()
+    if data.next() is None:
+        return False, None
+    try:
+        filters = data.get_object()
+    except Exception:  # an odd filter set
+        return False, None
+    if not isinstance(filters, dict):
+        return False, None
+    for k, v in filters.items():
+        if str(k) == SESSION_FILTER:
+            value = getattr(v, "value", v)  # a Described, or a bare value
+            return True, (None if value is None else str(value))
+    return False, None
+
+
 def new_lock_token():
     """Returns (tag, token). The delivery tag is the token in .NET GUID byte
     order, as Service Bus sends it; the SDK swaps it back. Proton's Python
@@ -137,9 +194,10 @@ def new_lock_token():
 
 
 class Record:
-    def __init__(self, queue, seq, encoded):
+    def __init__(self, queue, seq, encoded, session=None):
         self.queue = queue
         self.seq = seq
+        self.session = session  # the message's session id (group-id)
         self.encoded = encoded  # the message as stored, re-decoded per delivery
         self.enqueued_ms = now_ms()
         self.delivery_count = 0  # wire value: deliveries so far that failed
@@ -168,6 +226,11 @@ class Peer(MessagingHandler):
         self.consumers = collections.defaultdict(list)  # name -> [Sender]
         self.reply_links = {}  # client reply address -> Sender
         self.locks = {}  # uuid -> Record
+        self.session_queues = set()  # queues that require sessions
+        self.max_messages = {}  # queue -> most messages it holds
+        self.sessions = {}  # (queue, session id) -> [Sender link, locked until ms]
+        self.session_of = {}  # Sender link -> (queue, session id)
+        self.refused = {}  # link -> Condition, detached once opened
         self.container = None
 
     # --- lifecycle -------------------------------------------------------
@@ -188,6 +251,12 @@ class Peer(MessagingHandler):
 
     def on_timer_task(self, event):
         self.expire(lambda r: r.locked_until_ms <= now_ms())
+        for key, (link, until) in list(self.sessions.items()):
+            if until <= now_ms():
+                emit("session_lock_lost", queue=key[0], session_id=key[1])
+                self.unlock_session(link)
+                link.condition = Condition(SESSION_LOCK_LOST, "The session lock has expired (sbpeer).")
+                link.close()
         self.container.schedule(0.05, self)
 
     # --- links -----------------------------------------------------------
@@ -200,17 +269,67 @@ class Peer(MessagingHandler):
         link.rcv_settle_mode = link.remote_rcv_settle_mode
         if link.is_sender:
             src = link.remote_source.address or ""
+            emit("attach", role="receiver", address=src, name=link.name,
+                 rcv_settle_mode=int(link.remote_rcv_settle_mode),
+                 snd_settle_mode=int(link.remote_snd_settle_mode))
+            has_filter, sid = session_filter(link.remote_source)
             if src == CBS or src.endswith(MGMT_SUFFIX):
                 self.reply_links[link.remote_target.address] = link
+            elif has_filter:
+                self.lock_session(link, src, sid)
+            elif src in self.session_queues:
+                self.refuse(link, "amqp:not-allowed",
+                            "It is not possible for an entity that requires sessions to create a "
+                            "non-sessionful message receiver (sbpeer).")
             else:
                 self.consumers[src].append(link)
-            emit("attach", role="receiver", address=src, name=link.name,
-                 rcv_settle_mode=int(link.remote_rcv_settle_mode))
         else:
             emit("attach", role="sender", address=link.remote_target.address or "", name=link.name)
 
+    def lock_session(self, link, queue, sid):
+        if sid is None:
+            self.refuse(link, "amqp:not-implemented",
+                        "sbpeer accepts named sessions only, not the next available one")
+            return
+        if queue not in self.session_queues:
+            self.refuse(link, "amqp:not-allowed",
+                        "It is not possible for an entity that does not require sessions to "
+                        "create a sessionful message receiver (sbpeer).")
+            return
+        if (queue, sid) in self.sessions:
+            self.refuse(link, SESSION_CANNOT_BE_LOCKED,
+                        "The requested session '%s' cannot be accepted. It may be locked by "
+                        "another receiver (sbpeer)." % sid)
+            return
+        until = now_ms() + self.lock_duration(queue)
+        self.sessions[(queue, sid)] = [link, until]
+        self.session_of[link] = (queue, sid)
+        link.properties = {symbol(SESSION_LOCKED_UNTIL): ticks(until)}
+        emit("session_locked", queue=queue, session_id=sid, name=link.name)
+
+    def unlock_session(self, link):
+        key = self.session_of.pop(link, None)
+        if key is not None and self.sessions.get(key, [None])[0] == link:
+            del self.sessions[key]
+            emit("session_unlocked", queue=key[0], session_id=key[1], name=link.name)
+
+    def refuse(self, link, cond, description):
+        """Answers the attach with a null source, then detaches with cond,
+        as Service Bus refuses a link (on_link_opened sends the detach)."""
+        emit("session_refused", address=link.remote_source.address or "", name=link.name,
+             condition=cond, message=description)
+        link.source.type = Terminus.UNSPECIFIED
+        self.refused[link] = Condition(cond, description)
+
+    def on_link_opened(self, event):
+        cond = self.refused.pop(event.link, None)
+        if cond is not None:
+            event.link.condition = cond
+            event.link.close()
+
     def on_link_closing(self, event):
         link = event.link
+        self.unlock_session(link)
         for links in self.consumers.values():
             if link in links:
                 links.remove(link)
@@ -224,10 +343,12 @@ class Peer(MessagingHandler):
             links[:] = [l for l in links if l.connection != conn]
         for addr in [a for a, l in self.reply_links.items() if l.connection == conn]:
             del self.reply_links[addr]
+        for link in [l for l in self.session_of if l.connection == conn]:
+            self.unlock_session(link)
 
     def on_sendable(self, event):
         src = event.link.source.address or ""
-        if src in self.consumers:
+        if src in self.consumers or event.link in self.session_of:
             self.pump(src)
 
     # --- incoming messages: sends, $cbs and $management requests ---------
@@ -240,12 +361,33 @@ class Peer(MessagingHandler):
         elif addr.endswith(MGMT_SUFFIX):
             self.management(addr[: -len(MGMT_SUFFIX)], msg)
         else:
+            why = self.refusal(addr, msg)
+            if why is not None:
+                emit("rejected_send", queue=addr, condition=why.name, message=why.description,
+                     **describe(msg))
+                dlv.local.condition = why
+                self.reject(dlv)
+                return
             self.enqueue(addr, msg)
         self.accept(dlv)
 
+    def refusal(self, queue, msg):
+        """The condition a send to queue is rejected with, or None."""
+        if queue in self.session_queues and not msg.group_id:
+            return Condition("amqp:not-allowed",
+                             "The SessionId was not set on a message, and it cannot be sent to the "
+                             "entity. Entities that have session support enabled can only receive "
+                             "messages that have the SessionId set to a valid value (sbpeer).")
+        limit = self.max_messages.get(queue)
+        if limit is not None and len(self.queues[queue]) >= limit:
+            return Condition("amqp:resource-limit-exceeded",
+                             "The maximum entity size has been reached or exceeded for Queue: '%s' "
+                             "(sbpeer: %d messages)." % (queue, limit))
+        return None
+
     def enqueue(self, queue, msg):
         self.seq += 1
-        rec = Record(queue, self.seq, msg.encode())
+        rec = Record(queue, self.seq, msg.encode(), session=msg.group_id or None)
         self.queues[queue].append(rec)
         emit("enqueued", queue=queue, seq=rec.seq, **describe(msg))
         self.pump(queue)
@@ -285,6 +427,8 @@ class Peer(MessagingHandler):
             self.update_disposition(queue, msg, body)
         elif op == "com.microsoft:peek-message":
             self.peek(queue, msg, body)
+        elif op == "com.microsoft:renew-session-lock":
+            self.renew_session_lock(queue, msg, body)
         else:
             emit("management", queue=queue, operation=op, supported=False)
             self.reply(msg, 501, "sbpeer does not implement %s" % op)
@@ -315,6 +459,16 @@ class Peer(MessagingHandler):
             r.locked_until_ms = now_ms() + self.lock_duration(r.queue)
             until.append(timestamp(r.locked_until_ms))
         self.reply(msg, 200, "OK", body={"expirations": Array(UNDESCRIBED, Data.TIMESTAMP, *until)})
+
+    def renew_session_lock(self, queue, msg, body):
+        sid = body.get("session-id")
+        held = self.sessions.get((queue, sid))
+        emit("renew_session_lock", queue=queue, session_id=sid, ok=held is not None)
+        if held is None:
+            self.reply(msg, 410, "The session lock has expired on the MessageSession (sbpeer).")
+            return
+        held[1] = now_ms() + self.lock_duration(queue)
+        self.reply(msg, 200, "OK", body={"expiration": timestamp(held[1])})
 
     def update_disposition(self, queue, msg, body):
         status = body.get("disposition-status")
@@ -357,6 +511,19 @@ class Peer(MessagingHandler):
         return self.lock_ms_by_queue.get(queue, self.lock_ms)
 
     def pump(self, queue):
+        """Hands the queue's available messages to its consumers: a
+        session's messages only to the link that holds the session, in
+        order; the others to the plain consumers."""
+        for (q, sid), (link, _) in list(self.sessions.items()):
+            if q != queue:
+                continue
+            while link.credit > 0:
+                # A session is delivered in order: nothing after a message
+                # that is still locked.
+                rec = next((r for r in self.queues.get(queue, []) if r.session == sid), None)
+                if rec is None or rec.lock_token is not None:
+                    break
+                self.deliver(link, rec)
         for link in list(self.consumers.get(queue, [])):
             while link.credit > 0:
                 rec = next((r for r in self.queues.get(queue, []) if r.lock_token is None), None)
@@ -365,6 +532,9 @@ class Peer(MessagingHandler):
                 self.deliver(link, rec)
 
     def deliver(self, link, rec):
+        if link.snd_settle_mode == Link.SND_SETTLED:
+            self.deliver_settled(link, rec)
+            return
         tag, token = new_lock_token()
         rec.lock_token = token
         rec.locked_until_ms = now_ms() + self.lock_duration(rec.queue)
@@ -383,6 +553,25 @@ class Peer(MessagingHandler):
         rec.delivery = dlv
         emit("delivered", queue=rec.queue, seq=rec.seq, lock_token=str(token),
              delivery_count=rec.delivery_count + 1, message_id=plain(m.id))
+
+    def deliver_settled(self, link, rec):
+        """ReceiveAndDelete: the message goes presettled and is removed."""
+        tag, _ = new_lock_token()
+        m = rec.message()
+        m.delivery_count = rec.delivery_count
+        ann = dict(m.annotations or {})
+        ann[symbol("x-opt-enqueued-time")] = timestamp(rec.enqueued_ms)
+        ann[symbol("x-opt-sequence-number")] = rec.seq
+        m.annotations = ann
+        dlv = link.delivery(tag)
+        link.stream(m.encode())
+        link.advance()
+        dlv.settle()
+        self.remove(rec)
+        emit("delivered", queue=rec.queue, seq=rec.seq, delivery_count=rec.delivery_count + 1,
+             message_id=plain(m.id), session_id=rec.session, settled=True)
+        emit("completed", queue=rec.queue, seq=rec.seq, delivery_count=rec.delivery_count + 1,
+             via="receive_and_delete", message_id=plain(m.id))
 
     def outgoing(self, dlv):
         """Returns the record a consumer's disposition refers to, or None
@@ -531,6 +720,12 @@ class Peer(MessagingHandler):
             emit("reply", id=cid, expired=n)
         elif name == "lock_duration":
             self.lock_ms_by_queue[cmd["queue"]] = int(cmd["ms"])
+            emit("reply", id=cid)
+        elif name == "sessions":
+            self.session_queues.add(cmd["queue"])
+            emit("reply", id=cid)
+        elif name == "max_messages":
+            self.max_messages[cmd["queue"]] = int(cmd["n"])
             emit("reply", id=cid)
         elif name == "send":
             fields = {

@@ -8,9 +8,13 @@
 // SDK needs for sous's driver: SASL ANONYMOUS, $cbs put-token, queue sender
 // and PeekLock receiver links (16-byte delivery tags, x-opt-lock-token,
 // x-opt-enqueued-time, x-opt-sequence-number, x-opt-locked-until),
-// accepted / modified / rejected / released dispositions, lock expiry, and
-// the "<queue>/$management" operations renew-lock, update-disposition and
-// peek-message. peer.py's doc string lists what it leaves out.
+// accepted / modified / rejected / released dispositions, lock expiry,
+// ReceiveAndDelete (presettled) receivers, named sessions on queues marked
+// session-enabled (com.microsoft:session-filter, one lock per session,
+// renew-session-lock), a per-queue message cap that rejects sends with
+// amqp:resource-limit-exceeded, and the "<queue>/$management" operations
+// renew-lock, update-disposition and peek-message. peer.py's doc string
+// lists what it leaves out.
 //
 // The peer reports what happens as JSON events on its stdout, which a Peer
 // collects for the test to wait on and inspect; the test steers it with
@@ -87,6 +91,8 @@ type Event struct {
 	ID            int64    `json:"id"`
 	Error         string   `json:"error"`
 	Message       string   `json:"message"`
+	Condition     string   `json:"condition"` // of a refused link or a rejected send
+	Settled       bool     `json:"settled"`   // a presettled (ReceiveAndDelete) delivery
 
 	// Line is the event as printed, for fields not listed above.
 	Line string `json:"-"`
@@ -176,7 +182,7 @@ func start(t testing.TB, path string, lock time.Duration) (*Peer, error) {
 	t.Cleanup(func() {
 		p.stop()
 		if t.Failed() {
-			t.Logf("sbpeer on port %d, stderr:\n%s", p.Port, p.Stderr())
+			t.Logf("sbpeer on port %d, stderr:\n%s\nevents:\n%s", p.Port, p.Stderr(), itail(p.dump(), 60))
 		}
 	})
 	return p, nil
@@ -446,4 +452,29 @@ func (p *Peer) Enqueue(m Send) int64 {
 	_ = json.Unmarshal(b, &cmd)
 	cmd["cmd"] = "send"
 	return p.Command(cmd).Seq
+}
+
+// RequireSessions makes queue session-enabled, as Service Bus's
+// RequiresSession does: sends without a session id are rejected, and only
+// receivers that accept a session may attach.
+func (p *Peer) RequireSessions(queue string) {
+	p.t.Helper()
+	p.Command(map[string]any{"cmd": "sessions", "queue": queue})
+}
+
+// SetMaxMessages caps queue at n messages: a send beyond is rejected with
+// amqp:resource-limit-exceeded, as Service Bus rejects a send to a full
+// entity (Service Bus counts bytes; the peer counts messages).
+func (p *Peer) SetMaxMessages(queue string, n int) {
+	p.t.Helper()
+	p.Command(map[string]any{"cmd": "max_messages", "queue": queue, "n": n})
+}
+
+// itail returns the last n lines of s.
+func itail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
