@@ -2,13 +2,10 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/url"
-	"os"
 	"reflect"
 	"slices"
 	"strings"
@@ -16,6 +13,7 @@ import (
 
 	"github.com/caarlos0/env/v11"
 
+	"github.com/sous-run/sous/internal/brokerconfig"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/telemetry"
 )
@@ -102,15 +100,18 @@ type Config struct {
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
-type configError struct {
-	Var string
-	Msg string
+type configError = brokerconfig.VarError
+
+func bad(v, format string, args ...any) error { return brokerconfig.Bad(v, format, args...) }
+
+// amqp is the RabbitMQ connection as configured.
+func (c Config) amqp() brokerconfig.AMQP {
+	return brokerconfig.AMQP{URL: c.AMQPURL, CAFile: c.AMQPCAFile, CertFile: c.AMQPCertFile, KeyFile: c.AMQPKeyFile, Heartbeat: c.AMQPHeartbeat}
 }
 
-func (e *configError) Error() string { return e.Var + ": " + e.Msg }
-
-func bad(v, format string, args ...any) error {
-	return &configError{Var: v, Msg: fmt.Sprintf(format, args...)}
+// serviceBus is the Service Bus namespace as configured.
+func (c Config) serviceBus() brokerconfig.ServiceBus {
+	return brokerconfig.ServiceBus{ConnectionString: c.ServiceBusConnectionString, Namespace: c.ServiceBusNamespace}
 }
 
 // loadConfig reads the environment (environ as os.Environ gives it).
@@ -133,21 +134,11 @@ func loadConfig(environ []string) (Config, error) {
 		}
 		return c, fmt.Errorf("configuration: %w", err)
 	}
-	for _, f := range []struct {
-		name, path string
-		dst        *secret.Value
-	}{
-		{"SOUS_AMQP_URL_FILE", c.AMQPURLFile, &c.AMQPURL},
-		{"SOUS_SERVICEBUS_CONNECTION_STRING_FILE", c.ServiceBusConnectionStringFile, &c.ServiceBusConnectionString},
-	} {
-		if f.path == "" {
-			continue
-		}
-		b, err := os.ReadFile(f.path)
-		if err != nil {
-			return c, bad(f.name, "cannot read the secret file: %v", err)
-		}
-		*f.dst = secret.Value(strings.TrimSpace(string(b)))
+	if err := brokerconfig.ReadSecretFiles(
+		brokerconfig.SecretFile{Var: "SOUS_AMQP_URL_FILE", Path: c.AMQPURLFile, Dst: &c.AMQPURL},
+		brokerconfig.SecretFile{Var: "SOUS_SERVICEBUS_CONNECTION_STRING_FILE", Path: c.ServiceBusConnectionStringFile, Dst: &c.ServiceBusConnectionString},
+	); err != nil {
+		return c, err
 	}
 	return c, c.validate()
 }
@@ -162,25 +153,12 @@ func fieldVar(field string) string {
 func (c Config) validate() error {
 	switch c.Broker {
 	case "rabbitmq":
-		u, err := url.Parse(c.AMQPURL.Reveal())
-		if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
-			return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
-		}
-		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
-			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
-		}
-		if c.AMQPHeartbeat < time.Second {
-			return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
+		if err := c.amqp().Check(); err != nil {
+			return err
 		}
 	case "servicebus":
-		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
-			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "set it (or SOUS_SERVICEBUS_NAMESPACE for workload identity) when SOUS_BROKER=servicebus")
-		}
-		if !c.ServiceBusConnectionString.IsZero() && !strings.Contains(c.ServiceBusConnectionString.Reveal(), "Endpoint=") {
-			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string (Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)")
-		}
-		if c.ServiceBusConnectionString.IsZero() && (strings.Contains(c.ServiceBusNamespace, "://") || !strings.Contains(c.ServiceBusNamespace, ".")) {
-			return bad("SOUS_SERVICEBUS_NAMESPACE", "must be a fully qualified host name such as myns.servicebus.windows.net")
+		if err := c.serviceBus().Check(); err != nil {
+			return err
 		}
 		if c.ReplyQueue == "" || len(c.ReplyQueue) > 260 {
 			return bad("SOUS_GATEWAY_REPLY_QUEUE", "must be the name of a session-enabled queue, 1 to 260 characters")
@@ -320,30 +298,4 @@ func parseLevel(s string) (slog.Level, error) {
 		return l, fmt.Errorf("%q is not one of debug, info, warn, error", s)
 	}
 	return l, nil
-}
-
-func amqpTLS(c Config) (*tls.Config, error) {
-	if c.AMQPCAFile == "" && c.AMQPCertFile == "" {
-		return nil, nil
-	}
-	t := &tls.Config{MinVersion: tls.VersionTLS12}
-	if c.AMQPCAFile != "" {
-		pem, err := os.ReadFile(c.AMQPCAFile)
-		if err != nil {
-			return nil, bad("SOUS_AMQP_CA_FILE", "cannot read: %v", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, bad("SOUS_AMQP_CA_FILE", "holds no PEM certificate")
-		}
-		t.RootCAs = pool
-	}
-	if c.AMQPCertFile != "" {
-		cert, err := tls.LoadX509KeyPair(c.AMQPCertFile, c.AMQPKeyFile)
-		if err != nil {
-			return nil, bad("SOUS_AMQP_CERT_FILE", "cannot load the client certificate and key: %v", err)
-		}
-		t.Certificates = []tls.Certificate{cert}
-	}
-	return t, nil
 }

@@ -42,7 +42,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	var tlsCfg *tls.Config
 	if cfg.Broker == "rabbitmq" {
 		var err error
-		if tlsCfg, err = amqpTLS(cfg); err != nil {
+		if tlsCfg, err = cfg.amqp().TLS(); err != nil {
 			return err
 		}
 	}

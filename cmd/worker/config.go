@@ -14,6 +14,7 @@ import (
 
 	"github.com/caarlos0/env/v11"
 
+	"github.com/sous-run/sous/internal/brokerconfig"
 	"github.com/sous-run/sous/internal/gpu"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
@@ -123,15 +124,18 @@ type Config struct {
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
-type configError struct {
-	Var string
-	Msg string
+type configError = brokerconfig.VarError
+
+func bad(v, format string, args ...any) error { return brokerconfig.Bad(v, format, args...) }
+
+// amqp is the RabbitMQ connection as configured.
+func (c Config) amqp() brokerconfig.AMQP {
+	return brokerconfig.AMQP{URL: c.AMQPURL, CAFile: c.AMQPCAFile, CertFile: c.AMQPCertFile, KeyFile: c.AMQPKeyFile, Heartbeat: c.AMQPHeartbeat}
 }
 
-func (e *configError) Error() string { return e.Var + ": " + e.Msg }
-
-func bad(v, format string, args ...any) error {
-	return &configError{Var: v, Msg: fmt.Sprintf(format, args...)}
+// serviceBus is the Service Bus namespace as configured.
+func (c Config) serviceBus() brokerconfig.ServiceBus {
+	return brokerconfig.ServiceBus{ConnectionString: c.ServiceBusConnectionString, Namespace: c.ServiceBusNamespace}
 }
 
 // loadConfig reads the environment (environ as os.Environ gives it).
@@ -211,38 +215,18 @@ func envName(field string) string {
 }
 
 func (c *Config) readSecretFiles() error {
-	for _, f := range []struct {
-		name, path string
-		dst        *secret.Value
-	}{
-		{"SOUS_AMQP_URL_FILE", c.AMQPURLFile, &c.AMQPURL},
-		{"SOUS_ENGINE_API_KEY_FILE", c.EngineAPIKeyFile, &c.EngineAPIKey},
-		{"SOUS_SERVICEBUS_CONNECTION_STRING_FILE", c.ServiceBusConnectionStringFile, &c.ServiceBusConnectionString},
-	} {
-		if f.path == "" {
-			continue
-		}
-		b, err := os.ReadFile(f.path)
-		if err != nil {
-			return bad(f.name, "cannot read the secret file: %v", err)
-		}
-		*f.dst = secret.Value(strings.TrimSpace(string(b)))
-	}
-	return nil
+	return brokerconfig.ReadSecretFiles(
+		brokerconfig.SecretFile{Var: "SOUS_AMQP_URL_FILE", Path: c.AMQPURLFile, Dst: &c.AMQPURL},
+		brokerconfig.SecretFile{Var: "SOUS_ENGINE_API_KEY_FILE", Path: c.EngineAPIKeyFile, Dst: &c.EngineAPIKey},
+		brokerconfig.SecretFile{Var: "SOUS_SERVICEBUS_CONNECTION_STRING_FILE", Path: c.ServiceBusConnectionStringFile, Dst: &c.ServiceBusConnectionString},
+	)
 }
 
 func (c Config) validate() error {
 	switch c.Broker {
 	case "rabbitmq":
-		u, err := url.Parse(c.AMQPURL.Reveal())
-		if err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
-			return bad("SOUS_AMQP_URL", "must be an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost")
-		}
-		if (c.AMQPCertFile == "") != (c.AMQPKeyFile == "") {
-			return bad("SOUS_AMQP_CERT_FILE", "set SOUS_AMQP_CERT_FILE and SOUS_AMQP_KEY_FILE together for a client certificate")
-		}
-		if c.AMQPHeartbeat < time.Second {
-			return bad("SOUS_AMQP_HEARTBEAT", "must be at least 1s")
+		if err := c.amqp().Check(); err != nil {
+			return err
 		}
 		if c.AMQPConsumerTimeout < 0 {
 			return bad("SOUS_AMQP_CONSUMER_TIMEOUT", "must be the broker's consumer_timeout, or 0 to skip the check")
@@ -255,14 +239,11 @@ func (c Config) validate() error {
 				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, run, c.AMQPConsumerTimeout)
 		}
 	case "servicebus":
-		if c.ServiceBusConnectionString.IsZero() && c.ServiceBusNamespace == "" {
-			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "set it (or SOUS_SERVICEBUS_NAMESPACE for workload identity) when SOUS_BROKER=servicebus")
+		if err := c.serviceBus().Check(); err != nil {
+			return err
 		}
 		if c.ServiceBusMaxSenders <= 0 {
 			return bad("SOUS_SERVICEBUS_MAX_SENDERS", "must be greater than zero")
-		}
-		if !c.ServiceBusConnectionString.IsZero() && !strings.Contains(c.ServiceBusConnectionString.Reveal(), "Endpoint=") {
-			return bad("SOUS_SERVICEBUS_CONNECTION_STRING", "is not a Service Bus connection string (Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...)")
 		}
 	default:
 		return bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq or servicebus", c.Broker)

@@ -2,15 +2,12 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -331,7 +328,7 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 			_ = d.Close(closeCtx)
 		}, nil
 	default:
-		tlsCfg, err := amqpTLS(cfg)
+		tlsCfg, err := cfg.amqp().TLS()
 		if err != nil {
 			return nil, nil, err
 		}
@@ -358,32 +355,6 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 		}
 		return d, func() { _ = d.Close() }, nil
 	}
-}
-
-func amqpTLS(cfg Config) (*tls.Config, error) {
-	if cfg.AMQPCAFile == "" && cfg.AMQPCertFile == "" {
-		return nil, nil
-	}
-	t := &tls.Config{MinVersion: tls.VersionTLS12}
-	if cfg.AMQPCAFile != "" {
-		pem, err := os.ReadFile(cfg.AMQPCAFile)
-		if err != nil {
-			return nil, bad("SOUS_AMQP_CA_FILE", "cannot read: %v", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, bad("SOUS_AMQP_CA_FILE", "holds no PEM certificate")
-		}
-		t.RootCAs = pool
-	}
-	if cfg.AMQPCertFile != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.AMQPCertFile, cfg.AMQPKeyFile)
-		if err != nil {
-			return nil, bad("SOUS_AMQP_CERT_FILE", "cannot load the client certificate and key: %v", err)
-		}
-		t.Certificates = []tls.Certificate{cert}
-	}
-	return t, nil
 }
 
 // readiness is what /readyz asks.
