@@ -39,6 +39,7 @@ build etcd controlplane ./etcd
 build kube-apiserver controlplane k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager controlplane k8s.io/kubernetes/cmd/kube-controller-manager
 build keda-operator keda github.com/kedacore/keda/v2/cmd/operator
+build keda-adapter keda ./adapter
 
 # KEDA's CRDs, from the same module version as the operator.
 crds=$root/.cache/k8s/keda-crds
