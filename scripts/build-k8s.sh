@@ -29,7 +29,16 @@ build() {
   fi
   echo "k8s: building $name from $pkg (module $mod; cold: minutes, see scripts/build-k8s.sh)"
   local start=$SECONDS
-  nice -n "${K8S_BUILD_NICE:-15}" go build -C "$tools/$mod" -trimpath -o "$bin/$name.tmp" "$pkg"
+  # A line a minute while the compiler is silent, so a CI log shows the
+  # build is alive and how far along it is.
+  (while sleep 60; do echo "k8s: still building $name ($((SECONDS - start))s)"; done) &
+  local ticker=$!
+  if ! nice -n "${K8S_BUILD_NICE:-15}" go build -C "$tools/$mod" -trimpath -o "$bin/$name.tmp" "$pkg"; then
+    kill "$ticker"
+    echo "k8s: building $name failed" >&2
+    exit 1
+  fi
+  kill "$ticker"
   mv "$bin/$name.tmp" "$bin/$name"
   echo "$want" > "$bin/$name.stamp"
   echo "k8s: built $name in $((SECONDS - start))s"

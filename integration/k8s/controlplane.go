@@ -270,6 +270,21 @@ func (c *ControlPlane) stop() {
 	c.procs = nil
 }
 
+// LogLines returns the lines of process name's log that contain substr.
+func (c *ControlPlane) LogLines(name, substr string) []string {
+	b, err := os.ReadFile(filepath.Join(c.Dir, name+".log"))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // Logs returns the tail of each process's log, for a failing test.
 func (c *ControlPlane) Logs(lines int) string {
 	var b strings.Builder
