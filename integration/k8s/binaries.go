@@ -81,7 +81,7 @@ func findBinaries(l level) (Binaries, error) {
 	}
 	for _, p := range need {
 		if _, err := os.Stat(p); err != nil {
-			return b, fmt.Errorf("%s is missing: run `make k8s` (builds the control plane and KEDA from their Go modules, about 15 minutes cold on 2 cores)", p)
+			return b, fmt.Errorf("%s is missing: run `make k8s` (builds the control plane and KEDA from their Go modules, about 17 minutes cold on 2 idle cores)", p)
 		}
 	}
 	return b, nil

@@ -144,6 +144,10 @@ func (w watcher) transition(ctx context.Context, what string, since time.Time, w
 		}
 		sleep(ctx, 100*time.Millisecond)
 	}
+	if from == want {
+		w.t.Logf("k8s: TRANSITION %s: replicas already %d when first read, %s after", what, want, time.Since(since).Round(100*time.Millisecond))
+		return
+	}
 	w.t.Logf("k8s: TRANSITION %s: replicas %d -> %d after %s", what, from, want, time.Since(since).Round(100*time.Millisecond))
 }
 
