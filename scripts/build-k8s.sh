@@ -36,7 +36,17 @@ build() {
   local start=$SECONDS
   # A line a minute while the compiler is silent, so a CI log shows the
   # build is alive and how far along it is.
-  (while sleep 60; do echo "k8s: still building $name ($((SECONDS - start))s)"; done) &
+  # Its sleep holds no copy of stdout and dies with it, so a pipe reading
+  # this script's output closes as soon as the build ends.
+  (
+    trap 'kill "$s" 2>/dev/null; exit 0' TERM
+    while :; do
+      sleep 60 >/dev/null 2>&1 &
+      s=$!
+      wait "$s"
+      echo "k8s: still building $name ($((SECONDS - start))s)"
+    done
+  ) &
   local ticker=$!
   if ! nice -n "${K8S_BUILD_NICE:-15}" go build -C "$tools/$mod" -trimpath -o "$bin/$name.tmp" "$pkg"; then
     kill "$ticker"
