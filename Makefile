@@ -67,15 +67,16 @@ test-images: ollama
 	elif [ "$$CI" = true ]; then echo "CI=true: the container tests need a Docker engine" >&2; exit 1; \
 	else echo "make test: no Docker engine; the container tests will skip"; fi
 
-# Qpid Proton for the Service Bus protocol test double (a Debian package;
-# installs only when missing).
-# The control plane and the KEDA operator for integration/k8s, each built
-# from its Go module into .cache/k8s (scripts/build-k8s.sh): about 15
-# minutes cold on 2 cores, one binary at a time; seconds once built.
+# The control plane, the KEDA operator and KEDA's metrics apiserver for
+# integration/k8s, each built from its Go module into .cache/k8s
+# (scripts/build-k8s.sh): about 17 minutes cold on 2 idle cores, one binary
+# at a time; seconds once built.
 .PHONY: k8s
 k8s:
 	@scripts/build-k8s.sh
 
+# Qpid Proton for the Service Bus protocol test double (a Debian package;
+# installs only when missing).
 .PHONY: sbpeer
 sbpeer:
 	@internal/queue/servicebus/sbpeer/install.sh

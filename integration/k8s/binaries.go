@@ -12,6 +12,8 @@ import (
 // CRDs, as scripts/build-k8s.sh leaves them.
 type Binaries struct {
 	Etcd, APIServer, ControllerManager, KEDA string
+	// KEDAAdapter is KEDA's metrics apiserver (external.metrics.k8s.io).
+	KEDAAdapter string
 	// KEDACRDs is the directory of KEDA's CRD manifests, from the same
 	// module version as the operator.
 	KEDACRDs string
@@ -45,10 +47,18 @@ func modulePath(gomod []byte) string {
 	return m
 }
 
-// FindBinaries returns the built control plane (and, with keda, the KEDA
-// operator and its CRDs), or an error naming what is missing and how to
-// build it.
-func FindBinaries(keda bool) (Binaries, error) {
+// What a test needs built, each level including the ones before it.
+type level int
+
+const (
+	controlPlane level = iota // etcd, kube-apiserver, kube-controller-manager
+	kedaOperator              // + the KEDA operator and its CRDs
+	kedaAdapter               // + KEDA's metrics apiserver
+)
+
+// findBinaries returns the built control plane (and, from kedaOperator on,
+// KEDA), or an error naming what is missing and how to build it.
+func findBinaries(l level) (Binaries, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return Binaries{}, err
@@ -59,15 +69,19 @@ func FindBinaries(keda bool) (Binaries, error) {
 		APIServer:         filepath.Join(cache, "bin", "kube-apiserver"),
 		ControllerManager: filepath.Join(cache, "bin", "kube-controller-manager"),
 		KEDA:              filepath.Join(cache, "bin", "keda-operator"),
+		KEDAAdapter:       filepath.Join(cache, "bin", "keda-adapter"),
 		KEDACRDs:          filepath.Join(cache, "keda-crds"),
 	}
 	need := []string{b.Etcd, b.APIServer, b.ControllerManager}
-	if keda {
+	if l >= kedaOperator {
 		need = append(need, b.KEDA, filepath.Join(b.KEDACRDs, "keda.sh_scaledobjects.yaml"))
+	}
+	if l >= kedaAdapter {
+		need = append(need, b.KEDAAdapter)
 	}
 	for _, p := range need {
 		if _, err := os.Stat(p); err != nil {
-			return b, fmt.Errorf("%s is missing: run `make k8s` (builds the control plane and KEDA from their Go modules, about 15 minutes cold on 2 cores)", p)
+			return b, fmt.Errorf("%s is missing: run `make k8s` (builds the control plane and KEDA from their Go modules, about 17 minutes cold on 2 idle cores)", p)
 		}
 	}
 	return b, nil
@@ -77,14 +91,17 @@ func FindBinaries(keda bool) (Binaries, error) {
 // test is skipped with one line, or fails when CI=true (CI runs `make
 // test`, which builds it: a missing binary there is a broken build, not a
 // reason to skip).
-func NeedControlPlane(t testing.TB) Binaries { t.Helper(); return need(t, false) }
+func NeedControlPlane(t testing.TB) Binaries { t.Helper(); return need(t, controlPlane) }
 
 // NeedKEDA is NeedControlPlane plus the KEDA operator and its CRDs.
-func NeedKEDA(t testing.TB) Binaries { t.Helper(); return need(t, true) }
+func NeedKEDA(t testing.TB) Binaries { t.Helper(); return need(t, kedaOperator) }
 
-func need(t testing.TB, keda bool) Binaries {
+// NeedKEDAAdapter is NeedKEDA plus KEDA's metrics apiserver.
+func NeedKEDAAdapter(t testing.TB) Binaries { t.Helper(); return need(t, kedaAdapter) }
+
+func need(t testing.TB, l level) Binaries {
 	t.Helper()
-	b, err := FindBinaries(keda)
+	b, err := findBinaries(l)
 	if err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("k8s: %v", err)

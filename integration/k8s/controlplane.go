@@ -25,6 +25,20 @@ import (
 	"github.com/sous-run/sous/integration/itest"
 )
 
+// kube-controller-manager's names for the controllers the tests run.
+const (
+	DeploymentController = "deployment-controller"
+	ReplicaSetController = "replicaset-controller"
+	// HPAController is the HorizontalPodAutoscaler controller; it reads
+	// KEDA's metric from external.metrics.k8s.io, every 15 s (its default
+	// --horizontal-pod-autoscaler-sync-period, kept).
+	HPAController = "horizontal-pod-autoscaler-controller"
+)
+
+// frontProxyClient is the common name of the apiserver's client
+// certificate for aggregated APIs (--requestheader-allowed-names).
+const frontProxyClient = "front-proxy-client"
+
 // ControlPlane is etcd, kube-apiserver and kube-controller-manager on
 // loopback ports of their own, with an admin token (system:masters). Its
 // fields are set by Start and read-only afterwards.
@@ -38,8 +52,14 @@ type ControlPlane struct {
 	Client  kubernetes.Interface
 	Dynamic dynamic.Interface
 
-	bins   Binaries
-	ca     *authority
+	bins Binaries
+	ca   *authority
+	// keda is set by StartKEDA: what the metrics adapter needs to reach
+	// the operator.
+	keda struct {
+		certDir  string // ca.crt, tls.crt, tls.key (the operator's and the adapter's)
+		grpcAddr string // the operator's metrics service (gRPC, mutual TLS)
+	}
 	mapper *restmapper.DeferredDiscoveryRESTMapper
 	procs  []*process
 }
@@ -48,7 +68,8 @@ type ControlPlane struct {
 type Options struct {
 	// Controllers are kube-controller-manager's --controllers; the default
 	// is the Deployment and ReplicaSet controllers, which is what turns a
-	// Deployment's replicas into Pod objects.
+	// Deployment's replicas into Pod objects. Add HPAController for the
+	// HorizontalPodAutoscaler (KEDA's 1 <-> N).
 	Controllers []string
 }
 
@@ -57,7 +78,7 @@ type Options struct {
 func Start(t testing.TB, b Binaries, o Options) *ControlPlane {
 	t.Helper()
 	if len(o.Controllers) == 0 {
-		o.Controllers = []string{"deployment-controller", "replicaset-controller"}
+		o.Controllers = []string{DeploymentController, ReplicaSetController}
 	}
 	c := &ControlPlane{Dir: t.TempDir(), bins: b}
 	t.Cleanup(c.stop)
@@ -80,6 +101,24 @@ func (c *ControlPlane) start(t testing.TB, o Options) error {
 		return err
 	}
 	apiCert, apiKey, err := ca.serving(c.Dir, "apiserver", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
+	if err != nil {
+		return err
+	}
+	// The aggregation layer: the apiserver proxies an APIService's
+	// requests with a client certificate of a CA of its own (the front
+	// proxy's), the user in X-Remote-* headers, and an aggregated server
+	// (KEDA's metrics adapter) trusts those headers only from that CA and
+	// that name, which it reads from kube-system's
+	// extension-apiserver-authentication ConfigMap.
+	frontProxy, err := newAuthority()
+	if err != nil {
+		return err
+	}
+	frontProxyCA := filepath.Join(c.Dir, "front-proxy-ca.crt")
+	if err := os.WriteFile(frontProxyCA, frontProxy.certPEM, 0o600); err != nil {
+		return err
+	}
+	proxyCert, proxyKey, err := frontProxy.serving(c.Dir, frontProxyClient)
 	if err != nil {
 		return err
 	}
@@ -123,6 +162,13 @@ func (c *ControlPlane) start(t testing.TB, o Options) error {
 		"--service-account-key-file="+saPub,
 		"--service-account-signing-key-file="+saPriv,
 		"--service-cluster-ip-range=10.0.0.0/24",
+		"--requestheader-client-ca-file="+frontProxyCA,
+		"--requestheader-allowed-names="+frontProxyClient,
+		"--requestheader-username-headers=X-Remote-User",
+		"--requestheader-group-headers=X-Remote-Group",
+		"--requestheader-extra-headers-prefix=X-Remote-Extra-",
+		"--proxy-client-cert-file="+proxyCert,
+		"--proxy-client-key-file="+proxyKey,
 		// No kubelet, no Service traffic: the kubernetes Service's
 		// endpoints would point at a loopback address nothing can use.
 		"--endpoint-reconciler-type=none",
@@ -222,6 +268,21 @@ func (c *ControlPlane) stop() {
 		c.procs[i].stop(10 * time.Second)
 	}
 	c.procs = nil
+}
+
+// LogLines returns the lines of process name's log that contain substr.
+func (c *ControlPlane) LogLines(name, substr string) []string {
+	b, err := os.ReadFile(filepath.Join(c.Dir, name+".log"))
+	if err != nil {
+		return []string{err.Error()}
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, substr) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // Logs returns the tail of each process's log, for a failing test.

@@ -28,8 +28,9 @@ var ScaledObjects = schema.GroupVersionResource{Group: "keda.sh", Version: "v1al
 // StartKEDA installs KEDA's CRDs (server-side: one is larger than
 // client-side apply's annotation allows) and runs the KEDA operator out of
 // cluster against c, watching every namespace, until t ends. Only the
-// operator: no admission webhooks and no metrics apiserver, which 0 ↔ 1
-// does not need (KEDA scales the Deployment itself between 0 and 1).
+// operator: no admission webhooks, and no metrics apiserver, which 0 ↔ 1
+// does not need (KEDA scales the Deployment itself between 0 and 1);
+// StartKEDAAdapter adds it for 1 ↔ N.
 func (c *ControlPlane) StartKEDA(t testing.TB) {
 	t.Helper()
 	if err := c.startKEDA(t); err != nil {
@@ -57,7 +58,12 @@ func (c *ControlPlane) startKEDA(t testing.TB) error {
 	if err := os.MkdirAll(certDir, 0o700); err != nil {
 		return err
 	}
-	crt, key, err := c.ca.serving(certDir, "keda", "keda-operator", "keda-operator.keda.svc")
+	// One certificate for the operator and the metrics adapter, as KEDA's
+	// own chart shares one Secret: the operator serves gRPC with it and the
+	// adapter presents it as its client certificate; the adapter also
+	// serves external.metrics.k8s.io with it, under the name the
+	// aggregator checks (<service>.<namespace>.svc).
+	crt, key, err := c.ca.serving(certDir, "keda", "keda-operator", "keda-operator.keda.svc", adapterService+"."+KEDANamespace+".svc")
 	if err != nil {
 		return err
 	}
@@ -70,6 +76,7 @@ func (c *ControlPlane) startKEDA(t testing.TB) error {
 		return err
 	}
 	probe := itest.FreeAddr(t)
+	grpcAddr := itest.FreeAddr(t)
 	p, err := startProcess(c.Dir, "keda-operator", c.bins.KEDA,
 		[]string{
 			"KUBECONFIG=" + c.Kubeconfig,
@@ -80,7 +87,7 @@ func (c *ControlPlane) startKEDA(t testing.TB) error {
 		"--leader-elect=false",
 		"--metrics-bind-address="+itest.FreeAddr(t),
 		"--health-probe-bind-address="+probe,
-		"--metrics-service-bind-address="+itest.FreeAddr(t),
+		"--metrics-service-bind-address="+grpcAddr,
 		"--cert-dir="+certDir,
 		"--ca-dir="+certDir,
 		"--enable-cert-rotation=false",
@@ -94,6 +101,7 @@ func (c *ControlPlane) startKEDA(t testing.TB) error {
 	if err := c.waitFor(ctx, p, httpOK("http://"+probe+"/readyz")); err != nil {
 		return fmt.Errorf("operator not ready: %w\n--- log ---\n%s", err, p.tail(40))
 	}
+	c.keda.certDir, c.keda.grpcAddr = certDir, grpcAddr
 	t.Logf("k8s: KEDA CRDs installed and the operator ready in %s", time.Since(began).Round(100*time.Millisecond))
 	return nil
 }

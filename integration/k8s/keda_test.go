@@ -55,67 +55,13 @@ patches:
 func TestRabbitMQScalesFromZeroAndBack(t *testing.T) {
 	b := NeedKEDA(t)
 	needManagementAPI(t)
-	conn, err := amqp.Dial(amqpURL)
-	if err != nil {
-		t.Fatalf("RabbitMQ on 127.0.0.1:5672: %v (make rabbitmq starts it)", err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	ch, err := conn.Channel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	queue := fmt.Sprintf("sous.k8s-test.%d", time.Now().UnixNano())
-	// Declared as the worker declares its request queue: a quorum queue.
-	if _, err := ch.QueueDeclare(queue, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if c, err := conn.Channel(); err == nil {
-			_, _ = c.QueueDelete(queue, false, false, false)
-			c.Close()
-		}
-	})
+	ch, queue := testQueue(t)
 
 	cp := Start(t, b, Options{})
 	cp.StartKEDA(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-
-	rendered, err := Kustomize("k8stest/rabbitmq", testOverlay(queue))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := Decode(rendered)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The namespace first, then the Secrets the overlay leaves to the
-	// operator (deploy/README.md), then everything else: the ScaledObject
-	// finds its TriggerAuthentication's Secret at once.
-	var rest []*unstructured.Unstructured
-	for _, o := range objs {
-		if o.GetKind() == "Namespace" {
-			if err := cp.ApplyObjects(ctx, []*unstructured.Unstructured{o}); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		rest = append(rest, o)
-	}
-	for name, data := range map[string]map[string]string{
-		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
-		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
-	} {
-		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: rabbitNS}, StringData: data}
-		if _, err := cp.Client.CoreV1().Secrets(rabbitNS).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	applied := time.Now()
-	if err := cp.ApplyObjects(ctx, rest); err != nil {
-		t.Fatalf("%v\n%s", err, cp.Logs(20))
-	}
-	t.Logf("k8s: applied %d objects of deploy/k8s/overlays/rabbitmq (server-side)", len(objs))
+	applied := applyRabbitMQOverlay(t, ctx, cp, queue)
 
 	w := watcher{t: t, cp: cp, ns: rabbitNS, name: "sous-worker"}
 	w.waitScaledObjectReady(ctx)
@@ -197,6 +143,10 @@ func (w watcher) transition(ctx context.Context, what string, since time.Time, w
 			w.t.Fatalf("%s: replicas stayed %d, want %d within %s\n%s", what, w.replicas(ctx), want, within, w.cp.Logs(30))
 		}
 		sleep(ctx, 100*time.Millisecond)
+	}
+	if from == want {
+		w.t.Logf("k8s: TRANSITION %s: replicas already %d when first read, %s after", what, want, time.Since(since).Round(100*time.Millisecond))
+		return
 	}
 	w.t.Logf("k8s: TRANSITION %s: replicas %d -> %d after %s", what, from, want, time.Since(since).Round(100*time.Millisecond))
 }
@@ -311,4 +261,74 @@ func waitQueueStats(t *testing.T, ctx context.Context, queue string, ready, unac
 		}
 		sleep(ctx, 250*time.Millisecond)
 	}
+}
+
+// testQueue declares a fresh queue on the real broker, as the worker
+// declares its request queue (a quorum queue), and deletes it when t
+// ends; it returns a channel to publish and consume on.
+func testQueue(t *testing.T) (*amqp.Channel, string) {
+	t.Helper()
+	conn, err := amqp.Dial(amqpURL)
+	if err != nil {
+		t.Fatalf("RabbitMQ on 127.0.0.1:5672: %v (make rabbitmq starts it)", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	queue := fmt.Sprintf("sous.k8s-test.%d", time.Now().UnixNano())
+	if _, err := ch.QueueDeclare(queue, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if c, err := conn.Channel(); err == nil {
+			_, _ = c.QueueDelete(queue, false, false, false)
+			c.Close()
+		}
+	})
+	return ch, queue
+}
+
+// applyRabbitMQOverlay applies testOverlay(queue) with the Secrets the
+// overlay leaves to the operator, and returns when it applied the
+// ScaledObject.
+func applyRabbitMQOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, queue string) time.Time {
+	t.Helper()
+	rendered, err := Kustomize("k8stest/rabbitmq", testOverlay(queue))
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs, err := Decode(rendered)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The namespace first, then the Secrets the overlay leaves to the
+	// operator (deploy/README.md), then everything else: the ScaledObject
+	// finds its TriggerAuthentication's Secret at once.
+	var rest []*unstructured.Unstructured
+	for _, o := range objs {
+		if o.GetKind() == "Namespace" {
+			if err := cp.ApplyObjects(ctx, []*unstructured.Unstructured{o}); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		rest = append(rest, o)
+	}
+	for name, data := range map[string]map[string]string{
+		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
+		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
+	} {
+		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: rabbitNS}, StringData: data}
+		if _, err := cp.Client.CoreV1().Secrets(rabbitNS).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied := time.Now()
+	if err := cp.ApplyObjects(ctx, rest); err != nil {
+		t.Fatalf("%v\n%s", err, cp.Logs(20))
+	}
+	t.Logf("k8s: applied %d objects of deploy/k8s/overlays/rabbitmq (server-side)", len(objs))
+	return applied
 }
