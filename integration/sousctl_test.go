@@ -8,6 +8,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/sous-run/sous/internal/tinymodel"
 )
 
 // runSousctl runs the sousctl binary and returns stdout, stderr and the
@@ -32,11 +34,14 @@ func runSousctl(t *testing.T, stdin string, args ...string) (string, string, int
 
 // TestSousctlStreamsStayWithTheirRequests: four streamed prompts at once
 // each print under their own header, text once, then their summary; no
-// text of one request lands in another's block.
+// text of one request lands in another's block. The scripted model answers
+// each with its fallback sentence, streamed a piece at a time, so every
+// block's text is known exactly (the random model can end an answer after
+// one token, before any chunk is streamed).
 func TestSousctlStreamsStayWithTheirRequests(t *testing.T) {
 	t.Parallel()
 	q, _ := names(t)
-	startWorker(t, q, "SOUS_BATCH_WAIT=200ms")
+	startScriptedWorker(t, q, "SOUS_BATCH_WAIT=200ms", "SOUS_STREAM_BYTES=1", "SOUS_STREAM_INTERVAL=1ms")
 	stdout, stderr, code := runSousctl(t, "", "publish", "-url", brokerURL, "-queue", q, "-stream", "a", "b", "c", "d")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s\n%s", code, stdout, stderr)
@@ -60,12 +65,13 @@ func TestSousctlStreamsStayWithTheirRequests(t *testing.T) {
 
 var (
 	streamHeader = regexp.MustCompile(`^\[[0-9a-f]{16}\] streaming$`)
-	summaryLine  = regexp.MustCompile(`^  ok model=tiny queue=\d+ms wait=\d+ms inference=\d+ms, batch \S+ of \d+ worker=\S+$`)
+	summaryLine  = regexp.MustCompile(`^  ok model=tiny-scripted queue=\d+ms wait=\d+ms inference=\d+ms, batch \S+ of \d+ worker=\S+$`)
 	tokensLine   = regexp.MustCompile(`^  tokens in=\d+ out=([1-9]\d*) done=\S+$`)
 )
 
-// checkStreamBlocks reads text output as blocks: a header, indented text,
-// the summary, the token line.
+// checkStreamBlocks reads text output as blocks: a header, indented text
+// (the scripted model's fallback answer, exactly), the summary, the token
+// line.
 func checkStreamBlocks(t *testing.T, stdout string, want int) {
 	t.Helper()
 	lines := strings.Split(strings.TrimRight(stdout, "\n"), "\n")
@@ -82,8 +88,8 @@ func checkStreamBlocks(t *testing.T, stdout string, want int) {
 			}
 			j++
 		}
-		if j == i+1 {
-			t.Errorf("no text under the header at line %d:\n%s", i+1, stdout)
+		if text := strings.TrimPrefix(strings.Join(lines[i+1:j], "\n"), "  "); text != tinymodel.FallbackAnswer {
+			t.Errorf("the text under the header at line %d is %q, want %q:\n%s", i+1, text, tinymodel.FallbackAnswer, stdout)
 		}
 		if j+1 >= len(lines) || !summaryLine.MatchString(lines[j]) || !tokensLine.MatchString(lines[j+1]) {
 			t.Errorf("the block at line %d does not end with its summary and token line:\n%s", i+1, stdout)
