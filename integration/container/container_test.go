@@ -22,6 +22,8 @@ import (
 
 	"github.com/sous-run/sous/integration/containertest"
 	"github.com/sous-run/sous/integration/itest"
+	"github.com/sous-run/sous/integration/ollamatest"
+	"github.com/sous-run/sous/internal/tinymodel"
 	"github.com/sous-run/sous/soustest"
 )
 
@@ -122,22 +124,23 @@ func children(t *testing.T, pid int) map[int]string {
 	return out
 }
 
-func checkOK(t *testing.T, what string, r soustest.Result) {
+func checkOK(t *testing.T, what string, r soustest.Result, model string) {
 	t.Helper()
-	if r.Status != "ok" || r.Model != "tiny" {
+	if r.Status != "ok" || r.Model != model {
 		t.Fatalf("%s: %s", what, r.Raw)
 	}
 }
 
 // TestWorkerImageAnswersAsNonRoot: the worker image, on the local broker
-// and the dev Ollama, runs as 65532 and answers a prompt and a chat.
+// and the dev Ollama, runs as 65532 and answers a prompt and a chat, the
+// scripted model's exact answers.
 func TestWorkerImageAnswersAsNonRoot(t *testing.T) {
 	containertest.Require(t)
 	t.Parallel()
 	q, _ := names(t)
 	c := runWorker(t, containertest.WorkerImage,
 		soustest.WithAMQPURL(brokerURL), soustest.WithQueue(q), soustest.WithResultsQueue(q+".results"),
-		soustest.WithEngineURL(ollama.URL()), soustest.WithModel("tiny"), soustest.WithWorkerID("ct-"+q))
+		soustest.WithEngineURL(ollama.URL()), soustest.WithModel(ollamatest.ScriptedModelName), soustest.WithWorkerID("ct-"+q))
 	in, err := c.Inspect(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -151,12 +154,12 @@ func TestWorkerImageAnswersAsNonRoot(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	r, err := c.Prompt(ctx, "Why is the sky blue?")
+	r, err := c.Prompt(ctx, tinymodel.SkyQuestion)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, logs(c))
 	}
-	checkOK(t, "prompt", r)
-	if r.Response == "" || r.Worker != "ct-"+q {
+	checkOK(t, "prompt", r, ollamatest.ScriptedModelName)
+	if r.Response != tinymodel.SkyAnswer || r.Worker != "ct-"+q {
 		t.Fatalf("prompt result: %s", r.Raw)
 	}
 	if err := c.Publish(ctx, "chat-1", `{"messages":[{"role":"user","content":"hello"}],"options":{"num_predict":8}}`); err != nil {
@@ -166,8 +169,8 @@ func TestWorkerImageAnswersAsNonRoot(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v\n%s", err, logs(c))
 	}
-	checkOK(t, "chat", r)
-	if r.Message == nil || r.Message.Role != "assistant" {
+	checkOK(t, "chat", r, ollamatest.ScriptedModelName)
+	if r.Message == nil || r.Message.Role != "assistant" || r.Message.Content != tinymodel.FallbackAnswer {
 		t.Fatalf("chat result: %s", r.Raw)
 	}
 }
@@ -201,11 +204,17 @@ func TestWorkerOllamaImageRunsItsEngine(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	r, err := c.Prompt(ctx, "hello")
+	// The random-weight model can end an answer before its first token; a
+	// fixed seed makes this prompt's answer the same every run (8 tokens,
+	// as TestPromptAndChatEndToEnd sees on the dev Ollama).
+	if err := c.Publish(ctx, "p-1", `{"prompt":"Why is the sky blue?","options":{"seed":1,"num_predict":8}}`); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.Await(ctx, "p-1")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, logs(c))
 	}
-	checkOK(t, "prompt", r)
+	checkOK(t, "prompt", r, "tiny")
 	if r.Response == "" {
 		t.Fatalf("prompt result: %s", r.Raw)
 	}
@@ -320,22 +329,25 @@ func TestTestcontainersBrokerAndWorker(t *testing.T) {
 	url := containertest.RabbitMQ(t)
 	const q = "sous.requests"
 	c := runWorker(t, containertest.WorkerImage,
-		soustest.WithAMQPURL(url), soustest.WithEngineURL(ollama.URL()), soustest.WithModel("tiny"))
+		soustest.WithAMQPURL(url), soustest.WithEngineURL(ollama.URL()), soustest.WithModel(ollamatest.ScriptedModelName))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	r, err := c.Prompt(ctx, "Why is the sky blue?")
+	r, err := c.Prompt(ctx, tinymodel.SkyQuestion)
 	if err != nil {
 		t.Fatalf("%v\n%s", err, logs(c))
 	}
-	checkOK(t, "prompt", r)
+	checkOK(t, "prompt", r, ollamatest.ScriptedModelName)
+	if r.Response != tinymodel.SkyAnswer {
+		t.Fatalf("prompt result: %s", r.Raw)
+	}
 	if err := c.Publish(ctx, "chat", map[string]any{"messages": []map[string]string{{"role": "user", "content": "hello"}}}); err != nil {
 		t.Fatal(err)
 	}
 	if r, err = c.Await(ctx, "chat"); err != nil {
 		t.Fatal(err)
 	}
-	checkOK(t, "chat", r)
+	checkOK(t, "chat", r, ollamatest.ScriptedModelName)
 	if err := c.Publish(ctx, "bad", json.RawMessage(`{"prompt":"x","options":{"num_predict":"many"}}`)); err != nil {
 		t.Fatal(err)
 	}
