@@ -95,6 +95,11 @@ func errTimeout(d time.Duration) *apiError {
 		Message: "no answer within " + d.String() + " (SOUS_GATEWAY_TIMEOUT): the request expires and workers skip it; are workers running?"}
 }
 
+func errBodyTimeout(d time.Duration) *apiError {
+	return &apiError{Status: 408, Type: "invalid_request_error", Code: "body_timeout",
+		Message: "the request body did not arrive within " + d.String() + " (SOUS_GATEWAY_BODY_TIMEOUT)"}
+}
+
 func errBodyTooLarge(limit int) *apiError {
 	return &apiError{Status: 413, Type: "invalid_request_error", Code: "body_too_large",
 		Message: "the body is larger than " + strconv.Itoa(limit) + " bytes (SOUS_MAX_BODY_BYTES)"}

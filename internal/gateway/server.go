@@ -6,7 +6,9 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -43,6 +45,12 @@ type Config struct {
 	RetryAfter time.Duration
 	// MaxOpen bounds the requests held open at once (429 beyond).
 	MaxOpen int
+	// BodyTimeout bounds the reading of a request body (408 after it;
+	// default 30s).
+	BodyTimeout time.Duration
+	// WriteTimeout bounds each write and flush of a response, so that a
+	// client that stops reading frees its slot (default 30s).
+	WriteTimeout time.Duration
 	// Limits are the request limits (body, prompt, num_predict), checked
 	// with the worker's own decoder before anything is published.
 	MaxBodyBytes   int
@@ -83,6 +91,12 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	if cfg.MaxOpen <= 0 {
 		cfg.MaxOpen = 1024
 	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = 30 * time.Second
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 30 * time.Second
+	}
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 1 << 20
 	}
@@ -110,8 +124,6 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	})
 	return s
 }
-
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
 // handler serves one route for an authenticated key (nil without keys).
 // It returns the error it answered with, nil on success, for the metrics
@@ -284,18 +296,26 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiE
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(strings.ToLower(ct), "application/json") {
 		return nil, &apiError{Status: 415, Type: "invalid_request_error", Code: "unsupported_content_type", Message: "send the body as application/json"}
 	}
-	// A slow sender may hold a connection only so long.
+	// A slow sender may hold a connection only so long. The deadline
+	// stays on failure: ServeHTTP then closes the connection.
 	rc := http.NewResponseController(w)
-	_ = rc.SetReadDeadline(s.cfg.Now().Add(30 * time.Second))
-	defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(s.cfg.MaxBodyBytes)))
 	var mbe *http.MaxBytesError
+	var ne net.Error
 	switch {
 	case errors.As(err, &mbe):
 		return nil, errBodyTooLarge(s.cfg.MaxBodyBytes)
+	case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
+		return nil, errBodyTimeout(s.cfg.BodyTimeout)
 	case err != nil:
-		return nil, badRequest("", "cannot read the body: %v", err)
+		// The error names the socket's addresses: not for the client.
+		return nil, badRequest("", "cannot read the body: the connection failed or the body is malformed")
 	}
+	// Read to its end: the wait for the answer that follows is bounded by
+	// the request's deadline, and net/http's background read must not
+	// cancel it.
+	_ = rc.SetReadDeadline(time.Time{})
 	return body, nil
 }
 
