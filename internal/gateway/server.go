@@ -153,8 +153,9 @@ func (s *Server) handle(pattern string, h handler) {
 func (s *Server) auth(w http.ResponseWriter, r *http.Request, next handler) *apiError {
 	var k *Key
 	if s.cfg.Keys != nil {
-		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if ok {
+		// The scheme is case-insensitive (RFC 9110, 11.1): "bearer" too.
+		scheme, token, ok := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
+		if ok && strings.EqualFold(scheme, "Bearer") {
 			k = s.cfg.Keys.Lookup(strings.TrimSpace(token))
 		}
 		if k == nil {
@@ -234,6 +235,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	now := s.cfg.Now()
 	id := newID()
+	w.Header().Set("X-Request-Id", id)
 	deadline := now.Add(s.cfg.Timeout)
 	t.req.ID = id
 	t.req.Deadline = &deadline
@@ -265,11 +267,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	defer span.End()
 	headers := map[string]string{}
 	s.prop.Inject(ctx, propagation.MapCarrier(headers))
+	// What the answer needs; t, body and msg are not used past Send, so
+	// the prompt is not kept while the request waits.
+	stream := t.req.Stream
+	ans := answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, reqID: id,
+		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
-	log := s.log.With("request_id", id, "model", t.req.Model)
+	log := s.log.With("request_id", id, "model", ans.model)
 	if k != nil {
 		log = log.With("key", k.Name)
 	}
+	ans.log = log
 	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
 	if err != nil {
 		aerr := s.sendError(err)
@@ -282,11 +290,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	defer c.Close()
 	log.Debug("request published")
-	ans := answer{s: s, t: t, id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, log: log, span: span}
 	if ep == epCompletion {
 		ans.id = "cmpl-" + id
 	}
-	if t.req.Stream {
+	if stream {
 		return ans.stream(ctx, w, c)
 	}
 	return ans.wait(ctx, w, c)
