@@ -51,6 +51,10 @@ type Config struct {
 	// WriteTimeout bounds each write and flush of a response, so that a
 	// client that stops reading frees its slot (default 30s).
 	WriteTimeout time.Duration
+	// MaxIntake bounds the requests whose bodies are being read, decoded
+	// and published at once: each holds its body several times over
+	// until it is published (default 32).
+	MaxIntake int
 	// Limits are the request limits (body, prompt, num_predict), checked
 	// with the worker's own decoder before anything is published.
 	MaxBodyBytes   int
@@ -73,6 +77,7 @@ type Server struct {
 	log    *slog.Logger
 	mux    *http.ServeMux
 	open   chan struct{}
+	intake chan struct{}
 	prop   propagation.TextMapPropagator
 	m      metrics
 }
@@ -90,6 +95,9 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	}
 	if cfg.MaxOpen <= 0 {
 		cfg.MaxOpen = 1024
+	}
+	if cfg.MaxIntake <= 0 {
+		cfg.MaxIntake = 32
 	}
 	if cfg.BodyTimeout <= 0 {
 		cfg.BodyTimeout = 30 * time.Second
@@ -112,7 +120,7 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	if cfg.System == "" {
 		cfg.System = "rabbitmq"
 	}
-	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
+	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), intake: make(chan struct{}, cfg.MaxIntake), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
 	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
 	s.handle("POST /v1/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epCompletion) })
 	s.handle("POST /v1/embeddings", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epEmbedding) })
@@ -211,6 +219,27 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	s.m.open.Add(context.Background(), 1)
 	defer s.m.open.Add(context.Background(), -1)
+	// Until it is published a request holds its body several times over
+	// (read, translated, encoded, checked): only MaxIntake at once. The
+	// wait is bounded like the body's.
+	wait := time.NewTimer(s.cfg.BodyTimeout)
+	select {
+	case s.intake <- struct{}{}:
+		wait.Stop()
+	case <-wait.C:
+		return fail(w, errTooManyOpen(time.Second))
+	case <-r.Context().Done():
+		wait.Stop()
+		return nil
+	}
+	inIntake := true
+	leaveIntake := func() {
+		if inIntake {
+			inIntake = false
+			<-s.intake
+		}
+	}
+	defer leaveIntake()
 	body, aerr := s.readBody(w, r)
 	if aerr != nil {
 		return fail(w, aerr)
@@ -279,6 +308,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	ans.log = log
 	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
+	leaveIntake()
 	if err != nil {
 		aerr := s.sendError(err)
 		if aerr == nil { // the client went away
@@ -331,6 +361,10 @@ func (s *Server) sendError(err error) *apiError {
 	switch {
 	case errors.Is(err, ErrQueueFull):
 		return errQueueFull(s.cfg.RetryAfter)
+	case errors.Is(err, ErrBlocked):
+		e := errUnavailable("the message broker refuses new requests for now (a memory or disk alarm); retry after the Retry-After header's seconds")
+		e.RetryAfter = s.cfg.RetryAfter
+		return e
 	case errors.Is(err, ErrNoQueue):
 		return errUnavailable("the request queue does not exist yet: start a worker (it declares the queue) or check SOUS_QUEUE")
 	case errors.Is(err, context.DeadlineExceeded):
