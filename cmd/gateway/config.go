@@ -45,6 +45,10 @@ type Config struct {
 	// MaxOpen bounds the requests held open at once
 	// (SOUS_GATEWAY_MAX_OPEN, default 1024).
 	MaxOpen int `env:"SOUS_GATEWAY_MAX_OPEN" envDefault:"1024"`
+	// MaxIntake bounds the requests whose bodies are being read, decoded
+	// and published at once, each holding its body several times over
+	// (SOUS_GATEWAY_MAX_INTAKE, default 32).
+	MaxIntake int `env:"SOUS_GATEWAY_MAX_INTAKE" envDefault:"32"`
 	// MaxConns bounds the client connections held at once; more wait in
 	// the listen backlog (SOUS_GATEWAY_MAX_CONNS, default 2048).
 	MaxConns int `env:"SOUS_GATEWAY_MAX_CONNS" envDefault:"2048"`
@@ -231,7 +235,7 @@ func (c Config) validate() error {
 		{"SOUS_GATEWAY_CHANNELS", int64(c.Channels)}, {"SOUS_GATEWAY_KEYS_RELOAD", int64(c.KeysReload)},
 		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
 		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
-		{"SOUS_GATEWAY_MAX_CONNS", int64(c.MaxConns)}, {"SOUS_GATEWAY_HEADER_TIMEOUT", int64(c.HeaderTimeout)},
+		{"SOUS_GATEWAY_MAX_CONNS", int64(c.MaxConns)}, {"SOUS_GATEWAY_MAX_INTAKE", int64(c.MaxIntake)}, {"SOUS_GATEWAY_HEADER_TIMEOUT", int64(c.HeaderTimeout)},
 		{"SOUS_GATEWAY_BODY_TIMEOUT", int64(c.BodyTimeout)}, {"SOUS_GATEWAY_WRITE_TIMEOUT", int64(c.WriteTimeout)},
 		{"SOUS_GATEWAY_IDLE_TIMEOUT", int64(c.IdleTimeout)}, {"SOUS_GATEWAY_MAX_HEADER_BYTES", int64(c.MaxHeaderBytes)},
 	}
@@ -245,6 +249,9 @@ func (c Config) validate() error {
 	}
 	if c.MaxHeaderBytes < 4096 {
 		return bad("SOUS_GATEWAY_MAX_HEADER_BYTES", "is %d; at least 4096", c.MaxHeaderBytes)
+	}
+	if c.MaxIntake > c.MaxOpen {
+		return bad("SOUS_GATEWAY_MAX_INTAKE", "is %d; at most SOUS_GATEWAY_MAX_OPEN (%d)", c.MaxIntake, c.MaxOpen)
 	}
 	if c.MaxConns > 1<<20 || c.MaxOpen > 1<<20 {
 		return bad("SOUS_GATEWAY_MAX_CONNS", "and SOUS_GATEWAY_MAX_OPEN must be at most %d", 1<<20)

@@ -86,7 +86,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	api := gateway.New(gateway.Config{
 		Queue: cfg.Queue, System: cfg.Broker, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
-		BodyTimeout: cfg.BodyTimeout, WriteTimeout: cfg.WriteTimeout,
+		BodyTimeout: cfg.BodyTimeout, WriteTimeout: cfg.WriteTimeout, MaxIntake: cfg.MaxIntake,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
 		Tracer: tracer, Meter: meter,
 	}, broker, log)

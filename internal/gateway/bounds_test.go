@@ -200,3 +200,41 @@ func TestStuckReaderFreesItsSlot(t *testing.T) {
 }
 
 func itoa(n int) string { b, _ := json.Marshal(n); return string(b) }
+
+// Item 9: until it is published a request holds its body several times
+// over, so only MaxIntake requests read, decode and publish at once; the
+// others wait (their bodies stay in the kernel's buffers).
+func TestIntakeIsBounded(t *testing.T) {
+	t.Parallel()
+	srv, b := setup(t, setupOpts{answer: okAnswer("hi"), cfg: func(c *Config) { c.MaxIntake = 1; c.BodyTimeout = time.Minute }})
+	sent := func() int { b.mu.Lock(); defer b.mu.Unlock(); return len(b.sent) }
+	body := `{"prompt":"hi"}`
+	head := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + itoa(len(body)) + "\r\n\r\n"
+	// The first holds the intake: its body comes in two parts.
+	c, r := rawRequest(t, srv.Listener.Addr().String(), head, body[:5])
+	done := make(chan int, 1)
+	go func() {
+		time.Sleep(100 * time.Millisecond) // let the first take the intake
+		req, _ := http.NewRequest(http.MethodPost, srv.URL+"/v1/completions", strings.NewReader(body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			done <- 0
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}()
+	time.Sleep(500 * time.Millisecond)
+	if n := sent(); n != 0 {
+		t.Fatalf("%d published while the only intake slot was held by a body still arriving", n)
+	}
+	if _, err := io.WriteString(c, body[5:]); err != nil {
+		t.Fatal(err)
+	}
+	if resp, _ := readResponse(t, c, r, 30*time.Second); resp.StatusCode != 200 {
+		t.Fatalf("first: %d", resp.StatusCode)
+	}
+	if s := <-done; s != 200 {
+		t.Fatalf("second: %d", s)
+	}
+}
