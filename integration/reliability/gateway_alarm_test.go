@@ -48,7 +48,7 @@ func TestGatewayBrokerAlarm(t *testing.T) {
 	}()
 
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	b, err := gateway.OpenAMQP(ctx, gateway.AMQPConfig{URL: secret.Value(node.URL()), Queue: q, Channels: 4, ConnectionName: "sous-gateway-alarm-test"}, log)
 	must(t, err)
