@@ -50,7 +50,7 @@ type boundedWriter struct {
 	http.ResponseWriter
 	rc      *http.ResponseController
 	timeout time.Duration
-	body    *trackedBody
+	body    *trackedBody // nil: no body, or HTTP/2 (each stream has its own)
 	wrote   bool
 }
 
@@ -90,9 +90,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	var body *trackedBody
 	if r.Body != nil && r.Body != http.NoBody {
-		body = &trackedBody{ReadCloser: r.Body}
-		r.Body = body
 		_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
+		if r.ProtoMajor == 1 {
+			// Only HTTP/1 holds the connection to discard an unread
+			// body; HTTP/2 resets the stream, and Connection: close
+			// would shut down every stream of the connection.
+			body = &trackedBody{ReadCloser: r.Body}
+			r.Body = body
+		}
 	}
 	// "//v1/models" is "/v1/models" (a base URL with a trailing slash):
 	// served, not redirected with an HTML body as http.ServeMux would.
