@@ -111,8 +111,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// handler; the connection closes anyway (Connection: close).
 		_ = rc.SetReadDeadline(time.Now())
 	}
-	// For what net/http flushes after the handler.
-	_ = rc.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	if r.ProtoMajor == 1 {
+		// For what net/http flushes after the handler.
+		_ = rc.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	}
 }
 
 // cleanPath is p without repeated slashes, "." and "..".
