@@ -219,6 +219,33 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	s.m.open.Add(context.Background(), 1)
 	defer s.m.open.Add(context.Background(), -1)
+	// The intake runs in its own frames, gone while the request waits:
+	// the waiting goroutine's stack stays small.
+	p, aerr := s.publish(w, r, k, ep)
+	if p == nil {
+		return aerr
+	}
+	defer p.cancel()
+	defer p.ans.span.End()
+	defer p.call.Close()
+	if p.stream {
+		return p.ans.stream(p.ctx, w, p.call)
+	}
+	return p.ans.wait(p.ctx, w, p.call)
+}
+
+// pending is a published request: what its answer needs, nothing more.
+type pending struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	call   Call
+	ans    *answer
+	stream bool
+}
+
+// publish reads, checks and publishes a request. It returns nil, with the
+// error it answered (nil if the client went away), when it did not.
+func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) (*pending, *apiError) {
 	// Until it is published a request holds its body several times over
 	// (read, translated, encoded, checked): only MaxIntake at once. The
 	// wait is bounded like the body's.
@@ -227,10 +254,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	case s.intake <- struct{}{}:
 		wait.Stop()
 	case <-wait.C:
-		return fail(w, errTooManyOpen(time.Second))
+		return nil, fail(w, errTooManyOpen(time.Second))
 	case <-r.Context().Done():
 		wait.Stop()
-		return nil
+		return nil, nil
 	}
 	inIntake := true
 	leaveIntake := func() {
@@ -242,7 +269,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	defer leaveIntake()
 	body, aerr := s.readBody(w, r)
 	if aerr != nil {
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
 	var t *translated
 	switch ep {
@@ -254,13 +281,13 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 		t, aerr = translateEmbedding(body)
 	}
 	if aerr != nil {
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
 	if t.req.Model == "" {
 		t.req.Model = s.cfg.Model
 	}
 	if !slices.Contains(s.allowed(k), t.req.Model) {
-		return fail(w, errModelNotFound(t.req.Model))
+		return nil, fail(w, errModelNotFound(t.req.Model))
 	}
 	now := s.cfg.Now()
 	id := newID()
@@ -277,13 +304,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}, now); err != nil {
 		var ie *wire.InputError
 		if errors.As(err, &ie) {
-			return fail(w, fromInputError(ie, t.req.Model))
+			return nil, fail(w, fromInputError(ie, t.req.Model))
 		}
-		return fail(w, badRequest("", "invalid request"))
+		return nil, fail(w, badRequest("", "invalid request"))
 	}
 
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
-	defer cancel()
 	ctx = s.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
 	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+s.cfg.Queue, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
@@ -293,13 +319,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 			attribute.String("messaging.message.id", id),
 			attribute.String("gen_ai.request.model", t.req.Model),
 		))
-	defer span.End()
 	headers := map[string]string{}
 	s.prop.Inject(ctx, propagation.MapCarrier(headers))
 	// What the answer needs; t, body and msg are not used past Send, so
 	// the prompt is not kept while the request waits.
 	stream := t.req.Stream
-	ans := answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, reqID: id,
+	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, reqID: id,
 		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
 	log := s.log.With("request_id", id, "model", ans.model)
@@ -310,23 +335,21 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
 	leaveIntake()
 	if err != nil {
+		defer cancel()
+		defer span.End()
 		aerr := s.sendError(err)
 		if aerr == nil { // the client went away
-			return nil
+			return nil, nil
 		}
 		span.SetStatus(codes.Error, aerr.Code)
 		log.Warn("request not published", "status", aerr.Status, "err", err)
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
-	defer c.Close()
 	log.Debug("request published")
 	if ep == epCompletion {
 		ans.id = "cmpl-" + id
 	}
-	if stream {
-		return ans.stream(ctx, w, c)
-	}
-	return ans.wait(ctx, w, c)
+	return &pending{ctx: ctx, cancel: cancel, call: c, ans: ans, stream: stream}, nil
 }
 
 func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
