@@ -86,6 +86,11 @@ func errTooManyOpen(wait time.Duration) *apiError {
 		Message: "this gateway holds as many open requests as it may (SOUS_GATEWAY_MAX_OPEN); retry shortly"}
 }
 
+func errIntakeFull(wait time.Duration) *apiError {
+	return &apiError{Status: 429, Type: "requests", Code: "too_many_open_requests", RetryAfter: wait,
+		Message: "this gateway reads as many request bodies at once as it may (SOUS_GATEWAY_MAX_INTAKE); retry shortly"}
+}
+
 func errUnavailable(msg string) *apiError {
 	return &apiError{Status: 503, Type: "server_error", Code: "service_unavailable", RetryAfter: time.Second, Message: msg}
 }

@@ -254,7 +254,7 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 	case s.intake <- struct{}{}:
 		wait.Stop()
 	case <-wait.C:
-		return nil, fail(w, errTooManyOpen(time.Second))
+		return nil, fail(w, errIntakeFull(time.Second))
 	case <-r.Context().Done():
 		wait.Stop()
 		return nil, nil
