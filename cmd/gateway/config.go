@@ -43,8 +43,32 @@ type Config struct {
 	// (SOUS_GATEWAY_RETRY_AFTER, default 5s).
 	RetryAfter time.Duration `env:"SOUS_GATEWAY_RETRY_AFTER" envDefault:"5s"`
 	// MaxOpen bounds the requests held open at once
-	// (SOUS_GATEWAY_MAX_OPEN, default 4096).
-	MaxOpen int `env:"SOUS_GATEWAY_MAX_OPEN" envDefault:"4096"`
+	// (SOUS_GATEWAY_MAX_OPEN, default 1024).
+	MaxOpen int `env:"SOUS_GATEWAY_MAX_OPEN" envDefault:"1024"`
+	// MaxIntake bounds the requests whose bodies are being read, decoded
+	// and published at once, each holding its body several times over
+	// (SOUS_GATEWAY_MAX_INTAKE, default 32).
+	MaxIntake int `env:"SOUS_GATEWAY_MAX_INTAKE" envDefault:"32"`
+	// MaxConns bounds the client connections held at once; more wait in
+	// the listen backlog (SOUS_GATEWAY_MAX_CONNS, default 2048).
+	MaxConns int `env:"SOUS_GATEWAY_MAX_CONNS" envDefault:"2048"`
+	// HeaderTimeout bounds the reading of a request's headers
+	// (SOUS_GATEWAY_HEADER_TIMEOUT, default 10s).
+	HeaderTimeout time.Duration `env:"SOUS_GATEWAY_HEADER_TIMEOUT" envDefault:"10s"`
+	// BodyTimeout bounds the reading of a request's body, from the end of
+	// its headers; 408 after it (SOUS_GATEWAY_BODY_TIMEOUT, default 30s).
+	BodyTimeout time.Duration `env:"SOUS_GATEWAY_BODY_TIMEOUT" envDefault:"30s"`
+	// WriteTimeout bounds each write of a response (each event of a
+	// stream), so that a client that stops reading frees its request
+	// (SOUS_GATEWAY_WRITE_TIMEOUT, default 30s; more than
+	// SOUS_GATEWAY_KEEPALIVE).
+	WriteTimeout time.Duration `env:"SOUS_GATEWAY_WRITE_TIMEOUT" envDefault:"30s"`
+	// IdleTimeout bounds a kept-alive connection's wait for its next
+	// request (SOUS_GATEWAY_IDLE_TIMEOUT, default 60s).
+	IdleTimeout time.Duration `env:"SOUS_GATEWAY_IDLE_TIMEOUT" envDefault:"60s"`
+	// MaxHeaderBytes bounds a request's headers
+	// (SOUS_GATEWAY_MAX_HEADER_BYTES, default 65536).
+	MaxHeaderBytes int `env:"SOUS_GATEWAY_MAX_HEADER_BYTES" envDefault:"65536"`
 	// Channels is the number of AMQP channels, each with its own direct
 	// reply-to consumer, or with Service Bus the number of reply sessions
 	// this gateway holds, each on its own receiver link
@@ -211,11 +235,26 @@ func (c Config) validate() error {
 		{"SOUS_GATEWAY_CHANNELS", int64(c.Channels)}, {"SOUS_GATEWAY_KEYS_RELOAD", int64(c.KeysReload)},
 		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
 		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
+		{"SOUS_GATEWAY_MAX_CONNS", int64(c.MaxConns)}, {"SOUS_GATEWAY_MAX_INTAKE", int64(c.MaxIntake)}, {"SOUS_GATEWAY_HEADER_TIMEOUT", int64(c.HeaderTimeout)},
+		{"SOUS_GATEWAY_BODY_TIMEOUT", int64(c.BodyTimeout)}, {"SOUS_GATEWAY_WRITE_TIMEOUT", int64(c.WriteTimeout)},
+		{"SOUS_GATEWAY_IDLE_TIMEOUT", int64(c.IdleTimeout)}, {"SOUS_GATEWAY_MAX_HEADER_BYTES", int64(c.MaxHeaderBytes)},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {
 			return bad(p.name, "must be greater than zero")
 		}
+	}
+	if c.WriteTimeout <= c.KeepAlive {
+		return bad("SOUS_GATEWAY_WRITE_TIMEOUT", "is %s; it must be longer than SOUS_GATEWAY_KEEPALIVE (%s), or a waiting stream times out between two keep-alive comments", c.WriteTimeout, c.KeepAlive)
+	}
+	if c.MaxHeaderBytes < 4096 {
+		return bad("SOUS_GATEWAY_MAX_HEADER_BYTES", "is %d; at least 4096", c.MaxHeaderBytes)
+	}
+	if c.MaxIntake > c.MaxOpen {
+		return bad("SOUS_GATEWAY_MAX_INTAKE", "is %d; at most SOUS_GATEWAY_MAX_OPEN (%d)", c.MaxIntake, c.MaxOpen)
+	}
+	if c.MaxConns > 1<<20 || c.MaxOpen > 1<<20 {
+		return bad("SOUS_GATEWAY_MAX_CONNS", "and SOUS_GATEWAY_MAX_OPEN must be at most %d", 1<<20)
 	}
 	if c.Channels > 64 {
 		return bad("SOUS_GATEWAY_CHANNELS", "is %d; at most 64", c.Channels)

@@ -53,6 +53,13 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		{[]string{"SOUS_LOG_LEVEL=loud"}, "SOUS_LOG_LEVEL"},
 		{[]string{"OTEL_EXPORTER_OTLP_PROTOCOL=carrier-pigeon"}, "OTEL_EXPORTER_OTLP_PROTOCOL"},
 		{[]string{"SOUS_AMQP_URL_FILE=/nonexistent/secret"}, "SOUS_AMQP_URL_FILE"},
+		{[]string{"SOUS_GATEWAY_HEADER_TIMEOUT=0s"}, "SOUS_GATEWAY_HEADER_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_BODY_TIMEOUT=-1s"}, "SOUS_GATEWAY_BODY_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_IDLE_TIMEOUT=later"}, "SOUS_GATEWAY_IDLE_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_WRITE_TIMEOUT=10s"}, "SOUS_GATEWAY_WRITE_TIMEOUT"}, // not longer than the 15s keep-alive
+		{[]string{"SOUS_GATEWAY_MAX_CONNS=0"}, "SOUS_GATEWAY_MAX_CONNS"},
+		{[]string{"SOUS_GATEWAY_MAX_INTAKE=64", "SOUS_GATEWAY_MAX_OPEN=32"}, "SOUS_GATEWAY_MAX_INTAKE"},
+		{[]string{"SOUS_GATEWAY_MAX_HEADER_BYTES=100"}, "SOUS_GATEWAY_MAX_HEADER_BYTES"},
 	} {
 		env := tt.env
 		if tt.name != "SOUS_MODEL" {

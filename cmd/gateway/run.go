@@ -86,6 +86,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	api := gateway.New(gateway.Config{
 		Queue: cfg.Queue, System: cfg.Broker, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
+		BodyTimeout: cfg.BodyTimeout, WriteTimeout: cfg.WriteTimeout, MaxIntake: cfg.MaxIntake,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
 		Tracer: tracer, Meter: meter,
 	}, broker, log)
@@ -94,10 +95,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return bad("SOUS_GATEWAY_ADDR", "cannot listen on %s: %v", cfg.Addr, err)
 	}
-	// No WriteTimeout: streams stay open as long as SOUS_GATEWAY_TIMEOUT.
-	// Bodies have their own read deadline (the handler sets it).
-	srv := &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
-		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	ln = limitListener(ln, cfg.MaxConns)
+	// Every phase of a connection is bounded: headers and idle time here,
+	// the body and each write by the handler (see internal/gateway's
+	// bounds.go). No ReadTimeout or WriteTimeout: a request may wait for
+	// its answer as long as SOUS_GATEWAY_TIMEOUT.
+	srv := &http.Server{Handler: api, ReadHeaderTimeout: cfg.HeaderTimeout, IdleTimeout: cfg.IdleTimeout,
+		MaxHeaderBytes: cfg.MaxHeaderBytes, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	served := make(chan error, 1)
 	go func() {
 		if cfg.TLSCertFile != "" {

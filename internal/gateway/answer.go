@@ -10,21 +10,27 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sous-run/sous/internal/wire"
 )
 
-// answer turns the replies of one call into the HTTP response.
+// answer turns the replies of one call into the HTTP response. It holds
+// only what the response needs: never the request (its prompt may be
+// hundreds of KiB, kept for as long as the request is open).
 type answer struct {
-	s       *Server
-	t       *translated
-	id      string
-	created int64
-	model   string
-	log     *slog.Logger
-	span    trace.Span
+	s            *Server
+	ep           endpoint
+	includeUsage bool
+	base64       bool
+	reqID        string // the sous request id, for errors and logs
+	id           string
+	created      int64
+	model        string
+	log          *slog.Logger
+	span         trace.Span
 }
 
 // next waits for replies, calling tick every interval while none come.
@@ -76,7 +82,9 @@ func (a *answer) decodeResult(body []byte) (*wire.Result, *apiError) {
 		if e == nil {
 			e = &wire.ErrorInfo{Code: "unknown", Message: "the worker reported an error without details"}
 		}
-		return nil, fromResult(e, a.model)
+		a.log.Warn("the worker reported an error", "code", e.Code, "detail", e.Message)
+		a.span.AddEvent("worker error", trace.WithAttributes(attribute.String("error.type", e.Code), attribute.String("sous.error.detail", e.Message)))
+		return nil, fromResult(e, a.model, a.reqID)
 	}
 	return &r, nil
 }
@@ -116,7 +124,7 @@ func (a *answer) wait(ctx context.Context, w http.ResponseWriter, c Call) *apiEr
 
 func (a *answer) body(r *wire.Result) any {
 	u := usageOf(r)
-	switch a.t.ep {
+	switch a.ep {
 	case epChat:
 		return chatCompletion{ID: a.id, Object: "chat.completion", Created: a.created, Model: a.model,
 			Choices: []chatChoice{{Index: 0, Message: assistantMsg{Role: "assistant", Content: resultText(r)}, FinishReason: finishReason(r.DoneReason)}},
@@ -130,7 +138,7 @@ func (a *answer) body(r *wire.Result) any {
 		Usage: embedUsage{PromptTokens: u.PromptTokens, TotalTokens: u.PromptTokens}}
 	for i, v := range r.Embeddings {
 		var e any = v
-		if a.t.base64 {
+		if a.base64 {
 			e = base64Floats(v)
 		}
 		list.Data = append(list.Data, embedding{Object: "embedding", Embedding: e, Index: i})
@@ -227,7 +235,8 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 				_ = out.event(e.body())
 				return e
 			}
-			if rest = rest[sent.Len():]; rest != "" {
+			if rest = rest[sent.Len():]; rest != "" || sent.Len() == 0 {
+				// An empty answer still has its role delta, as OpenAI sends.
 				if err := a.delta(out, rest, sent.Len() == 0); err != nil {
 					return nil
 				}
@@ -239,7 +248,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 }
 
 func (a *answer) delta(out sse, text string, first bool) error {
-	if a.t.ep == epCompletion {
+	if a.ep == epCompletion {
 		return out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
 			Choices: []textChoice{{Text: text, Index: 0}}})
 	}
@@ -252,7 +261,7 @@ func (a *answer) delta(out sse, text string, first bool) error {
 
 func (a *answer) chunk(choices []chatChunkChoice) chatChunk {
 	c := chatChunk{ID: a.id, Object: "chat.completion.chunk", Created: a.created, Model: a.model, Choices: choices}
-	if a.t.includeUsage {
+	if a.includeUsage {
 		c.Usage = (*usage)(nil) // "usage": null on every chunk but the last
 	}
 	return c
@@ -261,12 +270,12 @@ func (a *answer) chunk(choices []chatChunkChoice) chatChunk {
 func (a *answer) finish(out sse, r *wire.Result) error {
 	fr := finishReason(r.DoneReason)
 	u := usageOf(r)
-	if a.t.ep == epCompletion {
+	if a.ep == epCompletion {
 		if err := out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
 			Choices: []textChoice{{Text: "", Index: 0, FinishReason: &fr}}}); err != nil {
 			return err
 		}
-		if a.t.includeUsage {
+		if a.includeUsage {
 			if err := out.event(textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
 				Choices: []textChoice{}, Usage: &u}); err != nil {
 				return err
@@ -276,7 +285,7 @@ func (a *answer) finish(out sse, r *wire.Result) error {
 		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: delta{}, FinishReason: &fr}})); err != nil {
 			return err
 		}
-		if a.t.includeUsage {
+		if a.includeUsage {
 			last := a.chunk([]chatChunkChoice{})
 			last.Usage = &u
 			if err := out.event(last); err != nil {

@@ -59,6 +59,10 @@ var (
 	ErrNoQueue = errors.New("the request queue does not exist")
 	// ErrUnavailable: no connection to the broker.
 	ErrUnavailable = errors.New("the broker is unavailable")
+	// ErrBlocked: the broker blocks publishing (a memory or disk alarm:
+	// RabbitMQ's connection.blocked); requests fail at once until it
+	// unblocks, and Ready reports it.
+	ErrBlocked = errors.New("the broker blocks publishing (a resource alarm)")
 )
 
 // AMQPConfig configures an AMQP broker.
@@ -99,13 +103,43 @@ type session struct {
 	conn  *amqp.Connection
 	lanes []*lane
 	dead  chan struct{}
+
+	blockMu sync.Mutex
+	reason  string        // why the broker blocks publishing; "" when it does not
+	blocked chan struct{} // closed when the broker starts blocking; renewed when it stops
+	pubs    sync.WaitGroup
+}
+
+// blocking returns why the broker blocks publishing ("" when it does
+// not) and a channel closed when it starts to.
+func (s *session) blocking() (string, <-chan struct{}) {
+	s.blockMu.Lock()
+	defer s.blockMu.Unlock()
+	return s.reason, s.blocked
+}
+
+func (s *session) setBlocked(b amqp.Blocking) {
+	s.blockMu.Lock()
+	defer s.blockMu.Unlock()
+	switch {
+	case b.Active && s.reason == "":
+		s.reason = b.Reason
+		if s.reason == "" {
+			s.reason = "resource alarm"
+		}
+		close(s.blocked)
+	case !b.Active && s.reason != "":
+		s.reason = ""
+		s.blocked = make(chan struct{})
+	}
 }
 
 // lane is one channel: a reply-to consumer and a confirming publisher.
 type lane struct {
 	a       *AMQP
+	s       *session
 	ch      *amqp.Channel
-	pubMu   sync.Mutex
+	pub     chan struct{} // held while a publish writes to the channel
 	mu      sync.Mutex
 	calls   map[string]*call
 	failed  error
@@ -199,10 +233,10 @@ func (a *AMQP) dial() (_ *session, err error) {
 			_ = conn.Close()
 		}
 	}()
-	s := &session{conn: conn, dead: make(chan struct{})}
+	s := &session{conn: conn, dead: make(chan struct{}), blocked: make(chan struct{})}
 	closed := []<-chan *amqp.Error{conn.NotifyClose(make(chan *amqp.Error, 1))}
 	for range a.cfg.Channels {
-		l := &lane{a: a, dead: s.dead, calls: map[string]*call{}, barrier: make(chan chan struct{}), ret: map[string]string{}}
+		l := &lane{a: a, s: s, pub: make(chan struct{}, 1), dead: s.dead, calls: map[string]*call{}, barrier: make(chan chan struct{}), ret: map[string]string{}}
 		if l.ch, err = conn.Channel(); err != nil {
 			return nil, fmt.Errorf("open channel: %w", err)
 		}
@@ -223,9 +257,12 @@ func (a *AMQP) dial() (_ *session, err error) {
 		go l.route(replies)
 		s.lanes = append(s.lanes, l)
 	}
+	// While the broker blocks publishing, requests fail at once (503) and
+	// Ready says so (/readyz): a publish would wait for the alarm to clear.
 	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
 	go func() {
 		for b := range blocked {
+			s.setBlocked(b)
 			if b.Active {
 				a.log.Warn("broker blocked publishing (resource alarm)", "reason", b.Reason)
 			} else {
@@ -250,7 +287,10 @@ func (a *AMQP) dial() (_ *session, err error) {
 		if why := <-cases; why != nil {
 			a.log.Warn("broker channel closed", "code", why.Code, "reason", why.Reason)
 		}
-		_ = conn.Close()
+		// A deadline: a publish may be stuck writing to a broker that
+		// no longer reads (blocked), holding the connection's writer.
+		_ = conn.CloseDeadline(time.Now().Add(5 * time.Second))
+		s.pubs.Wait()
 		for _, l := range s.lanes {
 			l.fail(fmt.Errorf("%w: the connection was lost while waiting for the answer", ErrUnavailable))
 		}
@@ -310,8 +350,12 @@ func (a *AMQP) LateReplies() int64 { return a.late.Load() }
 func (a *AMQP) Ready(context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.sess == nil {
+	s := a.sess
+	if s == nil {
 		return ErrUnavailable
+	}
+	if reason, _ := s.blocking(); reason != "" {
+		return fmt.Errorf("%w: %s", ErrBlocked, reason)
 	}
 	return nil
 }
@@ -323,6 +367,9 @@ func (a *AMQP) Send(ctx context.Context, m Message) (Call, error) {
 	a.mu.Unlock()
 	if s == nil {
 		return nil, fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	if reason, _ := s.blocking(); reason != "" {
+		return nil, fmt.Errorf("%w: %s", ErrBlocked, reason)
 	}
 	l := s.lanes[a.next.Add(1)%uint64(len(s.lanes))]
 	c := newCall(l, m.ID)
@@ -345,23 +392,65 @@ func (l *lane) publish(ctx context.Context, m Message) error {
 	for k, v := range m.Headers {
 		h[k] = v
 	}
-	l.pubMu.Lock()
-	conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", l.a.cfg.Queue, true, false, amqp.Publishing{
-		ContentType: "application/json", DeliveryMode: amqp.Persistent,
-		MessageId: m.ID, CorrelationId: m.ID, ReplyTo: directReplyTo,
-		Timestamp: time.Now(), Headers: h, Body: m.Body,
-	})
-	l.pubMu.Unlock()
-	if err != nil {
-		return fmt.Errorf("%w: publish: %v", ErrUnavailable, err)
+	_, blocked := l.s.blocking()
+	// amqp091-go checks ctx only before it writes to the socket, and a
+	// blocked broker stops reading it: wait for the lane, the write and
+	// the confirm only as long as ctx lasts and the broker does not block.
+	select {
+	case l.pub <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-blocked:
+		return ErrBlocked
+	case <-l.dead:
+		return fmt.Errorf("%w: the connection was lost", ErrUnavailable)
 	}
-	ok, err := conf.WaitContext(ctx)
-	if err != nil {
+	type published struct {
+		conf *amqp.DeferredConfirmation
+		err  error
+	}
+	done := make(chan published, 1)
+	l.s.pubs.Add(1)
+	go func() {
+		// Owned by the session, which waits for it before it is dead;
+		// closing the connection (with a deadline) ends a stuck write.
+		defer l.s.pubs.Done()
+		defer func() { <-l.pub }()
+		conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", l.a.cfg.Queue, true, false, amqp.Publishing{
+			ContentType: "application/json", DeliveryMode: amqp.Persistent,
+			MessageId: m.ID, CorrelationId: m.ID, ReplyTo: directReplyTo,
+			Timestamp: time.Now(), Headers: h, Body: m.Body,
+		})
+		done <- published{conf, err}
+	}()
+	var p published
+	select {
+	case p = <-done:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-blocked:
+		return ErrBlocked
+	case <-l.dead:
+		return fmt.Errorf("%w: the connection was lost", ErrUnavailable)
+	}
+	if p.err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		return fmt.Errorf("%w: no confirm: %v", ErrUnavailable, err)
+		return fmt.Errorf("%w: publish: %v", ErrUnavailable, p.err)
 	}
+	select {
+	case <-p.conf.Done():
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-blocked:
+		// The broker may still take it when the alarm clears; the worker
+		// then answers nobody (the reply is dropped as late).
+		return ErrBlocked
+	case <-l.dead:
+		return fmt.Errorf("%w: no confirm: the connection was lost", ErrUnavailable)
+	}
+	ok := p.conf.Acked()
 	// Sync with watchReturns: a return comes before its message's confirm.
 	b := make(chan struct{})
 	select {
@@ -400,7 +489,7 @@ func (a *AMQP) Close() error {
 		s := a.sess
 		a.mu.Unlock()
 		if s != nil {
-			_ = s.conn.Close()
+			_ = s.conn.CloseDeadline(time.Now().Add(5 * time.Second))
 			<-s.dead
 		}
 		a.set(nil)

@@ -86,6 +86,11 @@ func errTooManyOpen(wait time.Duration) *apiError {
 		Message: "this gateway holds as many open requests as it may (SOUS_GATEWAY_MAX_OPEN); retry shortly"}
 }
 
+func errIntakeFull(wait time.Duration) *apiError {
+	return &apiError{Status: 429, Type: "requests", Code: "too_many_open_requests", RetryAfter: wait,
+		Message: "this gateway reads as many request bodies at once as it may (SOUS_GATEWAY_MAX_INTAKE); retry shortly"}
+}
+
 func errUnavailable(msg string) *apiError {
 	return &apiError{Status: 503, Type: "server_error", Code: "service_unavailable", RetryAfter: time.Second, Message: msg}
 }
@@ -93,6 +98,11 @@ func errUnavailable(msg string) *apiError {
 func errTimeout(d time.Duration) *apiError {
 	return &apiError{Status: 504, Type: "server_error", Code: "timeout",
 		Message: "no answer within " + d.String() + " (SOUS_GATEWAY_TIMEOUT): the request expires and workers skip it; are workers running?"}
+}
+
+func errBodyTimeout(d time.Duration) *apiError {
+	return &apiError{Status: 408, Type: "invalid_request_error", Code: "body_timeout",
+		Message: "the request body did not arrive within " + d.String() + " (SOUS_GATEWAY_BODY_TIMEOUT)"}
 }
 
 func errBodyTooLarge(limit int) *apiError {
@@ -111,16 +121,23 @@ func fromInputError(ie *wire.InputError, model string) *apiError {
 	return &apiError{Status: 400, Type: "invalid_request_error", Code: ie.Reason, Message: ie.Message}
 }
 
-// fromResult maps an error result from a worker.
-func fromResult(e *wire.ErrorInfo, model string) *apiError {
+// fromResult maps an error result from a worker. The worker's message
+// may come from the engine (host names, paths, stack lines): clients get
+// a sentence and the request id; the message stays in the gateway's log
+// and trace (see answer.decodeResult).
+func fromResult(e *wire.ErrorInfo, model, id string) *apiError {
+	ref := " (request id " + id + "; the gateway's log and trace have the details)"
 	switch e.Code {
 	case wire.ReasonModelNotAllowed, "model_not_found":
 		return errModelNotFound(model)
 	case wire.ReasonDeadlineExceeded:
-		return &apiError{Status: 504, Type: "server_error", Code: "timeout", Message: "the request expired before a worker started it: " + e.Message}
+		return &apiError{Status: 504, Type: "server_error", Code: "timeout", Message: "the request expired before a worker started it" + ref}
+	case "engine_rejected":
+		return &apiError{Status: 400, Type: "invalid_request_error", Code: e.Code, Message: "the inference engine rejected the request" + ref}
 	case wire.ReasonInvalidJSON, wire.ReasonInvalidUTF8, wire.ReasonInvalidRequest, wire.ReasonMissingPrompt,
-		wire.ReasonInvalidOption, wire.ReasonContentType, wire.ReasonBodyTooLarge, wire.ReasonPromptTooLarge, "engine_rejected":
+		wire.ReasonInvalidOption, wire.ReasonContentType, wire.ReasonBodyTooLarge, wire.ReasonPromptTooLarge:
+		// sous's own decoder said so: its message names the parameter.
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: e.Code, Message: e.Message}
 	}
-	return &apiError{Status: 502, Type: "server_error", Code: e.Code, Message: "the inference engine failed: " + e.Message}
+	return &apiError{Status: 502, Type: "server_error", Code: e.Code, Message: "the inference engine failed" + ref}
 }

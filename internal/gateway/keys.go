@@ -86,7 +86,7 @@ func ParseKeys(b []byte, defaultRate float64) ([]*Key, error) {
 			return nil, fmt.Errorf("line %d (%s): the second field must be the 64 hex digits of the key's SHA-256 (sha256sum), not the key", n, k.Name)
 		}
 		copy(k.hash[:], h)
-		for _, opt := range f[2:] {
+		for i, opt := range f[2:] {
 			name, v, _ := strings.Cut(opt, "=")
 			switch name {
 			case "models":
@@ -102,7 +102,8 @@ func ParseKeys(b []byte, defaultRate float64) ([]*Key, error) {
 				}
 				k.Rate = r
 			default:
-				return nil, fmt.Errorf("line %d (%s): unknown field %q; use models=a,b or rate=N", n, k.Name, truncate(name, 32))
+				// Never echo the field: it may be a key pasted by mistake.
+				return nil, fmt.Errorf("line %d (%s): field %d is not models=a,b or rate=N", n, k.Name, i+3)
 			}
 		}
 		if k.Rate > 0 {

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -20,7 +22,7 @@ func TestParseKeys(t *testing.T) {
 		{"comments and blanks", "# c\n\n  \n" + keyLine("a", "k1", "") + keyLine("b", "k2", "models=x,y rate=2.5"), 2, ""},
 		{"a key instead of a hash", "a sk-live-secret-value\n", 0, "64 hex digits"},
 		{"no hash", "lonely\n", 0, "want"},
-		{"unknown field", keyLine("a", "k", "color=red"), 0, "unknown field"},
+		{"unknown field", keyLine("a", "k", "color=red"), 0, "field 3 is not"},
 		{"bad rate", keyLine("a", "k", "rate=-1"), 0, "rate="},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -105,5 +107,25 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 5s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Item 10 of the hardening issue: a line with an extra field (a key
+// pasted by mistake) is refused without echoing any of it: the error is
+// logged at every reload.
+func TestParseKeysNeverEchoesAField(t *testing.T) {
+	t.Parallel()
+	const pasted = "sk-live-abcdefghijklmnopqrstuvwxyz0123456789"
+	sum := sha256.Sum256([]byte("k"))
+	for _, extra := range []string{pasted, "models=a " + pasted, pasted + "=1"} {
+		_, err := ParseKeys([]byte("alice "+hex.EncodeToString(sum[:])+" "+extra+"\n"), 0)
+		if err == nil {
+			t.Fatalf("%q: accepted", extra)
+		}
+		for i := 0; i+8 <= len(pasted); i++ {
+			if strings.Contains(err.Error(), pasted[i:i+8]) {
+				t.Fatalf("the error echoes the field: %v", err)
+			}
+		}
 	}
 }

@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/json"
 	"fmt"
+	"reflect"
 	"strings"
 
 	"github.com/sous-run/sous/internal/inference"
@@ -11,8 +12,9 @@ import (
 
 // The request bodies of OpenAI's API, as far as sous can honour them.
 // Fields sous cannot honour with a different meaning (tools, n > 1,
-// logprobs) are refused with a 400 rather than ignored; fields that only
-// tag a request (user, metadata, store) are ignored.
+// logprobs, top_logprobs, logit_bias) are refused with a 400 rather than
+// ignored; fields that only tag a request (user, metadata, store) are
+// ignored.
 
 type chatRequest struct {
 	Model               string          `json:"model"`
@@ -30,6 +32,8 @@ type chatRequest struct {
 	N                   *int            `json:"n"`
 	ResponseFormat      *responseFormat `json:"response_format"`
 	Logprobs            *bool           `json:"logprobs"`
+	TopLogprobs         *int            `json:"top_logprobs"`
+	LogitBias           map[string]any  `json:"logit_bias"`
 	Tools               json.RawMessage `json:"tools"`
 	Functions           json.RawMessage `json:"functions"`
 }
@@ -69,6 +73,7 @@ type completionRequest struct {
 	Echo             bool            `json:"echo"`
 	Suffix           *string         `json:"suffix"`
 	Logprobs         *int            `json:"logprobs"`
+	LogitBias        map[string]any  `json:"logit_bias"`
 }
 
 type embeddingRequest struct {
@@ -104,9 +109,46 @@ func decodeJSON(body []byte, v any) *apiError {
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if ok := asTypeError(err, &te); ok {
-			return badRequest(te.Field, "parameter %q must be %s, not a JSON %s", te.Field, te.Type.String(), te.Value)
+			if te.Field == "" {
+				return badRequest("", "the body must be a JSON object, not a JSON %s", te.Value)
+			}
+			return badRequest(te.Field, "parameter %q must be %s, not a JSON %s", te.Field, jsonKind(te.Type), te.Value)
 		}
 		return badRequest("", "the body is not a JSON object: %v", err)
+	}
+	return nil
+}
+
+// jsonKind names t as JSON does, never as Go does ("an integer", not
+// "int64").
+func jsonKind(t reflect.Type) string {
+	if t == nil {
+		return "another JSON type"
+	}
+	switch t.Kind() {
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	case reflect.Bool:
+		return "a boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "an integer"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.String:
+		return "a string"
+	case reflect.Slice, reflect.Array:
+		return "a list"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	}
+	return "another JSON type"
+}
+
+// checkStreamOptions refuses stream_options without stream, as OpenAI does.
+func checkStreamOptions(stream bool, o *streamOptions) *apiError {
+	if o != nil && !stream {
+		return badRequest("stream_options", "stream_options is only allowed when stream is true")
 	}
 	return nil
 }
@@ -178,6 +220,15 @@ func translateChat(body []byte) (*translated, *apiError) {
 	}
 	if c.Logprobs != nil && *c.Logprobs {
 		return nil, badRequest("logprobs", "logprobs are not supported by this gateway")
+	}
+	if c.TopLogprobs != nil && *c.TopLogprobs != 0 {
+		return nil, badRequest("top_logprobs", "top_logprobs are not supported by this gateway")
+	}
+	if len(c.LogitBias) > 0 {
+		return nil, badRequest("logit_bias", "logit_bias is not supported by this gateway")
+	}
+	if err := checkStreamOptions(c.Stream, c.StreamOptions); err != nil {
+		return nil, err
 	}
 	if len(c.Messages) == 0 {
 		return nil, badRequest("messages", "\"messages\" must be a non-empty list")
@@ -267,6 +318,11 @@ func translateCompletion(body []byte) (*translated, *apiError) {
 		return nil, badRequest("suffix", "suffix is not supported by this gateway")
 	case c.Logprobs != nil:
 		return nil, badRequest("logprobs", "logprobs are not supported by this gateway")
+	case len(c.LogitBias) > 0:
+		return nil, badRequest("logit_bias", "logit_bias is not supported by this gateway")
+	}
+	if err := checkStreamOptions(c.Stream, c.StreamOptions); err != nil {
+		return nil, err
 	}
 	var prompt string
 	var list []string
@@ -309,11 +365,21 @@ func translateEmbedding(body []byte) (*translated, *apiError) {
 	var one string
 	var many []string
 	switch {
+	case len(e.Input) == 0 || string(e.Input) == "null":
+		return nil, badRequest("input", "\"input\" is required: a string or a list of strings")
 	case json.Unmarshal(e.Input, &one) == nil:
 		many = []string{one}
 	case json.Unmarshal(e.Input, &many) == nil:
+		if len(many) == 0 {
+			return nil, badRequest("input", "\"input\" must not be an empty list")
+		}
 	default:
 		return nil, badRequest("input", "\"input\" must be a string or a list of strings; token arrays are not supported")
+	}
+	for _, s := range many {
+		if s == "" {
+			return nil, badRequest("input", "\"input\" must not be an empty string")
+		}
 	}
 	t.req.Model = e.Model
 	t.req.Input, _ = json.Marshal(many)

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"time"
@@ -43,6 +45,16 @@ type Config struct {
 	RetryAfter time.Duration
 	// MaxOpen bounds the requests held open at once (429 beyond).
 	MaxOpen int
+	// BodyTimeout bounds the reading of a request body (408 after it;
+	// default 30s).
+	BodyTimeout time.Duration
+	// WriteTimeout bounds each write and flush of a response, so that a
+	// client that stops reading frees its slot (default 30s).
+	WriteTimeout time.Duration
+	// MaxIntake bounds the requests whose bodies are being read, decoded
+	// and published at once: each holds its body several times over
+	// until it is published (default 32).
+	MaxIntake int
 	// Limits are the request limits (body, prompt, num_predict), checked
 	// with the worker's own decoder before anything is published.
 	MaxBodyBytes   int
@@ -65,6 +77,7 @@ type Server struct {
 	log    *slog.Logger
 	mux    *http.ServeMux
 	open   chan struct{}
+	intake chan struct{}
 	prop   propagation.TextMapPropagator
 	m      metrics
 }
@@ -83,6 +96,15 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	if cfg.MaxOpen <= 0 {
 		cfg.MaxOpen = 1024
 	}
+	if cfg.MaxIntake <= 0 {
+		cfg.MaxIntake = 32
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = 30 * time.Second
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 30 * time.Second
+	}
 	if cfg.MaxBodyBytes <= 0 {
 		cfg.MaxBodyBytes = 1 << 20
 	}
@@ -98,7 +120,7 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	if cfg.System == "" {
 		cfg.System = "rabbitmq"
 	}
-	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
+	s := &Server{cfg: cfg, broker: b, log: log, mux: http.NewServeMux(), open: make(chan struct{}, cfg.MaxOpen), intake: make(chan struct{}, cfg.MaxIntake), prop: propagation.TraceContext{}, m: newMetrics(cfg.Meter)}
 	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
 	s.handle("POST /v1/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epCompletion) })
 	s.handle("POST /v1/embeddings", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epEmbedding) })
@@ -110,8 +132,6 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	})
 	return s
 }
-
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
 // handler serves one route for an authenticated key (nil without keys).
 // It returns the error it answered with, nil on success, for the metrics
@@ -141,8 +161,9 @@ func (s *Server) handle(pattern string, h handler) {
 func (s *Server) auth(w http.ResponseWriter, r *http.Request, next handler) *apiError {
 	var k *Key
 	if s.cfg.Keys != nil {
-		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if ok {
+		// The scheme is case-insensitive (RFC 9110, 11.1): "bearer" too.
+		scheme, token, ok := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
+		if ok && strings.EqualFold(scheme, "Bearer") {
 			k = s.cfg.Keys.Lookup(strings.TrimSpace(token))
 		}
 		if k == nil {
@@ -198,9 +219,57 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}
 	s.m.open.Add(context.Background(), 1)
 	defer s.m.open.Add(context.Background(), -1)
+	// The intake runs in its own frames, gone while the request waits:
+	// the waiting goroutine's stack stays small.
+	p, aerr := s.publish(w, r, k, ep)
+	if p == nil {
+		return aerr
+	}
+	defer p.cancel()
+	defer p.ans.span.End()
+	defer p.call.Close()
+	if p.stream {
+		return p.ans.stream(p.ctx, w, p.call)
+	}
+	return p.ans.wait(p.ctx, w, p.call)
+}
+
+// pending is a published request: what its answer needs, nothing more.
+type pending struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	call   Call
+	ans    *answer
+	stream bool
+}
+
+// publish reads, checks and publishes a request. It returns nil, with the
+// error it answered (nil if the client went away), when it did not.
+func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) (*pending, *apiError) {
+	// Until it is published a request holds its body several times over
+	// (read, translated, encoded, checked): only MaxIntake at once. The
+	// wait is bounded like the body's.
+	wait := time.NewTimer(s.cfg.BodyTimeout)
+	select {
+	case s.intake <- struct{}{}:
+		wait.Stop()
+	case <-wait.C:
+		return nil, fail(w, errIntakeFull(time.Second))
+	case <-r.Context().Done():
+		wait.Stop()
+		return nil, nil
+	}
+	inIntake := true
+	leaveIntake := func() {
+		if inIntake {
+			inIntake = false
+			<-s.intake
+		}
+	}
+	defer leaveIntake()
 	body, aerr := s.readBody(w, r)
 	if aerr != nil {
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
 	var t *translated
 	switch ep {
@@ -212,16 +281,17 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 		t, aerr = translateEmbedding(body)
 	}
 	if aerr != nil {
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
 	if t.req.Model == "" {
 		t.req.Model = s.cfg.Model
 	}
 	if !slices.Contains(s.allowed(k), t.req.Model) {
-		return fail(w, errModelNotFound(t.req.Model))
+		return nil, fail(w, errModelNotFound(t.req.Model))
 	}
 	now := s.cfg.Now()
 	id := newID()
+	w.Header().Set("X-Request-Id", id)
 	deadline := now.Add(s.cfg.Timeout)
 	t.req.ID = id
 	t.req.Deadline = &deadline
@@ -234,13 +304,12 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 	}, now); err != nil {
 		var ie *wire.InputError
 		if errors.As(err, &ie) {
-			return fail(w, fromInputError(ie, t.req.Model))
+			return nil, fail(w, fromInputError(ie, t.req.Model))
 		}
-		return fail(w, badRequest("", "invalid request"))
+		return nil, fail(w, badRequest("", "invalid request"))
 	}
 
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
-	defer cancel()
 	ctx = s.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
 	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+s.cfg.Queue, trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
@@ -250,52 +319,63 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, k *Key, ep endpoi
 			attribute.String("messaging.message.id", id),
 			attribute.String("gen_ai.request.model", t.req.Model),
 		))
-	defer span.End()
 	headers := map[string]string{}
 	s.prop.Inject(ctx, propagation.MapCarrier(headers))
+	// What the answer needs; t, body and msg are not used past Send, so
+	// the prompt is not kept while the request waits.
+	stream := t.req.Stream
+	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, reqID: id,
+		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
-	log := s.log.With("request_id", id, "model", t.req.Model)
+	log := s.log.With("request_id", id, "model", ans.model)
 	if k != nil {
 		log = log.With("key", k.Name)
 	}
+	ans.log = log
 	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
+	leaveIntake()
 	if err != nil {
+		defer cancel()
+		defer span.End()
 		aerr := s.sendError(err)
 		if aerr == nil { // the client went away
-			return nil
+			return nil, nil
 		}
 		span.SetStatus(codes.Error, aerr.Code)
 		log.Warn("request not published", "status", aerr.Status, "err", err)
-		return fail(w, aerr)
+		return nil, fail(w, aerr)
 	}
-	defer c.Close()
 	log.Debug("request published")
-	ans := answer{s: s, t: t, id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, log: log, span: span}
 	if ep == epCompletion {
 		ans.id = "cmpl-" + id
 	}
-	if t.req.Stream {
-		return ans.stream(ctx, w, c)
-	}
-	return ans.wait(ctx, w, c)
+	return &pending{ctx: ctx, cancel: cancel, call: c, ans: ans, stream: stream}, nil
 }
 
 func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *apiError) {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(strings.ToLower(ct), "application/json") {
 		return nil, &apiError{Status: 415, Type: "invalid_request_error", Code: "unsupported_content_type", Message: "send the body as application/json"}
 	}
-	// A slow sender may hold a connection only so long.
+	// A slow sender may hold a connection only so long. The deadline
+	// stays on failure: ServeHTTP then closes the connection.
 	rc := http.NewResponseController(w)
-	_ = rc.SetReadDeadline(s.cfg.Now().Add(30 * time.Second))
-	defer func() { _ = rc.SetReadDeadline(time.Time{}) }()
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, int64(s.cfg.MaxBodyBytes)))
 	var mbe *http.MaxBytesError
+	var ne net.Error
 	switch {
 	case errors.As(err, &mbe):
 		return nil, errBodyTooLarge(s.cfg.MaxBodyBytes)
+	case errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout():
+		return nil, errBodyTimeout(s.cfg.BodyTimeout)
 	case err != nil:
-		return nil, badRequest("", "cannot read the body: %v", err)
+		// The error names the socket's addresses: not for the client.
+		return nil, badRequest("", "cannot read the body: the connection failed or the body is malformed")
 	}
+	// Read to its end: the wait for the answer that follows is bounded by
+	// the request's deadline, and net/http's background read must not
+	// cancel it.
+	_ = rc.SetReadDeadline(time.Time{})
 	return body, nil
 }
 
@@ -304,6 +384,10 @@ func (s *Server) sendError(err error) *apiError {
 	switch {
 	case errors.Is(err, ErrQueueFull):
 		return errQueueFull(s.cfg.RetryAfter)
+	case errors.Is(err, ErrBlocked):
+		e := errUnavailable("the message broker refuses new requests for now (a memory or disk alarm); retry after the Retry-After header's seconds")
+		e.RetryAfter = s.cfg.RetryAfter
+		return e
 	case errors.Is(err, ErrNoQueue):
 		return errUnavailable("the request queue does not exist yet: start a worker (it declares the queue) or check SOUS_QUEUE")
 	case errors.Is(err, context.DeadlineExceeded):
