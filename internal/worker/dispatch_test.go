@@ -496,3 +496,22 @@ func TestWaitBoundHandsBack(t *testing.T) {
 	e.open("long")
 	b.WaitSettled(t, 2)
 }
+
+// TestLargerLimitIsUsedAtOnce: when the in-flight limit grows (the
+// sizer's OnChange calls SizeChanged), a waiting request goes to the
+// engine at once, not when the call in progress ends.
+func TestLargerLimitIsUsedAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	w, s, _ := startWorker(t, worker.Config{}, b, e, 1)
+	b.Send("a", `{"prompt":"wait:a"}`)
+	b.Send("b", `{"prompt":"wait:b"}`)
+	waitFor(t, func() bool { started, _, _ := e.snapshot(); return len(started) == 1 })
+	s.set(2)
+	w.SizeChanged()
+	waitFor(t, func() bool { started, _, _ := e.snapshot(); return len(started) == 2 })
+	e.open("a")
+	e.open("b")
+	b.WaitSettled(t, 2)
+}

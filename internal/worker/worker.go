@@ -592,6 +592,18 @@ func (w *Worker) takeBack() (back []*item, ended []string) {
 	return back, ended
 }
 
+// SizeChanged tells the worker that Sizer.Size may have changed: the
+// dispatcher uses a larger in-flight limit at once, and the receive loop
+// takes the larger window, rather than when some call ends. Safe for
+// concurrent use; it does not block (for sizing.Config.OnChange).
+func (w *Worker) SizeChanged() {
+	w.signal()
+	select {
+	case w.freed <- struct{}{}:
+	default:
+	}
+}
+
 // signal wakes the dispatcher.
 func (w *Worker) signal() {
 	select {
