@@ -380,3 +380,34 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// TestMissingDeadLetterQueueIsDeclaredAgain: with Declare, a dead-letter
+// that finds its queue deleted declares it again and lands there, rather
+// than fail (the worker then kept the request in a loop, and before that
+// lost it past the delivery limit).
+func TestMissingDeadLetterQueueIsDeclaredAgain(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	dlq := q + ".dlq"
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: dlq, Prefetch: 10, Consume: true})
+	ch := rawChannel(t)
+	t.Cleanup(func() { _, _ = ch.QueueDelete(q, false, false, false); _, _ = ch.QueueDelete(dlq, false, false, false) })
+	if _, err := ch.QueueDelete(dlq, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "bad", Body: []byte("nope"), Persistent: true}); err != nil {
+		t.Fatal(err)
+	}
+	del := receiveOne(t, ctx, d)
+	if err := d.Settle(ctx, del, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json", Description: "not JSON"}); err != nil {
+		t.Fatalf("dead-letter with the queue deleted: %v", err)
+	}
+	got, ok, err := ch.Get(dlq, true)
+	if err != nil || !ok {
+		t.Fatalf("nothing in the dead-letter queue declared again (ok %v, err %v)", ok, err)
+	}
+	if got.MessageId != "bad" || got.Headers[queue.HeaderDeadLetterReason] != "invalid_json" {
+		t.Fatalf("dead letter %q with headers %v", got.MessageId, got.Headers)
+	}
+}

@@ -33,7 +33,8 @@ type Config struct {
 	DeadLetterQueue string
 	// Declare makes the driver declare Queue, DeadLetterQueue and
 	// ExtraQueues (durable quorum queues). Existing queues with other
-	// arguments are used as they are.
+	// arguments are used as they are. A dead-letter that finds
+	// DeadLetterQueue missing declares it again and is sent once more.
 	Declare bool
 	// ExtraQueues are declared too (the results queue).
 	ExtraQueues []string
@@ -368,45 +369,54 @@ func (e *scrubbedError) Unwrap() error {
 // declare declares the topology, tolerating queues that already exist with
 // other arguments.
 func (d *Driver) declare(conn *amqp.Connection) error {
-	type q struct {
-		name string
-		args amqp.Table
+	if err := d.declareQueue(conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); err != nil {
+		return err
 	}
-	qs := []q{{d.cfg.DeadLetterQueue, amqp.Table{"x-queue-type": "quorum"}}}
 	if d.cfg.Queue != "" {
 		args := amqp.Table{"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": d.cfg.DeadLetterQueue}
 		if d.cfg.DeliveryLimit > 0 {
 			args["x-delivery-limit"] = int64(d.cfg.DeliveryLimit)
 		}
-		qs = append(qs, q{d.cfg.Queue, args})
+		if err := d.declareQueue(conn, d.cfg.Queue, args); err != nil {
+			return err
+		}
 	}
 	for _, name := range d.cfg.ExtraQueues {
-		qs = append(qs, q{name, amqp.Table{"x-queue-type": "quorum"}})
+		if err := d.declareQueue(conn, name, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+			return err
+		}
 	}
-	for _, q := range qs {
-		if q.name == "" {
-			continue
-		}
-		ch, err := conn.Channel()
-		if err != nil {
-			return fmt.Errorf("open channel to declare %q: %w", q.name, err)
-		}
-		_, err = ch.QueueDeclare(q.name, true, false, false, false, q.args)
-		var aerr *amqp.Error
-		if errors.As(err, &aerr) && aerr.Code == amqp.PreconditionFailed {
-			// The queue exists with other arguments (a classic queue, say):
-			// use it as it is rather than refuse to start.
-			d.log.Warn("queue exists with other arguments; using it as it is", "name", q.name, "detail", aerr.Reason)
-			if ch, err = conn.Channel(); err != nil {
-				return fmt.Errorf("open channel to check %q: %w", q.name, err)
-			}
-			_, err = ch.QueueDeclarePassive(q.name, true, false, false, false, nil)
-		}
-		if err != nil {
-			return fmt.Errorf("declare queue %q: %w", q.name, err)
-		}
-		_ = ch.Close()
+	return nil
+}
+
+func (d *Driver) deadLetterArgs() amqp.Table { return amqp.Table{"x-queue-type": "quorum"} }
+
+// declareQueue declares one durable queue on a channel of its own (a
+// refusal closes the channel), using an existing queue with other
+// arguments as it is.
+func (d *Driver) declareQueue(conn *amqp.Connection, name string, args amqp.Table) error {
+	if name == "" {
+		return nil
 	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open channel to declare %q: %w", name, err)
+	}
+	_, err = ch.QueueDeclare(name, true, false, false, false, args)
+	var aerr *amqp.Error
+	if errors.As(err, &aerr) && aerr.Code == amqp.PreconditionFailed {
+		// The queue exists with other arguments (a classic queue, say):
+		// use it as it is rather than refuse to start.
+		d.log.Warn("queue exists with other arguments; using it as it is", "name", name, "detail", aerr.Reason)
+		if ch, err = conn.Channel(); err != nil {
+			return fmt.Errorf("open channel to check %q: %w", name, err)
+		}
+		_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	}
+	if err != nil {
+		return fmt.Errorf("declare queue %q: %w", name, err)
+	}
+	_ = ch.Close()
 	return nil
 }
 
@@ -1051,7 +1061,8 @@ func (d *Driver) requeue(ctx context.Context, s *session, raw amqp.Delivery, att
 }
 
 // deadLetter publishes a copy with the reason to the dead-letter queue, then
-// acks the original. If the copy cannot be published it returns the error
+// acks the original. With Declare, a dead-letter queue found missing is
+// declared again and the copy sent once more. If the copy cannot be published it returns the error
 // and leaves the delivery unsettled, so the caller requeues it: an existing
 // queue may have no dead-letter target of its own, and a reject would drop
 // the message there.
@@ -1062,7 +1073,18 @@ func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery,
 		queue.HeaderAttempts:              int64(del.Attempt),
 		queue.HeaderSourceQueue:           d.cfg.Queue,
 	})
-	if err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p); err != nil {
+	err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p)
+	if errors.Is(err, queue.ErrUnroutable) && d.cfg.Declare {
+		// The dead-letter queue is gone (deleted by hand, say): this driver
+		// declares the topology, so it declares the queue again rather
+		// than keep requests it cannot dead-letter.
+		if derr := d.declareQueue(h.s.conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); derr != nil {
+			return fmt.Errorf("dead-letter copy to %q: %w; declaring it again: %v", d.cfg.DeadLetterQueue, err, derr)
+		}
+		d.log.Warn("the dead-letter queue was missing; declared it again", "dead_letter_queue", d.cfg.DeadLetterQueue)
+		err = h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p)
+	}
+	if err != nil {
 		return fmt.Errorf("dead-letter copy to %q: %w", d.cfg.DeadLetterQueue, err)
 	}
 	return h.s.ack(h.tag)
