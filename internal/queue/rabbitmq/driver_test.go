@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -53,13 +54,16 @@ func receiveOne(t *testing.T, ctx context.Context, d *rabbitmq.Driver) *queue.De
 }
 
 // TestUnroutableIsAnError: a publish to a queue that does not exist is not
-// a silent success, and a dead-letter whose queue is missing leaves the
-// delivery unsettled instead of dropping it.
+// a silent success, and a dead-letter whose queue is missing (to a driver
+// that does not declare queues) leaves the delivery unsettled instead of
+// dropping it.
 func TestUnroutableIsAnError(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
-	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true})
+	// Declared once, as an operator would; the driver declares nothing.
+	open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Consume: false}).Close()
+	d := openAsIs(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true}, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	err := d.Publish(ctx, queue.Message{To: q + ".nowhere", Body: []byte("x")})
 	if !errors.Is(err, queue.ErrUnroutable) {
 		t.Fatalf("publish to a missing queue: %v, want ErrUnroutable", err)
