@@ -391,6 +391,10 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		if w.down.Load() != nil || w.dlq.pausedFor(w.now()) > 0 { // since the checks above
 			cancel()
 		}
+		if rctx.Err() != nil {
+			cancel()
+			continue // cut already: take nothing, not even what is ready
+		}
 		ds, err := w.broker.Receive(rctx, free)
 		cancel()
 		if err != nil {
