@@ -102,6 +102,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		StreamBytes:     cfg.StreamBytes,
 		Observer:        tel.obs,
 	}, broker, engine, sizer, log)
+	sizer.OnChange(w.SizeChanged)
 
 	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
 	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()

@@ -5,15 +5,36 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 
 	"github.com/sous-run/sous/internal/gpu"
 	"github.com/sous-run/sous/internal/sizing"
 )
 
 // batchSizer adapts *sizing.Sizer to the worker's Sizer.
-type batchSizer struct{ *sizing.Sizer }
+type batchSizer struct {
+	*sizing.Sizer
+	changed *sizeSignal
+}
 
 func (s batchSizer) Size() int { return s.Sizer.Size().Size }
+
+// OnChange sets f to be called each time the in-flight limit changes (the
+// engine's slots, free GPU memory, the AIMD ceiling): the worker's
+// SizeChanged, so that a larger limit reaches the engine at once rather
+// than when some call ends. f must return quickly.
+func (s batchSizer) OnChange(f func()) { s.changed.f.Store(&f) }
+
+// sizeSignal forwards the sizer's OnChange to a function set once the
+// worker exists (the sizer is built first: the worker's prefetch comes from
+// it).
+type sizeSignal struct{ f atomic.Pointer[func()] }
+
+func (s *sizeSignal) notify(sizing.Snapshot) {
+	if f := s.f.Load(); f != nil {
+		(*f)()
+	}
+}
 
 // startSizer opens NVML when it is there and starts the sizer's refresh
 // loop. Without NVML (no GPU, CPU-only node) it says so once and sizes from
@@ -21,6 +42,8 @@ func (s batchSizer) Size() int { return s.Sizer.Size().Size }
 func startSizer(ctx context.Context, cfg Config, log *slog.Logger) (s batchSizer, stop func(), err error) {
 	sc := cfg.sizingConfig()
 	sc.Logger = log
+	sig := &sizeSignal{}
+	sc.OnChange = sig.notify
 	sel, err := gpu.ParseDevices(cfg.GPUDevices, cfg.NvidiaVisible)
 	if err != nil {
 		return s, nil, bad("SOUS_GPU_DEVICES", "%v", err)
@@ -55,5 +78,5 @@ func startSizer(ctx context.Context, cfg Config, log *slog.Logger) (s batchSizer
 		wg.Wait()
 		_ = reader.Shutdown()
 	}
-	return batchSizer{sz}, stop, nil
+	return batchSizer{sz, sig}, stop, nil
 }

@@ -104,3 +104,30 @@ func TestEngineSlotsAdaptive(t *testing.T) {
 		t.Fatalf("no log line says the slots are adaptive:\n%s", logs.String())
 	}
 }
+
+// TestSizerChangeReachesTheWorker: a change of the in-flight limit (here
+// the engine's slots, as engineSlots sets them) calls the function set
+// with OnChange, the worker's SizeChanged in run: the sizer's OnChange was
+// never set, so a larger limit waited for some call to end.
+func TestSizerChangeReachesTheWorker(t *testing.T) {
+	t.Parallel()
+	cfg, err := loadConfig([]string{"SOUS_MODEL=m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sz, stop, err := startSizer(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	var called atomic.Int64
+	sz.OnChange(func() { called.Add(1) })
+	before := sz.Size()
+	sz.SetEngineParallel(before + 3)
+	if sz.Size() != before+3 {
+		t.Fatalf("in-flight limit %d, want %d", sz.Size(), before+3)
+	}
+	if called.Load() == 0 {
+		t.Fatal("the limit grew and nothing was told")
+	}
+}

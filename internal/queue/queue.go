@@ -143,9 +143,14 @@ const ReasonEngineDown = "engine_down"
 // consumer_timeout never fires): not counted as an attempt.
 const ReasonHeldTooLong = "held_too_long"
 
+// ReasonDeadLetterFailed is the requeue reason for deliveries that could
+// not be dead-lettered (the dead-letter queue is missing or refuses): the
+// fault is the worker's, so no attempt is counted.
+const ReasonDeadLetterFailed = "dead_letter_failed"
+
 // Counts reports whether a requeue for reason spends one of the request's
 // attempts. Drivers that count attempts themselves use it; a broker that
 // counts every redelivery itself (Service Bus) counts them all.
 func Counts(reason string) bool {
-	return reason != ReasonShutdown && reason != ReasonEngineDown && reason != ReasonHeldTooLong
+	return reason != ReasonShutdown && reason != ReasonEngineDown && reason != ReasonHeldTooLong && reason != ReasonDeadLetterFailed
 }

@@ -344,16 +344,29 @@ func TestMissingDefaultModelIsTheWorkersFault(t *testing.T) {
 }
 
 // failingDLQ refuses every dead-letter, as a missing or full dead-letter
-// queue does.
+// queue does; with block set, each refusal waits for it to close first (a
+// publish that waits for its confirm).
 type failingDLQ struct {
 	*queuetest.MemBroker
+	block   chan struct{}
 	refused atomic.Int64
+
+	mu        sync.Mutex
+	requeueOK []bool // whether each requeue's context was still live
 }
 
 func (f *failingDLQ) Settle(ctx context.Context, d *queue.Delivery, s queue.Settlement) error {
 	if s.Action == queue.DeadLetter {
+		if f.block != nil {
+			<-f.block
+		}
 		f.refused.Add(1)
 		return errors.New("dead-letter copy to \"q.dlq\": NOT_FOUND")
+	}
+	if s.Action == queue.Requeue {
+		f.mu.Lock()
+		f.requeueOK = append(f.requeueOK, ctx.Err() == nil)
+		f.mu.Unlock()
 	}
 	return f.MemBroker.Settle(ctx, d, s)
 }
@@ -370,42 +383,129 @@ func (s *settlements) Done(_ context.Context, _ *queue.Delivery, o worker.Outcom
 	s.got = append(s.got, o.Settlement)
 }
 
-// TestFailedDeadLetterIsPacedAndAnsweredOnce: a dead-letter the broker
-// refuses is requeued after a pause, marked so that its error result is not
-// published again when it comes back, reported as the requeue it was, and
-// /readyz says dead-lettering fails (one bad message gave 2,154 error
-// results and as many counted dead letters in 2 s before).
-func TestFailedDeadLetterIsPacedAndAnsweredOnce(t *testing.T) {
+// TestFailedDeadLetterKeepsTheRequest: a dead-letter the broker refuses is
+// the worker's fault: the request goes back to the queue at once, on a
+// live context, with no attempt counted and marked as answered; the
+// worker then takes no new work while the pause lasts, and /readyz says
+// so. The valid request received with it is answered. Before, the requeue
+// waited inside the settle for a pause that reached RetryBackoffMax, and
+// ran on the settle's expired context from the 7th failure in a row: the
+// copy failed, a nack lost the mark and counted a delivery, and past the
+// delivery limit the broker dropped the request.
+func TestFailedDeadLetterKeepsTheRequest(t *testing.T) {
 	t.Parallel()
 	b := &failingDLQ{MemBroker: queuetest.NewMemBroker()}
 	obs := &settlements{}
-	w, _, _ := startWorker(t, worker.Config{Observer: obs, RetryBackoff: 30 * time.Millisecond}, b, newGateEngine(), 2)
-	start := time.Now()
 	b.Send("bad", `not json`, replyTo("replies"))
-	b.WaitSettled(t, 1)
-	if time.Since(start) < 30*time.Millisecond {
-		t.Error("requeued without a pause")
-	}
+	b.Send("good", `{"prompt":"fine"}`, replyTo("replies"))
+	// A pause longer than any test: nothing may wait for it.
+	w, _, stop := startWorker(t, worker.Config{Observer: obs, RetryBackoff: time.Hour, RetryBackoffMax: time.Hour}, b, newGateEngine(), 2)
+	b.WaitSettled(t, 2)
 	st, _ := b.Settlement("bad")
-	if st.Action != queue.Requeue || st.Reason != "dead_letter_failed" || st.Headers["x-sous-answered"] != wire.ReasonInvalidJSON {
+	if st.Action != queue.Requeue || st.Reason != queue.ReasonDeadLetterFailed || st.Headers["x-sous-answered"] != wire.ReasonInvalidJSON {
 		t.Fatalf("%+v, want a requeue marked as answered", st)
 	}
-	// The broker brings it back with the mark: no second error result.
-	b.Send("bad-again", `not json`, replyTo("replies"), func(d *queue.Delivery) { d.Headers = st.Headers })
-	b.WaitSettled(t, 2)
-	if n := len(results(t, b.MemBroker)); n != 1 {
-		t.Errorf("%d error results, want 1", n)
+	if queue.Counts(st.Reason) {
+		t.Error("a failed dead-letter spends an attempt; it is the worker's fault")
+	}
+	if s, _ := b.Settlement("good"); s.Action != queue.Ack {
+		t.Errorf("good: %+v", s)
+	}
+	b.mu.Lock()
+	if !slices.Equal(b.requeueOK, []bool{true}) {
+		t.Errorf("requeue contexts live: %v", b.requeueOK)
+	}
+	b.mu.Unlock()
+	err := w.Ready(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "dead-lettering fails") || !strings.Contains(err.Error(), "taking no new work") {
+		t.Errorf("Ready = %v, want it to say dead-lettering fails and no work is taken", err)
 	}
 	obs.mu.Lock()
 	for _, s := range obs.got {
-		if s.Action != queue.Requeue {
-			t.Errorf("observer told %s; the broker took a requeue", s.Action)
+		if s.Action == queue.DeadLetter {
+			t.Errorf("observer told of a dead-letter; the broker took a requeue")
 		}
 	}
 	obs.mu.Unlock()
-	if err := w.Ready(context.Background()); err == nil || !strings.Contains(err.Error(), "dead-lettering fails") {
-		t.Errorf("Ready = %v, want it to say dead-lettering fails", err)
+	// Sent during the pause: never received (what a worker received, it
+	// settles before Run returns).
+	b.Send("later", `{"prompt":"x"}`)
+	stop()
+	if _, ok := b.Settlement("later"); ok {
+		t.Error("a request was taken while dead-lettering failed")
 	}
+}
+
+// TestFailedDeadLetterPausesAndRetries: after the pause the worker takes
+// work again; the marked copy comes back and is dead-lettered with no
+// engine call and no second error result.
+func TestFailedDeadLetterPausesAndRetries(t *testing.T) {
+	t.Parallel()
+	b := &failingDLQ{MemBroker: queuetest.NewMemBroker()}
+	e := newGateEngine()
+	startWorker(t, worker.Config{RetryBackoff: 20 * time.Millisecond}, b, e, 2)
+	b.Send("bad", `not json`, replyTo("replies"))
+	b.WaitSettled(t, 1)
+	st, _ := b.Settlement("bad")
+	b.Send("bad-again", `not json`, replyTo("replies"), func(d *queue.Delivery) { d.Headers = st.Headers })
+	b.Send("good", `{"prompt":"fine"}`, replyTo("replies"))
+	b.WaitSettled(t, 3)
+	if n := b.refused.Load(); n != 2 {
+		t.Errorf("%d dead-letters tried, want 2", n)
+	}
+	if s, _ := b.Settlement("good"); s.Action != queue.Ack {
+		t.Errorf("good after the pause: %+v", s)
+	}
+	res := results(t, b.MemBroker)
+	if r := res["bad"]; r.Status != wire.StatusError {
+		t.Errorf("bad: %+v", r)
+	}
+	if len(res) != 2 { // bad's error result, good's answer
+		t.Errorf("%d results, want 2 (one error result for bad): %v", len(res), res)
+	}
+}
+
+// TestAnsweredRequestIsNotRunAgain: a request marked as answered (its error
+// result went out before its dead-letter failed) is dead-lettered when it
+// comes back, with no engine call and no second result, even if the engine
+// could answer it now.
+func TestAnsweredRequestIsNotRunAgain(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	startWorker(t, worker.Config{}, b, e, 2)
+	b.Send("m", `{"prompt":"fine"}`, func(d *queue.Delivery) { d.Headers = map[string]string{"x-sous-answered": "max_attempts"} })
+	b.WaitSettled(t, 1)
+	if st, _ := b.Settlement("m"); st.Action != queue.DeadLetter || st.Reason != "max_attempts" {
+		t.Fatalf("%+v, want a dead-letter for max_attempts", st)
+	}
+	if _, _, calls := e.snapshot(); calls != 0 {
+		t.Errorf("%d engine calls for a request already answered", calls)
+	}
+	if n := len(b.Published()); n != 0 {
+		t.Errorf("%d results for a request already answered", n)
+	}
+}
+
+// TestBadInputDoesNotHoldBackValidWork: while dead-letters are slow to
+// fail, the valid requests received with malformed ones are answered:
+// bad input used to be settled on the receive loop, which waited for each.
+func TestBadInputDoesNotHoldBackValidWork(t *testing.T) {
+	t.Parallel()
+	b := &failingDLQ{MemBroker: queuetest.NewMemBroker(), block: make(chan struct{})}
+	for i := range 3 {
+		b.Send(fmt.Sprint("bad-", i), `not json`, replyTo("replies"))
+		b.Send(fmt.Sprint("good-", i), `{"prompt":"fine"}`, replyTo("replies"))
+	}
+	startWorker(t, worker.Config{RetryBackoff: time.Millisecond}, b, newGateEngine(), 2)
+	b.WaitSettled(t, 3)
+	for i := range 3 {
+		if s, ok := b.Settlement(fmt.Sprint("good-", i)); !ok || s.Action != queue.Ack {
+			t.Errorf("good-%d: %+v (settled %v)", i, s, ok)
+		}
+	}
+	close(b.block)
+	b.WaitSettled(t, 6)
 }
 
 // panicky panics in the hooks that run after the broker took a settlement.
@@ -510,5 +610,24 @@ func TestWaitBoundHandsBack(t *testing.T) {
 		t.Fatalf("waiting: %+v, want an uncounted requeue", st)
 	}
 	e.open("long")
+	b.WaitSettled(t, 2)
+}
+
+// TestLargerLimitIsUsedAtOnce: when the in-flight limit grows (the
+// sizer's OnChange calls SizeChanged), a waiting request goes to the
+// engine at once, not when the call in progress ends.
+func TestLargerLimitIsUsedAtOnce(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	w, s, _ := startWorker(t, worker.Config{}, b, e, 1)
+	b.Send("a", `{"prompt":"wait:a"}`)
+	b.Send("b", `{"prompt":"wait:b"}`)
+	waitFor(t, func() bool { started, _, _ := e.snapshot(); return len(started) == 1 })
+	s.set(2)
+	w.SizeChanged()
+	waitFor(t, func() bool { started, _, _ := e.snapshot(); return len(started) == 2 })
+	e.open("a")
+	e.open("b")
 	b.WaitSettled(t, 2)
 }

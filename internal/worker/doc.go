@@ -15,7 +15,14 @@
 // confirmed; a delivery whose result cannot be produced is requeued, and
 // dead-lettered with a reason once it has used Config.MaxAttempts attempts;
 // bad input is dead-lettered at once with an error result and never stops
-// the worker. The ack / requeue / dead-letter decision is made in one
+// the worker; it is settled beside the receive loop, so it never holds back
+// the valid requests received with it. A dead-letter the broker refuses (a
+// dead-letter queue missing or full) is the worker's fault: the request
+// goes back to the queue at once with no attempt counted, marked as
+// answered so that it gets no second result and no engine call when it
+// comes back, and the worker takes no new work for a pause that doubles
+// while dead-lettering keeps failing (Config.RetryBackoff up to
+// RetryBackoffMax), saying so in Ready. No request is dropped for it. The ack / requeue / dead-letter decision is made in one
 // function, settle, which also recovers panics. Faults of the worker rather
 // than of a request spend no attempt: a request the engine had no room for
 // waits in the worker and is retried, paced; while the engine is down or
@@ -24,7 +31,7 @@
 // Ready, and probes the engine until it answers.
 //
 // Concurrency: Run owns a receive loop, a dispatcher (which alone owns the
-// batcher), one goroutine per engine call (at most the in-flight limit; each
+// batcher), one goroutine per bad delivery being settled, one goroutine per engine call (at most the in-flight limit; each
 // also settles its requests after the engine has answered) and, during an
 // engine outage, a prober; it waits for all of them. Deliveries in flight
 // are bounded by Capacity, 3 × the in-flight limit (at least the limit +

@@ -156,19 +156,20 @@ func (w *Worker) workerFault(it *item, err error) bool {
 }
 
 // deadLetters remembers that dead-lettering fails (a dead-letter queue that
-// is missing, full with reject-publish, or without quorum), for /readyz, and
-// paces the requeues that follow so one bad message does not become a
-// loop.
+// is missing, full with reject-publish, or without quorum), for /readyz,
+// and sets the pause in taking work that follows each failure: it doubles
+// while dead-lettering keeps failing, so a request that cannot be
+// dead-lettered does not come straight back in a loop.
 type deadLetters struct {
 	mu    sync.Mutex
 	err   error
 	at    time.Time
+	until time.Time // no new work before this
 	step  time.Duration
 	count int
 }
 
-// failed records a failure and returns how long to wait before the
-// delivery is handed back.
+// failed records a failure and returns the pause it starts.
 func (d *deadLetters) failed(err error, now time.Time, base, ceiling time.Duration) time.Duration {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -179,13 +180,21 @@ func (d *deadLetters) failed(err error, now time.Time, base, ceiling time.Durati
 	} else {
 		d.step = min(d.step*2, ceiling)
 	}
+	d.until = now.Add(d.step)
 	return d.step
 }
 
 func (d *deadLetters) succeeded() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.err, d.step = nil, 0
+	d.err, d.step, d.until = nil, 0, time.Time{}
+}
+
+// pausedFor is how long the worker is still to take no new work.
+func (d *deadLetters) pausedFor(now time.Time) time.Duration {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.until.Sub(now)
 }
 
 // failing is the last failure, if dead-lettering has not worked since and
@@ -196,5 +205,9 @@ func (d *deadLetters) failing(now time.Time) error {
 	if d.err == nil || now.Sub(d.at) > 5*time.Minute {
 		return nil
 	}
-	return fmt.Errorf("dead-lettering fails (%d times so far; requests that must be dead-lettered are requeued instead): %w", d.count, d.err)
+	state := "taking work again; the next request to dead-letter tries again"
+	if now.Before(d.until) {
+		state = fmt.Sprintf("taking no new work for %s, then trying again", d.until.Sub(now).Round(time.Millisecond))
+	}
+	return fmt.Errorf("dead-lettering fails (%d times so far; requests that must be dead-lettered go back to the queue, no attempt counted; %s): %w", d.count, state, d.err)
 }

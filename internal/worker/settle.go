@@ -55,6 +55,11 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 	if out.requeue != "" {
 		return queue.Settlement{Action: queue.Requeue, Reason: out.requeue}
 	}
+	if reason := it.d.Headers[headerAnswered]; reason != "" {
+		// Answered, then its dead-letter failed: dead-letter it now, with
+		// neither an engine call nor a second result.
+		return queue.Settlement{Action: queue.DeadLetter, Reason: reason, Description: "its error result was published on an earlier delivery, when dead-lettering it failed"}
+	}
 	if out.err != nil && errors.Is(out.err, context.Canceled) {
 		// Cut off by the drain deadline: the engine did not fail, so this
 		// is no attempt's end and no reason to give up on the request.
@@ -137,18 +142,25 @@ func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settle
 	if s.Action != queue.DeadLetter {
 		return s // the broker redelivers it
 	}
-	// Never drop: if the dead-letter path failed, give the request back,
-	// after a pause that grows while dead-lettering keeps failing, so one
-	// bad message does not become a loop. Its error result went out once:
-	// the copy says so, and is not answered again.
+	// Never drop: dead-lettering failing (a dead-letter queue missing, full
+	// with reject-publish, without quorum) is this worker's fault, not the
+	// request's, as an engine outage is. The request goes back to the queue
+	// at once, with no attempt counted and marked as answered (its error
+	// result went out once), and the worker takes no new work for a pause
+	// that grows while dead-lettering keeps failing (see receiveLoop and
+	// Ready). Nothing waits here: the requeue runs on a context of its own,
+	// so a slow failure cannot leave it an expired one (a nack back instead
+	// of a copy, which loses the mark and counts a delivery).
 	wait := w.dlq.failed(err, w.now(), w.cfg.RetryBackoff, w.cfg.RetryBackoffMax)
-	w.log.ErrorContext(ctx, "dead-lettering failed; requeueing the request after a pause (see /readyz)", "id", it.d.ID, "reason", s.Reason, "retry_in", wait, "err", err)
-	select {
-	case <-time.After(wait):
-	case <-ctx.Done():
+	w.log.ErrorContext(ctx, "dead-lettering failed: the request goes back to the queue (no attempt counted) and this worker takes no new work until the pause ends, then tries again (see /readyz)",
+		"id", it.d.ID, "reason", s.Reason, "pause", wait, "err", err)
+	if cancel := w.stopRecv.Load(); cancel != nil {
+		(*cancel)() // take nothing more while the pause lasts
 	}
-	rq := queue.Settlement{Action: queue.Requeue, Reason: "dead_letter_failed", Headers: map[string]string{headerAnswered: s.Reason}}
-	if rerr := w.brokerSettle(ctx, it, rq, settled); rerr != nil && !errors.Is(rerr, queue.ErrStale) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	defer cancel()
+	rq := queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonDeadLetterFailed, Headers: map[string]string{headerAnswered: s.Reason}}
+	if rerr := w.brokerSettle(rctx, it, rq, settled); rerr != nil && !errors.Is(rerr, queue.ErrStale) {
 		w.log.ErrorContext(ctx, "requeue after failed dead-letter", "id", it.d.ID, "err", rerr)
 	}
 	return rq
@@ -156,7 +168,7 @@ func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settle
 
 // headerAnswered marks a request whose error result was published before
 // its dead-letter failed: when it comes back it is dead-lettered again
-// without a second error result.
+// at once, without an engine call or a second result.
 const headerAnswered = "x-sous-answered"
 
 // brokerSettle asks the broker for s; settled is set the moment the broker

@@ -65,6 +65,16 @@ func (c *chunker) send() {
 		return
 	}
 	d := c.it.d
+	if st, ok := c.w.broker.(staler); ok && st.Stale(d) {
+		// The broker took the delivery back (a lost lock): the copy it
+		// redelivers streams again, so this one must not, as its result
+		// is not published either (decide).
+		c.dead = true
+		c.buf.Reset()
+		c.calls = nil
+		c.w.log.WarnContext(c.it.ctx, "delivery lost its lock while streaming; sending no more chunks", "id", c.it.dec.ID)
+		return
+	}
 	// A stream starts over (restart) on a redelivery, and when an overloaded
 	// batch is retried smaller after this request had already streamed.
 	ch := wire.Chunk{ID: c.it.dec.ID, Seq: c.seq, Delta: c.buf.String(), ToolCalls: c.calls, Attempt: d.Attempt, Restart: c.seq == 0 && (d.Attempt > 1 || c.it.streamed.Load())}

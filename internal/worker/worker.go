@@ -192,6 +192,7 @@ type Worker struct {
 	down     atomic.Pointer[outage]             // nil while the engine is up
 	stopRecv atomic.Pointer[context.CancelFunc] // cuts the Receive in progress
 	dlq      deadLetters
+	settling sync.WaitGroup // settlements of bad input, beside the receive loop
 	bg       sync.WaitGroup // outage probers
 	bgMu     sync.Mutex     // guards bg.Add against bgClosed
 	bgClosed bool           // Run is waiting for the probers: start no more
@@ -224,6 +225,7 @@ type item struct {
 	queued     time.Time
 	dispatched time.Time
 	overloads  int         // engine calls that refused it for lack of room
+	bad        outcome     // its outcome, for one settled without an engine call
 	streamed   atomic.Bool // a chunk of this request has gone out
 }
 
@@ -271,6 +273,8 @@ func (w *Worker) Run(ctx context.Context) error {
 	go func() {
 		defer close(dispDone)
 		w.dispatch(workCtx, in)
+		// The receive loop started every one of these before it closed in.
+		w.settling.Wait()
 	}()
 
 	<-ctx.Done()
@@ -360,6 +364,10 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 			}
 			continue
 		}
+		if w.dlq.pausedFor(w.now()) > 0 {
+			w.holdForDeadLetters(ctx)
+			continue
+		}
 		capacity := w.capacity()
 		if pf != nil && capacity != lastPrefetch {
 			if err := pf.SetPrefetch(ctx, capacity); err != nil {
@@ -380,8 +388,12 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		}
 		rctx, cancel := context.WithCancel(ctx)
 		w.stopRecv.Store(&cancel)
-		if w.down.Load() != nil { // went down since the check above
+		if w.down.Load() != nil || w.dlq.pausedFor(w.now()) > 0 { // since the checks above
 			cancel()
+		}
+		if rctx.Err() != nil {
+			cancel()
+			continue // cut already: take nothing, not even what is ready
 		}
 		ds, err := w.broker.Receive(rctx, free)
 		cancel()
@@ -405,9 +417,17 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		items := make([]*item, 0, len(ds))
 		for _, d := range ds {
 			dctx := w.obs.Received(base, d)
-			if it := w.decode(dctx, d); it != nil {
+			it, ok := w.decode(dctx, d)
+			if ok {
 				items = append(items, it)
+				continue
 			}
+			// Bad input is settled beside the loop: its result and
+			// dead-letter take round trips to the broker (more when
+			// dead-lettering fails), which must not hold back the valid
+			// requests received with it. In flight, it counts against the
+			// capacity like any delivery, which bounds these goroutines.
+			w.settling.Go(func() { w.settle(it, it.bad) })
 		}
 		if len(items) == 0 {
 			continue
@@ -431,21 +451,57 @@ func (w *Worker) receive(ctx context.Context, in chan<- []*item) (ended bool) {
 	return true
 }
 
-// decode validates d; bad input is settled here and nil returned.
-func (w *Worker) decode(ctx context.Context, d *queue.Delivery) *item {
-	it := &item{ctx: ctx, d: d}
+// decode validates d. ok is false for a delivery to settle without an
+// engine call, with the outcome in it.bad: bad input, or a request answered
+// before its dead-letter failed.
+func (w *Worker) decode(ctx context.Context, d *queue.Delivery) (it *item, ok bool) {
+	it = &item{ctx: ctx, d: d}
 	dec, err := wire.DecodeRequest(d.Body, d.ContentType, d.ID, w.cfg.Limits, w.now())
 	it.dec = dec
 	if err != nil {
-		w.settle(it, outcome{err: err})
-		return nil
+		it.bad = outcome{err: err}
+		return it, false
+	}
+	if d.Headers[headerAnswered] != "" {
+		return it, false // decide dead-letters it
 	}
 	if dec.ID == "" {
 		dec.ID = d.CorrelationKey()
 	}
 	it.key = dec.BatchKey()
 	it.perCall = w.perCall(dec.Req.Kind)
-	return it
+	return it, true
+}
+
+// holdForDeadLetters takes no new work while the pause after a failed
+// dead-letter lasts: it pauses a broker that pushes (what it had sent goes
+// back to the queue, no attempt counted), waits, and resumes it.
+func (w *Worker) holdForDeadLetters(ctx context.Context) {
+	p, _ := w.broker.(pauser)
+	if p != nil {
+		if err := p.Pause(ctx); err != nil && ctx.Err() == nil {
+			w.log.Warn("pause the broker while dead-lettering fails", "err", err)
+		}
+	}
+	for {
+		wait := w.dlq.pausedFor(w.now())
+		if wait <= 0 {
+			break
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return // StopReceiving ends the pause for good
+		}
+	}
+	if p != nil {
+		if err := p.Resume(ctx); err != nil && ctx.Err() == nil {
+			w.log.Warn("resume the broker", "err", err)
+		}
+	}
+	w.log.Info("the pause after a failed dead-letter is over; taking work again")
 }
 
 // listAll is the perCall of a kind the engine takes as a list: the room
@@ -590,6 +646,18 @@ func (w *Worker) takeBack() (back []*item, ended []string) {
 	back, ended = w.back, w.ended
 	w.back, w.ended = nil, nil
 	return back, ended
+}
+
+// SizeChanged tells the worker that Sizer.Size may have changed: the
+// dispatcher uses a larger in-flight limit at once, and the receive loop
+// takes the larger window, rather than when some call ends. Safe for
+// concurrent use; it does not block (for sizing.Config.OnChange).
+func (w *Worker) SizeChanged() {
+	w.signal()
+	select {
+	case w.freed <- struct{}{}:
+	default:
+	}
 }
 
 // signal wakes the dispatcher.

@@ -288,6 +288,28 @@ func TestLostLockIsNotAnswered(t *testing.T) {
 	}
 }
 
+// TestLostLockSendsNoChunks: a stream whose delivery lost its lock sends
+// no chunks, as it sends no result: the redelivered copy streams instead
+// (chunks used to go out without the check results get).
+func TestLostLockSendsNoChunks(t *testing.T) {
+	t.Parallel()
+	b := queuetest.NewMemBroker()
+	w := worker.New(worker.Config{ResultsQueue: "results", StreamBytes: 1, Limits: wire.Limits{MaxBodyBytes: 1024, DefaultModel: "tiny"}}, staleBroker{b}, &fakeEngine{}, &fixedSizer{size: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	b.Send("s", `{"prompt":"abc","stream":true}`, replyTo("replies"))
+	b.WaitSettled(t, 1)
+	cancel()
+	<-done
+	if s, _ := b.Settlement("s"); s.Action != queue.Requeue || s.Reason != "lock_lost" {
+		t.Fatalf("%+v", s)
+	}
+	if p := b.Published(); len(p) != 0 {
+		t.Fatalf("%d messages published for a delivery whose lock was lost (first: %s %s)", len(p), p[0].Headers["x-sous-status"], p[0].Body)
+	}
+}
+
 func TestPermanentBatchErrorFindsTheCulprit(t *testing.T) {
 	t.Parallel()
 	e := &fakeEngine{block: make(chan struct{}), list: true}

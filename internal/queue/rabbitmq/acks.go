@@ -17,7 +17,10 @@ import (
 // A multiple ack covers every unacknowledged tag up to its own, so a tag
 // is only ever covered once every tag before it was read and asked to be
 // acked; a tag that is nacked instead is marked done only after its nack
-// went out.
+// went out. Tags on a channel run 1, 2, 3…: should one ever be missing
+// from the tracked run (a delivery nobody read, on a consumer left behind),
+// a multiple ack would cover it unread, so from then on every ack goes
+// alone.
 type acker struct {
 	mu   sync.Mutex
 	seen []uint64 // tags read from the consumer and not yet covered, in order
@@ -27,6 +30,9 @@ type acker struct {
 	// them but must not end on them, since the broker refuses an ack,
 	// multiple or not, for a tag it no longer holds).
 	done map[uint64]tagState
+
+	next   uint64 // the tag expected next from the consumer
+	single bool   // a tag was missing from the run: no more multiple acks
 
 	reqs chan ackReq
 }
@@ -46,23 +52,31 @@ const (
 var errAckLost = errors.New("connection lost before the ack was sent")
 
 func newAcker() *acker {
-	return &acker{done: map[uint64]tagState{}, reqs: make(chan ackReq, 1024)}
+	return &acker{done: map[uint64]tagState{}, next: 1, reqs: make(chan ackReq, 1024)}
 }
 
 // track records a tag read from the consumer. Tags come in increasing
 // order on a channel.
 func (a *acker) track(tag uint64) {
 	a.mu.Lock()
-	a.seen = append(a.seen, tag)
-	a.mu.Unlock()
+	defer a.mu.Unlock()
+	if tag != a.next {
+		a.single, a.seen, a.head, a.done = true, nil, 0, map[uint64]tagState{}
+	}
+	a.next = tag + 1
+	if !a.single {
+		a.seen = append(a.seen, tag)
+	}
 }
 
 // settled marks tag done without an ack of its own (it was nacked): the
 // run may pass it.
 func (a *acker) settled(tag uint64) {
 	a.mu.Lock()
-	a.done[tag] = sent
-	a.mu.Unlock()
+	defer a.mu.Unlock()
+	if !a.single {
+		a.done[tag] = sent
+	}
 }
 
 // plan marks the tags asked for and returns last, the newest asked tag of
@@ -72,6 +86,9 @@ func (a *acker) settled(tag uint64) {
 func (a *acker) plan(tags []uint64) (last uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.single {
+		return 0
+	}
 	for _, t := range tags {
 		a.done[t] = asked
 	}

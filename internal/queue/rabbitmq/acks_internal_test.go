@@ -35,3 +35,21 @@ func TestAckPlan(t *testing.T) {
 		t.Fatalf("left done %v, head %d of %d", a.done, a.head, len(a.seen))
 	}
 }
+
+// TestAckPlanMissingTag: a tag missing from the tracked run (a delivery no
+// one read, on a consumer left behind) would be covered, unread, by a
+// multiple ack: from then on every ack goes alone.
+func TestAckPlanMissingTag(t *testing.T) {
+	t.Parallel()
+	a := newAcker()
+	a.track(1)
+	a.track(2)
+	a.track(5) // 3 and 4 went to a consumer nobody reads
+	if got := a.plan([]uint64{1}); got != 0 {
+		t.Fatalf("last = %d after a gap, want 0 (ack alone)", got)
+	}
+	a.track(6)
+	if got := a.plan([]uint64{2, 5, 6}); got != 0 {
+		t.Fatalf("last = %d after a gap, want 0 (ack alone)", got)
+	}
+}

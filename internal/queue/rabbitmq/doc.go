@@ -26,10 +26,17 @@
 // Dead-lettering publishes a copy to the dead-letter queue with the reason in
 // headers (confirmed), then acks the original. The input queue is declared
 // with the dead-letter queue as its dead-letter target and a delivery limit,
-// so a message that keeps killing workers still ends there.
+// so a message that keeps killing workers still ends there. With Declare, a
+// dead-letter that finds the dead-letter queue deleted declares it again and
+// sends the copy once more; without, the error goes to the worker, which
+// keeps the request.
 //
 // Concurrency: Receive and SetPrefetch must be called from one goroutine (the
-// worker's receive loop). Publish, Settle, Ready and Close are safe for
-// concurrent use. Close stops the supervisor and closes the connection, which
+// worker's receive loop). Publish, Settle, Ready, Close, Pause, Resume and
+// StopReceiving are safe for concurrent use. The consumer's lifecycle has
+// one owner at a time (a mutex): a consumer restart (cancel, then consume)
+// is one step for Pause and StopReceiving, which never fall between its
+// halves; and acks go alone, never as a multiple ack, once a delivery tag is
+// missing from the run the driver read. Close stops the supervisor and closes the connection, which
 // ends the goroutines each connection starts.
 package rabbitmq

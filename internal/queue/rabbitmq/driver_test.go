@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -53,13 +54,16 @@ func receiveOne(t *testing.T, ctx context.Context, d *rabbitmq.Driver) *queue.De
 }
 
 // TestUnroutableIsAnError: a publish to a queue that does not exist is not
-// a silent success, and a dead-letter whose queue is missing leaves the
-// delivery unsettled instead of dropping it.
+// a silent success, and a dead-letter whose queue is missing (to a driver
+// that does not declare queues) leaves the delivery unsettled instead of
+// dropping it.
 func TestUnroutableIsAnError(t *testing.T) {
 	t.Parallel()
 	ctx := testCtx(t)
 	q := uniqueQueue(t)
-	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true})
+	// Declared once, as an operator would; the driver declares nothing.
+	open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Consume: false}).Close()
+	d := openAsIs(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 2, Consume: true}, slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	err := d.Publish(ctx, queue.Message{To: q + ".nowhere", Body: []byte("x")})
 	if !errors.Is(err, queue.ErrUnroutable) {
 		t.Fatalf("publish to a missing queue: %v, want ErrUnroutable", err)
@@ -379,4 +383,35 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
+}
+
+// TestMissingDeadLetterQueueIsDeclaredAgain: with Declare, a dead-letter
+// that finds its queue deleted declares it again and lands there, rather
+// than fail (the worker then kept the request in a loop, and before that
+// lost it past the delivery limit).
+func TestMissingDeadLetterQueueIsDeclaredAgain(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	dlq := q + ".dlq"
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: dlq, Prefetch: 10, Consume: true})
+	ch := rawChannel(t)
+	t.Cleanup(func() { _, _ = ch.QueueDelete(q, false, false, false); _, _ = ch.QueueDelete(dlq, false, false, false) })
+	if _, err := ch.QueueDelete(dlq, false, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Publish(ctx, queue.Message{To: q, MessageID: "bad", Body: []byte("nope"), Persistent: true}); err != nil {
+		t.Fatal(err)
+	}
+	del := receiveOne(t, ctx, d)
+	if err := d.Settle(ctx, del, queue.Settlement{Action: queue.DeadLetter, Reason: "invalid_json", Description: "not JSON"}); err != nil {
+		t.Fatalf("dead-letter with the queue deleted: %v", err)
+	}
+	got, ok, err := ch.Get(dlq, true)
+	if err != nil || !ok {
+		t.Fatalf("nothing in the dead-letter queue declared again (ok %v, err %v)", ok, err)
+	}
+	if got.MessageId != "bad" || got.Headers[queue.HeaderDeadLetterReason] != "invalid_json" {
+		t.Fatalf("dead letter %q with headers %v", got.MessageId, got.Headers)
+	}
 }

@@ -33,7 +33,8 @@ type Config struct {
 	DeadLetterQueue string
 	// Declare makes the driver declare Queue, DeadLetterQueue and
 	// ExtraQueues (durable quorum queues). Existing queues with other
-	// arguments are used as they are.
+	// arguments are used as they are. A dead-letter that finds
+	// DeadLetterQueue missing declares it again and is sent once more.
 	Declare bool
 	// ExtraQueues are declared too (the results queue).
 	ExtraQueues []string
@@ -64,6 +65,16 @@ type Driver struct {
 	cfg Config
 	log *slog.Logger
 
+	// consumerMu gives the consumer's lifecycle one owner at a time: every
+	// start (consume) and stop (cancel) of a session's consumer happens
+	// under it, after reading paused and stopped under it. So a Pause or
+	// StopReceiving cannot fall between the two halves of a restart (the
+	// cancel and the new consume) and leave a consumer live on a paused
+	// driver, whose deliveries a later consumer would orphan and its
+	// multiple acks cover, unread. Order: consumerMu, then consMu or
+	// readMu, then mu.
+	consumerMu sync.Mutex
+
 	mu       sync.Mutex
 	sess     *session      // nil while disconnected
 	ready    chan struct{} // closed when sess is set; replaced on loss
@@ -75,9 +86,11 @@ type Driver struct {
 	pending []pendingDelivery // drained from a cancelled consumer, still valid
 
 	// The receive goroutine's own state (Receive, SetPrefetch).
-	desired     int       // prefetch asked for by SetPrefetch
-	reconsumed  time.Time // last consumer restart for a prefetch change
-	consumeLost error     // set while the broker has cancelled the consumer
+	desired     int           // prefetch asked for by SetPrefetch
+	reconsumed  time.Time     // last consumer restart for a prefetch change
+	reconsume   time.Duration // least time between restarts (minReconsume)
+	onRestart   func()        // tests: runs between the halves of a restart
+	consumeLost error         // set while the broker has cancelled the consumer
 
 	stop   context.CancelFunc
 	done   chan struct{}
@@ -92,8 +105,9 @@ type session struct {
 	pub        *amqp.Channel
 	consMu     sync.Mutex           // serialises ack/nack/qos on cons
 	pubMu      sync.Mutex           // serialises publishes on pub
-	deliveries <-chan amqp.Delivery // owned by the receive goroutine
-	tag        string               // owned by the receive goroutine
+	deliveries <-chan amqp.Delivery // written under Driver.consumerMu; read by the receive goroutine
+	tag        string               // guarded by Driver.consumerMu
+	consuming  bool                 // a consumer was started and not cancelled by us; guarded by Driver.consumerMu
 	cancelled  atomic.Bool          // the broker cancelled the consumer
 	acker      *acker               // coalesces acks (acks.go)
 	readMu     sync.Mutex           // held while reading deliveries and tracking their tags
@@ -167,7 +181,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Driver, error) {
 	if cfg.Heartbeat <= 0 {
 		cfg.Heartbeat = 10 * time.Second
 	}
-	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), done: make(chan struct{})}
+	d := &Driver{cfg: cfg, log: log.With("broker", "rabbitmq", "queue", cfg.Queue), ready: make(chan struct{}), done: make(chan struct{}), reconsume: minReconsume}
 	d.cfg.Prefetch = d.clampPrefetch(cfg.Prefetch)
 	d.prefetch, d.desired = d.cfg.Prefetch, d.cfg.Prefetch
 	s, err := d.connect(ctx, true)
@@ -275,18 +289,20 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	if s.cons, err = conn.Channel(); err != nil {
 		return nil, fmt.Errorf("open consume channel: %w", err)
 	}
+	// A session is not yet visible to Pause: one that pauses meanwhile
+	// finds this consumer live on the next Receive (stopPaused).
+	d.consumerMu.Lock()
 	d.mu.Lock()
 	consume := d.cfg.Consume && !d.stopped && !d.paused
-	paused := d.cfg.Consume && d.paused
 	prefetch := d.prefetch
 	d.mu.Unlock()
+	var cerr error
 	if consume {
-		if err := s.consume(d.cfg.Queue, prefetch); err != nil {
-			return nil, err
-		}
+		cerr = s.consume(d.cfg.Queue, prefetch)
 	}
-	if paused {
-		s.cancelled.Store(true) // Resume's next Receive consumes
+	d.consumerMu.Unlock()
+	if cerr != nil {
+		return nil, cerr
 	}
 	// Every notification channel is buffered and drained (amqp091-go's
 	// best practice): an undrained one would deadlock the connection.
@@ -333,6 +349,8 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	return s, nil
 }
 
+// consume starts a consumer; the caller holds Driver.consumerMu and has
+// checked that the driver is neither paused nor stopped.
 func (s *session) consume(queueName string, prefetch int) error {
 	s.consMu.Lock()
 	defer s.consMu.Unlock()
@@ -345,6 +363,8 @@ func (s *session) consume(queueName string, prefetch int) error {
 		return fmt.Errorf("consume from queue %q: %w", queueName, err)
 	}
 	s.deliveries = dl
+	s.consuming = true
+	s.cancelled.Store(false)
 	return nil
 }
 
@@ -368,45 +388,54 @@ func (e *scrubbedError) Unwrap() error {
 // declare declares the topology, tolerating queues that already exist with
 // other arguments.
 func (d *Driver) declare(conn *amqp.Connection) error {
-	type q struct {
-		name string
-		args amqp.Table
+	if err := d.declareQueue(conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); err != nil {
+		return err
 	}
-	qs := []q{{d.cfg.DeadLetterQueue, amqp.Table{"x-queue-type": "quorum"}}}
 	if d.cfg.Queue != "" {
 		args := amqp.Table{"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": d.cfg.DeadLetterQueue}
 		if d.cfg.DeliveryLimit > 0 {
 			args["x-delivery-limit"] = int64(d.cfg.DeliveryLimit)
 		}
-		qs = append(qs, q{d.cfg.Queue, args})
+		if err := d.declareQueue(conn, d.cfg.Queue, args); err != nil {
+			return err
+		}
 	}
 	for _, name := range d.cfg.ExtraQueues {
-		qs = append(qs, q{name, amqp.Table{"x-queue-type": "quorum"}})
+		if err := d.declareQueue(conn, name, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+			return err
+		}
 	}
-	for _, q := range qs {
-		if q.name == "" {
-			continue
-		}
-		ch, err := conn.Channel()
-		if err != nil {
-			return fmt.Errorf("open channel to declare %q: %w", q.name, err)
-		}
-		_, err = ch.QueueDeclare(q.name, true, false, false, false, q.args)
-		var aerr *amqp.Error
-		if errors.As(err, &aerr) && aerr.Code == amqp.PreconditionFailed {
-			// The queue exists with other arguments (a classic queue, say):
-			// use it as it is rather than refuse to start.
-			d.log.Warn("queue exists with other arguments; using it as it is", "name", q.name, "detail", aerr.Reason)
-			if ch, err = conn.Channel(); err != nil {
-				return fmt.Errorf("open channel to check %q: %w", q.name, err)
-			}
-			_, err = ch.QueueDeclarePassive(q.name, true, false, false, false, nil)
-		}
-		if err != nil {
-			return fmt.Errorf("declare queue %q: %w", q.name, err)
-		}
-		_ = ch.Close()
+	return nil
+}
+
+func (d *Driver) deadLetterArgs() amqp.Table { return amqp.Table{"x-queue-type": "quorum"} }
+
+// declareQueue declares one durable queue on a channel of its own (a
+// refusal closes the channel), using an existing queue with other
+// arguments as it is.
+func (d *Driver) declareQueue(conn *amqp.Connection, name string, args amqp.Table) error {
+	if name == "" {
+		return nil
 	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open channel to declare %q: %w", name, err)
+	}
+	_, err = ch.QueueDeclare(name, true, false, false, false, args)
+	var aerr *amqp.Error
+	if errors.As(err, &aerr) && aerr.Code == amqp.PreconditionFailed {
+		// The queue exists with other arguments (a classic queue, say):
+		// use it as it is rather than refuse to start.
+		d.log.Warn("queue exists with other arguments; using it as it is", "name", name, "detail", aerr.Reason)
+		if ch, err = conn.Channel(); err != nil {
+			return fmt.Errorf("open channel to check %q: %w", name, err)
+		}
+		_, err = ch.QueueDeclarePassive(name, true, false, false, false, nil)
+	}
+	if err != nil {
+		return fmt.Errorf("declare queue %q: %w", name, err)
+	}
+	_ = ch.Close()
 	return nil
 }
 
@@ -457,6 +486,9 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 			return nil, queue.ErrClosed
 		}
 		if paused {
+			if err := d.stopPaused(ctx); err != nil && ctx.Err() == nil {
+				d.log.Warn("stop the consumer while paused", "err", err)
+			}
 			select { // the caller is told nothing: Resume restarts the consumer
 			case <-ctx.Done():
 				return nil, ctx.Err()
@@ -471,6 +503,9 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 		if err := d.maintainConsumer(ctx, s); err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if errors.Is(err, errNoConsumer) {
+				continue // paused or stopped meanwhile: the loop's top says which
 			}
 			select { // the queue may be gone: retry, and say so in Ready
 			case <-ctx.Done():
@@ -535,31 +570,44 @@ func (d *Driver) Receive(ctx context.Context, max int) ([]*queue.Delivery, error
 	}
 }
 
-// maintainConsumer restarts the consumer when the broker cancelled it, and
-// applies a prefetch change when it is safe: nothing from the old consumer
-// is pending and the last restart was a while ago, so prefetch changes never
-// pile up windows of unacknowledged messages.
+// errNoConsumer: the driver was paused or stopped, so maintainConsumer
+// started no consumer.
+var errNoConsumer = errors.New("paused or stopped: no consumer")
+
+// maintainConsumer starts the consumer when there is none (the broker
+// cancelled it, or Resume followed Pause), and applies a prefetch change
+// when it is safe: nothing from the old consumer is pending and the last
+// restart was a while ago, so prefetch changes never pile up windows of
+// unacknowledged messages. It holds consumerMu throughout: a restart is
+// one step for Pause and StopReceiving.
 func (d *Driver) maintainConsumer(ctx context.Context, s *session) error {
-	if s.cancelled.Load() {
-		d.mu.Lock()
-		n := d.prefetch
-		d.mu.Unlock()
+	d.consumerMu.Lock()
+	defer d.consumerMu.Unlock()
+	d.mu.Lock()
+	n, paused, stopped := d.prefetch, d.paused, d.stopped
+	d.mu.Unlock()
+	if paused || stopped {
+		return errNoConsumer
+	}
+	if s.cancelled.Load() || !s.consuming {
 		if err := s.consume(d.cfg.Queue, n); err != nil {
-			d.setConsumeLost(fmt.Errorf("consume from queue %q after the broker cancelled the consumer: %w", d.cfg.Queue, err))
+			d.setConsumeLost(fmt.Errorf("consume from queue %q (after the broker cancelled the consumer, or a pause): %w", d.cfg.Queue, err))
 			return err
 		}
-		s.cancelled.Store(false)
 		d.setConsumeLost(nil)
 		return nil
 	}
 	d.mu.Lock()
 	want, have, pending, last := d.desired, d.prefetch, len(d.pending), d.reconsumed
 	d.mu.Unlock()
-	if want == have || pending > 0 || time.Since(last) < minReconsume {
+	if want == have || pending > 0 || time.Since(last) < d.reconsume {
 		return nil
 	}
 	if err := d.cancelAndDrain(ctx, s); err != nil {
 		return err
+	}
+	if d.onRestart != nil {
+		d.onRestart()
 	}
 	if err := s.consume(d.cfg.Queue, want); err != nil {
 		return err
@@ -568,6 +616,31 @@ func (d *Driver) maintainConsumer(ctx context.Context, s *session) error {
 	d.prefetch, d.reconsumed = want, time.Now()
 	d.mu.Unlock()
 	return nil
+}
+
+// stopPaused stops a consumer that a session started while the driver was
+// being paused (before Pause could see the session), and hands back what
+// it had sent.
+func (d *Driver) stopPaused(ctx context.Context) error {
+	d.consumerMu.Lock()
+	d.mu.Lock()
+	s, paused := d.sess, d.paused
+	d.mu.Unlock()
+	if s == nil || !paused || !s.consuming {
+		d.consumerMu.Unlock()
+		return nil
+	}
+	err := d.cancelAndDrain(ctx, s)
+	d.consumerMu.Unlock()
+	return errors.Join(err, d.handBack(ctx, d.takePending()))
+}
+
+func (d *Driver) takePending() []pendingDelivery {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := d.pending
+	d.pending = nil
+	return p
 }
 
 func (d *Driver) setConsumeLost(err error) {
@@ -680,14 +753,18 @@ func (d *Driver) SetPrefetch(_ context.Context, n int) error {
 }
 
 // cancelAndDrain cancels the consumer and moves what it had buffered to
-// pending.
+// pending. The caller holds consumerMu.
 func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
+	if !s.consuming {
+		return nil // none started, or cancelled already
+	}
 	s.consMu.Lock()
 	err := s.cons.Cancel(s.tag, false)
 	s.consMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("cancel consumer: %w", err)
 	}
+	s.consuming = false
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
 	for {
@@ -713,31 +790,26 @@ func (d *Driver) cancelAndDrain(ctx context.Context, s *session) error {
 // Receive return queue.ErrClosed; Publish and Settle keep working so
 // in-flight work can finish.
 func (d *Driver) StopReceiving(ctx context.Context) error {
+	d.consumerMu.Lock()
 	d.mu.Lock()
 	if d.stopped {
 		d.mu.Unlock()
+		d.consumerMu.Unlock()
 		return nil
 	}
 	d.stopped = true
-	d.mu.Unlock()
-	if !d.cfg.Consume {
-		return nil
-	}
-	d.mu.Lock()
 	s := d.sess
 	d.mu.Unlock()
-	if s == nil {
-		return nil // disconnected: the broker has requeued everything
+	if !d.cfg.Consume || s == nil { // disconnected: the broker has requeued everything
+		d.consumerMu.Unlock()
+		return nil
 	}
 	err := d.cancelAndDrain(ctx, s)
+	d.consumerMu.Unlock()
 	if err != nil {
 		d.log.Warn("could not stop the consumer cleanly; what it still buffers goes back to the queue when the connection closes", "err", err)
 	}
-	d.mu.Lock()
-	pending := d.pending
-	d.pending = nil
-	d.mu.Unlock()
-	return errors.Join(err, d.handBack(ctx, pending))
+	return errors.Join(err, d.handBack(ctx, d.takePending()))
 }
 
 // handBackParallel bounds the hand-backs in flight at shutdown.
@@ -807,24 +879,23 @@ func (d *Driver) handBack(ctx context.Context, pending []pendingDelivery) error 
 // wait in the queue for a healthy worker. Receive returns nothing until
 // Resume; Publish and Settle keep working.
 func (d *Driver) Pause(ctx context.Context) error {
+	d.consumerMu.Lock()
 	d.mu.Lock()
 	if d.paused || d.stopped || !d.cfg.Consume {
 		d.mu.Unlock()
+		d.consumerMu.Unlock()
 		return nil
 	}
 	d.paused = true
 	s := d.sess
 	d.mu.Unlock()
-	if s == nil {
-		return nil // disconnected: the broker has requeued everything
+	if s == nil { // disconnected: the broker has requeued everything
+		d.consumerMu.Unlock()
+		return nil
 	}
-	err := d.cancelAndDrain(ctx, s)
-	s.cancelled.Store(true) // consume again on Resume
-	d.mu.Lock()
-	pending := d.pending
-	d.pending = nil
-	d.mu.Unlock()
-	return errors.Join(err, d.handBack(ctx, pending))
+	err := d.cancelAndDrain(ctx, s) // Receive consumes again after Resume
+	d.consumerMu.Unlock()
+	return errors.Join(err, d.handBack(ctx, d.takePending()))
 }
 
 // Resume undoes Pause: the next Receive consumes again.
@@ -1051,7 +1122,8 @@ func (d *Driver) requeue(ctx context.Context, s *session, raw amqp.Delivery, att
 }
 
 // deadLetter publishes a copy with the reason to the dead-letter queue, then
-// acks the original. If the copy cannot be published it returns the error
+// acks the original. With Declare, a dead-letter queue found missing is
+// declared again and the copy sent once more. If the copy cannot be published it returns the error
 // and leaves the delivery unsettled, so the caller requeues it: an existing
 // queue may have no dead-letter target of its own, and a reject would drop
 // the message there.
@@ -1062,7 +1134,18 @@ func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery,
 		queue.HeaderAttempts:              int64(del.Attempt),
 		queue.HeaderSourceQueue:           d.cfg.Queue,
 	})
-	if err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p); err != nil {
+	err := h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p)
+	if errors.Is(err, queue.ErrUnroutable) && d.cfg.Declare {
+		// The dead-letter queue is gone (deleted by hand, say): this driver
+		// declares the topology, so it declares the queue again rather
+		// than keep requests it cannot dead-letter.
+		if derr := d.declareQueue(h.s.conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); derr != nil {
+			return fmt.Errorf("dead-letter copy to %q: %w; declaring it again: %v", d.cfg.DeadLetterQueue, err, derr)
+		}
+		d.log.Warn("the dead-letter queue was missing; declared it again", "dead_letter_queue", d.cfg.DeadLetterQueue)
+		err = h.s.publishRaw(ctx, d.cfg.DeadLetterQueue, p)
+	}
+	if err != nil {
 		return fmt.Errorf("dead-letter copy to %q: %w", d.cfg.DeadLetterQueue, err)
 	}
 	return h.s.ack(h.tag)

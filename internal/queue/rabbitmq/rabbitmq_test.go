@@ -37,11 +37,17 @@ func open(t *testing.T, cfg rabbitmq.Config) *rabbitmq.Driver {
 // logs to log; closed by t.Cleanup.
 func openWithLog(t *testing.T, cfg rabbitmq.Config, log *slog.Logger) *rabbitmq.Driver {
 	t.Helper()
+	cfg.Declare = true
+	return openAsIs(t, cfg, log)
+}
+
+// openAsIs is openWithLog with cfg.Declare as given.
+func openAsIs(t *testing.T, cfg rabbitmq.Config, log *slog.Logger) *rabbitmq.Driver {
+	t.Helper()
 	if cfg.URL.IsZero() {
 		cfg.URL = secret.Value(brokerURL())
 	}
 	declared.Add(cfg.Queue, cfg.DeadLetterQueue)
-	cfg.Declare = true
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	d, err := rabbitmq.Open(ctx, cfg, log)
