@@ -485,7 +485,9 @@ func (o *Observer) Settling(ctx context.Context, d *queue.Delivery, s queue.Sett
 // of it: action, reason, model, tokens and, for a failure, its class.
 func (o *Observer) Done(ctx context.Context, d *queue.Delivery, out worker.Outcome) {
 	act, reason := action(out.Settlement.Action), out.Settlement.Reason
-	o.m.inFlight.Add(ctx, -1, o.queueAttr)
+	// In flight drops last: a reader that sees it back to 0 sees every
+	// counter of the deliveries that left (a test once read it between).
+	defer o.m.inFlight.Add(ctx, -1, o.queueAttr)
 	o.m.settled.Add(ctx, 1, o.opts.get(optKey{metric: keySettled, a: act, b: reason}, func() []attribute.KeyValue {
 		return []attribute.KeyValue{AttrQueue.String(o.queue), AttrSettleAction.String(act), AttrSettleReason.String(reason)}
 	}))
