@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -305,5 +306,38 @@ func TestEveryVariableIsInTheReadme(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// A misspelled variable is warned about at start, naming the one meant;
+// durations in JSON logs read as text ("250ms"), not nanoseconds. The
+// broker port is closed, so the worker logs its retry and its wait.
+func TestStartLogsWarnAndReadDurations(t *testing.T) {
+	t.Parallel()
+	logs := startAndStop(t, []string{
+		"SOUS_MODEL=m", "SOUS_ENGNE_URL=http://x", "SOUS_HTTP_ADDR=off", "OTEL_SDK_DISABLED=true",
+		"SOUS_ENGINE_URL=http://127.0.0.1:9", "SOUS_AMQP_URL=amqp://guest:guest@127.0.0.1:9/",
+	}, "broker connect failed")
+	var warned, retried bool
+	for _, raw := range strings.Split(strings.TrimSpace(logs), "\n") {
+		var l map[string]any
+		if json.Unmarshal([]byte(raw), &l) != nil {
+			t.Errorf("not a JSON line: %s", raw)
+			continue
+		}
+		if l["var"] == "SOUS_ENGNE_URL" && l["did_you_mean"] == "SOUS_ENGINE_URL" && l["level"] == "WARN" {
+			warned = true
+		}
+		if l["msg"] == "broker connect failed" {
+			retried = true
+			if s, ok := l["retry_in"].(string); !ok {
+				t.Errorf("retry_in = %#v, want a duration as text: %s", l["retry_in"], raw)
+			} else if _, err := time.ParseDuration(s); err != nil {
+				t.Errorf("retry_in = %q: %v", s, err)
+			}
+		}
+	}
+	if !warned || !retried {
+		t.Errorf("warned about SOUS_ENGNE_URL: %v, logged a retry: %v, in\n%s", warned, retried, logs)
 	}
 }
