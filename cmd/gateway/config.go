@@ -104,9 +104,12 @@ type Config struct {
 	MaxPromptBytes int           `env:"SOUS_MAX_PROMPT_BYTES" envDefault:"262144"`
 	MaxNumPredict  int           `env:"SOUS_MAX_NUM_PREDICT" envDefault:"4096"`
 	DrainTimeout   time.Duration `env:"SOUS_DRAIN_TIMEOUT" envDefault:"25s"`
-	HTTPAddr       string        `env:"SOUS_HTTP_ADDR" envDefault:":8080"`
-	LogLevel       string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
-	LogFormat      string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
+	// HTTPAddr serves /healthz, /readyz and /metrics (SOUS_HTTP_ADDR,
+	// default :8082: not the worker's :8080, so that a worker and a
+	// gateway run side by side on one machine with no settings).
+	HTTPAddr  string `env:"SOUS_HTTP_ADDR" envDefault:":8082"`
+	LogLevel  string `env:"SOUS_LOG_LEVEL" envDefault:"info"`
+	LogFormat string `env:"SOUS_LOG_FORMAT" envDefault:"json"`
 
 	// OpenTelemetry, read as the worker reads it: spans (the gateway's
 	// producer span continues the client's traceparent into the message)
