@@ -341,3 +341,36 @@ func TestStartLogsWarnAndReadDurations(t *testing.T) {
 		t.Errorf("warned about SOUS_ENGNE_URL: %v, logged a retry: %v, in\n%s", warned, retried, logs)
 	}
 }
+
+// README's result example is a prompt's result, so its batch is the engine
+// call that took that request alone: size 1 (docs/messages.md: one-request
+// APIs go to the engine one request per call). It said 4 once.
+func TestReadmeResultExample(t *testing.T) {
+	t.Parallel()
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var checked int
+	for _, m := range regexp.MustCompile("(?s)```json\n(.*?)```").FindAllStringSubmatch(string(readme), -1) {
+		for _, line := range regexp.MustCompile(`(?s)\{"id".*?"attempt": \d+\}`).FindAllString(m[1], -1) {
+			var r struct {
+				Status   string          `json:"status"`
+				Response *string         `json:"response"`
+				Message  json.RawMessage `json:"message"`
+				Batch    struct{ Size int }
+			}
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Errorf("README's result example is not JSON: %v\n%s", err, line)
+				continue
+			}
+			checked++
+			if (r.Response != nil || r.Message != nil) && r.Batch.Size != 1 {
+				t.Errorf("README's result of a prompt or chat request says batch size %d; such a request goes to the engine alone (size 1)", r.Batch.Size)
+			}
+		}
+	}
+	if checked == 0 {
+		t.Error("README.md has no result example")
+	}
+}

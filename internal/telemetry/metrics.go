@@ -101,7 +101,7 @@ func newInstruments(m metric.Meter) (instruments, error) {
 		metric.WithExplicitBucketBoundaries(secondsBuckets...))
 	collect(err)
 	in.batchSize, err = m.Int64Histogram(MetricBatchSize, metric.WithUnit("{message}"),
-		metric.WithDescription("Deliveries per dispatched batch, by why it was dispatched (full, window, idle)."),
+		metric.WithDescription("Deliveries per dispatched batch, by why it was dispatched (slot, full, window, idle)."),
 		metric.WithExplicitBucketBoundaries(sizeBuckets...))
 	collect(err)
 	in.engineTime, err = m.Float64Histogram(MetricEngineTime, metric.WithUnit("s"),

@@ -31,8 +31,8 @@ const ScopeName = "github.com/sous-run/sous/internal/telemetry"
 const (
 	AttrAttempt      = attribute.Key("sous.attempt")            // delivery attempt, 1-based
 	AttrBatchID      = attribute.Key("sous.batch.id")           // batch id, as in results
-	AttrBatchReason  = attribute.Key("sous.batch.reason")       // full, window, idle
-	AttrLimitReason  = attribute.Key("sous.batch.limit.reason") // memory, max, min, config, ceiling, engine
+	AttrBatchReason  = attribute.Key("sous.batch.reason")       // batch.Reasons: slot, full, window, idle
+	AttrLimitReason  = attribute.Key("sous.batch.limit.reason") // sizing.Reasons: memory, max, min, config, ceiling, engine
 	AttrSettleAction = attribute.Key("sous.settle.action")      // ack, requeue, dead_letter
 	AttrSettleReason = attribute.Key("sous.settle.reason")      // a reason code, as in the dead-letter header
 	AttrResultStatus = attribute.Key("sous.result.status")      // ok, error
@@ -152,7 +152,7 @@ func (o *Observer) ObserveSizer(snapshot func() sizing.Snapshot) error {
 	limit, err1 := o.meter.Int64ObservableGauge(MetricBatchLimit, metric.WithUnit("{message}"),
 		metric.WithDescription("The batch size the sizer allows now, by the limit that set it (memory, max, min, config, ceiling, engine)."))
 	ceiling, err2 := o.meter.Int64ObservableGauge(MetricBatchCeiling, metric.WithUnit("{message}"),
-		metric.WithDescription("The AIMD ceiling on the batch size: halved when the engine is overloaded, grown by SOUS_BATCH_GROWTH_STEP after full batches succeed."))
+		metric.WithDescription("The AIMD ceiling on the in-flight limit: halved when the engine is overloaded, grown by SOUS_BATCH_GROWTH_STEP for each call that succeeds with the engine at the ceiling."))
 	free, err3 := o.meter.Int64ObservableGauge(MetricGPUFreeMemory, metric.WithUnit("By"),
 		metric.WithDescription("Free memory of the fullest GPU the engine uses, at the last reading."))
 	if err := errors.Join(err1, err2, err3); err != nil {
