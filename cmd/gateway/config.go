@@ -344,7 +344,7 @@ func parseLevel(s string) (slog.Level, error) {
 }
 
 // warnUnknownEnv logs each SOUS_* variable of environ that no part of sous
-// reads, with the known one closest to it: a misspelled SOUS_ENGNE_URL
+// reads, with the known one closest to it: a misspelled SOUS_ENGINE_URL (one letter short)
 // would otherwise leave the default in force without a word. A warning,
 // not a refusal: the ConfigMap a worker and a gateway share may carry
 // variables of a newer version during a rollout.

@@ -159,7 +159,7 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 }
 
 // warnUnknownEnv says which SOUS_* variables of environ no part of sous
-// reads, with the closest known name: SOUS_QEUE would otherwise publish to
+// reads, with the closest known name: a misspelled SOUS_QUEUE would otherwise publish to
 // the default queue without a word.
 func warnUnknownEnv(w io.Writer, environ []string) {
 	for _, u := range envcheck.Check(environ) {

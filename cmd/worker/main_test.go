@@ -287,6 +287,11 @@ func TestEveryVariableIsInTheReadme(t *testing.T) {
 	used := regexp.MustCompile(`\bSOUS_[A-Z0-9_]*[A-Z0-9]\b`)
 	for _, dir := range []string{".", "../sousctl", "../../internal"} {
 		err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() && d.Name() == "envcheck" {
+				// It lists every SOUS_* name sous reads, the scripts' and
+				// tests' included, so that none is warned about.
+				return filepath.SkipDir
+			}
 			if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
 				return err
 			}
