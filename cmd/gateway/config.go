@@ -125,6 +125,9 @@ type Config struct {
 	OTelProtocol        string `env:"OTEL_EXPORTER_OTLP_PROTOCOL" envDefault:"http/protobuf"`
 	OTelTracesProtocol  string `env:"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"`
 	OTelMetricsProtocol string `env:"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"`
+	// MetricsScopeLabels puts otel_scope_name and otel_scope_version on
+	// every series of /metrics (SOUS_METRICS_SCOPE_LABELS, default false).
+	MetricsScopeLabels bool `env:"SOUS_METRICS_SCOPE_LABELS" envDefault:"false"`
 }
 
 // configError names the variable that is wrong; main exits 2 on it.

@@ -228,7 +228,7 @@ func startMetrics(ctx context.Context, cfg Config) (metric.Meter, http.Handler, 
 	var opts []sdkmetric.Option
 	var handler http.Handler
 	if prom {
-		reader, h, err := telemetry.NewPrometheus()
+		reader, h, err := telemetry.NewPrometheus(cfg.MetricsScopeLabels)
 		if err != nil {
 			return nil, nil, nil, err
 		}

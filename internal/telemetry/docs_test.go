@@ -67,7 +67,7 @@ func get(t *testing.T, srv *httptest.Server) scrape {
 // reconnects, dead letters) see a series from the start.
 func TestCountersAreExportedFromStart(t *testing.T) {
 	t.Parallel()
-	reader, handler, err := telemetry.NewPrometheus()
+	reader, handler, err := telemetry.NewPrometheus(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestCountersAreExportedFromStart(t *testing.T) {
 // /metrics exports is in docs/observability.md.
 func TestEveryDocumentedMetricIsExported(t *testing.T) {
 	t.Parallel()
-	reader, handler, err := telemetry.NewPrometheus()
+	reader, handler, err := telemetry.NewPrometheus(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,6 +116,8 @@ func TestEveryDocumentedMetricIsExported(t *testing.T) {
 	h.obs.EngineHealth(nil)
 	h.b.Send("a", `{"prompt":"x"}`)
 	waitFor(t, "the request settled", func() bool { return h.b.SettledCount() == 1 })
+	h.b.Send("b", `{"prompt":"y","stream":true}`) // time to first token
+	waitFor(t, "the streamed request settled", func() bool { return h.b.SettledCount() == 2 })
 	srv := httptest.NewServer(handler)
 	t.Cleanup(srv.Close)
 	s := get(t, srv)
@@ -193,7 +195,7 @@ var listedValues = []struct {
 // once listed full, window, idle, and not slot, the one most calls carry).
 func TestListedValuesAreTheEmittedOnes(t *testing.T) {
 	t.Parallel()
-	reader, handler, err := telemetry.NewPrometheus()
+	reader, handler, err := telemetry.NewPrometheus(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,5 +245,41 @@ func TestListedValuesAreTheEmittedOnes(t *testing.T) {
 	// succeeds with the engine at the ceiling.
 	if m := regexp.MustCompile(`(?m)^# HELP sous_batch_ceiling (.*)$`).FindStringSubmatch(s.text); m == nil || !strings.Contains(m[1], "at the ceiling") || strings.Contains(m[1], "full batches") {
 		t.Errorf("sous_batch_ceiling's help does not say the ceiling grows per call that succeeds at the ceiling: %v", m)
+	}
+}
+
+// TestRequestSignals: the signals an operator asked for (issue 27): time to
+// first token of a streamed request, the whole wait from enqueue to the
+// end of the request, queue time labelled with its timestamp's resolution;
+// and no otel_scope_* label on every series unless asked for.
+func TestRequestSignals(t *testing.T) {
+	t.Parallel()
+	for _, scope := range []bool{false, true} {
+		reader, handler, err := telemetry.NewPrometheus(scope)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := setup(t, options{reader: reader, model: "tiny"})
+		h.b.Send("a", `{"prompt":"x"}`)
+		h.b.Send("b", `{"prompt":"y","stream":true}`)
+		waitFor(t, "both requests settled", func() bool { return h.b.SettledCount() == 2 })
+		srv := httptest.NewServer(handler)
+		t.Cleanup(srv.Close)
+		s := get(t, srv)
+		if got := s.labels["otel_scope_name"]; got != scope {
+			t.Errorf("NewPrometheus(%v): otel_scope_name on the series: %v", scope, got)
+		}
+		if scope {
+			continue
+		}
+		for _, want := range []*regexp.Regexp{
+			regexp.MustCompile(`(?m)^sous_engine_time_to_first_token_seconds_count\{gen_ai_request_model="tiny"\} 1$`),
+			regexp.MustCompile(`(?m)^sous_request_duration_seconds_count\{gen_ai_request_model="tiny",sous_time_resolution="ms"\} 2$`),
+			regexp.MustCompile(`(?m)^sous_queue_time_seconds_count\{messaging_destination_name="requests",sous_time_resolution="ms"\} 2$`),
+		} {
+			if !want.MatchString(s.text) {
+				t.Errorf("no line matching %s in\n%s", want, sousLines(s.text))
+			}
+		}
 	}
 }
