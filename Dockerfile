@@ -86,6 +86,7 @@ RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache
 FROM gcr.io/distroless/base-nossl-debian12:nonroot AS gateway
 COPY --from=gateway-build /src/bin/gateway /usr/local/bin/sous-gateway
 USER 65532:65532
-# 8081: the API (SOUS_GATEWAY_ADDR); 8080: /healthz and /readyz (SOUS_HTTP_ADDR).
-EXPOSE 8081 8080
+# 8081: the API (SOUS_GATEWAY_ADDR); 8082: /healthz, /readyz and /metrics
+# (SOUS_HTTP_ADDR; the worker's are on 8080).
+EXPOSE 8081 8082
 ENTRYPOINT ["/usr/local/bin/sous-gateway"]

@@ -15,7 +15,13 @@ import (
 // The gateway (cmd/gateway): its image target and its Deployment, which has
 // rules of its own (no GPU, a fixed replica count, a Service in front).
 
-const gatewayAPIPort = 8081
+const (
+	gatewayAPIPort = 8081
+	// gatewayOpsPort serves /healthz, /readyz and /metrics: the gateway's
+	// SOUS_HTTP_ADDR default, not the worker's 8080, so that both run on
+	// one machine without settings.
+	gatewayOpsPort = 8082
+)
 
 // checkGateway: the gateway Deployment's rules.
 func checkGateway(s set, d *appsv1.Deployment, ex examples) []error {
@@ -37,8 +43,11 @@ func checkGateway(s set, d *appsv1.Deployment, ex examples) []error {
 	if c.Image == "" || strings.HasSuffix(c.Image, ":latest") || !strings.ContainsAny(c.Image, ":@") {
 		errs = append(errs, fmt.Errorf("container %s: image %q is not pinned to a tag or digest", c.Name, c.Image))
 	}
-	errs = append(errs, checkProbe(c, "livenessProbe", c.LivenessProbe, "/healthz")...)
-	errs = append(errs, checkProbe(c, "readinessProbe", c.ReadinessProbe, "/readyz")...)
+	errs = append(errs, checkProbe(c, "livenessProbe", c.LivenessProbe, "/healthz", gatewayOpsPort)...)
+	errs = append(errs, checkProbe(c, "readinessProbe", c.ReadinessProbe, "/readyz", gatewayOpsPort)...)
+	if ann := d.Spec.Template.Annotations; ann["prometheus.io/scrape"] != "true" || ann["prometheus.io/port"] != fmt.Sprint(gatewayOpsPort) || ann["prometheus.io/path"] != "/metrics" {
+		errs = append(errs, fmt.Errorf("pod annotations: want prometheus.io/scrape \"true\", port \"%d\", path /metrics; got %v", gatewayOpsPort, ann))
+	}
 	if !slices.ContainsFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.ContainerPort == gatewayAPIPort }) {
 		errs = append(errs, fmt.Errorf("container %s: no container port %d (SOUS_GATEWAY_ADDR)", c.Name, gatewayAPIPort))
 	}
@@ -80,8 +89,13 @@ func checkGateway(s set, d *appsv1.Deployment, ex examples) []error {
 			errs = append(errs, fmt.Errorf("terminationGracePeriodSeconds must exceed SOUS_DRAIN_TIMEOUT (%s): open streams get that long to finish", drain))
 		}
 	}
-	if len(w.config) > 0 && w.config["SOUS_HTTP_ADDR"] != fmt.Sprintf(":%d", workerPort) {
-		errs = append(errs, fmt.Errorf("SOUS_HTTP_ADDR %q: probes expect :%d", w.config["SOUS_HTTP_ADDR"], workerPort))
+	// The env overrides the workers' ConfigMap, which sets :8080.
+	addr, ok := env["SOUS_HTTP_ADDR"]
+	if !ok {
+		addr.Value, ok = w.config["SOUS_HTTP_ADDR"]
+	}
+	if ok && addr.Value != fmt.Sprintf(":%d", gatewayOpsPort) {
+		errs = append(errs, fmt.Errorf("SOUS_HTTP_ADDR %q: probes and scrape expect :%d", addr.Value, gatewayOpsPort))
 	}
 	return errs
 }
@@ -186,7 +200,7 @@ func checkGatewayImage(in dockerInputs) []error {
 		errs = append(errs, fmt.Errorf("stage gateway: base %s, want a distroless base with glibc on the worker's release (%s)", g.BaseName, release(w)))
 	}
 	var user, entry, copied string
-	exposed := false
+	exposed, exposedOps := false, false
 	for _, c := range g.Commands {
 		switch c := c.(type) {
 		case *instructions.UserCommand:
@@ -203,6 +217,7 @@ func checkGatewayImage(in dockerInputs) []error {
 			entry = c.CmdLine[0]
 		case *instructions.ExposeCommand:
 			exposed = exposed || slices.Contains(c.Ports, fmt.Sprint(gatewayAPIPort))
+			exposedOps = exposedOps || slices.Contains(c.Ports, fmt.Sprint(gatewayOpsPort))
 		}
 	}
 	if err := nonRootUser(user); err != nil {
@@ -213,6 +228,9 @@ func checkGatewayImage(in dockerInputs) []error {
 	}
 	if !exposed {
 		errs = append(errs, fmt.Errorf("stage gateway: no EXPOSE %d", gatewayAPIPort))
+	}
+	if !exposedOps {
+		errs = append(errs, fmt.Errorf("stage gateway: no EXPOSE %d", gatewayOpsPort))
 	}
 	return errs
 }
@@ -235,7 +253,8 @@ func TestGatewayImage(t *testing.T) {
 		{"static base", mutation{df, "base-nossl-debian12:nonroot AS gateway", "static-debian12:nonroot AS gateway"}, "want a distroless base with glibc"},
 		{"other release", mutation{df, "base-nossl-debian12:nonroot AS gateway", "base-nossl-debian13:nonroot AS gateway"}, "want a distroless base with glibc"},
 		{"wrong entrypoint", mutation{df, `ENTRYPOINT ["/usr/local/bin/sous-gateway"]`, `ENTRYPOINT ["/usr/local/bin/gateway"]`}, "is not the gateway copied"},
-		{"no API port", mutation{df, "EXPOSE 8081 8080", "EXPOSE 8080"}, "no EXPOSE 8081"},
+		{"no API port", mutation{df, "EXPOSE 8081 8082", "EXPOSE 8082"}, "no EXPOSE 8081"},
+		{"no ops port", mutation{df, "EXPOSE 8081 8082", "EXPOSE 8081"}, "no EXPOSE 8082"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()

@@ -99,7 +99,9 @@ func (c *collector) inTrace(id string) map[string]*tracepb.Span {
 // metricValue sums the samples of a Prometheus metric whose labels contain
 // every label of want (`name="value"` pairs).
 func metricValue(text, name string, want ...string) float64 {
-	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + `\{([^}]*)\} (\S+)$`)
+	// A series without labels has no braces (no otel_scope_* labels by
+	// default).
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + `(?:\{([^}]*)\})? (\S+)$`)
 	sum := 0.0
 	for _, m := range re.FindAllStringSubmatch(text, -1) {
 		ok := true

@@ -49,7 +49,7 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 
-echo "== sousctl publish: three prompts, on the engine together"
+echo "== sousctl publish: three prompts at once: each is an engine call of its own (batch ... of 1), run side by side in the engine's slots"
 "$bin/sousctl" publish "Why is the sky blue?" "Write a haiku about queues" "Name three GPUs"
 echo
 echo "== sousctl publish -chat -stream: one chat message, streamed"

@@ -14,6 +14,7 @@ import (
 	"github.com/caarlos0/env/v11"
 
 	"github.com/sous-run/sous/internal/brokerconfig"
+	"github.com/sous-run/sous/internal/envcheck"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/telemetry"
 )
@@ -103,9 +104,12 @@ type Config struct {
 	MaxPromptBytes int           `env:"SOUS_MAX_PROMPT_BYTES" envDefault:"262144"`
 	MaxNumPredict  int           `env:"SOUS_MAX_NUM_PREDICT" envDefault:"4096"`
 	DrainTimeout   time.Duration `env:"SOUS_DRAIN_TIMEOUT" envDefault:"25s"`
-	HTTPAddr       string        `env:"SOUS_HTTP_ADDR" envDefault:":8080"`
-	LogLevel       string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
-	LogFormat      string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
+	// HTTPAddr serves /healthz, /readyz and /metrics (SOUS_HTTP_ADDR,
+	// default :8082: not the worker's :8080, so that a worker and a
+	// gateway run side by side on one machine with no settings).
+	HTTPAddr  string `env:"SOUS_HTTP_ADDR" envDefault:":8082"`
+	LogLevel  string `env:"SOUS_LOG_LEVEL" envDefault:"info"`
+	LogFormat string `env:"SOUS_LOG_FORMAT" envDefault:"json"`
 
 	// OpenTelemetry, read as the worker reads it: spans (the gateway's
 	// producer span continues the client's traceparent into the message)
@@ -121,6 +125,9 @@ type Config struct {
 	OTelProtocol        string `env:"OTEL_EXPORTER_OTLP_PROTOCOL" envDefault:"http/protobuf"`
 	OTelTracesProtocol  string `env:"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"`
 	OTelMetricsProtocol string `env:"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"`
+	// MetricsScopeLabels puts otel_scope_name and otel_scope_version on
+	// every series of /metrics (SOUS_METRICS_SCOPE_LABELS, default false).
+	MetricsScopeLabels bool `env:"SOUS_METRICS_SCOPE_LABELS" envDefault:"false"`
 }
 
 // configError names the variable that is wrong; main exits 2 on it.
@@ -337,4 +344,15 @@ func parseLevel(s string) (slog.Level, error) {
 		return l, fmt.Errorf("%q is not one of debug, info, warn, error", s)
 	}
 	return l, nil
+}
+
+// warnUnknownEnv logs each SOUS_* variable of environ that no part of sous
+// reads, with the known one closest to it: a misspelled SOUS_ENGINE_URL (one letter short)
+// would otherwise leave the default in force without a word. A warning,
+// not a refusal: the ConfigMap a worker and a gateway share may carry
+// variables of a newer version during a rollout.
+func warnUnknownEnv(log *slog.Logger, environ []string) {
+	for _, u := range envcheck.Check(environ, envcheck.Tags(reflect.TypeFor[Config]())) {
+		log.Warn("unknown SOUS_* variable, ignored; is it misspelled?", "var", u.Name, "did_you_mean", u.Closest)
+	}
 }

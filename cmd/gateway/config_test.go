@@ -17,7 +17,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Addr != ":8081" || c.Timeout != 5*time.Minute || c.KeepAlive != 15*time.Second || c.Queue != "sous.requests" ||
-		c.HTTPAddr != ":8080" || c.Channels != 4 || c.MaxBodyBytes != 1<<20 || c.KeysFile != "" || c.DrainTimeout != 25*time.Second {
+		c.HTTPAddr != ":8082" || c.Channels != 4 || c.MaxBodyBytes != 1<<20 || c.KeysFile != "" || c.DrainTimeout != 25*time.Second {
 		t.Fatalf("defaults: %+v", c)
 	}
 	if got := allowedModels(c); strings.Join(got, "|") != "llama3.2|qwen2.5" {
@@ -163,5 +163,32 @@ func TestMetricReaders(t *testing.T) {
 		if _, err := loadConfig([]string{"SOUS_MODEL=m", bad}); err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("%s: %v", bad, err)
 		}
+	}
+}
+
+// The README's quick start runs a worker and a gateway on one machine with
+// no settings: no two of their default listen addresses may be the same.
+// The worker's default is read from its source (a main package cannot be
+// imported).
+func TestDefaultsRunBesideTheWorker(t *testing.T) {
+	t.Parallel()
+	src, err := os.ReadFile("../worker/config.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`env:"SOUS_HTTP_ADDR" envDefault:"([^"]*)"`).FindSubmatch(src)
+	if m == nil {
+		t.Fatal("no SOUS_HTTP_ADDR default in cmd/worker/config.go")
+	}
+	c, err := loadConfig([]string{"SOUS_MODEL=m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := map[string]string{}
+	for _, a := range []struct{ what, addr string }{{"worker SOUS_HTTP_ADDR", string(m[1])}, {"gateway SOUS_GATEWAY_ADDR", c.Addr}, {"gateway SOUS_HTTP_ADDR", c.HTTPAddr}} {
+		if other, ok := addrs[a.addr]; ok {
+			t.Errorf("%s and %s both default to %s: they cannot run side by side", other, a.what, a.addr)
+		}
+		addrs[a.addr] = a.what
 	}
 }

@@ -10,10 +10,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/sous-run/sous/internal/telemetry"
 )
 
 func main() {
@@ -22,7 +25,8 @@ func main() {
 		fmt.Fprintf(os.Stderr, "sous gateway: invalid configuration: %v\n", err)
 		os.Exit(2)
 	}
-	log := newLogger(cfg)
+	log := newLogger(cfg, os.Stderr)
+	warnUnknownEnv(log, os.Environ())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := run(ctx, cfg, log); err != nil {
@@ -35,12 +39,12 @@ func main() {
 	}
 }
 
-func newLogger(cfg Config) *slog.Logger {
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	level, _ := parseLevel(cfg.LogLevel)
-	opts := &slog.HandlerOptions{Level: level}
-	var h slog.Handler = slog.NewJSONHandler(os.Stderr, opts)
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: telemetry.DurationText}
+	var h slog.Handler = slog.NewJSONHandler(w, opts)
 	if cfg.LogFormat == "text" {
-		h = slog.NewTextHandler(os.Stderr, opts)
+		h = slog.NewTextHandler(w, opts)
 	}
 	return slog.New(h)
 }

@@ -65,7 +65,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	broker, err := openBroker(connectCtx, cfg, tlsCfg, log)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("connect to the broker: %w", err)
+		return fmt.Errorf("connect to the broker: %w", err) // a configError stays one: exit 2
 	}
 	defer broker.Close()
 
@@ -169,6 +169,10 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
 		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
 	}, log)
+	if errors.Is(err, gateway.ErrAccessRefused) {
+		// Configuration, like any invalid variable: exit 2, as the worker.
+		return nil, bad("SOUS_AMQP_URL", "%v", err)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -224,7 +228,7 @@ func startMetrics(ctx context.Context, cfg Config) (metric.Meter, http.Handler, 
 	var opts []sdkmetric.Option
 	var handler http.Handler
 	if prom {
-		reader, h, err := telemetry.NewPrometheus()
+		reader, h, err := telemetry.NewPrometheus(cfg.MetricsScopeLabels)
 		if err != nil {
 			return nil, nil, nil, err
 		}

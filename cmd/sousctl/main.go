@@ -4,6 +4,8 @@
 //	sousctl publish "Why is the sky blue?" "Write a haiku"
 //	sousctl publish -json -f prompts.jsonl
 //	echo '{"messages":[{"role":"user","content":"hi"}]}' | sousctl publish -f -
+//	sousctl dlq list
+//	sousctl dlq replay q-17
 package main
 
 import (
@@ -20,9 +22,10 @@ const usage = `usage: sousctl <command> [flags] [arguments]
 Commands:
   publish   publish prompts (or JSON request lines) to the sous request queue
             and print the results as they come back
+  dlq       list, show and replay the worker's dead letters (RabbitMQ)
   help      print this text
 
-Run "sousctl publish -h" for the flags of publish. Example:
+Run "sousctl publish -h" or "sousctl dlq -h" for their flags. Example:
 
   sousctl publish "Why is the sky blue?" "Write a haiku about queues"
 `
@@ -44,9 +47,15 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	switch args[0] {
 	case "publish":
 		return publish(ctx, args[1:], stdin, stdout, stderr)
+	case "dlq":
+		warnUnknownEnv(stderr, os.Environ())
+		return dlq(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		if len(args) > 1 && args[1] == "publish" {
 			return publish(ctx, []string{"-h"}, stdin, stdout, stderr)
+		}
+		if len(args) > 1 && args[1] == "dlq" {
+			return dlq(ctx, []string{"-h"}, stdout, stderr)
 		}
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -355,3 +355,13 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// A misspelled variable is named with the one it was meant to be.
+func TestWarnUnknownEnv(t *testing.T) {
+	t.Parallel()
+	var b strings.Builder
+	warnUnknownEnv(&b, []string{"SOUS_QEUE=x", "SOUS_QUEUE=y", "SOUS_MODEL=m", "HOME=/"})
+	if got, want := b.String(), "sousctl: warning: SOUS_QEUE is not a variable sous reads; ignored (did you mean SOUS_QUEUE?)\n"; got != want {
+		t.Errorf("warning = %q, want %q", got, want)
+	}
+}

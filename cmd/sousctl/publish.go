@@ -19,6 +19,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/internal/envcheck"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -107,6 +108,7 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	warnUnknownEnv(stderr, os.Environ())
 	var o options
 	fs := newFlagSet(&o)
 	prompts, err := parseArgs(fs, args)
@@ -154,6 +156,15 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	}
 	o.trace.finish("")
 	return 0
+}
+
+// warnUnknownEnv says which SOUS_* variables of environ no part of sous
+// reads, with the closest known name: a misspelled SOUS_QUEUE would otherwise publish to
+// the default queue without a word.
+func warnUnknownEnv(w io.Writer, environ []string) {
+	for _, u := range envcheck.Check(environ) {
+		fmt.Fprintf(w, "sousctl: warning: %s is not a variable sous reads; ignored (did you mean %s?)\n", u.Name, u.Closest)
+	}
 }
 
 func envOr(k, def string) string {

@@ -15,6 +15,7 @@ import (
 	"github.com/caarlos0/env/v11"
 
 	"github.com/sous-run/sous/internal/brokerconfig"
+	"github.com/sous-run/sous/internal/envcheck"
 	"github.com/sous-run/sous/internal/gpu"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
@@ -423,5 +424,16 @@ func (c Config) sizingConfig() sizing.Config {
 		KVBytesPerToken: c.KVBytesPerToken,
 		EngineParallel:  c.fixedParallel(),
 		GrowthStep:      c.BatchGrowthStep,
+	}
+}
+
+// warnUnknownEnv logs each SOUS_* variable of environ that no part of sous
+// reads, with the known one closest to it: a misspelled SOUS_ENGINE_URL (one letter short)
+// would otherwise leave the default in force without a word. A warning,
+// not a refusal: the ConfigMap a worker and a gateway share may carry
+// variables of a newer version during a rollout.
+func warnUnknownEnv(log *slog.Logger, environ []string) {
+	for _, u := range envcheck.Check(environ, envcheck.Tags(reflect.TypeFor[Config]())) {
+		log.Warn("unknown SOUS_* variable, ignored; is it misspelled?", "var", u.Name, "did_you_mean", u.Closest)
 	}
 }

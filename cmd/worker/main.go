@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -30,6 +31,7 @@ func main() {
 		os.Exit(2)
 	}
 	log := newLogger(cfg, os.Stderr)
+	warnUnknownEnv(log, os.Environ())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := run(ctx, cfg, log); err != nil {
@@ -42,9 +44,9 @@ func main() {
 	}
 }
 
-func newLogger(cfg Config, w *os.File) *slog.Logger {
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
 	level, _ := parseLevel(cfg.LogLevel)
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: telemetry.DurationText}
 	var h slog.Handler = slog.NewJSONHandler(w, opts)
 	if cfg.LogFormat == "text" {
 		h = slog.NewTextHandler(w, opts)

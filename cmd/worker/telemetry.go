@@ -56,6 +56,10 @@ type telemetryConfig struct {
 	// Sampler is read by the SDK (OTEL_TRACES_SAMPLER, default
 	// parentbased_always_on); always_off turns tracing off entirely.
 	Sampler string `env:"OTEL_TRACES_SAMPLER"`
+	// ScopeLabels puts otel_scope_name and otel_scope_version on every
+	// series of /metrics (SOUS_METRICS_SCOPE_LABELS, default false: every
+	// sous series has the same scope).
+	ScopeLabels bool `env:"SOUS_METRICS_SCOPE_LABELS" envDefault:"false"`
 }
 
 var knownSamplers = []string{"always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"}
@@ -175,7 +179,7 @@ func startTelemetry(ctx context.Context, cfg Config, snapshot func() sizing.Snap
 	}
 	var readers []sdkmetric.Option
 	if prom {
-		r, h, err := telemetry.NewPrometheus()
+		r, h, err := telemetry.NewPrometheus(cfg.Telemetry.ScopeLabels)
 		if err != nil {
 			return nil, err
 		}

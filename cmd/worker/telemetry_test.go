@@ -153,12 +153,12 @@ func TestMetricsEndpoint(t *testing.T) {
 		`sous_engine_tokens_total{`,
 		`gen_ai_token_type="output"`,
 		`sous_engine_token_rate_per_second_bucket{`,
-		`sous_engine_up{`,
+		`sous_engine_up `, // no labels: no otel_scope_* either (SOUS_METRICS_SCOPE_LABELS)
 		`sous_broker_reconnects_total{`,
 		`sous_batch_limit{`,
 		`sous_batch_limit_reason="memory"`,
-		`sous_batch_ceiling{`,
-		`sous_gpu_memory_free_bytes{`,
+		`sous_batch_ceiling `,         // no labels: no otel_scope_* either (SOUS_METRICS_SCOPE_LABELS)
+		`sous_gpu_memory_free_bytes `, // no labels: no otel_scope_* either (SOUS_METRICS_SCOPE_LABELS)
 		`target_info{`,
 		`service_name="sous-worker"`,
 		`service_instance_id="w-metrics"`,
@@ -167,6 +167,9 @@ func TestMetricsEndpoint(t *testing.T) {
 		if !strings.Contains(text, want) {
 			t.Errorf("/metrics has no %s", want)
 		}
+	}
+	if strings.Contains(text, "otel_scope_") {
+		t.Error("/metrics has otel_scope_* labels without SOUS_METRICS_SCOPE_LABELS=true")
 	}
 	for _, secret := range []string{"s3cretpw", "t0psecret", "m1"} {
 		if strings.Contains(text, secret) {

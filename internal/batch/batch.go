@@ -23,6 +23,10 @@ const (
 	Idle Reason = "idle"
 )
 
+// Reasons are every Reason a Batcher gives, for the docs and metric help
+// that list them (a test compares).
+var Reasons = []Reason{Slot, Full, Window, Idle}
+
 // Batch is a set of items that share a key, to be sent to the engine in one
 // call.
 type Batch[T any] struct {

@@ -59,6 +59,13 @@ var (
 	ErrNoQueue = errors.New("the request queue does not exist")
 	// ErrUnavailable: no connection to the broker.
 	ErrUnavailable = errors.New("the broker is unavailable")
+	// ErrAccessRefused: at start, RabbitMQ refused the login (403
+	// ACCESS_REFUSED: the user name or password, or the vhost; 530
+	// NOT_ALLOWED). That is configuration, which retrying does not fix, so
+	// OpenAMQP returns it at once, as the worker's driver does. After a
+	// good start a refusal is retried: it may heal (a password being
+	// rotated).
+	ErrAccessRefused = errors.New("RabbitMQ refused access")
 	// ErrBlocked: the broker blocks publishing (a memory or disk alarm:
 	// RabbitMQ's connection.blocked); requests fail at once until it
 	// unblocks, and Ready reports it.
@@ -165,7 +172,7 @@ func OpenAMQP(ctx context.Context, cfg AMQPConfig, log *slog.Logger) (*AMQP, err
 		cfg.ReconnectMax = 15 * time.Second
 	}
 	a := &AMQP{cfg: cfg, log: log, done: make(chan struct{})}
-	s, err := a.connectRetry(ctx)
+	s, err := a.connectRetry(ctx, true)
 	if err != nil {
 		return nil, err
 	}
@@ -193,7 +200,7 @@ func (a *AMQP) supervise(ctx context.Context, s *session) {
 		a.set(nil)
 		a.log.Warn("connection to the broker lost; reconnecting")
 		var err error
-		if s, err = a.connectRetry(ctx); err != nil {
+		if s, err = a.connectRetry(ctx, false); err != nil {
 			return
 		}
 		a.set(s)
@@ -201,12 +208,18 @@ func (a *AMQP) supervise(ctx context.Context, s *session) {
 	}
 }
 
-func (a *AMQP) connectRetry(ctx context.Context) (*session, error) {
+// connectRetry dials until it succeeds or ctx is done. At start (first) an
+// access refusal ends it: see ErrAccessRefused.
+func (a *AMQP) connectRetry(ctx context.Context, first bool) (*session, error) {
 	wait := a.cfg.ReconnectMin
 	for {
 		s, err := a.dial()
 		if err == nil {
 			return s, nil
+		}
+		if first && errors.Is(err, ErrAccessRefused) {
+			return nil, fmt.Errorf("%w. Check the user name, password and vhost in the broker URL, and that the user may write to the request queue "+
+				"(rabbitmqctl list_permissions); not retrying", err)
 		}
 		a.log.Warn("cannot connect to the broker; retrying", "err", err, "retry_in", wait)
 		select {
@@ -226,7 +239,11 @@ func (a *AMQP) dial() (_ *session, err error) {
 		Dial:            amqp.DefaultDial(10 * time.Second),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("dial %s: %s", secret.URL(a.cfg.URL.Reveal()), secret.Scrub(err.Error(), a.cfg.URL))
+		msg := fmt.Sprintf("dial %s: %s", secret.URL(a.cfg.URL.Reveal()), secret.Scrub(err.Error(), a.cfg.URL))
+		if aerr := (*amqp.Error)(nil); errors.As(err, &aerr) && (aerr.Code == amqp.AccessRefused || aerr.Code == amqp.NotAllowed) {
+			return nil, fmt.Errorf("%w: %s", ErrAccessRefused, msg)
+		}
+		return nil, errors.New(msg)
 	}
 	defer func() {
 		if err != nil {

@@ -31,6 +31,10 @@ type Delivery struct {
 	// EnqueuedAt is when the broker accepted the message, or the producer's
 	// timestamp; zero when unknown.
 	EnqueuedAt time.Time
+	// EnqueuedResolution is how precise EnqueuedAt is: time.Millisecond
+	// for a timestamp_in_ms header and Service Bus's EnqueuedTime,
+	// time.Second for the AMQP timestamp property; 0 when unknown.
+	EnqueuedResolution time.Duration
 	// ReceivedAt is when this worker received the delivery.
 	ReceivedAt time.Time
 

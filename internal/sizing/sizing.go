@@ -29,6 +29,10 @@ const (
 	ReasonEngine = "engine"
 )
 
+// Reasons are every reason a Decision gives, for the docs and metric help
+// that list them (a test compares).
+var Reasons = []string{ReasonMemory, ReasonMax, ReasonMin, ReasonConfig, ReasonCeiling, ReasonEngine}
+
 // Decision is a batch size and the limit that set it.
 type Decision struct {
 	// Size is the number of items in the next batch, between Config.Min

@@ -23,6 +23,9 @@ const (
 	keyResults
 	keySettled
 	keyDeadLetters
+	keyQueueTime
+	keyRequestTime
+	keyFirstToken
 )
 
 // optCache keeps built attribute sets: building one (sorting, hashing) is

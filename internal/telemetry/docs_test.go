@@ -6,11 +6,13 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/sous-run/sous/internal/batch"
 	"github.com/sous-run/sous/internal/sizing"
 	"github.com/sous-run/sous/internal/telemetry"
 )
@@ -65,7 +67,7 @@ func get(t *testing.T, srv *httptest.Server) scrape {
 // reconnects, dead letters) see a series from the start.
 func TestCountersAreExportedFromStart(t *testing.T) {
 	t.Parallel()
-	reader, handler, err := telemetry.NewPrometheus()
+	reader, handler, err := telemetry.NewPrometheus(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +103,7 @@ func TestCountersAreExportedFromStart(t *testing.T) {
 // /metrics exports is in docs/observability.md.
 func TestEveryDocumentedMetricIsExported(t *testing.T) {
 	t.Parallel()
-	reader, handler, err := telemetry.NewPrometheus()
+	reader, handler, err := telemetry.NewPrometheus(false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,6 +116,8 @@ func TestEveryDocumentedMetricIsExported(t *testing.T) {
 	h.obs.EngineHealth(nil)
 	h.b.Send("a", `{"prompt":"x"}`)
 	waitFor(t, "the request settled", func() bool { return h.b.SettledCount() == 1 })
+	h.b.Send("b", `{"prompt":"y","stream":true}`) // time to first token
+	waitFor(t, "the streamed request settled", func() bool { return h.b.SettledCount() == 2 })
 	srv := httptest.NewServer(handler)
 	t.Cleanup(srv.Close)
 	s := get(t, srv)
@@ -166,4 +170,116 @@ func sousLines(text string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// listedValues are the attributes whose values the metric help and the
+// docs list, with every value the code gives them. A list that misses a
+// value or names one the code no longer gives fails.
+var listedValues = []struct {
+	metric string   // the metric whose HELP lists the values
+	names  []string // the label and attribute names the docs list them after
+	values []string
+}{
+	{"sous_batch_size", []string{"sous_batch_reason", "sous.batch.reason"}, func() []string {
+		var out []string
+		for _, r := range batch.Reasons {
+			out = append(out, string(r))
+		}
+		return out
+	}()},
+	{"sous_batch_limit", []string{"sous_batch_limit_reason", "sous.batch.limit.reason"}, sizing.Reasons},
+}
+
+// TestListedValuesAreTheEmittedOnes: a metric's help and the docs list an
+// attribute's values exactly as the code gives them (sous_batch_size's help
+// once listed full, window, idle, and not slot, the one most calls carry).
+func TestListedValuesAreTheEmittedOnes(t *testing.T) {
+	t.Parallel()
+	reader, handler, err := telemetry.NewPrometheus(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := setup(t, options{reader: reader, model: "tiny"})
+	if err := h.obs.ObserveSizer(func() sizing.Snapshot {
+		return sizing.Snapshot{Decision: sizing.Decision{Size: 4, Reason: "max"}, Ceiling: 4, ReadAt: time.Now()}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	h.b.Send("a", `{"prompt":"x"}`)
+	waitFor(t, "the request settled", func() bool { return h.b.SettledCount() == 1 })
+	srv := httptest.NewServer(handler)
+	t.Cleanup(srv.Close)
+	s := get(t, srv)
+	list := func(s string) []string {
+		var out []string
+		for v := range strings.SplitSeq(s, ",") {
+			out = append(out, strings.Trim(strings.TrimSpace(v), "`"))
+		}
+		slices.Sort(out)
+		return out
+	}
+	for _, lv := range listedValues {
+		want := slices.Sorted(slices.Values(lv.values))
+		m := regexp.MustCompile(`(?m)^# HELP ` + lv.metric + ` .*\(([a-z, ]+)\)`).FindStringSubmatch(s.text)
+		if m == nil {
+			t.Errorf("the help of %s lists no values in parentheses", lv.metric)
+		} else if got := list(m[1]); !slices.Equal(got, want) {
+			t.Errorf("the help of %s lists %v; the code gives %v", lv.metric, got, want)
+		}
+		for _, doc := range docsNamingMetrics {
+			b, err := os.ReadFile(filepath.Join("..", "..", doc))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, name := range lv.names {
+				re := regexp.MustCompile("`" + regexp.QuoteMeta(name) + "` \\(((?:`[a-z]+`(?:, )?)+)\\)")
+				for _, m := range re.FindAllStringSubmatch(string(b), -1) {
+					if got := list(m[1]); !slices.Equal(got, want) {
+						t.Errorf("%s lists %s as %v; the code gives %v", doc, name, got, want)
+					}
+				}
+			}
+		}
+	}
+	// The ceiling grows by what sizing.Sizer.Succeeded does: per call that
+	// succeeds with the engine at the ceiling.
+	if m := regexp.MustCompile(`(?m)^# HELP sous_batch_ceiling (.*)$`).FindStringSubmatch(s.text); m == nil || !strings.Contains(m[1], "at the ceiling") || strings.Contains(m[1], "full batches") {
+		t.Errorf("sous_batch_ceiling's help does not say the ceiling grows per call that succeeds at the ceiling: %v", m)
+	}
+}
+
+// TestRequestSignals: the signals an operator asked for (issue 27): time to
+// first token of a streamed request, the whole wait from enqueue to the
+// end of the request, queue time labelled with its timestamp's resolution;
+// and no otel_scope_* label on every series unless asked for.
+func TestRequestSignals(t *testing.T) {
+	t.Parallel()
+	for _, scope := range []bool{false, true} {
+		reader, handler, err := telemetry.NewPrometheus(scope)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := setup(t, options{reader: reader, model: "tiny"})
+		h.b.Send("a", `{"prompt":"x"}`)
+		h.b.Send("b", `{"prompt":"y","stream":true}`)
+		waitFor(t, "both requests settled", func() bool { return h.b.SettledCount() == 2 })
+		srv := httptest.NewServer(handler)
+		t.Cleanup(srv.Close)
+		s := get(t, srv)
+		if got := s.labels["otel_scope_name"]; got != scope {
+			t.Errorf("NewPrometheus(%v): otel_scope_name on the series: %v", scope, got)
+		}
+		if scope {
+			continue
+		}
+		for _, want := range []*regexp.Regexp{
+			regexp.MustCompile(`(?m)^sous_engine_time_to_first_token_seconds_count\{gen_ai_request_model="tiny"\} 1$`),
+			regexp.MustCompile(`(?m)^sous_request_duration_seconds_count\{gen_ai_request_model="tiny",sous_time_resolution="ms"\} 2$`),
+			regexp.MustCompile(`(?m)^sous_queue_time_seconds_count\{messaging_destination_name="requests",sous_time_resolution="ms"\} 2$`),
+		} {
+			if !want.MatchString(s.text) {
+				t.Errorf("no line matching %s in\n%s", want, sousLines(s.text))
+			}
+		}
+	}
 }

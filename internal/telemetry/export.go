@@ -54,8 +54,11 @@ func NewMetricExporter(ctx context.Context, protocol string) (sdkmetric.Exporter
 // OpenMetrics, where the scraper asks for it), for GET /metrics. The
 // registry is its own, not Prometheus's global one, and also holds the Go
 // runtime and process collectors. Names are translated the Prometheus way:
-// dots become underscores, units and _total are appended.
-func NewPrometheus() (sdkmetric.Reader, http.Handler, error) {
+// dots become underscores, units and _total are appended. Series carry no
+// otel_scope_name and otel_scope_version labels (every sous series has the
+// same scope: they only add bytes and cardinality to every query) unless
+// scopeLabels asks for them.
+func NewPrometheus(scopeLabels bool) (sdkmetric.Reader, http.Handler, error) {
 	reg := prometheus.NewRegistry()
 	if err := reg.Register(collectors.NewGoCollector()); err != nil {
 		return nil, nil, err
@@ -63,10 +66,14 @@ func NewPrometheus() (sdkmetric.Reader, http.Handler, error) {
 	if err := reg.Register(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})); err != nil {
 		return nil, nil, err
 	}
-	exp, err := otelprom.New(
+	opts := []otelprom.Option{
 		otelprom.WithRegisterer(reg),
 		otelprom.WithTranslationStrategy(otlptranslator.UnderscoreEscapingWithSuffixes),
-	)
+	}
+	if !scopeLabels {
+		opts = append(opts, otelprom.WithoutScopeInfo())
+	}
+	exp, err := otelprom.New(opts...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("prometheus exporter: %w", err)
 	}

@@ -49,6 +49,9 @@ func (e *fakeEngine) Infer(ctx context.Context, reqs []inference.Request) ([]inf
 	}
 	out := make([]inference.Result, len(reqs))
 	for i, r := range reqs {
+		if r.Stream != nil {
+			r.Stream("echo: " + r.Prompt)
+		}
 		out[i].Response = inference.Response{Text: "echo: " + r.Prompt, DoneReason: "stop", Usage: inference.Usage{InputTokens: 3, OutputTokens: 5}}
 	}
 	return out, nil

@@ -43,3 +43,14 @@ func (t traceHandler) WithAttrs(as []slog.Attr) slog.Handler {
 func (t traceHandler) WithGroup(name string) slog.Handler {
 	return traceHandler{t.Handler.WithGroup(name)}
 }
+
+// DurationText is a slog.HandlerOptions.ReplaceAttr that writes a
+// time.Duration as its text form ("1.5s") instead of slog's JSON default,
+// a count of nanoseconds (1500000000) that a person misreads and a query
+// cannot tell from any other number.
+func DurationText(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		return slog.String(a.Key, a.Value.Duration().String())
+	}
+	return a
+}

@@ -28,6 +28,8 @@ const (
 	MetricEngineActive  = "sous.engine.requests.active"
 	MetricGPUFreeMemory = "sous.gpu.memory.free"
 	MetricReconnects    = "sous.broker.reconnects"
+	MetricRequestTime   = "sous.request.duration"
+	MetricFirstToken    = "sous.engine.time_to_first_token"
 )
 
 // Bucket boundaries. OpenTelemetry's default buckets suit milliseconds;
@@ -56,6 +58,8 @@ type instruments struct {
 	tokens      metric.Int64Counter
 	tokenRate   metric.Float64Histogram
 	reconnects  metric.Int64Counter
+	requestTime metric.Float64Histogram
+	firstToken  metric.Float64Histogram
 	engineUp    metric.Int64ObservableGauge
 	active      metric.Int64UpDownCounter
 }
@@ -93,7 +97,7 @@ func newInstruments(m metric.Meter) (instruments, error) {
 		metric.WithDescription("Results published, by status (ok, error)."))
 	collect(err)
 	in.queueTime, err = m.Float64Histogram(MetricQueueTime, metric.WithUnit("s"),
-		metric.WithDescription("Time from enqueue to receipt by the worker, where the broker or producer gave a timestamp. AMQP timestamps have whole seconds."),
+		metric.WithDescription("Time from enqueue to receipt by the worker, where the broker or producer gave a timestamp, by the timestamp's resolution (ms: timestamp_in_ms or Service Bus; s: the AMQP timestamp property)."),
 		metric.WithExplicitBucketBoundaries(secondsBuckets...))
 	collect(err)
 	in.batchWait, err = m.Float64Histogram(MetricBatchWait, metric.WithUnit("s"),
@@ -101,7 +105,7 @@ func newInstruments(m metric.Meter) (instruments, error) {
 		metric.WithExplicitBucketBoundaries(secondsBuckets...))
 	collect(err)
 	in.batchSize, err = m.Int64Histogram(MetricBatchSize, metric.WithUnit("{message}"),
-		metric.WithDescription("Deliveries per dispatched batch, by why it was dispatched (full, window, idle)."),
+		metric.WithDescription("Deliveries per dispatched batch, by why it was dispatched (slot, full, window, idle)."),
 		metric.WithExplicitBucketBoundaries(sizeBuckets...))
 	collect(err)
 	in.engineTime, err = m.Float64Histogram(MetricEngineTime, metric.WithUnit("s"),
@@ -117,6 +121,14 @@ func newInstruments(m metric.Meter) (instruments, error) {
 	collect(err)
 	in.reconnects, err = m.Int64Counter(MetricReconnects, metric.WithUnit("{reconnect}"),
 		metric.WithDescription("Times the broker connection was lost and made again."))
+	collect(err)
+	in.requestTime, err = m.Float64Histogram(MetricRequestTime, metric.WithUnit("s"),
+		metric.WithDescription("Time from enqueue to the end of the request in the worker (its result published and the delivery settled): what the producer waited, by model and the enqueue timestamp's resolution (ms, s)."),
+		metric.WithExplicitBucketBoundaries(secondsBuckets...))
+	collect(err)
+	in.firstToken, err = m.Float64Histogram(MetricFirstToken, metric.WithUnit("s"),
+		metric.WithDescription("Time from the start of the engine call to a streamed request's first output; requests that do not stream have none."),
+		metric.WithExplicitBucketBoundaries(secondsBuckets...))
 	collect(err)
 	in.engineUp, err = m.Int64ObservableGauge(MetricEngineUp,
 		metric.WithDescription("1 when the last engine call or readiness probe got an answer, 0 when the engine was unreachable, timed out or failed every request."))

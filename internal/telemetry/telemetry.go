@@ -29,14 +29,17 @@ const ScopeName = "github.com/sous-run/sous/internal/telemetry"
 
 // Attribute keys sous adds where no semantic convention fits.
 const (
-	AttrAttempt      = attribute.Key("sous.attempt")            // delivery attempt, 1-based
-	AttrBatchID      = attribute.Key("sous.batch.id")           // batch id, as in results
-	AttrBatchReason  = attribute.Key("sous.batch.reason")       // full, window, idle
-	AttrLimitReason  = attribute.Key("sous.batch.limit.reason") // memory, max, min, config, ceiling, engine
-	AttrSettleAction = attribute.Key("sous.settle.action")      // ack, requeue, dead_letter
-	AttrSettleReason = attribute.Key("sous.settle.reason")      // a reason code, as in the dead-letter header
-	AttrResultStatus = attribute.Key("sous.result.status")      // ok, error
-	AttrErrorClass   = attribute.Key("sous.error.class")        // input, retryable, overloaded, permanent
+	AttrAttempt     = attribute.Key("sous.attempt")      // delivery attempt, 1-based
+	AttrBatchID     = attribute.Key("sous.batch.id")     // batch id, as in results
+	AttrBatchReason = attribute.Key("sous.batch.reason") // batch.Reasons: slot, full, window, idle
+	// AttrTimeResolution is how precise the enqueue timestamp behind a
+	// queue time or request duration is: ms, s or unknown.
+	AttrTimeResolution = attribute.Key("sous.time.resolution")
+	AttrLimitReason    = attribute.Key("sous.batch.limit.reason") // sizing.Reasons: memory, max, min, config, ceiling, engine
+	AttrSettleAction   = attribute.Key("sous.settle.action")      // ack, requeue, dead_letter
+	AttrSettleReason   = attribute.Key("sous.settle.reason")      // a reason code, as in the dead-letter header
+	AttrResultStatus   = attribute.Key("sous.result.status")      // ok, error
+	AttrErrorClass     = attribute.Key("sous.error.class")        // input, retryable, overloaded, permanent
 	// AttrQueue is on the per-queue metrics: the input queue.
 	AttrQueue = semconv.MessagingDestinationNameKey
 )
@@ -96,7 +99,10 @@ type Observer struct {
 	engineUp    atomic.Int64 // 1 up, 0 down, -1 unknown
 }
 
-var _ worker.Observer = (*Observer)(nil)
+var (
+	_ worker.Observer           = (*Observer)(nil)
+	_ worker.FirstTokenObserver = (*Observer)(nil)
+)
 
 // New returns an Observer and registers its instruments.
 func New(cfg Config) (*Observer, error) {
@@ -152,7 +158,7 @@ func (o *Observer) ObserveSizer(snapshot func() sizing.Snapshot) error {
 	limit, err1 := o.meter.Int64ObservableGauge(MetricBatchLimit, metric.WithUnit("{message}"),
 		metric.WithDescription("The batch size the sizer allows now, by the limit that set it (memory, max, min, config, ceiling, engine)."))
 	ceiling, err2 := o.meter.Int64ObservableGauge(MetricBatchCeiling, metric.WithUnit("{message}"),
-		metric.WithDescription("The AIMD ceiling on the batch size: halved when the engine is overloaded, grown by SOUS_BATCH_GROWTH_STEP after full batches succeed."))
+		metric.WithDescription("The AIMD ceiling on the in-flight limit: halved when the engine is overloaded, grown by SOUS_BATCH_GROWTH_STEP for each call that succeeds with the engine at the ceiling."))
 	free, err3 := o.meter.Int64ObservableGauge(MetricGPUFreeMemory, metric.WithUnit("By"),
 		metric.WithDescription("Free memory of the fullest GPU the engine uses, at the last reading."))
 	if err := errors.Join(err1, err2, err3); err != nil {
@@ -225,7 +231,10 @@ func (o *Observer) Received(ctx context.Context, d *queue.Delivery) context.Cont
 		o.m.redelivered.Add(ctx, 1, o.queueAttr)
 	}
 	if !d.EnqueuedAt.IsZero() && !d.ReceivedAt.IsZero() {
-		o.m.queueTime.Record(ctx, max(0, d.ReceivedAt.Sub(d.EnqueuedAt)).Seconds(), o.queueAttr)
+		res := resolution(d.EnqueuedResolution)
+		o.m.queueTime.Record(ctx, max(0, d.ReceivedAt.Sub(d.EnqueuedAt)).Seconds(), o.opts.get(optKey{metric: keyQueueTime, a: res}, func() []attribute.KeyValue {
+			return []attribute.KeyValue{semconv.MessagingDestinationName(o.queue), AttrTimeResolution.String(res)}
+		}))
 	}
 	if len(d.Headers) > 0 {
 		ctx = o.prop.Extract(ctx, propagation.MapCarrier(d.Headers))
@@ -488,6 +497,14 @@ func (o *Observer) Done(ctx context.Context, d *queue.Delivery, out worker.Outco
 	// In flight drops last: a reader that sees it back to 0 sees every
 	// counter of the deliveries that left (a test once read it between).
 	defer o.m.inFlight.Add(ctx, -1, o.queueAttr)
+	// A request that was answered, not one handed back (requeued) to run
+	// again: the producer's wait ends here.
+	if !d.EnqueuedAt.IsZero() && out.Settlement.Action != queue.Requeue {
+		res := resolution(d.EnqueuedResolution)
+		o.m.requestTime.Record(ctx, max(0, time.Since(d.EnqueuedAt)).Seconds(), o.opts.get(optKey{metric: keyRequestTime, a: out.Model, b: res}, func() []attribute.KeyValue {
+			return []attribute.KeyValue{genai.GenAIRequestModel(out.Model), AttrTimeResolution.String(res)}
+		}))
+	}
 	o.m.settled.Add(ctx, 1, o.opts.get(optKey{metric: keySettled, a: act, b: reason}, func() []attribute.KeyValue {
 		return []attribute.KeyValue{AttrQueue.String(o.queue), AttrSettleAction.String(act), AttrSettleReason.String(reason)}
 	}))
@@ -525,6 +542,26 @@ func (o *Observer) Done(ctx context.Context, d *queue.Delivery, out worker.Outco
 	}
 	span.SetAttributes(attrs...)
 	span.End()
+}
+
+// FirstToken records a streamed request's time to first token
+// (worker.FirstTokenObserver).
+func (o *Observer) FirstToken(ctx context.Context, model string, ttft time.Duration) {
+	o.m.firstToken.Record(ctx, ttft.Seconds(), o.opts.get(optKey{metric: keyFirstToken, a: model}, func() []attribute.KeyValue {
+		return []attribute.KeyValue{genai.GenAIRequestModel(model)}
+	}))
+}
+
+// resolution names how precise an enqueue timestamp is, for the
+// sous.time.resolution attribute: ms, s, or unknown.
+func resolution(d time.Duration) string {
+	switch {
+	case d <= 0:
+		return "unknown"
+	case d < time.Second:
+		return "ms"
+	}
+	return "s"
 }
 
 // EngineHealth feeds the sous.engine.up gauge.

@@ -106,6 +106,21 @@ type Outcome struct {
 	Err error
 }
 
+// FirstTokenObserver is an Observer that also wants the time to first
+// token of streamed requests: from the start of the engine call that took
+// the request to its first output. Requests that do not stream have no
+// first token the worker sees (the answer comes whole).
+type FirstTokenObserver interface {
+	FirstToken(ctx context.Context, model string, ttft time.Duration)
+}
+
+func (s safeObserver) FirstToken(ctx context.Context, model string, ttft time.Duration) {
+	defer s.recover("FirstToken")
+	if f, ok := s.o.(FirstTokenObserver); ok {
+		f.FirstToken(ctx, model, ttft)
+	}
+}
+
 // NopObserver ignores every event. Embed it in an Observer that needs only
 // some of them.
 type NopObserver struct{}

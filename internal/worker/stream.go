@@ -21,18 +21,28 @@ type chunker struct {
 	buf  strings.Builder
 	seq  int
 	last time.Time
-	dead bool // a chunk failed to publish; stop trying, the result still goes
+	// start is the engine call's start; first is set at the first output.
+	start time.Time
+	first bool
+	dead  bool // a chunk failed to publish; stop trying, the result still goes
 
 	calls []inference.ToolCall // tool calls for the next chunk
 }
 
 func (w *Worker) newChunker(ctx context.Context, it *item) *chunker {
-	return &chunker{w: w, ctx: ctx, it: it, last: w.now()}
+	now := w.now()
+	return &chunker{w: w, ctx: ctx, it: it, last: now, start: now}
 }
 
 func (c *chunker) add(delta string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if !c.first && delta != "" {
+		c.first = true
+		if f, ok := c.w.obs.(FirstTokenObserver); ok {
+			f.FirstToken(c.it.ctx, c.it.dec.Req.Model, c.w.now().Sub(c.start))
+		}
+	}
 	c.buf.WriteString(delta)
 	// The first token goes at once (time to first token is what a reader
 	// waits on); later ones are coalesced.

@@ -35,7 +35,7 @@ func NewMemBroker() *MemBroker {
 // 50ms ago; opts adjust it.
 func (b *MemBroker) Send(id, body string, opts ...func(*queue.Delivery)) {
 	now := time.Now()
-	d := &queue.Delivery{ID: id, Body: []byte(body), ContentType: "application/json", Attempt: 1, ReceivedAt: now, EnqueuedAt: now.Add(-50 * time.Millisecond)}
+	d := &queue.Delivery{ID: id, Body: []byte(body), ContentType: "application/json", Attempt: 1, ReceivedAt: now, EnqueuedAt: now.Add(-50 * time.Millisecond), EnqueuedResolution: time.Millisecond}
 	for _, o := range opts {
 		o(d)
 	}

@@ -281,8 +281,20 @@ func TestEnqueuedAtInMilliseconds(t *testing.T) {
 	if err := ch.PublishWithContext(ctx, "", q, false, false, amqp.Publishing{MessageId: "t", Timestamp: at, Headers: amqp.Table{"timestamp_in_ms": at.UnixMilli()}, Body: []byte("{}")}); err != nil {
 		t.Fatal(err)
 	}
-	if got := receiveOne(t, ctx, d); !got.EnqueuedAt.Equal(at) {
-		t.Fatalf("EnqueuedAt %v, want %v to the millisecond", got.EnqueuedAt, at)
+	got := receiveOne(t, ctx, d)
+	if !got.EnqueuedAt.Equal(at) || got.EnqueuedResolution != time.Millisecond {
+		t.Fatalf("EnqueuedAt %v (resolution %v), want %v to the millisecond", got.EnqueuedAt, got.EnqueuedResolution, at)
+	}
+	if err := d.Settle(ctx, got, queue.Settlement{Action: queue.Ack}); err != nil {
+		t.Fatal(err)
+	}
+	// Without the header, the AMQP timestamp property: whole seconds, and
+	// the delivery says so.
+	if err := ch.PublishWithContext(ctx, "", q, false, false, amqp.Publishing{MessageId: "s", Timestamp: at, Body: []byte("{}")}); err != nil {
+		t.Fatal(err)
+	}
+	if got := receiveOne(t, ctx, d); !got.EnqueuedAt.Equal(at.Truncate(time.Second)) || got.EnqueuedResolution != time.Second {
+		t.Fatalf("EnqueuedAt %v (resolution %v), want %v in whole seconds", got.EnqueuedAt, got.EnqueuedResolution, at.Truncate(time.Second))
 	}
 }
 

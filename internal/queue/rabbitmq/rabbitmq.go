@@ -651,16 +651,17 @@ func (d *Driver) setConsumeLost(err error) {
 
 func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
 	del := &queue.Delivery{
-		ID:            raw.MessageId,
-		CorrelationID: raw.CorrelationId,
-		ReplyTo:       raw.ReplyTo,
-		ContentType:   raw.ContentType,
-		Body:          raw.Body,
-		Headers:       stringHeaders(raw.Headers),
-		Attempt:       attempt(raw),
-		EnqueuedAt:    enqueuedAt(raw),
-		ReceivedAt:    time.Now(),
-		Handle:        &handle{s: s, tag: raw.DeliveryTag, raw: raw},
+		ID:                 raw.MessageId,
+		CorrelationID:      raw.CorrelationId,
+		ReplyTo:            raw.ReplyTo,
+		ContentType:        raw.ContentType,
+		Body:               raw.Body,
+		Headers:            stringHeaders(raw.Headers),
+		Attempt:            attempt(raw),
+		EnqueuedAt:         enqueuedAt(raw),
+		EnqueuedResolution: enqueuedResolution(raw),
+		ReceivedAt:         time.Now(),
+		Handle:             &handle{s: s, tag: raw.DeliveryTag, raw: raw},
 	}
 	return del
 }
@@ -674,6 +675,18 @@ func enqueuedAt(raw amqp.Delivery) time.Time {
 		return time.UnixMilli(ms)
 	}
 	return raw.Timestamp
+}
+
+// enqueuedResolution is how precise enqueuedAt is: milliseconds from
+// timestamp_in_ms, whole seconds from the AMQP timestamp property.
+func enqueuedResolution(raw amqp.Delivery) time.Duration {
+	switch {
+	case headerMillis(raw.Headers["timestamp_in_ms"]) > 0:
+		return time.Millisecond
+	case !raw.Timestamp.IsZero():
+		return time.Second
+	}
+	return 0
 }
 
 func headerMillis(v any) int64 {

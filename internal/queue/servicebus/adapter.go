@@ -87,7 +87,7 @@ func toDelivery(m *azservicebus.ReceivedMessage, receivedAt time.Time) *queue.De
 		ReceivedAt:       receivedAt,
 	}
 	if m.EnqueuedTime != nil {
-		d.EnqueuedAt = *m.EnqueuedTime
+		d.EnqueuedAt, d.EnqueuedResolution = *m.EnqueuedTime, time.Millisecond
 	}
 	for k, v := range m.ApplicationProperties {
 		if s, ok := v.(string); ok {

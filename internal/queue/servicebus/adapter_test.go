@@ -44,7 +44,7 @@ func TestToDelivery(t *testing.T) {
 				ContentType: "application/json", Body: []byte(`{"prompt":"hi"}`),
 				Headers:    map[string]string{"traceparent": "00-abc-def-01", "tracestate": "k=v"},
 				Attempt:    3,
-				EnqueuedAt: enqueued,
+				EnqueuedAt: enqueued, EnqueuedResolution: time.Millisecond,
 				ReceivedAt: received,
 			},
 		},
