@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -126,8 +127,13 @@ func (a *answer) body(r *wire.Result) any {
 	u := usageOf(r)
 	switch a.ep {
 	case epChat:
+		text := resultText(r)
+		m := assistantMsg{Role: "assistant", Content: &text, ToolCalls: answerCalls(resultCalls(r))}
+		if text == "" && len(m.ToolCalls) > 0 {
+			m.Content = nil
+		}
 		return chatCompletion{ID: a.id, Object: "chat.completion", Created: a.created, Model: a.model,
-			Choices: []chatChoice{{Index: 0, Message: assistantMsg{Role: "assistant", Content: resultText(r)}, FinishReason: finishReason(r.DoneReason)}},
+			Choices: []chatChoice{{Index: 0, Message: m, FinishReason: finishReason(r.DoneReason)}},
 			Usage:   u}
 	case epCompletion:
 		fr := finishReason(r.DoneReason)
@@ -183,9 +189,11 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 	if err := out.raw(": queued\n\n"); err != nil {
 		return nil // the client went away
 	}
-	// sent is what the client has seen, for a stream that restarts on
-	// another worker: see docs/messages.md, Streaming.
+	// sent and calls are what the client has seen, for a stream that
+	// restarts on another worker: see docs/messages.md, Streaming.
 	var sent strings.Builder
+	var calls []string // ids of the tool calls sent
+	shown := func() bool { return sent.Len() > 0 || len(calls) > 0 }
 	started, restarted := false, false
 	keepAlive := func() error { return out.raw(": waiting\n\n") }
 	for {
@@ -204,21 +212,31 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 				if json.Unmarshal(rep.Body, &ch) != nil {
 					continue
 				}
-				if (ch.Restart || (ch.Seq == 0 && started)) && sent.Len() > 0 {
-					// The text shown so far cannot be taken back: wait for
+				if (ch.Restart || (ch.Seq == 0 && started)) && shown() {
+					// What was shown so far cannot be taken back: wait for
 					// the final result and send what follows it, if it
 					// continues what was shown.
 					restarted = true
 					a.log.Info("stream restarted on another attempt; waiting for the final result", "attempt", ch.Attempt)
 				}
 				started = true
-				if restarted || ch.Delta == "" {
+				if restarted {
 					continue
 				}
-				if err := a.delta(out, ch.Delta, sent.Len() == 0); err != nil {
-					return nil // the client went away
+				if ch.Delta != "" {
+					if err := a.delta(out, ch.Delta, !shown()); err != nil {
+						return nil // the client went away
+					}
+					sent.WriteString(ch.Delta)
 				}
-				sent.WriteString(ch.Delta)
+				if len(ch.ToolCalls) > 0 {
+					if err := a.toolDeltas(out, ch.ToolCalls, len(calls), !shown()); err != nil {
+						return nil
+					}
+					for _, tc := range ch.ToolCalls {
+						calls = append(calls, tc.ID)
+					}
+				}
 				continue
 			}
 			r, e := a.decodeResult(rep.Body)
@@ -228,16 +246,23 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 				return e
 			}
 			rest := resultText(r)
-			if !strings.HasPrefix(rest, sent.String()) {
+			all := resultCalls(r)
+			if !strings.HasPrefix(rest, sent.String()) || !sameCalls(calls, all) {
 				e := &apiError{Status: 502, Type: "server_error", Code: "stream_restarted",
-					Message: "the worker streaming this answer failed and another attempt produced a different text; retry the request"}
+					Message: "the worker streaming this answer failed and another attempt produced a different answer; retry the request"}
 				a.fail(e)
 				_ = out.event(e.body())
 				return e
 			}
-			if rest = rest[sent.Len():]; rest != "" || sent.Len() == 0 {
+			if rest = rest[sent.Len():]; rest != "" || !shown() && len(all) == 0 {
 				// An empty answer still has its role delta, as OpenAI sends.
-				if err := a.delta(out, rest, sent.Len() == 0); err != nil {
+				if err := a.delta(out, rest, !shown()); err != nil {
+					return nil
+				}
+				sent.WriteString(rest)
+			}
+			if len(all) > len(calls) {
+				if err := a.toolDeltas(out, all[len(calls):], len(calls), !shown()); err != nil {
 					return nil
 				}
 			}
@@ -245,6 +270,47 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 			return nil
 		}
 	}
+}
+
+// sameCalls says whether the calls streamed so far (their ids) begin the
+// final answer's calls.
+func sameCalls(sent []string, all []inference.ToolCall) bool {
+	if len(sent) > len(all) {
+		return false
+	}
+	for i, id := range sent {
+		if all[i].ID != id {
+			return false
+		}
+	}
+	return true
+}
+
+// toolDeltas streams calls as OpenAI does: for each, one delta with its
+// index, id, type and name (arguments ""), then one with the arguments.
+// from is the index of the first.
+func (a *answer) toolDeltas(out sse, calls []inference.ToolCall, from int, first bool) error {
+	for i, c := range answerCalls(calls) {
+		idx := from + i
+		head := c
+		head.Index = &idx
+		empty := ""
+		head.Function.Arguments = &empty
+		d := delta{ToolCalls: []outToolCall{head}}
+		if first && i == 0 {
+			d.Role = "assistant"
+		}
+		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: d}})); err != nil {
+			return err
+		}
+		var args outToolCall
+		args.Index = &idx
+		args.Function.Arguments = c.Function.Arguments
+		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: delta{ToolCalls: []outToolCall{args}}}})); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (a *answer) delta(out sse, text string, first bool) error {
