@@ -91,3 +91,18 @@ func TestToolsServiceBus(t *testing.T) {
 	gw := startGateway(t, "sous.requests", append(sb, "SOUS_GATEWAY_REPLY_QUEUE=sous.replies")...)
 	runNode(t, gw.api, "tools.mjs", toolScenarios)
 }
+
+// TestAgentFrameworks: real agent frameworks, unchanged but for the base
+// URL and the key, run a tool-using agent to the scripted model's exact
+// answer through the gateway, RabbitMQ, the worker and the dev Ollama:
+// LangChain.js (langchain's createAgent on @langchain/openai's ChatOpenAI,
+// chat completions), plain and streamed, one tool call and two in parallel.
+func TestAgentFrameworks(t *testing.T) {
+	t.Parallel()
+	q := queueName(t, "")
+	startWorker(t, q, scriptedModels)
+	gw := startGateway(t, q, scriptedModels)
+	t.Run("langchain", func(t *testing.T) {
+		runNode(t, gw.api, "langchain.mjs", []string{"langchain_agent", "langchain_parallel", "langchain_agent_stream", "langchain_parallel_stream"})
+	})
+}
