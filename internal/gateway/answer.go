@@ -26,7 +26,8 @@ type answer struct {
 	ep           endpoint
 	includeUsage bool
 	base64       bool
-	reqID        string // the sous request id, for errors and logs
+	echo         *responsesEcho // the Responses API: what a Response repeats
+	reqID        string         // the sous request id, for errors and logs
 	id           string
 	created      int64
 	model        string
@@ -135,6 +136,8 @@ func (a *answer) body(r *wire.Result) any {
 		return chatCompletion{ID: a.id, Object: "chat.completion", Created: a.created, Model: a.model,
 			Choices: []chatChoice{{Index: 0, Message: m, FinishReason: finishReason(r.DoneReason)}},
 			Usage:   u}
+	case epResponses:
+		return a.response(r, a.responseOutput(r))
 	case epCompletion:
 		fr := finishReason(r.DoneReason)
 		return textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
@@ -166,6 +169,16 @@ func (s sse) event(v any) error {
 	return s.rc.Flush()
 }
 
+// named writes an event with its type as the SSE event name, as the
+// Responses API streams.
+func (s sse) named(typ string, v any) error {
+	b, _ := json.Marshal(v)
+	if _, err := fmt.Fprintf(s.w, "event: %s\ndata: %s\n\n", typ, b); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
 func (s sse) raw(line string) error {
 	if _, err := fmt.Fprint(s.w, line); err != nil {
 		return err
@@ -189,6 +202,13 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 	if err := out.raw(": queued\n\n"); err != nil {
 		return nil // the client went away
 	}
+	var sw streamWriter = chatStream{a: a, out: out}
+	if a.ep == epResponses {
+		sw = &responsesStream{a: a, out: out, msg: -1}
+	}
+	if err := sw.start(); err != nil {
+		return nil
+	}
 	// sent and calls are what the client has seen, for a stream that
 	// restarts on another worker: see docs/messages.md, Streaming.
 	var sent strings.Builder
@@ -202,7 +222,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 			e := a.failure(err)
 			if e != nil {
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 			}
 			return e
 		}
@@ -224,13 +244,13 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 					continue
 				}
 				if ch.Delta != "" {
-					if err := a.delta(out, ch.Delta, !shown()); err != nil {
+					if err := sw.text(ch.Delta, !shown()); err != nil {
 						return nil // the client went away
 					}
 					sent.WriteString(ch.Delta)
 				}
 				if len(ch.ToolCalls) > 0 {
-					if err := a.toolDeltas(out, ch.ToolCalls, len(calls), !shown()); err != nil {
+					if err := sw.calls(ch.ToolCalls, len(calls), !shown()); err != nil {
 						return nil
 					}
 					for _, tc := range ch.ToolCalls {
@@ -242,7 +262,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 			r, e := a.decodeResult(rep.Body)
 			if e != nil {
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 				return e
 			}
 			rest := resultText(r)
@@ -251,26 +271,56 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 				e := &apiError{Status: 502, Type: "server_error", Code: "stream_restarted",
 					Message: "the worker streaming this answer failed and another attempt produced a different answer; retry the request"}
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 				return e
 			}
 			if rest = rest[sent.Len():]; rest != "" || !shown() && len(all) == 0 {
 				// An empty answer still has its role delta, as OpenAI sends.
-				if err := a.delta(out, rest, !shown()); err != nil {
+				if err := sw.text(rest, !shown()); err != nil {
 					return nil
 				}
 				sent.WriteString(rest)
 			}
 			if len(all) > len(calls) {
-				if err := a.toolDeltas(out, all[len(calls):], len(calls), !shown()); err != nil {
+				if err := sw.calls(all[len(calls):], len(calls), !shown()); err != nil {
 					return nil
 				}
 			}
-			_ = a.finish(out, r)
+			_ = sw.finish(r)
 			return nil
 		}
 	}
 }
+
+// streamWriter writes one API's stream events.
+type streamWriter interface {
+	// start writes what comes before the answer.
+	start() error
+	// text writes a text delta; first: nothing was shown before it.
+	text(delta string, first bool) error
+	// calls writes whole tool calls, from the index of the first.
+	calls(calls []inference.ToolCall, from int, first bool) error
+	// finish writes the end of the stream.
+	finish(r *wire.Result) error
+	// fail writes an error event.
+	fail(e *apiError)
+}
+
+// chatStream is the stream of chat and text completions.
+type chatStream struct {
+	a   *answer
+	out sse
+}
+
+func (c chatStream) start() error { return nil }
+func (c chatStream) text(d string, first bool) error {
+	return c.a.delta(c.out, d, first)
+}
+func (c chatStream) calls(calls []inference.ToolCall, from int, first bool) error {
+	return c.a.toolDeltas(c.out, calls, from, first)
+}
+func (c chatStream) finish(r *wire.Result) error { return c.a.finish(c.out, r) }
+func (c chatStream) fail(e *apiError)            { _ = c.out.event(e.body()) }
 
 // sameCalls says whether the calls streamed so far (their ids) begin the
 // final answer's calls.

@@ -98,6 +98,7 @@ const (
 	epChat endpoint = iota + 1
 	epCompletion
 	epEmbedding
+	epResponses
 )
 
 // translated is an OpenAI request turned into a sous request.
@@ -106,6 +107,7 @@ type translated struct {
 	req          wire.Request
 	includeUsage bool
 	base64       bool // embeddings: answer in base64 (openai-node's default)
+	echo         *responsesEcho
 }
 
 // badRequest is a 400 whose message names the offending parameter.

@@ -160,6 +160,7 @@ func events(t *testing.T, resp *http.Response) (data []string, comments int) {
 			comments++
 		case strings.HasPrefix(line, "data: "):
 			data = append(data, strings.TrimPrefix(line, "data: "))
+		case strings.HasPrefix(line, "event: "): // the Responses API's
 		case line == "":
 		default:
 			t.Fatalf("unexpected SSE line %q", line)
