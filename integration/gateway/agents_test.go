@@ -96,7 +96,9 @@ func TestToolsServiceBus(t *testing.T) {
 // URL and the key, run a tool-using agent to the scripted model's exact
 // answer through the gateway, RabbitMQ, the worker and the dev Ollama:
 // LangChain.js (langchain's createAgent on @langchain/openai's ChatOpenAI,
-// chat completions), plain and streamed, one tool call and two in parallel.
+// chat completions) and the OpenAI Agents SDK (@openai/agents, on its
+// default, the Responses API), each plain and streamed, one tool call and
+// two in parallel.
 func TestAgentFrameworks(t *testing.T) {
 	t.Parallel()
 	q := queueName(t, "")
@@ -105,4 +107,18 @@ func TestAgentFrameworks(t *testing.T) {
 	t.Run("langchain", func(t *testing.T) {
 		runNode(t, gw.api, "langchain.mjs", []string{"langchain_agent", "langchain_parallel", "langchain_agent_stream", "langchain_parallel_stream"})
 	})
+	t.Run("openai-agents", func(t *testing.T) {
+		runNode(t, gw.api, "agents.mjs", []string{"agents_sdk", "agents_sdk_parallel", "agents_sdk_stream", "agents_sdk_parallel_stream"})
+	})
+	// Each framework went where it should: LangChain to chat completions,
+	// the Agents SDK to the Responses API, every answer a 200.
+	_, metrics := gw.GetBody("/metrics")
+	for _, route := range []string{"/v1/chat/completions", "/v1/responses"} {
+		if !strings.Contains(metrics, `http_response_status_code="200",http_route="`+route+`"`) {
+			t.Errorf("/metrics counts no 200 on %s", route)
+		}
+	}
+	if strings.Contains(metrics, `http_response_status_code="4`) || strings.Contains(metrics, `http_response_status_code="5`) {
+		t.Errorf("an agent's request failed:\n%s", metrics)
+	}
 }
