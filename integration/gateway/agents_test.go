@@ -66,7 +66,8 @@ func runNode(t *testing.T, api, script string, want []string, env ...string) {
 	}
 }
 
-var toolScenarios = []string{"tool_round_trip", "tool_stream", "parallel_tool_calls", "tool_choice", "json_output", "bad_tool_input"}
+var toolScenarios = []string{"tool_round_trip", "tool_stream", "parallel_tool_calls", "tool_choice", "json_output", "bad_tool_input",
+	"responses_round_trip", "responses_stream", "responses_refused"}
 
 // TestToolsNodeClient: tools, tool calls (parallel, streamed), tool_choice,
 // JSON output and bad tool input with the official OpenAI Node client,

@@ -163,3 +163,50 @@ await scenario('bad_tool_input', async () => {
   }
   report('bad_tool_input', Object.entries(got).every(([k, v]) => k === v), { got });
 });
+
+// The Responses API, stateless: the conversation goes back as input items.
+const flatTools = tools.map((t) => ({ type: 'function', ...t.function, strict: false }));
+
+await scenario('responses_round_trip', async () => {
+  const input = [{ role: 'user', content: env('PARALLEL_Q') }];
+  const first = await client.responses.create({ model, input, tools: flatTools, store: false, instructions: 'Use the tools.' });
+  const calls = first.output.filter((o) => o.type === 'function_call');
+  input.push(...first.output, ...calls.map((c) => ({
+    type: 'function_call_output', call_id: c.call_id, output: weather[JSON.parse(c.arguments).city] ?? 'unknown',
+  })));
+  const second = await client.responses.create({ model, input, tools: flatTools, store: false, instructions: 'Use the tools.' });
+  report('responses_round_trip', first.status === 'completed' && isDeepStrictEqual(calls.map((c) => `${c.name}${c.arguments}`),
+    ['get_weather{"city":"Paris"}', 'get_weather{"city":"London"}']) && second.output_text === env('PARALLEL_A') && second.usage.total_tokens > 0,
+  { calls: calls.map((c) => c.call_id), answer: second.output_text });
+});
+
+await scenario('responses_stream', async () => {
+  const input = [{ role: 'user', content: env('WEATHER_Q') }];
+  const s = await client.responses.create({ model, input, tools: flatTools, store: false, stream: true });
+  const types = [];
+  let args = '', completed = null;
+  for await (const e of s) {
+    types.push(e.type);
+    if (e.type === 'response.function_call_arguments.delta') args += e.delta;
+    if (e.type === 'response.completed') completed = e.response;
+  }
+  const call = completed?.output.find((o) => o.type === 'function_call');
+  input.push(call, { type: 'function_call_output', call_id: call.call_id, output: weather.Paris });
+  // The SDK's stream helper reassembles the text from response.output_text.delta.
+  const second = await client.responses.stream({ model, input, tools: flatTools, store: false }).finalResponse();
+  report('responses_stream', args === '{"city":"Paris"}' && types[0] === 'response.created' && types.at(-1) === 'response.completed' &&
+    second.output_text === env('WEATHER_A'), { types: [...new Set(types)], answer: second.output_text });
+});
+
+await scenario('responses_refused', async () => {
+  const got = {};
+  for (const [param, extra] of Object.entries({ previous_response_id: { previous_response_id: 'resp_1' }, store: { store: true } })) {
+    try {
+      await client.responses.create({ model, input: env('WEATHER_Q'), ...extra });
+      got[param] = 'no error';
+    } catch (e) {
+      got[param] = e instanceof OpenAI.BadRequestError && e.code === 'unsupported_parameter' ? e.param : String(e);
+    }
+  }
+  report('responses_refused', Object.entries(got).every(([k, v]) => k === v), { got });
+});
