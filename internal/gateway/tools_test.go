@@ -227,3 +227,48 @@ func TestToolErrors(t *testing.T) {
 		})
 	}
 }
+
+// A stream restarted on another attempt after a tool call was shown: the
+// final answer is sent on only if it holds that same call (the same id);
+// a new attempt's new call is an error, since the client already has the
+// old one.
+func TestToolStreamRestart(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		finalID string
+		wantErr bool
+	}{{"call_1", false}, {"call_9", true}} {
+		srv, _ := setup(t, setupOpts{answer: func(m Message, c *fakeCall) {
+			c.push(true, wire.Chunk{ID: m.ID, Seq: 0, ToolCalls: []inference.ToolCall{weatherCall("call_1", "Paris")}, Attempt: 1})
+			c.push(true, wire.Chunk{ID: m.ID, Seq: 0, Restart: true, Attempt: 2})
+			done := true
+			c.push(false, wire.Result{ID: m.ID, Status: wire.StatusOK, DoneReason: inference.DoneToolCalls, Done: &done,
+				Message: &inference.Message{Role: "assistant", ToolCalls: []inference.ToolCall{weatherCall(tc.finalID, "Paris"), weatherCall("call_2", "London")}}})
+		}})
+		resp := post(t, srv.URL+"/v1/chat/completions", "", `{"messages":[{"role":"user","content":"Weather?"}],"tools":[`+weatherTool+`],"stream":true}`)
+		data, _ := events(t, resp)
+		var ids []string
+		failed := false
+		for _, d := range data {
+			var e errorBody
+			if json.Unmarshal([]byte(d), &e) == nil && e.Error.Message != "" {
+				failed = true
+			}
+			var c struct {
+				Choices []chatChunkChoice `json:"choices"`
+			}
+			if json.Unmarshal([]byte(d), &c) == nil {
+				for _, ch := range c.Choices {
+					for _, tc := range ch.Delta.ToolCalls {
+						if tc.ID != "" {
+							ids = append(ids, tc.ID)
+						}
+					}
+				}
+			}
+		}
+		if failed != tc.wantErr || (!failed && strings.Join(ids, ",") != "call_1,call_2") {
+			t.Fatalf("final call %s: calls %v, failed %v", tc.finalID, ids, failed)
+		}
+	}
+}
