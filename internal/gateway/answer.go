@@ -27,6 +27,7 @@ type answer struct {
 	includeUsage bool
 	base64       bool
 	echo         *responsesEcho // the Responses API: what a Response repeats
+	forcedTool   bool           // tool_choice "required" or a named function
 	reqID        string         // the sous request id, for errors and logs
 	id           string
 	created      int64
@@ -86,7 +87,13 @@ func (a *answer) decodeResult(body []byte) (*wire.Result, *apiError) {
 		}
 		a.log.Warn("the worker reported an error", "code", e.Code, "detail", e.Message)
 		a.span.AddEvent("worker error", trace.WithAttributes(attribute.String("error.type", e.Code), attribute.String("sous.error.detail", e.Message)))
-		return nil, fromResult(e, a.model, a.reqID)
+		ae := fromResult(e, a.model, a.reqID)
+		if a.forcedTool && e.Code == "engine_rejected" {
+			// The likeliest cause, and one the client can act on.
+			ae.Param = "tool_choice"
+			ae.Message += `; a tool_choice of "required" or a named function is refused by engines that cannot force a call (Ollama): send "auto"`
+		}
+		return nil, ae
 	}
 	return &r, nil
 }

@@ -327,7 +327,8 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 	// What the answer needs; t, body and msg are not used past Send, so
 	// the prompt is not kept while the request waits.
 	stream := t.req.Stream
-	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, echo: t.echo, reqID: id,
+	forced := len(t.req.ToolChoice) > 0 && string(t.req.ToolChoice) != `"auto"` && string(t.req.ToolChoice) != `"none"`
+	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, echo: t.echo, forcedTool: forced, reqID: id,
 		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
 	log := s.log.With("request_id", id, "model", ans.model)

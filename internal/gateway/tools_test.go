@@ -272,3 +272,23 @@ func TestToolStreamRestart(t *testing.T) {
 		}
 	}
 }
+
+// An engine that cannot force a call refuses a forced tool_choice; the
+// client is told that tool_choice is the likely cause.
+func TestForcedToolChoiceRejected(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ choice, param string }{
+		{`"required"`, "tool_choice"},
+		{`{"type":"function","function":{"name":"get_weather"}}`, "tool_choice"},
+		{`"auto"`, ""},
+	} {
+		srv, _ := setup(t, setupOpts{answer: func(m Message, c *fakeCall) {
+			c.push(false, wire.ErrorResult(m.ID, "tiny", "engine_rejected", "Ollama cannot force or name a tool call"))
+		}})
+		resp := post(t, srv.URL+"/v1/chat/completions", "", `{"messages":[{"role":"user","content":"Weather?"}],"tools":[`+weatherTool+`],"tool_choice":`+tc.choice+`}`)
+		e := decode[errorBody](t, resp)
+		if resp.StatusCode != 400 || *e.Error.Code != "engine_rejected" || deref(e.Error.Param) != map[bool]string{true: tc.param, false: "<nil>"}[tc.param != ""] {
+			t.Fatalf("tool_choice %s: %d %+v param %s", tc.choice, resp.StatusCode, e.Error, deref(e.Error.Param))
+		}
+	}
+}

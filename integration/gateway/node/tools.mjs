@@ -115,11 +115,11 @@ await scenario('tool_choice', async () => {
       await client.chat.completions.create({ model, messages, tools, tool_choice });
       forced.push('no error');
     } catch (e) {
-      forced.push(e instanceof OpenAI.BadRequestError ? e.code : String(e));
+      forced.push(e instanceof OpenAI.BadRequestError ? `${e.code} ${e.param}` : String(e));
     }
   }
   report('tool_choice', none.choices[0].message.content === env('WEATHER_CALL') && !none.choices[0].message.tool_calls &&
-    auto.choices[0].message.tool_calls?.length === 1 && isDeepStrictEqual(forced, ['engine_rejected', 'engine_rejected']),
+    auto.choices[0].message.tool_calls?.length === 1 && isDeepStrictEqual(forced, ['engine_rejected tool_choice', 'engine_rejected tool_choice']),
   { none: none.choices[0].message.content, forced });
 });
 
