@@ -81,8 +81,8 @@ func TestToolsNodeClient(t *testing.T) {
 	runNode(t, gw.api, "tools.mjs", toolScenarios)
 }
 
-// TestToolsServiceBus: the same scenarios with the gateway and the worker
-// on Service Bus (sbpeer).
+// TestToolsServiceBus: the same scenarios, and both agent frameworks, with
+// the gateway and the worker on Service Bus (sbpeer).
 func TestToolsServiceBus(t *testing.T) {
 	t.Parallel()
 	p := sbpeer.Start(t, sbpeer.Options{})
@@ -91,7 +91,14 @@ func TestToolsServiceBus(t *testing.T) {
 	startWorker(t, "sous.requests", sb...)
 	gw := startGateway(t, "sous.requests", append(sb, "SOUS_GATEWAY_REPLY_QUEUE=sous.replies")...)
 	runNode(t, gw.api, "tools.mjs", toolScenarios)
+	runNode(t, gw.api, "langchain.mjs", langchainScenarios)
+	runNode(t, gw.api, "agents.mjs", agentsScenarios)
 }
+
+var (
+	langchainScenarios = []string{"langchain_agent", "langchain_parallel", "langchain_agent_stream", "langchain_parallel_stream"}
+	agentsScenarios    = []string{"agents_sdk", "agents_sdk_parallel", "agents_sdk_stream", "agents_sdk_parallel_stream"}
+)
 
 // TestAgentFrameworks: real agent frameworks, unchanged but for the base
 // URL and the key, run a tool-using agent to the scripted model's exact
@@ -106,10 +113,10 @@ func TestAgentFrameworks(t *testing.T) {
 	startWorker(t, q, scriptedModels)
 	gw := startGateway(t, q, scriptedModels)
 	t.Run("langchain", func(t *testing.T) {
-		runNode(t, gw.api, "langchain.mjs", []string{"langchain_agent", "langchain_parallel", "langchain_agent_stream", "langchain_parallel_stream"})
+		runNode(t, gw.api, "langchain.mjs", langchainScenarios)
 	})
 	t.Run("openai-agents", func(t *testing.T) {
-		runNode(t, gw.api, "agents.mjs", []string{"agents_sdk", "agents_sdk_parallel", "agents_sdk_stream", "agents_sdk_parallel_stream"})
+		runNode(t, gw.api, "agents.mjs", agentsScenarios)
 	})
 	// Each framework went where it should: LangChain to chat completions,
 	// the Agents SDK to the Responses API, every answer a 200.
