@@ -145,7 +145,7 @@ func translateToolChoice(raw json.RawMessage, names map[string]bool) (json.RawMe
 	return b, nil
 }
 
-// toolCalls checks an assistant message's tool calls and returns them in
+// translateToolCalls checks an assistant message's tool calls and returns them in
 // the queue's shape, arguments a JSON object.
 func translateToolCalls(i int, calls []chatToolCall) ([]inference.ToolCall, *apiError) {
 	out := make([]inference.ToolCall, 0, len(calls))
