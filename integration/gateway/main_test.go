@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -68,9 +69,30 @@ func testMain(m *testing.M) int {
 	return code
 }
 
-// installClient runs `npm ci` in node/ when the pinned client is missing.
+// installClient runs `npm ci` in node/ when a pinned package is missing
+// (package.json's dependencies: the OpenAI client and the agent frameworks).
 func installClient(ctx context.Context) error {
-	if _, err := os.Stat(filepath.Join("node", "node_modules", "openai", "package.json")); err == nil {
+	var pkg struct {
+		Dependencies map[string]string `json:"dependencies"`
+	}
+	b, err := os.ReadFile(filepath.Join("node", "package.json"))
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, &pkg); err != nil {
+		return fmt.Errorf("node/package.json: %w", err)
+	}
+	missing := false
+	for name, version := range pkg.Dependencies {
+		var got struct {
+			Version string `json:"version"`
+		}
+		b, err := os.ReadFile(filepath.Join("node", "node_modules", name, "package.json"))
+		if err != nil || json.Unmarshal(b, &got) != nil || got.Version != version {
+			missing = true
+		}
+	}
+	if !missing {
 		return nil
 	}
 	if _, err := exec.LookPath("npm"); err != nil {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -199,6 +200,56 @@ func TestScripted(t *testing.T) {
 			t.Errorf("answer %q, want the fallback", got.Message.Content)
 		}
 	})
+
+	// Two calls in one answer (parallel tool calls), then both results.
+	for _, stream := range []bool{false, true} {
+		t.Run(fmt.Sprintf("parallel tool calls stream=%v", stream), func(t *testing.T) {
+			puser := map[string]any{"role": "user", "content": tinymodel.ParallelQuestion}
+			a := post(t, ctx, url+"/api/chat", map[string]any{
+				"model": model, "stream": stream, "tools": []any{weatherTool}, "messages": []any{puser},
+			})
+			if a.status != http.StatusOK {
+				t.Fatalf("HTTP %d: %s", a.status, a.body)
+			}
+			var calls []string
+			sc := bufio.NewScanner(bytes.NewReader(a.body))
+			for sc.Scan() {
+				var c toolChatResponse
+				if err := json.Unmarshal(sc.Bytes(), &c); err != nil {
+					t.Fatal(err)
+				}
+				for _, tc := range c.Message.ToolCalls {
+					b, _ := json.Marshal(tc.Function.Arguments)
+					calls = append(calls, tc.Function.Name+string(b))
+				}
+			}
+			want := []string{tinymodel.WeatherTool + `{"city":"Paris"}`, tinymodel.WeatherTool + `{"city":"London"}`}
+			if !slices.Equal(calls, want) {
+				t.Fatalf("tool calls %q, want %q", calls, want)
+			}
+			pcall := map[string]any{"role": "assistant", "content": "", "tool_calls": []map[string]any{
+				{"function": map[string]any{"name": tinymodel.WeatherTool, "arguments": map[string]any{"city": "Paris"}}},
+				{"function": map[string]any{"name": tinymodel.WeatherTool, "arguments": map[string]any{"city": "London"}}},
+			}}
+			a = post(t, ctx, url+"/api/chat", map[string]any{
+				"model": model, "stream": stream, "tools": []any{weatherTool}, "messages": []any{puser, pcall,
+					map[string]any{"role": "tool", "content": tinymodel.WeatherToolResult},
+					map[string]any{"role": "tool", "content": tinymodel.ParallelToolResult}},
+			})
+			var text strings.Builder
+			sc = bufio.NewScanner(bytes.NewReader(a.body))
+			for sc.Scan() {
+				var c toolChatResponse
+				if err := json.Unmarshal(sc.Bytes(), &c); err != nil {
+					t.Fatal(err)
+				}
+				text.WriteString(c.Message.Content)
+			}
+			if text.String() != tinymodel.ParallelAnswer {
+				t.Errorf("answer %q, want %q", text.String(), tinymodel.ParallelAnswer)
+			}
+		})
+	}
 
 	// The same loop through Ollama's OpenAI-compatible API: arguments are a
 	// JSON string, and an assistant message with tool calls has content null

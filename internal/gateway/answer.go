@@ -14,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -25,7 +26,9 @@ type answer struct {
 	ep           endpoint
 	includeUsage bool
 	base64       bool
-	reqID        string // the sous request id, for errors and logs
+	echo         *responsesEcho // the Responses API: what a Response repeats
+	forcedTool   bool           // tool_choice "required" or a named function
+	reqID        string         // the sous request id, for errors and logs
 	id           string
 	created      int64
 	model        string
@@ -84,7 +87,13 @@ func (a *answer) decodeResult(body []byte) (*wire.Result, *apiError) {
 		}
 		a.log.Warn("the worker reported an error", "code", e.Code, "detail", e.Message)
 		a.span.AddEvent("worker error", trace.WithAttributes(attribute.String("error.type", e.Code), attribute.String("sous.error.detail", e.Message)))
-		return nil, fromResult(e, a.model, a.reqID)
+		ae := fromResult(e, a.model, a.reqID)
+		if a.forcedTool && e.Code == "engine_rejected" {
+			// The likeliest cause, and one the client can act on.
+			ae.Param = "tool_choice"
+			ae.Message += `; a tool_choice of "required" or a named function is refused by engines that cannot force a call (Ollama): send "auto"`
+		}
+		return nil, ae
 	}
 	return &r, nil
 }
@@ -126,9 +135,16 @@ func (a *answer) body(r *wire.Result) any {
 	u := usageOf(r)
 	switch a.ep {
 	case epChat:
+		text := resultText(r)
+		m := assistantMsg{Role: "assistant", Content: &text, ToolCalls: answerCalls(resultCalls(r))}
+		if text == "" && len(m.ToolCalls) > 0 {
+			m.Content = nil
+		}
 		return chatCompletion{ID: a.id, Object: "chat.completion", Created: a.created, Model: a.model,
-			Choices: []chatChoice{{Index: 0, Message: assistantMsg{Role: "assistant", Content: resultText(r)}, FinishReason: finishReason(r.DoneReason)}},
+			Choices: []chatChoice{{Index: 0, Message: m, FinishReason: finishReason(r.DoneReason)}},
 			Usage:   u}
+	case epResponses:
+		return a.response(r, a.responseOutput(r))
 	case epCompletion:
 		fr := finishReason(r.DoneReason)
 		return textCompletion{ID: a.id, Object: "text_completion", Created: a.created, Model: a.model,
@@ -160,6 +176,16 @@ func (s sse) event(v any) error {
 	return s.rc.Flush()
 }
 
+// named writes an event with its type as the SSE event name, as the
+// Responses API streams.
+func (s sse) named(typ string, v any) error {
+	b, _ := json.Marshal(v)
+	if _, err := fmt.Fprintf(s.w, "event: %s\ndata: %s\n\n", typ, b); err != nil {
+		return err
+	}
+	return s.rc.Flush()
+}
+
 func (s sse) raw(line string) error {
 	if _, err := fmt.Fprint(s.w, line); err != nil {
 		return err
@@ -183,9 +209,18 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 	if err := out.raw(": queued\n\n"); err != nil {
 		return nil // the client went away
 	}
-	// sent is what the client has seen, for a stream that restarts on
-	// another worker: see docs/messages.md, Streaming.
+	var sw streamWriter = chatStream{a: a, out: out}
+	if a.ep == epResponses {
+		sw = &responsesStream{a: a, out: out, msg: -1}
+	}
+	if err := sw.start(); err != nil {
+		return nil
+	}
+	// sent and calls are what the client has seen, for a stream that
+	// restarts on another worker: see docs/messages.md, Streaming.
 	var sent strings.Builder
+	var calls []string // ids of the tool calls sent
+	shown := func() bool { return sent.Len() > 0 || len(calls) > 0 }
 	started, restarted := false, false
 	keepAlive := func() error { return out.raw(": waiting\n\n") }
 	for {
@@ -194,7 +229,7 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 			e := a.failure(err)
 			if e != nil {
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 			}
 			return e
 		}
@@ -204,47 +239,135 @@ func (a *answer) stream(ctx context.Context, w http.ResponseWriter, c Call) *api
 				if json.Unmarshal(rep.Body, &ch) != nil {
 					continue
 				}
-				if (ch.Restart || (ch.Seq == 0 && started)) && sent.Len() > 0 {
-					// The text shown so far cannot be taken back: wait for
+				if (ch.Restart || (ch.Seq == 0 && started)) && shown() {
+					// What was shown so far cannot be taken back: wait for
 					// the final result and send what follows it, if it
 					// continues what was shown.
 					restarted = true
 					a.log.Info("stream restarted on another attempt; waiting for the final result", "attempt", ch.Attempt)
 				}
 				started = true
-				if restarted || ch.Delta == "" {
+				if restarted {
 					continue
 				}
-				if err := a.delta(out, ch.Delta, sent.Len() == 0); err != nil {
-					return nil // the client went away
+				if ch.Delta != "" {
+					if err := sw.text(ch.Delta, !shown()); err != nil {
+						return nil // the client went away
+					}
+					sent.WriteString(ch.Delta)
 				}
-				sent.WriteString(ch.Delta)
+				if len(ch.ToolCalls) > 0 {
+					if err := sw.calls(ch.ToolCalls, len(calls), !shown()); err != nil {
+						return nil
+					}
+					for _, tc := range ch.ToolCalls {
+						calls = append(calls, tc.ID)
+					}
+				}
 				continue
 			}
 			r, e := a.decodeResult(rep.Body)
 			if e != nil {
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 				return e
 			}
 			rest := resultText(r)
-			if !strings.HasPrefix(rest, sent.String()) {
+			all := resultCalls(r)
+			if !strings.HasPrefix(rest, sent.String()) || !sameCalls(calls, all) {
 				e := &apiError{Status: 502, Type: "server_error", Code: "stream_restarted",
-					Message: "the worker streaming this answer failed and another attempt produced a different text; retry the request"}
+					Message: "the worker streaming this answer failed and another attempt produced a different answer; retry the request"}
 				a.fail(e)
-				_ = out.event(e.body())
+				sw.fail(e)
 				return e
 			}
-			if rest = rest[sent.Len():]; rest != "" || sent.Len() == 0 {
+			if rest = rest[sent.Len():]; rest != "" || !shown() && len(all) == 0 {
 				// An empty answer still has its role delta, as OpenAI sends.
-				if err := a.delta(out, rest, sent.Len() == 0); err != nil {
+				if err := sw.text(rest, !shown()); err != nil {
+					return nil
+				}
+				sent.WriteString(rest)
+			}
+			if len(all) > len(calls) {
+				if err := sw.calls(all[len(calls):], len(calls), !shown()); err != nil {
 					return nil
 				}
 			}
-			_ = a.finish(out, r)
+			_ = sw.finish(r)
 			return nil
 		}
 	}
+}
+
+// streamWriter writes one API's stream events.
+type streamWriter interface {
+	// start writes what comes before the answer.
+	start() error
+	// text writes a text delta; first: nothing was shown before it.
+	text(delta string, first bool) error
+	// calls writes whole tool calls, from the index of the first.
+	calls(calls []inference.ToolCall, from int, first bool) error
+	// finish writes the end of the stream.
+	finish(r *wire.Result) error
+	// fail writes an error event.
+	fail(e *apiError)
+}
+
+// chatStream is the stream of chat and text completions.
+type chatStream struct {
+	a   *answer
+	out sse
+}
+
+func (c chatStream) start() error { return nil }
+func (c chatStream) text(d string, first bool) error {
+	return c.a.delta(c.out, d, first)
+}
+func (c chatStream) calls(calls []inference.ToolCall, from int, first bool) error {
+	return c.a.toolDeltas(c.out, calls, from, first)
+}
+func (c chatStream) finish(r *wire.Result) error { return c.a.finish(c.out, r) }
+func (c chatStream) fail(e *apiError)            { _ = c.out.event(e.body()) }
+
+// sameCalls says whether the calls streamed so far (their ids) begin the
+// final answer's calls.
+func sameCalls(sent []string, all []inference.ToolCall) bool {
+	if len(sent) > len(all) {
+		return false
+	}
+	for i, id := range sent {
+		if all[i].ID != id {
+			return false
+		}
+	}
+	return true
+}
+
+// toolDeltas streams calls as OpenAI does: for each, one delta with its
+// index, id, type and name (arguments ""), then one with the arguments.
+// from is the index of the first.
+func (a *answer) toolDeltas(out sse, calls []inference.ToolCall, from int, first bool) error {
+	for i, c := range answerCalls(calls) {
+		idx := from + i
+		head := c
+		head.Index = &idx
+		empty := ""
+		head.Function.Arguments = &empty
+		d := delta{ToolCalls: []outToolCall{head}}
+		if first && i == 0 {
+			d.Role = "assistant"
+		}
+		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: d}})); err != nil {
+			return err
+		}
+		var args outToolCall
+		args.Index = &idx
+		args.Function.Arguments = c.Function.Arguments
+		if err := out.event(a.chunk([]chatChunkChoice{{Index: 0, Delta: delta{ToolCalls: []outToolCall{args}}}})); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (a *answer) delta(out sse, text string, first bool) error {

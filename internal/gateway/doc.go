@@ -1,11 +1,14 @@
 // Package gateway is sous's OpenAI-compatible HTTP front door. It turns
-// POST /v1/chat/completions, /v1/completions and /v1/embeddings into sous
-// requests published durably (persistent, publisher-confirmed) to the
-// request queue, waits for the results and streamed chunks on RabbitMQ's
-// direct reply-to (AMQP) or in its own sessions of a session-enabled Azure
-// Service Bus reply queue (ServiceBus), and answers in OpenAI's wire
-// format, as one JSON body or as server-sent events (chat.completion.chunk,
-// then [DONE]).
+// POST /v1/chat/completions (tools and tool calls included),
+// /v1/completions, /v1/embeddings and /v1/responses (stateless: the whole
+// conversation in every request, nothing stored) into sous requests
+// published durably (persistent, publisher-confirmed) to the request queue,
+// waits for the results and streamed chunks on RabbitMQ's direct reply-to
+// (AMQP) or in its own sessions of a session-enabled Azure Service Bus
+// reply queue (ServiceBus), and answers in OpenAI's wire format, as one
+// JSON body or as server-sent events (chat.completion.chunk with content
+// and tool_calls deltas, then [DONE]; the Responses API's typed events,
+// ending in response.completed).
 //
 // Nothing is promised before the broker confirms the request: a publish
 // the broker nacks (a max-length queue with overflow reject-publish) is a

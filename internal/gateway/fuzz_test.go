@@ -9,9 +9,10 @@ import (
 	"github.com/sous-run/sous/internal/wire"
 )
 
-// FuzzTranslate: any body an HTTP client sends is either refused with a
-// 400 that says why, or becomes a sous request that the worker's decoder
-// accepts or refuses with an InputError; nothing panics.
+// FuzzTranslate: any body an HTTP client sends (chat with tools, completions,
+// embeddings, responses) is either refused with a 400 that says why, or
+// becomes a sous request that the worker's decoder accepts or refuses with
+// an InputError; nothing panics.
 func FuzzTranslate(f *testing.F) {
 	for _, seed := range []string{
 		`{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"stop":["a"],"stream":true,"stream_options":{"include_usage":true}}`,
@@ -19,8 +20,10 @@ func FuzzTranslate(f *testing.F) {
 		`{"prompt":["once"],"temperature":0.5,"seed":1}`,
 		`{"input":"x","encoding_format":"base64"}`,
 		`{"input":[1,2]}`, `{"n":2}`, `[]`, `null`, ``, `{"messages":[{"role":"developer"}]}`,
+		`{"messages":[{"role":"user","content":"w"},{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},{"role":"tool","tool_call_id":"c","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":{"type":"function","function":{"name":"f"}}}`,
+		`{"instructions":"i","input":[{"role":"user","content":[{"type":"input_text","text":"w"}]},{"type":"function_call","call_id":"c","name":"f","arguments":"{}"},{"type":"function_call_output","call_id":"c","output":"x"}],"tools":[{"type":"function","name":"f"}],"tool_choice":"required","text":{"format":{"type":"json_object"}}}`,
 	} {
-		for ep := epChat; ep <= epEmbedding; ep++ {
+		for ep := epChat; ep <= epResponses; ep++ {
 			f.Add(uint8(ep), []byte(seed))
 		}
 	}
@@ -28,11 +31,13 @@ func FuzzTranslate(f *testing.F) {
 	f.Fuzz(func(t *testing.T, ep uint8, body []byte) {
 		var tr *translated
 		var aerr *apiError
-		switch endpoint(ep%3 + 1) {
+		switch endpoint(ep%4 + 1) {
 		case epChat:
 			tr, aerr = translateChat(body)
 		case epCompletion:
 			tr, aerr = translateCompletion(body)
+		case epResponses:
+			tr, aerr = translateResponses(body)
 		default:
 			tr, aerr = translateEmbedding(body)
 		}

@@ -11,10 +11,10 @@ import (
 )
 
 // The request bodies of OpenAI's API, as far as sous can honour them.
-// Fields sous cannot honour with a different meaning (tools, n > 1,
-// logprobs, top_logprobs, logit_bias) are refused with a 400 rather than
-// ignored; fields that only tag a request (user, metadata, store) are
-// ignored.
+// Fields sous cannot honour with a different meaning (n > 1, logprobs,
+// top_logprobs, logit_bias, parallel_tool_calls false, the legacy
+// functions) are refused with a 400 rather than ignored; fields that only
+// tag a request (user, metadata, store) are ignored.
 
 type chatRequest struct {
 	Model               string          `json:"model"`
@@ -35,7 +35,10 @@ type chatRequest struct {
 	TopLogprobs         *int            `json:"top_logprobs"`
 	LogitBias           map[string]any  `json:"logit_bias"`
 	Tools               json.RawMessage `json:"tools"`
+	ToolChoice          json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls   *bool           `json:"parallel_tool_calls"`
 	Functions           json.RawMessage `json:"functions"`
+	FunctionCall        json.RawMessage `json:"function_call"`
 }
 
 type chatMessage struct {
@@ -43,6 +46,11 @@ type chatMessage struct {
 	// Content is a string or a list of content parts; only text parts are
 	// supported.
 	Content json.RawMessage `json:"content"`
+	// ToolCalls are an assistant message's calls; ToolCallID names the
+	// call a tool message answers.
+	ToolCalls    []chatToolCall  `json:"tool_calls"`
+	ToolCallID   *string         `json:"tool_call_id"`
+	FunctionCall json.RawMessage `json:"function_call"`
 }
 
 type streamOptions struct {
@@ -90,6 +98,7 @@ const (
 	epChat endpoint = iota + 1
 	epCompletion
 	epEmbedding
+	epResponses
 )
 
 // translated is an OpenAI request turned into a sous request.
@@ -98,6 +107,7 @@ type translated struct {
 	req          wire.Request
 	includeUsage bool
 	base64       bool // embeddings: answer in base64 (openai-node's default)
+	echo         *responsesEcho
 }
 
 // badRequest is a 400 whose message names the offending parameter.
@@ -215,8 +225,17 @@ func translateChat(body []byte) (*translated, *apiError) {
 	if err := checkN(c.N); err != nil {
 		return nil, err
 	}
-	if len(c.Tools) > 0 && string(c.Tools) != "null" || len(c.Functions) > 0 && string(c.Functions) != "null" {
-		return nil, badRequest("tools", "tools and functions are not supported by this gateway")
+	// The legacy functions are refused, not translated: an answer would
+	// have to say function_call, which no current client reads.
+	if !isNull(c.Functions) {
+		return nil, badRequest("functions", "\"functions\" is deprecated and not supported by this gateway: send \"tools\" (type \"function\")")
+	}
+	if !isNull(c.FunctionCall) {
+		return nil, badRequest("function_call", "\"function_call\" is deprecated and not supported by this gateway: send \"tool_choice\"")
+	}
+	if c.ParallelToolCalls != nil && !*c.ParallelToolCalls {
+		// Engines (Ollama) cannot be held to one call per answer.
+		return nil, badRequest("parallel_tool_calls", "parallel_tool_calls false is not supported by this gateway: the engine may answer with several calls")
 	}
 	if c.Logprobs != nil && *c.Logprobs {
 		return nil, badRequest("logprobs", "logprobs are not supported by this gateway")
@@ -237,17 +256,16 @@ func translateChat(body []byte) (*translated, *apiError) {
 	t.req.Model = c.Model
 	t.req.Stream = c.Stream
 	t.includeUsage = c.Stream && c.StreamOptions != nil && c.StreamOptions.IncludeUsage
-	for i, m := range c.Messages {
-		role := m.Role
-		if role == "developer" { // OpenAI's newer name for system
-			role = "system"
-		}
-		text, err := messageText(m.Content)
-		if err != nil {
-			err.Param = fmt.Sprintf("messages[%d].content", i)
-			return nil, err
-		}
-		t.req.Messages = append(t.req.Messages, inference.Message{Role: role, Content: text})
+	tools, names, aerr := translateTools(c.Tools)
+	if aerr != nil {
+		return nil, aerr
+	}
+	t.req.Tools = tools
+	if t.req.ToolChoice, aerr = translateToolChoice(c.ToolChoice, names); aerr != nil {
+		return nil, aerr
+	}
+	if t.req.Messages, aerr = chatMessages(c.Messages); aerr != nil {
+		return nil, aerr
 	}
 	maxTokens := c.MaxCompletionTokens
 	if maxTokens == nil {
@@ -273,6 +291,75 @@ func translateChat(body []byte) (*translated, *apiError) {
 		}
 	}
 	return t, nil
+}
+
+// chatMessages translates the conversation: roles, text, the assistant's
+// tool calls and the tool messages that answer them.
+func chatMessages(msgs []chatMessage) ([]inference.Message, *apiError) {
+	out := make([]inference.Message, 0, len(msgs))
+	// open holds the ids of the calls the latest assistant message made,
+	// for the tool messages that follow it.
+	var open map[string]bool
+	for i, m := range msgs {
+		role := m.Role
+		switch role {
+		case "developer": // OpenAI's newer name for system
+			role = "system"
+		case "system", "user", "assistant", "tool":
+		case "":
+			return nil, missingParam(fmt.Sprintf("messages[%d].role", i))
+		case "function":
+			return nil, badRequest(fmt.Sprintf("messages[%d].role", i), "messages with role \"function\" are deprecated and not supported by this gateway: answer tool calls with role \"tool\"")
+		default:
+			return nil, invalidValue(fmt.Sprintf("messages[%d].role", i), "Invalid value: '%s'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'.", truncate(role, 40))
+		}
+		text, err := messageText(m.Content)
+		if err != nil {
+			err.Param = fmt.Sprintf("messages[%d].content", i)
+			return nil, err
+		}
+		msg := inference.Message{Role: role, Content: text}
+		if !isNull(m.FunctionCall) {
+			return nil, badRequest(fmt.Sprintf("messages[%d].function_call", i), "\"function_call\" is deprecated and not supported by this gateway: send \"tool_calls\"")
+		}
+		if len(m.ToolCalls) > 0 && role != "assistant" {
+			return nil, invalidValue(fmt.Sprintf("messages[%d].tool_calls", i), "only assistant messages may have 'tool_calls'")
+		}
+		if m.ToolCallID != nil && role != "tool" {
+			return nil, invalidValue(fmt.Sprintf("messages[%d].tool_call_id", i), "only tool messages may have 'tool_call_id'")
+		}
+		switch role {
+		case "assistant":
+			calls, err := translateToolCalls(i, m.ToolCalls)
+			if err != nil {
+				return nil, err
+			}
+			if len(calls) > 0 {
+				msg.ToolCalls = calls
+				open = make(map[string]bool, len(calls))
+				for _, c := range calls {
+					open[c.ID] = true
+				}
+			} else {
+				open = nil
+			}
+		case "tool":
+			if open == nil {
+				return nil, invalidValue(fmt.Sprintf("messages.[%d].role", i), "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.")
+			}
+			if m.ToolCallID == nil || *m.ToolCallID == "" {
+				return nil, missingParam(fmt.Sprintf("messages[%d].tool_call_id", i))
+			}
+			if !open[*m.ToolCallID] {
+				return nil, invalidValue(fmt.Sprintf("messages[%d].tool_call_id", i), "Invalid parameter: 'tool_call_id' of '%s' not found in 'tool_calls' of previous message.", truncate(*m.ToolCallID, 64))
+			}
+			msg.ToolCallID = *m.ToolCallID
+		default:
+			open = nil
+		}
+		out = append(out, msg)
+	}
+	return out, nil
 }
 
 // messageText flattens a message's content: a string, or text parts.

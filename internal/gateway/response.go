@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"math"
 
+	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -34,9 +35,11 @@ type chatChoice struct {
 }
 
 type assistantMsg struct {
-	Role    string  `json:"role"`
-	Content string  `json:"content"`
-	Refusal *string `json:"refusal"`
+	Role string `json:"role"`
+	// Content is null in an answer that only calls tools, as OpenAI sends.
+	Content   *string       `json:"content"`
+	Refusal   *string       `json:"refusal"`
+	ToolCalls []outToolCall `json:"tool_calls,omitempty"`
 }
 
 type chatChunk struct {
@@ -60,8 +63,9 @@ type chatChunkChoice struct {
 }
 
 type delta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string        `json:"role,omitempty"`
+	Content   *string       `json:"content,omitempty"`
+	ToolCalls []outToolCall `json:"tool_calls,omitempty"`
 }
 
 type textCompletion struct {
@@ -120,8 +124,9 @@ func usageOf(r *wire.Result) usage {
 
 // finishReason maps the engine's done_reason onto OpenAI's values.
 func finishReason(done string) string {
-	if done == "length" {
-		return "length"
+	switch done {
+	case "length", inference.DoneToolCalls:
+		return done
 	}
 	return "stop"
 }
@@ -134,6 +139,14 @@ func base64Floats(v []float32) string {
 		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(f))
 	}
 	return base64.StdEncoding.EncodeToString(b)
+}
+
+// resultCalls are the tool calls of a chat result.
+func resultCalls(r *wire.Result) []inference.ToolCall {
+	if r.Message == nil {
+		return nil
+	}
+	return r.Message.ToolCalls
 }
 
 func resultText(r *wire.Result) string {

@@ -124,11 +124,12 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	s.handle("POST /v1/chat/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epChat) })
 	s.handle("POST /v1/completions", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epCompletion) })
 	s.handle("POST /v1/embeddings", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epEmbedding) })
+	s.handle("POST /v1/responses", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epResponses) })
 	s.handle("GET /v1/models", s.models)
 	s.handle("GET /v1/models/{model...}", s.model)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "unknown_url",
-			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models"})
+			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (stateless: nothing is stored to GET later) and /v1/models"})
 	})
 	return s
 }
@@ -277,6 +278,8 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 		t, aerr = translateChat(body)
 	case epCompletion:
 		t, aerr = translateCompletion(body)
+	case epResponses:
+		t, aerr = translateResponses(body)
 	default:
 		t, aerr = translateEmbedding(body)
 	}
@@ -324,7 +327,8 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 	// What the answer needs; t, body and msg are not used past Send, so
 	// the prompt is not kept while the request waits.
 	stream := t.req.Stream
-	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, reqID: id,
+	forced := len(t.req.ToolChoice) > 0 && string(t.req.ToolChoice) != `"auto"` && string(t.req.ToolChoice) != `"none"`
+	ans := &answer{s: s, ep: ep, includeUsage: t.includeUsage, base64: t.base64, echo: t.echo, forcedTool: forced, reqID: id,
 		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
 	log := s.log.With("request_id", id, "model", ans.model)
@@ -346,8 +350,11 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 		return nil, fail(w, aerr)
 	}
 	log.Debug("request published")
-	if ep == epCompletion {
+	switch ep {
+	case epCompletion:
 		ans.id = "cmpl-" + id
+	case epResponses:
+		ans.id = "resp_" + id
 	}
 	return &pending{ctx: ctx, cancel: cancel, call: c, ans: ans, stream: stream}, nil
 }

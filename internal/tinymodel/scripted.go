@@ -35,6 +35,16 @@ const (
 	// is answered with WeatherAnswer.
 	WeatherToolResult = "sunny"
 	WeatherAnswer     = "It is sunny in Paris."
+	// ParallelQuestion is answered with two calls of WeatherTool in one
+	// answer, ParallelToolCalls: Paris, then London. A second turn holding
+	// both calls and a tool message for each, the last one's content
+	// ParallelToolResult (London's; Paris's is WeatherToolResult), is
+	// answered with ParallelAnswer. Ollama joins the two tool messages
+	// into one, "sunny\n\nrainy": the script is keyed on the last word.
+	ParallelQuestion   = "What is the weather in Paris and London?"
+	ParallelToolCalls  = `{"name":"get_weather","arguments":{"city":"Paris"}}{"name":"get_weather","arguments":{"city":"London"}}`
+	ParallelToolResult = "rainy"
+	ParallelAnswer     = "It is sunny in Paris and rainy in London."
 	// FallbackAnswer answers every prompt that no script is keyed on.
 	FallbackAnswer = "I only know my scripts."
 )
@@ -85,6 +95,12 @@ func DefaultScripts() []Script {
 		{Key: "▁five?", Reply: []string{"One,", "▁two,", "▁three,", "▁four,▁five."}},
 		{Key: "▁Paris?", Reply: []string{`{"name":`, `"get_weather",`, `"arguments":`, `{"city":`, `"Paris"}}`}},
 		{Key: "▁get_weather=sunny", Reply: []string{"It▁is", "▁sunny", "▁in▁Paris."}},
+		// One piece per call: Ollama, streaming, hands on each call as soon
+		// as the text so far parses as one.
+		{Key: "▁London?", Reply: []string{`{"name":"get_weather","arguments":{"city":"Paris"}}`, `{"name":"get_weather","arguments":{"city":"London"}}`}},
+		// Ollama (0.6.5) joins consecutive messages of one role, the tool
+		// answers too ("sunny\n\nrainy"): the last word has no space before it.
+		{Key: "rainy", Reply: []string{"It▁is▁sunny▁in▁Paris", "▁and▁rainy", "▁in▁London."}},
 	}
 }
 

@@ -18,12 +18,15 @@ func TestDefaultScriptsMatchTheirAnswers(t *testing.T) {
 		"▁five?":  tinymodel.CountAnswer,
 		"▁Paris?": tinymodel.WeatherToolCall,
 		"▁" + tinymodel.WeatherTool + "=" + tinymodel.WeatherToolResult: tinymodel.WeatherAnswer,
+		"▁London?":                   tinymodel.ParallelToolCalls,
+		tinymodel.ParallelToolResult: tinymodel.ParallelAnswer,
 	}
 	questions := map[string]string{
-		"▁blue?":  tinymodel.SkyQuestion,
-		"▁do?":    tinymodel.QueueQuestion,
-		"▁five?":  tinymodel.CountQuestion,
-		"▁Paris?": tinymodel.WeatherQuestion,
+		"▁blue?":   tinymodel.SkyQuestion,
+		"▁do?":     tinymodel.QueueQuestion,
+		"▁five?":   tinymodel.CountQuestion,
+		"▁Paris?":  tinymodel.WeatherQuestion,
+		"▁London?": tinymodel.ParallelQuestion,
 	}
 	scripts := tinymodel.DefaultScripts()
 	if len(scripts) != len(want) {
