@@ -94,7 +94,7 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		{"privilege escalation", mutation{deployF, "allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true"}, "allowPrivilegeEscalation must be false"},
 		{"no /tmp", mutation{deployF, "mountPath: /tmp", "mountPath: /scratch"}, "without an emptyDir at /tmp"},
 		{"job runs as root", mutation{"deploy/k8s/jobs/model-pull.yaml", "runAsUser: 65532", "runAsUser: 0"}, "sous-model-pull: container pull: runAsUser must be a non-zero UID"},
-		{"job image differs", mutation{"deploy/k8s/jobs/model-pull.yaml", "sous-worker-ollama:0.1.0", "sous-worker-ollama:0.0.9"}, "want the workers' image"},
+		{"job image differs", mutation{"deploy/k8s/jobs/model-pull.yaml", "image: sous-worker-ollama", "image: sous-worker"}, "want the workers' image"},
 
 		// PodDisruptionBudget.
 		{"PDB minAvailable", mutation{base + "pdb.yaml", "maxUnavailable: 1", "minAvailable: 1"}, "minAvailable blocks every drain"},

@@ -1,6 +1,7 @@
 // Package deploy holds the container image and Kubernetes deployment of sous:
 // the Dockerfile's checks, the kustomize base and overlays under k8s/, the KEDA
-// objects under keda/, and README.md, which explains each choice.
+// objects under keda/, README.md (the user's guide, and why each choice) and
+// TESTING.md (how all of it is tested, and what the tests found).
 //
 // The package has no code of its own. Its tests validate every manifest
 // offline, the way an API server with KEDA installed would, and keep the

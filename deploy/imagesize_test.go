@@ -10,14 +10,14 @@ import (
 	"testing"
 )
 
-// The image sizes deploy/README.md gives must add up (image = base + what
+// The image sizes deploy/TESTING.md gives must add up (image = base + what
 // sous adds, the same addition in both images), and must be the sizes of
 // the images built on this machine, where there are any (make test builds
 // them; without Docker or without the images that part skips). The figures
 // drifted once: 59.7 MB in the table against 95 MB built.
 func TestImageSizesInTheReadme(t *testing.T) {
 	t.Parallel()
-	b, err := os.ReadFile("README.md")
+	b, err := os.ReadFile("TESTING.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +31,7 @@ func TestImageSizesInTheReadme(t *testing.T) {
 		sizes[m[1]] = v
 	}
 	if len(sizes) != 2 {
-		t.Fatalf("deploy/README.md's size table: want rows for sous-worker:dev and sous-worker-ollama:dev with size, base and what is added; got %v", sizes)
+		t.Fatalf("deploy/TESTING.md's size table: want rows for sous-worker:dev and sous-worker-ollama:dev with size, base and what is added; got %v", sizes)
 	}
 	if w, o := sizes["sous-worker:dev"][2], sizes["sous-worker-ollama:dev"][2]; w != o {
 		t.Errorf("sous adds %.1f MB to one image and %.1f MB to the other: the same binaries", w, o)
@@ -56,7 +56,7 @@ func TestImageSizesInTheReadme(t *testing.T) {
 			t.Fatal(err)
 		}
 		if built := n / 1e6; math.Abs(built-v[0]) > 0.03*built {
-			t.Errorf("%s is %.1f MB as built here; deploy/README.md says %.1f MB", img, built, v[0])
+			t.Errorf("%s is %.1f MB as built here; deploy/TESTING.md says %.1f MB", img, built, v[0])
 		}
 	}
 }

@@ -327,7 +327,6 @@ func validateTree(ks *kedaSchemas, tr tree) []error {
 		}
 	}
 	ex := examples{secrets: map[string]*corev1.Secret{}}
-	var standalone []object
 	for _, f := range files {
 		objs, ferrs := decodeDocs(ks, f, tr[f], patches[f])
 		errs = append(errs, ferrs...)
@@ -337,12 +336,14 @@ func validateTree(ks *kedaSchemas, tr tree) []error {
 				ex.secrets[s.Name] = s
 			}
 		}
-		standalone = append(standalone, objs...)
 	}
 
 	renders := map[string][]object{}
 	for _, dir := range kustomizations {
 		errs = append(errs, checkKustomization(tr, dir)...)
+		if isComponent(tr, dir) {
+			continue // rendered as part of the kustomizations that include it
+		}
 		objs, rerrs := render(ks, tr, dir)
 		errs = append(errs, rerrs...)
 		renders[dir] = objs
@@ -355,7 +356,11 @@ func validateTree(ks *kedaSchemas, tr tree) []error {
 			errs = append(errs, checkOverlayComplete(dir, renders[dir])...)
 		}
 	}
-	errs = append(errs, checkJobs(standalone, renders["deploy/k8s/base"])...)
+	var rendered []object
+	for _, dir := range kustomizations {
+		rendered = append(rendered, renders[dir]...)
+	}
+	errs = append(errs, checkJobs(rendered, renders["deploy/k8s/base"])...)
 	if len(renders) == 0 || renders["deploy/k8s/base"] == nil {
 		errs = append(errs, errors.New("deploy/k8s/base has no kustomization"))
 	}
@@ -424,8 +429,10 @@ func checkKustomization(tr tree, dir string) []error {
 	for _, err := range strictDecode(j, &k) {
 		errs = append(errs, fmt.Errorf("%s: %w", p, err))
 	}
-	if k.APIVersion != "kustomize.config.k8s.io/v1beta1" || k.Kind != "Kustomization" {
-		errs = append(errs, fmt.Errorf("%s: apiVersion/kind %s/%s, want kustomize.config.k8s.io/v1beta1/Kustomization", p, k.APIVersion, k.Kind))
+	switch k.APIVersion + "/" + k.Kind {
+	case "kustomize.config.k8s.io/v1beta1/Kustomization", "kustomize.config.k8s.io/v1alpha1/Component":
+	default:
+		errs = append(errs, fmt.Errorf("%s: apiVersion/kind %s/%s, want kustomize.config.k8s.io/v1beta1/Kustomization or kustomize.config.k8s.io/v1alpha1/Component", p, k.APIVersion, k.Kind))
 	}
 	refs := append([]string{}, k.Resources...)
 	refs = append(refs, k.Components...)
@@ -448,6 +455,16 @@ func checkKustomization(tr tree, dir string) []error {
 		errs = append(errs, fmt.Errorf("%s: %s does not exist (no file, no directory with a kustomization.yaml)", p, ref))
 	}
 	return errs
+}
+
+// isComponent reports whether the kustomization in dir is a Component: a
+// piece other kustomizations include (components:), never built on its own.
+func isComponent(tr tree, dir string) bool {
+	var k types.Kustomization
+	if err := yaml.Unmarshal(tr[dir+"/kustomization.yaml"], &k); err != nil {
+		return false // checkKustomization reports it
+	}
+	return k.Kind == types.ComponentKind
 }
 
 var krustyMu sync.Mutex
@@ -1132,8 +1149,11 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	return errs
 }
 
-// checkJobs: standalone Jobs run the workers' image with the same hardening.
-func checkJobs(standalone []object, base []object) []error {
+// checkJobs: Jobs (deploy/k8s/jobs, applied apart from the overlays) run the
+// workers' image with the same hardening. rendered holds every
+// kustomization's objects; a Job file that no kustomization includes is
+// refused by checkImages (images_test.go).
+func checkJobs(rendered []object, base []object) []error {
 	var errs []error
 	var image string
 	for _, o := range base {
@@ -1141,7 +1161,7 @@ func checkJobs(standalone []object, base []object) []error {
 			image = d.Spec.Template.Spec.Containers[0].Image
 		}
 	}
-	for _, o := range standalone {
+	for _, o := range rendered {
 		j, ok := o.typed.(*batchv1.Job)
 		if !ok {
 			continue

@@ -124,7 +124,7 @@ patches:
 	// that finds its scalers cache closed under it (ErrCacheClosed, when
 	// an error elsewhere cleared the cache) skips the trigger, which then
 	// counts as neither active nor failing, and scales to zero (seen in 2
-	// of 10 runs; deploy/README.md).
+	// of 10 runs; deploy/TESTING.md).
 	r := w.replicas(ctx)
 	t.Logf("k8s: the Deployment has %d replica(s) (1 is the default; KEDA leaves it on a failing trigger)", r)
 	if r != 1 {
