@@ -22,7 +22,7 @@ var update = flag.Bool("update", false, "rewrite names.go from the sources")
 
 var (
 	nameRE  = regexp.MustCompile(`^SOUS_[A-Z0-9_]+$`)
-	shellRE = regexp.MustCompile(`\$\{?(SOUS_[A-Z0-9_]+)`)
+	shellRE = regexp.MustCompile(`\$\{?(SOUS_[A-Z0-9_]+)|\b(SOUS_[A-Z0-9_]+)=`)
 )
 
 // sourceNames collects every SOUS_* variable the module reads: the env
@@ -69,6 +69,14 @@ func sourceNames(t *testing.T) []string {
 					if s := literal(n.Args[0]); nameRE.MatchString(s) {
 						seen[s] = true
 					}
+				case *ast.ValueSpec:
+					// const brokerEnv = "SOUS_IT_BROKER", read through the
+					// constant (a test's os.Getenv(brokerEnv)).
+					for _, v := range n.Values {
+						if s := literal(v); test && nameRE.MatchString(s) {
+							seen[s] = true
+						}
+					}
 				case *ast.BasicLit:
 					if s := literal(n); !test && nameRE.MatchString(s) && !strings.HasPrefix(rel, "internal"+string(filepath.Separator)+"envcheck") {
 						seen[s] = true
@@ -81,8 +89,10 @@ func sourceNames(t *testing.T) []string {
 			if err != nil {
 				return err
 			}
+			// Read ($SOUS_X) or set for a command (SOUS_X=v go test …, as
+			// the Makefile sets the tests' own variables).
 			for _, m := range shellRE.FindAllSubmatch(b, -1) {
-				seen[string(m[1])] = true
+				seen[string(m[1])+string(m[2])] = true
 			}
 		}
 		return nil
