@@ -97,7 +97,17 @@ type Config struct {
 	ServiceBusConnectionStringFile string       `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`
 	ServiceBusNamespace            string       `env:"SOUS_SERVICEBUS_NAMESPACE"`
 
-	Queue          string        `env:"SOUS_QUEUE" envDefault:"sous.requests"`
+	Queue string `env:"SOUS_QUEUE" envDefault:"sous.requests"`
+	// DeadLetterQueue, Declare and MaxAttempts are read as the worker reads
+	// them: with Declare (RabbitMQ) the gateway declares SOUS_QUEUE and its
+	// dead-letter queue at each connect with the worker's arguments, so
+	// that requests queue up (and KEDA counts them) before any worker runs
+	// (SOUS_DEAD_LETTER_QUEUE, default <SOUS_QUEUE>.dlq; SOUS_DECLARE,
+	// default true; SOUS_MAX_ATTEMPTS, default 5: the x-delivery-limit).
+	DeadLetterQueue string `env:"SOUS_DEAD_LETTER_QUEUE"`
+	Declare         bool   `env:"SOUS_DECLARE" envDefault:"true"`
+	MaxAttempts     int    `env:"SOUS_MAX_ATTEMPTS" envDefault:"5"`
+
 	Model          string        `env:"SOUS_MODEL"`
 	ModelsAllowed  []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
 	MaxBodyBytes   int           `env:"SOUS_MAX_BODY_BYTES" envDefault:"1048576"`
@@ -171,6 +181,9 @@ func loadConfig(environ []string) (Config, error) {
 	); err != nil {
 		return c, err
 	}
+	if c.DeadLetterQueue == "" {
+		c.DeadLetterQueue = c.Queue + ".dlq"
+	}
 	return c, c.validate()
 }
 
@@ -202,6 +215,14 @@ func (c Config) validate() error {
 	}
 	if c.Queue == "" || len(c.Queue) > 255 {
 		return bad("SOUS_QUEUE", "must be a queue name of 1 to 255 bytes")
+	}
+	if c.Broker == "rabbitmq" {
+		if c.DeadLetterQueue == "" || len(c.DeadLetterQueue) > 255 {
+			return bad("SOUS_DEAD_LETTER_QUEUE", "must be a queue name of 1 to 255 bytes")
+		}
+		if c.DeadLetterQueue == c.Queue {
+			return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
+		}
 	}
 	if c.Model == "" {
 		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")
@@ -242,6 +263,7 @@ func (c Config) validate() error {
 		{"SOUS_GATEWAY_CHANNELS", int64(c.Channels)}, {"SOUS_GATEWAY_KEYS_RELOAD", int64(c.KeysReload)},
 		{"SOUS_MAX_BODY_BYTES", int64(c.MaxBodyBytes)}, {"SOUS_MAX_PROMPT_BYTES", int64(c.MaxPromptBytes)},
 		{"SOUS_MAX_NUM_PREDICT", int64(c.MaxNumPredict)}, {"SOUS_DRAIN_TIMEOUT", int64(c.DrainTimeout)},
+		{"SOUS_MAX_ATTEMPTS", int64(c.MaxAttempts)},
 		{"SOUS_GATEWAY_MAX_CONNS", int64(c.MaxConns)}, {"SOUS_GATEWAY_MAX_INTAKE", int64(c.MaxIntake)}, {"SOUS_GATEWAY_HEADER_TIMEOUT", int64(c.HeaderTimeout)},
 		{"SOUS_GATEWAY_BODY_TIMEOUT", int64(c.BodyTimeout)}, {"SOUS_GATEWAY_WRITE_TIMEOUT", int64(c.WriteTimeout)},
 		{"SOUS_GATEWAY_IDLE_TIMEOUT", int64(c.IdleTimeout)}, {"SOUS_GATEWAY_MAX_HEADER_BYTES", int64(c.MaxHeaderBytes)},

@@ -61,6 +61,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log.Info("telemetry", "metrics_endpoint", prom, "metrics_otlp", otlp,
 		"traces_otlp", !cfg.otelDisabled() && cfg.OTelEndpoint+cfg.OTelTracesEndpoint != "" && cfg.OTelTracesExporter != "none")
 
+	if cfg.Broker == "rabbitmq" && !cfg.Declare {
+		log.Info("SOUS_DECLARE=false: the gateway does not declare the request queue; until it exists requests are refused with 503",
+			"queue", cfg.Queue, "dead_letter_queue", cfg.DeadLetterQueue)
+	}
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	broker, err := openBroker(connectCtx, cfg, tlsCfg, log)
 	cancel()
@@ -168,6 +172,7 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 	a, err := gateway.OpenAMQP(ctx, gateway.AMQPConfig{
 		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
 		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
+		Declare: cfg.Declare, DeadLetterQueue: cfg.DeadLetterQueue, DeliveryLimit: cfg.MaxAttempts,
 	}, log)
 	if errors.Is(err, gateway.ErrAccessRefused) {
 		// Configuration, like any invalid variable: exit 2, as the worker.

@@ -71,11 +71,17 @@ type result struct {
 // sousctl runs the binary with args and stdin, and a bare environment.
 func sousctl(t *testing.T, stdin string, args ...string) result {
 	t.Helper()
+	return sousctlEnv(t, nil, stdin, args...)
+}
+
+// sousctlEnv is sousctl with env added to the bare environment.
+func sousctlEnv(t *testing.T, env []string, stdin string, args ...string) result {
+	t.Helper()
 	bin := sousctlBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
@@ -303,9 +309,46 @@ func TestBrokerErrorsSayWhatToDo(t *testing.T) {
 			}
 		})
 	}
-	r := sousctl(t, "", "publish", "-url", brokerURL(), "-queue", fmt.Sprintf("sousctl-missing-%d", os.Getpid()), "hi")
-	if r.code != 1 || !strings.Contains(r.stderr, "does not exist: start the worker first") {
-		t.Errorf("missing queue: exit %d, stderr %q", r.code, r.stderr)
+	r := sousctlEnv(t, []string{"SOUS_DECLARE=false"}, "", "publish", "-url", brokerURL(), "-queue", fmt.Sprintf("sousctl-missing-%d", os.Getpid()), "hi")
+	if r.code != 1 || !strings.Contains(r.stderr, "does not exist: start the worker first") || !strings.Contains(r.stderr, "SOUS_DECLARE=true") {
+		t.Errorf("missing queue, SOUS_DECLARE=false: exit %d, stderr %q", r.code, r.stderr)
+	}
+}
+
+// TestPublishDeclaresMissingQueue: with SOUS_DECLARE unset (true), a
+// missing request queue is declared with the worker's arguments (a
+// declare with them is accepted), so the request can wait in it for a
+// worker that has not started.
+func TestPublishDeclaresMissingQueue(t *testing.T) {
+	t.Parallel()
+	q := fmt.Sprintf("sousctl-declare-%d", os.Getpid())
+	conn, err := amqp.Dial(brokerURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if ch, err := conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(q, false, false, false)
+			_, _ = ch.QueueDelete(q+".dlq", false, false, false)
+		}
+		conn.Close()
+	})
+	r := sousctlEnv(t, []string{"SOUS_MAX_ATTEMPTS=3"}, "", "publish", "-url", brokerURL(), "-queue", q, "-timeout", "1s", "hi")
+	if !strings.Contains(r.stderr, "declared queue") || strings.Contains(r.stderr, "does not exist") {
+		t.Fatalf("exit %d, stderr %q; want the queue declared", r.code, r.stderr)
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = ch.QueueDeclare(q, true, false, false, false, amqp.Table{
+		"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": q + ".dlq", "x-delivery-limit": int64(3),
+	})
+	if err != nil {
+		t.Fatalf("declare %s with the worker's arguments: %v", q, err)
+	}
+	if _, err := ch.QueueDeclare(q+".dlq", true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		t.Fatalf("declare %s.dlq with the worker's arguments: %v", q, err)
 	}
 }
 

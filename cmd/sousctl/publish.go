@@ -11,15 +11,18 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/sous-run/sous/internal/envcheck"
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -31,7 +34,10 @@ to the sous request queue, waits for the results on RabbitMQ's direct
 reply-to and prints them. Flags may come before, between or after the
 prompts; everything after -- is a prompt, even one that starts with "-".
 -model, -chat and -stream also apply to the lines of -f; a line's own
-"model", "messages" or "stream" wins.
+"model", "messages" or "stream" wins. A missing request queue is declared
+as the worker declares it (SOUS_DECLARE, SOUS_DEAD_LETTER_QUEUE and
+SOUS_MAX_ATTEMPTS read as the worker reads them), so that requests wait
+for a worker that has not started; with SOUS_DECLARE=false it is an error.
 
 Exit code: 0 every result ok, 1 a request failed or a result did not arrive,
 2 a usage error, 130 interrupted (the requests stay queued and still run).
@@ -54,6 +60,15 @@ type options struct {
 	timeout time.Duration
 	trace   *producerTrace // nil: no trace context in the requests
 	tools   toolOptions    // -tools, -tool-choice, -tool-answer: tools.go
+	// declare, deadLetterQueue and deliveryLimit are read as the worker
+	// reads SOUS_DECLARE, SOUS_DEAD_LETTER_QUEUE and SOUS_MAX_ATTEMPTS:
+	// with declare, a missing request queue is declared with the worker's
+	// arguments before publishing, so that requests wait for a worker
+	// that has not started yet (KEDA scales from zero on them). An
+	// existing queue is used as it is.
+	declare         bool
+	deadLetterQueue string
+	deliveryLimit   int
 }
 
 // request is one body to publish.
@@ -126,6 +141,10 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 		o.url = envOr("SOUS_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 	}
 	if err := checkURL(o.url); err != nil {
+		fmt.Fprintf(stderr, "sousctl publish: %v\n", err)
+		return 2
+	}
+	if err := declareOptions(&o); err != nil {
 		fmt.Fprintf(stderr, "sousctl publish: %v\n", err)
 		return 2
 	}
@@ -325,6 +344,23 @@ func dial(rawURL string) (*amqp.Connection, error) {
 	return nil, fmt.Errorf("connect to %s: %v", where, err)
 }
 
+// declareOptions reads SOUS_DECLARE, SOUS_DEAD_LETTER_QUEUE and
+// SOUS_MAX_ATTEMPTS with the worker's defaults.
+func declareOptions(o *options) error {
+	var err error
+	if o.declare, err = strconv.ParseBool(envOr("SOUS_DECLARE", "true")); err != nil {
+		return errors.New("SOUS_DECLARE must be true or false")
+	}
+	o.deadLetterQueue = envOr("SOUS_DEAD_LETTER_QUEUE", o.queue+".dlq")
+	if o.deliveryLimit, err = strconv.Atoi(envOr("SOUS_MAX_ATTEMPTS", "5")); err != nil || o.deliveryLimit <= 0 {
+		return errors.New("SOUS_MAX_ATTEMPTS must be a whole number greater than zero")
+	}
+	return nil
+}
+
+// errNoQueue: the request queue does not exist.
+var errNoQueue = errors.New("does not exist")
+
 // consumers returns how many consumers the queue has. It uses its own
 // channel: a passive declare of a missing queue closes the channel.
 func consumers(conn *amqp.Connection, queue string) (int, error) {
@@ -335,7 +371,7 @@ func consumers(conn *amqp.Connection, queue string) (int, error) {
 	q, err := ch.QueueDeclarePassive(queue, false, false, false, false, nil)
 	var aerr *amqp.Error
 	if errors.As(err, &aerr) && aerr.Code == amqp.NotFound {
-		return 0, fmt.Errorf("queue %q does not exist: start the worker first (it declares its queue) or check -queue / SOUS_QUEUE", queue)
+		return 0, fmt.Errorf("queue %q %w: start the worker first, or publish with SOUS_DECLARE=true (the default), which declares it, or check -queue / SOUS_QUEUE", queue, errNoQueue)
 	}
 	if err != nil {
 		return 0, fmt.Errorf("check queue %q: %w", queue, err)
@@ -353,6 +389,16 @@ func roundTrip(ctx context.Context, o options, reqs []request, p *printer, stder
 	}
 	defer conn.Close()
 	workers, err := consumers(conn, o.queue)
+	if errors.Is(err, errNoQueue) && o.declare {
+		// No worker has run yet (KEDA scales from zero): declare the
+		// queue as the worker would, so that the requests wait for one.
+		log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		if err := rabbitmq.DeclareRequestQueue(conn, o.queue, o.deadLetterQueue, o.deliveryLimit, log); err != nil {
+			return fmt.Errorf("%w (or set SOUS_DECLARE=false and declare it yourself)", err)
+		}
+		fmt.Fprintf(stderr, "sousctl: declared queue %q (and %q) as the worker does (SOUS_DECLARE=true)\n", o.queue, o.deadLetterQueue)
+		workers, err = consumers(conn, o.queue)
+	}
 	if err != nil {
 		return err
 	}
@@ -412,7 +458,7 @@ func roundTrip(ctx context.Context, o options, reqs []request, p *printer, stder
 		// message, and the channel is buffered for every request.
 		select {
 		case ret := <-returns:
-			err := fmt.Errorf("queue %q does not exist (%s): start the worker first (it declares its queue) or check -queue / SOUS_QUEUE", o.queue, ret.ReplyText)
+			err := fmt.Errorf("queue %q does not exist (%s): start the worker first, or publish with SOUS_DECLARE=true (the default), which declares it, or check -queue / SOUS_QUEUE", o.queue, ret.ReplyText)
 			sent(err)
 			return err
 		default:

@@ -13,6 +13,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"io"
 	"math/big"
 	"net"
@@ -376,4 +377,116 @@ func TestTLSAndKeyReload(t *testing.T) {
 	if strings.Contains(gw.Logs(), newKey) || strings.Contains(gw.Logs(), apiKey) {
 		t.Fatal("a key is in the gateway's log")
 	}
+}
+
+// TestGatewayDeclaresQueue: on a broker where no worker has run, the
+// gateway declares the request queue and its dead-letter queue with the
+// worker's arguments (SOUS_DECLARE=true, the default), so that a request
+// sent before any worker exists waits in the queue (where KEDA counts it)
+// and a worker started afterwards, declaring the same queues, starts
+// without a word about other arguments and answers it. With
+// SOUS_DECLARE=false the gateway declares nothing and its 503 says why.
+func TestGatewayDeclaresQueue(t *testing.T) {
+	t.Parallel()
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not defer: the parallel subtests run after this function returns.
+	t.Cleanup(func() { conn.Close() })
+	// exists reports whether q exists; a passive declare of a missing
+	// queue closes its channel, so each check has one of its own.
+	exists := func(t *testing.T, q string) bool {
+		t.Helper()
+		ch, err := conn.Channel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		_, err = ch.QueueDeclarePassive(q, true, false, false, false, nil)
+		var aerr *amqp.Error
+		if errors.As(err, &aerr) && aerr.Code == amqp.NotFound {
+			return false
+		}
+		if err != nil {
+			t.Fatalf("check %s: %v", q, err)
+		}
+		return true
+	}
+
+	t.Run("declare", func(t *testing.T) {
+		t.Parallel()
+		q := queueName(t, "")
+		if exists(t, q) || exists(t, q+".dlq") {
+			t.Fatalf("%s exists before the gateway starts", q)
+		}
+		gw := startGateway(t, q, "SOUS_MAX_ATTEMPTS=3")
+		if !exists(t, q) || !exists(t, q+".dlq") {
+			t.Fatalf("the gateway started but %s or %s.dlq does not exist", q, q)
+		}
+		// The worker's arguments, spelled out: a declare with any other
+		// would be refused with PRECONDITION_FAILED.
+		ch, err := conn.Channel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ch.Close()
+		if _, err := ch.QueueDeclare(q, true, false, false, false, amqp.Table{
+			"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": q + ".dlq", "x-delivery-limit": int64(3),
+		}); err != nil {
+			t.Fatalf("declare %s with the worker's arguments: %v", q, err)
+		}
+		if _, err := ch.QueueDeclare(q+".dlq", true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+			t.Fatalf("declare %s.dlq with the worker's arguments: %v", q, err)
+		}
+
+		status := make(chan int, 1)
+		go func() {
+			req, _ := http.NewRequest(http.MethodPost, gw.api+"/v1/completions", strings.NewReader(`{"prompt":"hi","max_tokens":4}`))
+			req.Header.Set("Authorization", "Bearer "+apiKey)
+			resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
+			if err != nil {
+				status <- 0
+				return
+			}
+			resp.Body.Close()
+			status <- resp.StatusCode
+		}()
+		itest.WaitUntil(t, 30*time.Second, "the request in the queue", func() bool { return itest.QueueDepth(t, conn, q) == 1 })
+		w := startWorker(t, q, "SOUS_MAX_ATTEMPTS=3")
+		if s := <-status; s != http.StatusOK {
+			t.Fatalf("status %d, want 200 from the worker started after the request", s)
+		}
+		for _, p := range []*itest.Worker{w, gw.Worker} {
+			if strings.Contains(p.Logs(), "other arguments") {
+				t.Errorf("pid %d found a queue with other arguments:\n%s", p.Pid(), itest.Tail(p.Logs(), 20))
+			}
+		}
+	})
+
+	t.Run("no declare", func(t *testing.T) {
+		t.Parallel()
+		q := queueName(t, "")
+		gw := startGateway(t, q, "SOUS_DECLARE=false")
+		if exists(t, q) || exists(t, q+".dlq") {
+			t.Fatalf("the gateway declared %s with SOUS_DECLARE=false", q)
+		}
+		if !strings.Contains(gw.Logs(), "SOUS_DECLARE=false: the gateway does not declare the request queue") {
+			t.Errorf("the gateway's log does not say it will not declare:\n%s", itest.Tail(gw.Logs(), 20))
+		}
+		req, _ := http.NewRequest(http.MethodPost, gw.api+"/v1/completions", strings.NewReader(`{"prompt":"hi","max_tokens":4}`))
+		req.Header.Set("Authorization", "Bearer "+apiKey)
+		resp, err := (&http.Client{Timeout: 2 * time.Minute}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "does not exist") || !strings.Contains(string(body), "SOUS_DECLARE") {
+			t.Fatalf("status %d %s, want 503 saying the queue does not exist and naming SOUS_DECLARE", resp.StatusCode, body)
+		}
+		if exists(t, q) {
+			t.Fatalf("%s exists after a request with SOUS_DECLARE=false", q)
+		}
+	})
 }

@@ -13,6 +13,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 )
 
@@ -82,6 +83,13 @@ type AMQPConfig struct {
 	ConnectionName string
 	ReconnectMin   time.Duration // default 250ms
 	ReconnectMax   time.Duration // default 15s
+	// Declare makes each connect declare Queue and DeadLetterQueue as the
+	// worker does (rabbitmq.DeclareRequestQueue, with DeliveryLimit), so
+	// that requests can be queued, and counted by an autoscaler, before
+	// any worker has started. Existing queues are used as they are.
+	Declare         bool
+	DeadLetterQueue string
+	DeliveryLimit   int
 }
 
 const directReplyTo = "amq.rabbitmq.reply-to"
@@ -250,6 +258,15 @@ func (a *AMQP) dial() (_ *session, err error) {
 			_ = conn.Close()
 		}
 	}()
+	if a.cfg.Declare {
+		if err := rabbitmq.DeclareRequestQueue(conn, a.cfg.Queue, a.cfg.DeadLetterQueue, a.cfg.DeliveryLimit, a.log); err != nil {
+			if aerr := (*amqp.Error)(nil); errors.As(err, &aerr) && aerr.Code == amqp.AccessRefused {
+				return nil, fmt.Errorf("%w: %v (the user may not declare the queue: let it configure %q and %q, or declare them and set SOUS_DECLARE=false)",
+					ErrAccessRefused, err, a.cfg.Queue, a.cfg.DeadLetterQueue)
+			}
+			return nil, err
+		}
+	}
 	s := &session{conn: conn, dead: make(chan struct{}), blocked: make(chan struct{})}
 	closed := []<-chan *amqp.Error{conn.NotifyClose(make(chan *amqp.Error, 1))}
 	for range a.cfg.Channels {

@@ -396,7 +396,7 @@ func (s *Server) sendError(err error) *apiError {
 		e.RetryAfter = s.cfg.RetryAfter
 		return e
 	case errors.Is(err, ErrNoQueue):
-		return errUnavailable("the request queue does not exist yet: start a worker (it declares the queue) or check SOUS_QUEUE")
+		return errUnavailable("the request queue does not exist: the gateway and the worker declare it when they start with SOUS_DECLARE=true (the default); with SOUS_DECLARE=false declare it yourself, or check SOUS_QUEUE")
 	case errors.Is(err, context.DeadlineExceeded):
 		return errTimeout(s.cfg.Timeout)
 	case errors.Is(err, context.Canceled):

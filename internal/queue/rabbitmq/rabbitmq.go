@@ -388,32 +388,52 @@ func (e *scrubbedError) Unwrap() error {
 // declare declares the topology, tolerating queues that already exist with
 // other arguments.
 func (d *Driver) declare(conn *amqp.Connection) error {
-	if err := d.declareQueue(conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); err != nil {
-		return err
-	}
-	if d.cfg.Queue != "" {
-		args := amqp.Table{"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": d.cfg.DeadLetterQueue}
-		if d.cfg.DeliveryLimit > 0 {
-			args["x-delivery-limit"] = int64(d.cfg.DeliveryLimit)
-		}
-		if err := d.declareQueue(conn, d.cfg.Queue, args); err != nil {
+	if d.cfg.Queue == "" {
+		if err := declareQueue(conn, d.cfg.DeadLetterQueue, deadLetterArgs(), d.log); err != nil {
 			return err
 		}
+	} else if err := DeclareRequestQueue(conn, d.cfg.Queue, d.cfg.DeadLetterQueue, d.cfg.DeliveryLimit, d.log); err != nil {
+		return err
 	}
 	for _, name := range d.cfg.ExtraQueues {
-		if err := d.declareQueue(conn, name, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		if err := declareQueue(conn, name, amqp.Table{"x-queue-type": "quorum"}, d.log); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (d *Driver) deadLetterArgs() amqp.Table { return amqp.Table{"x-queue-type": "quorum"} }
+// DeclareRequestQueue declares the dead-letter queue and then the request
+// queue as the worker does with Declare: durable quorum queues, the
+// request queue dead-lettering to deadLetterQueue after deliveryLimit
+// deliveries (0: no x-delivery-limit). The gateway declares with it too,
+// so that the arguments of the two cannot drift apart (RabbitMQ refuses a
+// declare whose arguments differ from the queue's, PRECONDITION_FAILED).
+// A queue that exists with other arguments is used as it is, with a
+// warning on log. It opens a channel of its own per queue and
+// closes it; conn stays open.
+func DeclareRequestQueue(conn *amqp.Connection, queue, deadLetterQueue string, deliveryLimit int, log *slog.Logger) error {
+	if err := declareQueue(conn, deadLetterQueue, deadLetterArgs(), log); err != nil {
+		return err
+	}
+	return declareQueue(conn, queue, requestQueueArgs(deadLetterQueue, deliveryLimit), log)
+}
+
+// requestQueueArgs are the request queue's arguments: see DeclareRequestQueue.
+func requestQueueArgs(deadLetterQueue string, deliveryLimit int) amqp.Table {
+	args := amqp.Table{"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": deadLetterQueue}
+	if deliveryLimit > 0 {
+		args["x-delivery-limit"] = int64(deliveryLimit)
+	}
+	return args
+}
+
+func deadLetterArgs() amqp.Table { return amqp.Table{"x-queue-type": "quorum"} }
 
 // declareQueue declares one durable queue on a channel of its own (a
 // refusal closes the channel), using an existing queue with other
 // arguments as it is.
-func (d *Driver) declareQueue(conn *amqp.Connection, name string, args amqp.Table) error {
+func declareQueue(conn *amqp.Connection, name string, args amqp.Table, log *slog.Logger) error {
 	if name == "" {
 		return nil
 	}
@@ -426,7 +446,7 @@ func (d *Driver) declareQueue(conn *amqp.Connection, name string, args amqp.Tabl
 	if errors.As(err, &aerr) && aerr.Code == amqp.PreconditionFailed {
 		// The queue exists with other arguments (a classic queue, say):
 		// use it as it is rather than refuse to start.
-		d.log.Warn("queue exists with other arguments; using it as it is", "name", name, "detail", aerr.Reason)
+		log.Warn("queue exists with other arguments; using it as it is", "name", name, "detail", aerr.Reason)
 		if ch, err = conn.Channel(); err != nil {
 			return fmt.Errorf("open channel to check %q: %w", name, err)
 		}
@@ -1152,7 +1172,7 @@ func (d *Driver) deadLetter(ctx context.Context, h *handle, del *queue.Delivery,
 		// The dead-letter queue is gone (deleted by hand, say): this driver
 		// declares the topology, so it declares the queue again rather
 		// than keep requests it cannot dead-letter.
-		if derr := d.declareQueue(h.s.conn, d.cfg.DeadLetterQueue, d.deadLetterArgs()); derr != nil {
+		if derr := declareQueue(h.s.conn, d.cfg.DeadLetterQueue, deadLetterArgs(), d.log); derr != nil {
 			return fmt.Errorf("dead-letter copy to %q: %w; declaring it again: %v", d.cfg.DeadLetterQueue, err, derr)
 		}
 		d.log.Warn("the dead-letter queue was missing; declared it again", "dead_letter_queue", d.cfg.DeadLetterQueue)
