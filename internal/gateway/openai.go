@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/sous-run/sous/internal/inference"
@@ -362,9 +363,15 @@ func chatMessages(msgs []chatMessage) ([]inference.Message, *apiError) {
 	return out, nil
 }
 
-// messageText flattens a message's content: a string, or text parts.
+// messageText flattens a chat message's content: a string, or text parts.
 func messageText(raw json.RawMessage) (string, *apiError) {
-	if len(raw) == 0 || string(raw) == "null" {
+	return flattenText(raw, badRequest, "content part type %q is not supported; only text parts are", "text")
+}
+
+// flattenText joins content given as a string or as a list of parts whose
+// types are among types; another part type is refused with refuse(msg).
+func flattenText(raw json.RawMessage, refuse func(param, format string, args ...any) *apiError, msg string, types ...string) (string, *apiError) {
+	if isNull(raw) {
 		return "", nil
 	}
 	var s string
@@ -380,8 +387,8 @@ func messageText(raw json.RawMessage) (string, *apiError) {
 	}
 	var b strings.Builder
 	for _, p := range parts {
-		if p.Type != "text" {
-			return "", badRequest("", "content part type %q is not supported; only text parts are", truncate(p.Type, 40))
+		if !slices.Contains(types, p.Type) {
+			return "", refuse("", msg, truncate(p.Type, 40))
 		}
 		b.WriteString(p.Text)
 	}

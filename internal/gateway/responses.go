@@ -284,30 +284,7 @@ func responsesInput(raw json.RawMessage) ([]chatMessage, []int, *apiError) {
 // responsesContent flattens a message's content or a call's output: a
 // string, or text parts (input_text, output_text).
 func responsesContent(raw json.RawMessage) (string, *apiError) {
-	if isNull(raw) {
-		return "", nil
-	}
-	var s string
-	if json.Unmarshal(raw, &s) == nil {
-		return s, nil
-	}
-	var parts []struct {
-		Type string `json:"type"`
-		Text string `json:"text"`
-	}
-	if err := json.Unmarshal(raw, &parts); err != nil {
-		return "", badRequest("", "content must be a string or a list of content parts")
-	}
-	var b strings.Builder
-	for _, p := range parts {
-		switch p.Type {
-		case "input_text", "output_text", "text":
-			b.WriteString(p.Text)
-		default:
-			return "", invalidValue("", "content part type %q is not supported by this gateway; only text parts are", truncate(p.Type, 40))
-		}
-	}
-	return b.String(), nil
+	return flattenText(raw, invalidValue, "content part type %q is not supported by this gateway; only text parts are", "input_text", "output_text", "text")
 }
 
 // The Response object and its output items.
