@@ -238,17 +238,22 @@ func dlqSession(o dlqOptions) (*amqp.Channel, func(), error) {
 	return ch, func() { _ = ch.Close(); _ = conn.Close() }, nil
 }
 
-func dlqList(ctx context.Context, o dlqOptions, stdout io.Writer) error {
+// readDLQ reads the dead-letter queue without removing anything, in a
+// session of its own. A short wait per read: it shows what is there, it
+// does not wait for more.
+func readDLQ(ctx context.Context, o dlqOptions) ([]deadLetter, error) {
 	ch, closeSession, err := dlqSession(o)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer closeSession()
-	// A short wait per read: list shows what is there, it does not wait
-	// for more.
 	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	dls, err := browse(bctx, ch, o)
+	return browse(bctx, ch, o)
+}
+
+func dlqList(ctx context.Context, o dlqOptions, stdout io.Writer) error {
+	dls, err := readDLQ(ctx, o)
 	if err != nil {
 		return err
 	}
@@ -268,14 +273,7 @@ func dlqList(ctx context.Context, o dlqOptions, stdout io.Writer) error {
 }
 
 func dlqShow(ctx context.Context, o dlqOptions, ids []string, stdout io.Writer) error {
-	ch, closeSession, err := dlqSession(o)
-	if err != nil {
-		return err
-	}
-	defer closeSession()
-	bctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	dls, err := browse(bctx, ch, o)
+	dls, err := readDLQ(ctx, o)
 	if err != nil {
 		return err
 	}
