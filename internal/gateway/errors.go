@@ -130,7 +130,7 @@ func fromResult(e *wire.ErrorInfo, model, id string) *apiError {
 	switch e.Code {
 	case wire.ReasonModelNotAllowed, "model_not_found":
 		return errModelNotFound(model)
-	case wire.ReasonDeadlineExceeded:
+	case wire.ReasonExpired:
 		return &apiError{Status: 504, Type: "server_error", Code: "timeout", Message: "the request expired before a worker started it" + ref}
 	case "engine_rejected":
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: e.Code, Message: "the inference engine rejected the request" + ref}

@@ -390,7 +390,7 @@ func TestErrors(t *testing.T) {
 			c.push(false, wire.ErrorResult(m.ID, "tiny", "max_attempts", "engine down"))
 		}}, 502, "max_attempts", ""},
 		{"worker deadline", "/v1/completions", `{"prompt":"hi"}`, setupOpts{answer: func(m Message, c *fakeCall) {
-			c.push(false, wire.ErrorResult(m.ID, "tiny", wire.ReasonDeadlineExceeded, "late"))
+			c.push(false, wire.ErrorResult(m.ID, "tiny", wire.ReasonExpired, "late"))
 		}}, 504, "timeout", ""},
 		{"unknown URL", "/v1/images/generations", `{}`, setupOpts{}, 404, "unknown_url", ""},
 	} {

@@ -29,10 +29,12 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	if len(bt.Items) > 0 && bt.Items[0].perCall > 1 {
 		listKey = bt.Key
 	}
+	l := bt.Items[0].lane // a call's items share a lane
 	release := func(back []*item) {
 		once.Do(func() {
-			w.giveBack(back, listKey)
+			w.giveBack(back, l.idx, listKey)
 			w.onEngine.Add(-int64(len(bt.Items)))
+			l.onEngine.Add(-int64(len(bt.Items)))
 			w.signal()
 		})
 	}
