@@ -201,4 +201,3 @@ func TestDeadlinesInALane(t *testing.T) {
 		t.Fatalf("the engine ran %q, want %q (earliest deadline first, no deadline last, the expired never)", started, want)
 	}
 }
-

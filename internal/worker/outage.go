@@ -35,7 +35,7 @@ func (w *Worker) engineDown(err error) {
 	w.obs.EngineHealth(err)
 	w.log.Error("the engine cannot take work; taking none until it does (requests stay in the queue, no attempt counted)", "err", err)
 	w.stopReceiving() // take nothing more
-	w.signal() // the dispatcher hands back what waits
+	w.signal()        // the dispatcher hands back what waits
 	w.bg.Add(1)
 	go func() {
 		defer w.bg.Done()

@@ -185,9 +185,9 @@ type Lane struct {
 type lane struct {
 	Lane
 	idx      int
-	inflight atomic.Int64  // its deliveries received and not settled
-	onEngine atomic.Int64  // its requests in engine calls not yet answered
-	freed    chan struct{} // signalled when one of its deliveries is settled
+	inflight atomic.Int64                       // its deliveries received and not settled
+	onEngine atomic.Int64                       // its requests in engine calls not yet answered
+	freed    chan struct{}                      // signalled when one of its deliveries is settled
 	stopRecv atomic.Pointer[context.CancelFunc] // cuts its Receive in progress
 	// waiting is the number of its requests in the dispatcher, for the
 	// lane's gauge; written by the dispatcher only.
@@ -204,8 +204,8 @@ type Worker struct {
 	log    *slog.Logger
 	now    func() time.Time
 
-	inflight atomic.Int64 // deliveries received and not settled, all lanes
-	onEngine atomic.Int64 // requests in engine calls that have not answered
+	inflight atomic.Int64  // deliveries received and not settled, all lanes
+	onEngine atomic.Int64  // requests in engine calls that have not answered
 	wake     chan struct{} // wakes the dispatcher: a call ended, work came back
 
 	backMu sync.Mutex
