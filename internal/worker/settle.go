@@ -32,6 +32,13 @@ func (w *Worker) settle(it *item, out outcome) {
 		if it.key != "" { // decoded: kind and model are validated
 			o.Kind, o.Model = it.dec.Req.Kind, it.dec.Req.Model
 		}
+		o.Lane = it.lane.Name
+		if end := it.dispatched; !it.d.ReceivedAt.IsZero() {
+			if end.IsZero() {
+				end = w.now()
+			}
+			o.Wait = max(0, end.Sub(it.d.ReceivedAt))
+		}
 		w.obs.Done(it.ctx, it.d, o)
 		w.inflight.Add(-1)
 		it.lane.inflight.Add(-1)

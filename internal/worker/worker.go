@@ -901,6 +901,26 @@ func (w *Worker) probeEngine(ctx context.Context) error {
 	return err
 }
 
+// LaneStat is one lane's state now.
+type LaneStat struct {
+	Name string
+	// Waiting is the number of its requests waiting in the worker for a
+	// slot; InFlight the number received and not settled (waiting, on the
+	// engine, or having their result confirmed); OnEngine the number in
+	// engine calls.
+	Waiting, InFlight, OnEngine int
+}
+
+// LaneStats reports every lane's state, highest rank first. Safe for
+// concurrent use.
+func (w *Worker) LaneStats() []LaneStat {
+	out := make([]LaneStat, len(w.lanes))
+	for i, l := range w.lanes {
+		out[i] = LaneStat{Name: l.Name, Waiting: int(l.waiting.Load()), InFlight: int(l.inflight.Load()), OnEngine: int(l.onEngine.Load())}
+	}
+	return out
+}
+
 // InFlight is the number of deliveries received and not yet settled.
 func (w *Worker) InFlight() int { return int(w.inflight.Load()) }
 
