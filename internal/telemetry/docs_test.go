@@ -14,8 +14,8 @@ import (
 
 	"github.com/sous-run/sous/internal/batch"
 	"github.com/sous-run/sous/internal/sizing"
-	"github.com/sous-run/sous/internal/worker"
 	"github.com/sous-run/sous/internal/telemetry"
+	"github.com/sous-run/sous/internal/worker"
 )
 
 // docsNamingMetrics are the files whose sous_* names a reader takes for
