@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -204,6 +205,9 @@ func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, mo
 func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, out outcome) error {
 	d := it.d
 	res.Worker = w.cfg.WorkerID
+	if it.lane.Name != lanes.Default {
+		res.Lane = it.lane.Name
+	}
 	res.Attempt = d.Attempt
 	res.Batch = out.batch
 	if !d.EnqueuedAt.IsZero() {
