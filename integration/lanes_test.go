@@ -1,0 +1,80 @@
+package integration
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/wire"
+)
+
+// TestLanesEndToEnd: one worker consumes two lanes on the real broker and
+// the dev Ollama. Each lane's requests are answered once, naming their
+// lane; an expired bulk request is dead-lettered in the bulk lane's DLQ
+// with reason expired; sousctl publishes to a lane by name; /metrics
+// counts per lane.
+func TestLanesEndToEnd(t *testing.T) {
+	t.Parallel()
+	q, _ := names(t)
+	inter, bulk := q+".interactive", q+".bulk"
+	queues.Add(inter, inter+".dlq", bulk, bulk+".dlq")
+	spec := "interactive=" + inter + ",bulk=" + bulk + ":share=0.2"
+	w := startWorker(t, q, "SOUS_LANES="+spec, "OTEL_METRICS_EXPORTER=prometheus")
+	if !strings.Contains(w.Logs(), "lanes=") || !strings.Contains(w.Logs(), "bulk="+bulk) {
+		t.Fatalf("the start line does not show the lanes:\n%s", w.Logs())
+	}
+	c := newClient(t)
+	replies := q + ".replies"
+	c.declare(replies)
+	for _, id := range []string{"b1", "b2", "b3", "b4"} {
+		c.publish(bulk, id, replies, `{"prompt":"summarise","options":{"seed":1,"num_predict":4}}`)
+	}
+	c.publish(bulk, "late", replies, `{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`)
+	for _, id := range []string{"i1", "i2"} {
+		c.publish(inter, id, replies, `{"prompt":"hi","options":{"seed":1,"num_predict":4}}`)
+	}
+	got := c.collect(replies, 7, 60*time.Second)
+	for id, d := range got {
+		r := decodeResult(t, d)
+		want := "bulk"
+		if id[0] == 'i' {
+			want = "interactive"
+		}
+		if r.Lane != want {
+			t.Errorf("%s: lane %q, want %q: %s", id, r.Lane, want, d.Body)
+		}
+		if id == "late" {
+			if r.Error == nil || r.Error.Code != wire.ReasonExpired {
+				t.Errorf("late: %s, want an expired error", d.Body)
+			}
+		} else if r.Status != wire.StatusOK {
+			t.Errorf("%s: %s", id, d.Body)
+		}
+	}
+	dead := c.collect(bulk+".dlq", 1, 30*time.Second)
+	if d, ok := dead["late"]; !ok || d.Headers[queue.HeaderDeadLetterReason] != wire.ReasonExpired {
+		t.Fatalf("the expired request is not in the bulk lane's DLQ with reason expired: %v", dead)
+	}
+	if c.depth(inter) != 0 || c.depth(bulk) != 0 || c.depth(inter+".dlq") != 0 {
+		t.Fatal("requests left in a lane's queue, or an interactive one dead-lettered")
+	}
+
+	cmd := exec.Command(filepath.Join(binDir, "sousctl"), "publish", "-url", brokerURL, "-lane", "interactive", "hello lanes")
+	cmd.Env = append(os.Environ(), "SOUS_LANES="+spec)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "lane=interactive") || !strings.Contains(string(out), "lane interactive ("+inter+")") {
+		t.Fatalf("sousctl publish -lane interactive: %v\n%s", err, out)
+	}
+
+	waitUntil(t, 30*time.Second, "the lane counters in /metrics", func() bool {
+		m := scrape(t, w.Addr)
+		return strings.Contains(m, `sous_lane_served_total{sous_lane="interactive"} 3`) &&
+			strings.Contains(m, `sous_lane_served_total{sous_lane="bulk"} 5`) &&
+			strings.Contains(m, `sous_lane_deadline_missed_total{sous_lane="bulk"} 1`) &&
+			strings.Contains(m, `sous_lane_waiting{sous_lane="bulk"} 0`)
+	})
+}
