@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -8,7 +10,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/messaging/azservicebus"
+
 	"github.com/sous-run/sous/internal/queue"
+	"github.com/sous-run/sous/internal/queue/servicebus/sbpeer"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -78,3 +83,68 @@ func TestLanesEndToEnd(t *testing.T) {
 			strings.Contains(m, `sous_lane_waiting{sous_lane="bulk"} 0`)
 	})
 }
+
+// TestLanesOnServiceBus: the same worker on Service Bus (the sbpeer test
+// double, through the real azservicebus SDK on both sides): a receiver
+// per lane queue, each request answered once, naming its lane.
+func TestLanesOnServiceBus(t *testing.T) {
+	t.Parallel()
+	p := sbpeer.Start(t, sbpeer.Options{})
+	q, results := names(t)
+	spec := "interactive=" + q + ".interactive,bulk=" + q + ".bulk"
+	startWorker(t, q, "SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_CONNECTION_STRING="+p.ConnectionString(), "SOUS_LANES="+spec)
+	client, err := azservicebus.NewClientFromConnectionString(p.ConnectionString(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	t.Cleanup(func() { _ = client.Close(context.Background()) })
+	sent := map[string]string{} // id → lane
+	for lane, ids := range map[string][]string{"interactive": {"i1", "i2"}, "bulk": {"b1", "b2", "b3"}} {
+		s, err := client.NewSender(q+"."+lane, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range ids {
+			id := id
+			if err := s.SendMessage(ctx, &azservicebus.Message{MessageID: &id, ContentType: ptr("application/json"),
+				Body: []byte(`{"prompt":"hi","options":{"seed":1,"num_predict":4}}`)}, nil); err != nil {
+				t.Fatalf("send %s to lane %s: %v", id, lane, err)
+			}
+			sent[id] = lane
+		}
+		_ = s.Close(ctx)
+	}
+	r, err := client.NewReceiverForQueue(results, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	for len(got) < len(sent) && ctx.Err() == nil {
+		msgs, err := r.ReceiveMessages(ctx, 10, nil)
+		if err != nil {
+			t.Fatalf("receive results: %v (have %v)", err, got)
+		}
+		for _, m := range msgs {
+			var res wire.Result
+			if err := json.Unmarshal(m.Body, &res); err != nil || res.Status != wire.StatusOK {
+				t.Fatalf("result %s: %v", m.Body, err)
+			}
+			if res.Lane != sent[res.ID] {
+				t.Errorf("%s: lane %q, want %q", res.ID, res.Lane, sent[res.ID])
+			}
+			got[res.ID]++
+			if err := r.CompleteMessage(ctx, m, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for id := range sent {
+		if got[id] != 1 {
+			t.Errorf("%s answered %d times, want once", id, got[id])
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

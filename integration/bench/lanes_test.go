@@ -226,7 +226,7 @@ func (ackCounter) Settling(context.Context, *queue.Delivery, queue.Settlement) f
 	return func(error) {}
 }
 func (c ackCounter) Done(_ context.Context, _ *queue.Delivery, _ worker.Outcome) { c.n.Add(1) }
-func (ackCounter) EngineHealth(error)                                             {}
+func (ackCounter) EngineHealth(error)                                            {}
 
 // waitDone waits until the workers are finished with n deliveries.
 func (r *laneRun) waitDone(n int) {
@@ -510,4 +510,3 @@ func simulateEDF(n int, service func(int) time.Duration, deadline []time.Duratio
 	}
 	return met
 }
-
