@@ -34,6 +34,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/worker"
 )
 
@@ -1104,6 +1105,35 @@ func checkTriggers(ks *kedaSchemas, s set, so *scaledObject, w *workerEnv) []err
 			errs = append(errs, checkSousTrigger(where, so, tr, w)...)
 		}
 	}
+	if w != nil {
+		errs = append(errs, checkLaneTriggers(so, w)...)
+	}
+	return errs
+}
+
+// workerLanes is the lanes the worker's config gives it (SOUS_LANES, else
+// one lane on SOUS_QUEUE).
+func workerLanes(w *workerEnv) ([]lanes.Lane, error) {
+	return lanes.Parse(w.config["SOUS_LANES"], w.config["SOUS_QUEUE"])
+}
+
+// checkLaneTriggers: every lane's queue has a trigger, or KEDA would not
+// scale from zero on work that arrives in it alone.
+func checkLaneTriggers(so *scaledObject, w *workerEnv) []error {
+	ls, err := workerLanes(w)
+	if err != nil {
+		return []error{fmt.Errorf("ScaledObject %s: SOUS_LANES: %v", so.Name, err)}
+	}
+	var errs []error
+	for _, l := range ls {
+		found := false
+		for _, tr := range so.Spec.Triggers {
+			found = found || tr.Metadata["queueName"] == l.Queue
+		}
+		if !found {
+			errs = append(errs, fmt.Errorf("ScaledObject %s: lane %s's queue %q has no trigger: work that arrives in it alone would not scale the workers from zero", so.Name, l.Name, l.Queue))
+		}
+	}
 	return errs
 }
 
@@ -1132,8 +1162,12 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	default:
 		return append(errs, fmt.Errorf("%s: sous scales on rabbitmq or azure-servicebus", where))
 	}
-	if m["queueName"] != w.config["SOUS_QUEUE"] {
-		errs = append(errs, fmt.Errorf("%s: queueName %q is not SOUS_QUEUE %q", where, m["queueName"], w.config["SOUS_QUEUE"]))
+	if ls, err := workerLanes(w); err == nil && !slices.ContainsFunc(ls, func(l lanes.Lane) bool { return l.Queue == m["queueName"] }) {
+		if w.config["SOUS_LANES"] == "" {
+			errs = append(errs, fmt.Errorf("%s: queueName %q is not SOUS_QUEUE %q", where, m["queueName"], w.config["SOUS_QUEUE"]))
+		} else {
+			errs = append(errs, fmt.Errorf("%s: queueName %q is not a lane's queue in SOUS_LANES %q", where, m["queueName"], w.config["SOUS_LANES"]))
+		}
 	}
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)
