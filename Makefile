@@ -127,6 +127,9 @@ bench: ollama rabbitmq
 	for i in 1 2 3; do $(BENCH) -bench='Uniform' -benchtime=3200x ./integration/bench || exit 1; done
 	for i in 1 2 3; do $(BENCH) -bench='RealOllama' -benchtime=800x ./integration/bench || exit 1; done
 	for i in 1 2 3; do $(BENCH) -bench='BrokerPath' -benchtime=10000x ./integration/bench || exit 1; done
+	$(BENCH) -bench='^BenchmarkLanes$$' -benchtime=100x ./integration/bench
+	$(BENCH) -bench='LaneShare' -benchtime=100x ./integration/bench
+	$(BENCH) -bench='LaneDeadlines' -benchtime=50x ./integration/bench
 	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
 	$(BENCH) -bench='Batching' -benchtime=1280x ./integration/bench
 	$(BENCH) -bench='GatewayAddedLatency' -benchtime=1000x ./integration/bench
