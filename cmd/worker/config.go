@@ -46,6 +46,10 @@ type Config struct {
 	// given (shared by every lane) rather than defaulted (<queue>.dlq each).
 	lanes         []lanes.Lane
 	deadLetterSet bool
+	// ReportInterval is how often the worker reports each lane's measured
+	// rates to the scaler (fleet.Exchange); 0 turns reports off
+	// (SOUS_REPORT_INTERVAL, default 5s).
+	ReportInterval time.Duration `env:"SOUS_REPORT_INTERVAL" envDefault:"5s"`
 
 	// AMQPConsumerTimeout is the broker's consumer_timeout (RabbitMQ's
 	// default is 30m): RabbitMQ closes the channel of a consumer that
@@ -270,6 +274,9 @@ func (c Config) validate() error {
 	}
 	if c.DeadLetterQueue == c.Queue {
 		return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
+	}
+	if c.ReportInterval < 0 {
+		return bad("SOUS_REPORT_INTERVAL", "must be a duration such as 5s, or 0 to send no reports")
 	}
 	ls, err := lanes.Parse(c.Lanes, c.Queue)
 	if err != nil {

@@ -108,6 +108,9 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		return err
 	}
 
+	// Reports for the work-aware scaler (report.go).
+	defer startReports(ctx, cfg, w, sizer.Size, log)()
+
 	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
 	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()
 
@@ -343,7 +346,7 @@ func openLanes(ctx context.Context, cfg Config, prefetch int, onReconnect func()
 			}
 			return nil, nil, err
 		}
-		out = append(out, worker.Lane{Name: l.Name, Share: l.Share, Broker: b})
+		out = append(out, worker.Lane{Name: l.Name, Share: l.Share, Broker: b, Queue: l.Queue})
 		closers = append(closers, closeB)
 	}
 	return out, closeAll, nil

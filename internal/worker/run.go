@@ -99,6 +99,13 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	elapsed := w.now().Sub(start)
 	w.obs.BatchFinished(ctx, ev, elapsed)
 
+	end := w.now()
+	for i := range keep {
+		if keepRes[i].Err == nil {
+			l.meter.observe(end, elapsed, keepRes[i].Response.Usage.OutputTokens)
+		}
+	}
+
 	// Results of a list are published concurrently, so their confirms
 	// overlap; a call of one settles here, without a goroutine hand-off.
 	var wg sync.WaitGroup

@@ -179,6 +179,8 @@ type Lane struct {
 	// Broker is the lane's queue driver: the lane's deliveries are
 	// received, settled and answered through it.
 	Broker Broker
+	// Queue names the lane's queue in the worker's reports (LaneRates).
+	Queue string
 }
 
 // lane is a Lane with its state in the worker.
@@ -192,6 +194,7 @@ type lane struct {
 	// waiting is the number of its requests in the dispatcher, for the
 	// lane's gauge; written by the dispatcher only.
 	waiting atomic.Int64
+	meter   meter // its completions, for LaneRates
 }
 
 // Worker is the runtime. Create it with New or NewLanes and call Run once.
