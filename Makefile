@@ -76,7 +76,7 @@ test-images: ollama
 # platform only; what deploy/push_test.go pushes to a loopback registry).
 .PHONY: push
 push:
-	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" OLLAMA_BIN="$(OLLAMA_BIN)" scripts/push.sh
+	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" scripts/push.sh
 
 # The control plane, the KEDA operator and KEDA's metrics apiserver for
 # integration/k8s, each built from its Go module into .cache/k8s
