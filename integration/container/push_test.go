@@ -56,6 +56,15 @@ func TestMakePush(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	start := time.Now()
+	tag := manifestsTag(t, root)
+	arch := map[string]string{"x86_64": "amd64", "aarch64": "arm64"}[unameM(t)]
+	// make push leaves its per-platform tags in the engine; a registry on a
+	// port that is gone names nothing anyone can use.
+	t.Cleanup(func() {
+		for name := range pushedImages {
+			_ = exec.Command("docker", "image", "rm", reg+"/"+name+":"+tag+"-"+arch).Run()
+		}
+	})
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("make push: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
 	}
@@ -73,8 +82,6 @@ func TestMakePush(t *testing.T) {
 	if len(got) != len(pushedImages) {
 		t.Fatalf("make push printed digests for %v, want %d images: %v", slices.Sorted(maps.Keys(got)), len(pushedImages), slices.Sorted(maps.Keys(pushedImages)))
 	}
-	tag := manifestsTag(t, root)
-	arch := map[string]string{"x86_64": "amd64", "aarch64": "arm64"}[unameM(t)]
 	for name, entry := range pushedImages {
 		digest, ok := got[name]
 		if !ok {
