@@ -80,23 +80,22 @@ func TestPrometheusScrapesDashboard(t *testing.T) {
 
 	noGPU := strings.Contains(w.Logs(), "no GPU memory readings")
 	var empty, got []string
-	itest.WaitUntil(t, 3*time.Minute, "every dashboard query to return a series", func() bool {
+	if !eventually(3*time.Minute, time.Second, func() bool {
 		empty, got = empty[:0], got[:0]
 		for _, p := range panels {
 			res, err := query(api, p.expr)
 			if err != nil {
 				t.Fatalf("panel %q: %s: %v", p.title, p.expr, err)
 			}
-			got = append(got, fmt.Sprintf("%-40s %d series", p.title, len(res)))
+			got = append(got, fmt.Sprintf("%-40s %d series  %s", p.title, len(res), p.expr))
 			if len(res) == 0 && !(noGPU && strings.Contains(p.expr, "sous_gpu_memory_free_bytes")) {
-				empty = append(empty, p.title)
+				empty = append(empty, p.title+": "+p.expr)
 			}
 		}
-		if len(empty) > 0 {
-			t.Logf("panels without data yet: %s", strings.Join(empty, "; "))
-		}
 		return len(empty) == 0
-	})
+	}) {
+		t.Fatalf("after 3 minutes, dashboard queries without data:\n  %s", strings.Join(empty, "\n  "))
+	}
 	t.Logf("dashboard queries:\n  %s", strings.Join(got, "\n  "))
 	if noGPU {
 		t.Log("no GPU here (the worker logged it): the free GPU memory panel was not required to have data")
@@ -107,7 +106,7 @@ func TestPrometheusScrapesDashboard(t *testing.T) {
 		}
 	}
 	// Prometheus evaluates the rules file itself: every rule ran, none failed.
-	itest.WaitUntil(t, 2*time.Minute, "every alert rule evaluated without error", func() bool {
+	if !eventually(2*time.Minute, time.Second, func() bool {
 		health, err := ruleHealth(api)
 		if err != nil {
 			t.Fatal(err)
@@ -124,7 +123,23 @@ func TestPrometheusScrapesDashboard(t *testing.T) {
 			}
 		}
 		return true
-	})
+	}) {
+		t.Fatal("after 2 minutes, not every alert rule of rules.yaml has been evaluated")
+	}
+}
+
+// eventually polls cond every interval until it holds (true) or within has
+// passed (false). Each poll here is a round of queries to Prometheus, so
+// polls are spaced wider than itest.Eventually's.
+func eventually(within, every time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(every)
+	}
+	return true
 }
 
 type panelQuery struct{ title, expr string }
@@ -329,7 +344,7 @@ scrape_configs:
 		}
 	})
 	api := "http://" + addr
-	itest.WaitUntil(t, 2*time.Minute, "prometheus /-/ready", func() bool {
+	if !eventually(2*time.Minute, 100*time.Millisecond, func() bool {
 		select {
 		case <-exited:
 			t.Fatalf("prometheus exited:\n%s", logs.String())
@@ -341,7 +356,9 @@ scrape_configs:
 		}
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
-	})
+	}) {
+		t.Fatalf("prometheus at %s not ready after 2 minutes", addr)
+	}
 	return api
 }
 
@@ -376,7 +393,7 @@ func query(api, expr string) ([]json.RawMessage, error) {
 // waitQuery waits until expr returns one sample whose value passes ok.
 func waitQuery(t *testing.T, api, expr string, within time.Duration, ok func(float64) bool) {
 	t.Helper()
-	itest.WaitUntil(t, within, expr, func() bool {
+	if !eventually(within, 500*time.Millisecond, func() bool {
 		res, err := query(api, expr)
 		if err != nil || len(res) != 1 {
 			return false
@@ -393,7 +410,9 @@ func waitQuery(t *testing.T, api, expr string, within time.Duration, ok func(flo
 			return false
 		}
 		return ok(v)
-	})
+	}) {
+		t.Fatalf("after %s, no sample passes for %s", within, expr)
+	}
 }
 
 // ruleHealth returns each alerting rule's name and health: "ok" once
