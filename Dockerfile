@@ -16,6 +16,7 @@
 ARG GO_IMAGE=golang:1.26.8-bookworm
 ARG WORKER_BASE=gcr.io/distroless/base-debian12:nonroot
 ARG OLLAMA_IMAGE=ollama/ollama:0.17.4
+ARG GATEWAY_BASE=gcr.io/distroless/base-nossl-debian12:nonroot
 
 # The build stage's Debian release sets the glibc the cgo binary needs
 # (bookworm: 2.36). Every final stage must ship that glibc or newer.
@@ -83,7 +84,7 @@ FROM build AS gateway-build
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     make build-gateway
 
-FROM gcr.io/distroless/base-nossl-debian12:nonroot AS gateway
+FROM ${GATEWAY_BASE} AS gateway
 COPY --from=gateway-build /src/bin/gateway /usr/local/bin/sous-gateway
 USER 65532:65532
 # 8081: the API (SOUS_GATEWAY_ADDR); 8082: /healthz, /readyz and /metrics

@@ -67,6 +67,17 @@ test-images: ollama
 	elif [ "$$CI" = true ]; then echo "CI=true: the container tests need a Docker engine" >&2; exit 1; \
 	else echo "make test: no Docker engine; the container tests will skip"; fi
 
+# Push the images (sous-worker, sous-worker-ollama, sous-gateway; the scaler
+# once the Dockerfile has it) to any OCI registry and print each one's
+# digest, REGISTRY/NAME@sha256:... (scripts/push.sh):
+#   make push REGISTRY=ghcr.io/OWNER [TAG=0.1.0] [PLATFORMS=linux/amd64,linux/arm64]
+# TAG defaults to the tag the manifests use (deploy/k8s/images). BASES=standin
+# pushes the stand-in builds of `make images` instead (this machine's
+# platform only; what deploy/push_test.go pushes to a loopback registry).
+.PHONY: push
+push:
+	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" scripts/push.sh
+
 # The control plane, the KEDA operator and KEDA's metrics apiserver for
 # integration/k8s, each built from its Go module into .cache/k8s
 # (scripts/build-k8s.sh): about 17 minutes cold on 2 idle cores, one binary
