@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/messaging/azservicebus"
+	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/queue/servicebus/sbpeer"
 	"github.com/sous-run/sous/internal/wire"
@@ -28,11 +30,12 @@ func TestLanesEndToEnd(t *testing.T) {
 	inter, bulk := q+".interactive", q+".bulk"
 	queues.Add(inter, inter+".dlq", bulk, bulk+".dlq")
 	spec := "interactive=" + inter + ",bulk=" + bulk + ":share=0.2"
-	w := startWorker(t, q, "SOUS_LANES="+spec, "OTEL_METRICS_EXPORTER=prometheus")
+	c := newClient(t)
+	reports := c.bindReports()
+	w := startWorker(t, q, "SOUS_LANES="+spec, "OTEL_METRICS_EXPORTER=prometheus", "SOUS_REPORT_INTERVAL=200ms")
 	if !strings.Contains(w.Logs(), "lanes=") || !strings.Contains(w.Logs(), "bulk="+bulk) {
 		t.Fatalf("the start line does not show the lanes:\n%s", w.Logs())
 	}
-	c := newClient(t)
 	replies := q + ".replies"
 	c.declare(replies)
 	for _, id := range []string{"b1", "b2", "b3", "b4"} {
@@ -73,6 +76,22 @@ func TestLanesEndToEnd(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "lane=interactive") || !strings.Contains(string(out), "lane interactive ("+inter+")") {
 		t.Fatalf("sousctl publish -lane interactive: %v\n%s", err, out)
+	}
+
+	// The worker reports each lane's measured rates for the scaler.
+	measured := map[string]fleet.Report{}
+	waitUntil(t, 30*time.Second, "a report of each lane with its measured service time", func() bool {
+		for _, r := range c.reports(reports) {
+			if r.Worker == "it-"+q && r.MeanServiceS > 0 {
+				measured[r.Queue] = r
+			}
+		}
+		return len(measured) == 2
+	})
+	for queue, lane := range map[string]string{inter: "interactive", bulk: "bulk"} {
+		if r := measured[queue]; r.Lane != lane || r.Limit <= 0 || r.ServedPerS <= 0 || r.OutputTokensPerS <= 0 {
+			t.Errorf("report for %s: %+v", queue, r)
+		}
 	}
 
 	waitUntil(t, 30*time.Second, "the lane counters in /metrics", func() bool {
@@ -148,3 +167,40 @@ func TestLanesOnServiceBus(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// bindReports binds a fresh exclusive queue to the workers' reports
+// exchange and returns its name.
+func (c *client) bindReports() string {
+	c.t.Helper()
+	if err := c.ch.ExchangeDeclare(fleet.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
+		c.t.Fatal(err)
+	}
+	q, err := c.ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if err := c.ch.QueueBind(q.Name, "", fleet.Exchange, false, nil); err != nil {
+		c.t.Fatal(err)
+	}
+	return q.Name
+}
+
+// reports takes the reports waiting in q.
+func (c *client) reports(q string) []fleet.Report {
+	c.t.Helper()
+	var out []fleet.Report
+	for {
+		d, ok, err := c.ch.Get(q, true)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		if !ok {
+			return out
+		}
+		r, err := fleet.Decode(d.Body)
+		if err != nil {
+			c.t.Fatalf("a report the scaler would refuse: %v: %s", err, d.Body)
+		}
+		out = append(out, r)
+	}
+}
