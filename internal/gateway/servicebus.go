@@ -63,8 +63,8 @@ type ServiceBusConfig struct {
 // fails the calls of its session, whose replies in flight may be lost, and
 // the session is accepted again in the background.
 type ServiceBus struct {
-	cfg    ServiceBusConfig
-	log    *slog.Logger
+	cfg     ServiceBusConfig
+	log     *slog.Logger
 	client  *azservicebus.Client
 	senders map[string]*azservicebus.Sender // by queue; read-only after Open
 	lanes   []*sbLane
