@@ -116,6 +116,10 @@ type Config struct {
 	// its dead-letter queue: SOUS_DEAD_LETTER_QUEUE when set, else
 	// <queue>.dlq, as the worker does.
 	Lanes string `env:"SOUS_GATEWAY_LANES"`
+	// WorkerLanes is the workers' SOUS_LANES, read only to warn when it is
+	// set (a ConfigMap shared with the workers) and SOUS_GATEWAY_LANES is
+	// not: the requests would all go to SOUS_QUEUE.
+	WorkerLanes string `env:"SOUS_LANES"`
 	// lanes is Lanes parsed (nil when unset); deadLetterSet says
 	// SOUS_DEAD_LETTER_QUEUE was given rather than defaulted.
 	lanes         []lanes.Lane

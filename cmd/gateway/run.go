@@ -61,6 +61,10 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log.Info("telemetry", "metrics_endpoint", prom, "metrics_otlp", otlp,
 		"traces_otlp", !cfg.otelDisabled() && cfg.OTelEndpoint+cfg.OTelTracesEndpoint != "" && cfg.OTelTracesExporter != "none")
 
+	if cfg.WorkerLanes != "" && len(cfg.lanes) == 0 {
+		log.Warn("SOUS_LANES (the workers' lanes) is set but SOUS_GATEWAY_LANES is not: every request goes to SOUS_QUEUE; set SOUS_GATEWAY_LANES to publish to the lanes' queues",
+			"queue", cfg.Queue)
+	}
 	if cfg.Broker == "rabbitmq" && !cfg.Declare {
 		if len(cfg.lanes) > 0 {
 			log.Info("SOUS_DECLARE=false: the gateway does not declare the lanes' queues; until a lane's queue exists its requests are refused with 503",
