@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sous-run/sous/internal/wire"
@@ -69,6 +70,21 @@ func errUnauthorized() *apiError {
 func errModelNotFound(model string) *apiError {
 	return &apiError{Status: 404, Type: "invalid_request_error", Code: "model_not_found", Param: "model",
 		Message: "the model `" + truncate(model, 128) + "` does not exist or you do not have access to it; GET /v1/models lists the models you may use"}
+}
+
+func errLanesNotConfigured() *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: "lanes_not_configured",
+		Message: "this gateway has no lanes (SOUS_GATEWAY_LANES is not set): send no " + LaneHeader + " header"}
+}
+
+func errUnknownLane(name string, known []string) *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: "unknown_lane",
+		Message: "the lane `" + truncate(name, 64) + "` (" + LaneHeader + ") does not exist; this gateway's lanes are " + strings.Join(known, ", ")}
+}
+
+func errLaneNotAllowed(name string, allowed []string) *apiError {
+	return &apiError{Status: 403, Type: "invalid_request_error", Code: "lane_not_allowed",
+		Message: "this API key may not use the lane `" + name + "` (" + LaneHeader + "); it may use " + strings.Join(allowed, ", ")}
 }
 
 func errRateLimited(wait time.Duration) *apiError {
