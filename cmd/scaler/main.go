@@ -72,7 +72,12 @@ func loadConfig(environ []string) (Config, error) {
 		if errors.As(err, &agg) && len(agg.Errors) > 0 {
 			var pe env.ParseError
 			if errors.As(agg.Errors[0], &pe) {
-				return c, brokerconfig.Bad("SOUS_"+strings.TrimPrefix(pe.Name, "SOUS_"), "cannot be read as %s", pe.Type)
+				name := pe.Name
+				if f, ok := reflect.TypeFor[Config]().FieldByName(pe.Name); ok {
+					name = f.Tag.Get("env")
+				}
+				// The value is not repeated: it may be a secret.
+				return c, brokerconfig.Bad(name, "cannot be read as %s", pe.Type)
 			}
 		}
 		return c, err
@@ -87,7 +92,7 @@ func loadConfig(environ []string) (Config, error) {
 }
 
 func (c Config) amqp() brokerconfig.AMQP {
-	return brokerconfig.AMQP{URL: c.AMQPURL, CAFile: c.AMQPCAFile, CertFile: c.AMQPCertFile, KeyFile: c.AMQPKeyFile}
+	return brokerconfig.AMQP{URL: c.AMQPURL, CAFile: c.AMQPCAFile, CertFile: c.AMQPCertFile, KeyFile: c.AMQPKeyFile, Heartbeat: 10 * time.Second}
 }
 
 func (c Config) validate() error {
