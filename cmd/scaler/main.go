@@ -41,6 +41,7 @@ type Config struct {
 	Addr string `env:"SOUS_SCALER_ADDR" envDefault:":9090"`
 	// HTTPAddr serves /healthz and /readyz; "off" disables it.
 	HTTPAddr     string       `env:"SOUS_HTTP_ADDR" envDefault:":8083"`
+	Broker       string       `env:"SOUS_BROKER" envDefault:"rabbitmq"`
 	AMQPURL      secret.Value `env:"SOUS_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
 	AMQPURLFile  string       `env:"SOUS_AMQP_URL_FILE"`
 	AMQPCAFile   string       `env:"SOUS_AMQP_CA_FILE"`
@@ -50,8 +51,11 @@ type Config struct {
 	// read the queues: depths then count the requests workers hold as
 	// the broker sees them (SOUS_SCALER_MANAGEMENT_URL; unset: the
 	// workers' reports say it).
-	ManagementURL     secret.Value `env:"SOUS_SCALER_MANAGEMENT_URL"`
-	ManagementURLFile string       `env:"SOUS_SCALER_MANAGEMENT_URL_FILE"`
+	ManagementURL                  secret.Value `env:"SOUS_SCALER_MANAGEMENT_URL"`
+	ManagementURLFile              string       `env:"SOUS_SCALER_MANAGEMENT_URL_FILE"`
+	ServiceBusConnectionString     secret.Value `env:"SOUS_SERVICEBUS_CONNECTION_STRING"`
+	ServiceBusConnectionStringFile string       `env:"SOUS_SERVICEBUS_CONNECTION_STRING_FILE"`
+	ServiceBusNamespace            string       `env:"SOUS_SERVICEBUS_NAMESPACE"`
 	// PriorSeconds is the seconds one replica spends per request of a
 	// queue no worker has measured yet (SOUS_SCALER_PRIOR_SECONDS).
 	PriorSeconds time.Duration `env:"SOUS_SCALER_PRIOR_SECONDS" envDefault:"1s"`
@@ -85,6 +89,7 @@ func loadConfig(environ []string) (Config, error) {
 	if err := brokerconfig.ReadSecretFiles(
 		brokerconfig.SecretFile{Var: "SOUS_AMQP_URL_FILE", Path: c.AMQPURLFile, Dst: &c.AMQPURL},
 		brokerconfig.SecretFile{Var: "SOUS_SCALER_MANAGEMENT_URL_FILE", Path: c.ManagementURLFile, Dst: &c.ManagementURL},
+		brokerconfig.SecretFile{Var: "SOUS_SERVICEBUS_CONNECTION_STRING_FILE", Path: c.ServiceBusConnectionStringFile, Dst: &c.ServiceBusConnectionString},
 	); err != nil {
 		return c, err
 	}
@@ -99,8 +104,17 @@ func (c Config) validate() error {
 	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
 		return brokerconfig.Bad("SOUS_SCALER_ADDR", "must be host:port or :port, such as :9090")
 	}
-	if err := c.amqp().Check(); err != nil {
-		return err
+	switch c.Broker {
+	case "rabbitmq":
+		if err := c.amqp().Check(); err != nil {
+			return err
+		}
+	case "servicebus":
+		if err := (brokerconfig.ServiceBus{ConnectionString: c.ServiceBusConnectionString, Namespace: c.ServiceBusNamespace}).Check(); err != nil {
+			return err
+		}
+	default:
+		return brokerconfig.Bad("SOUS_BROKER", "%q is not a broker sous knows; use rabbitmq or servicebus", c.Broker)
 	}
 	if m := c.ManagementURL.Reveal(); m != "" && !strings.HasPrefix(m, "http://") && !strings.HasPrefix(m, "https://") {
 		return brokerconfig.Bad("SOUS_SCALER_MANAGEMENT_URL", "must be an http:// or https:// URL, such as http://user:password@rabbitmq:15672")
@@ -150,23 +164,45 @@ func newLogger(cfg Config, w io.Writer) *slog.Logger {
 // run serves until ctx ends, then stops in stages: the gRPC server
 // (gracefully, a few seconds), the reports consumer, the broker.
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
-	tlsCfg, err := cfg.amqp().TLS()
-	if err != nil {
-		return err
+	var (
+		depth scaler.Depth
+		view  *fleet.View
+		ready = func(context.Context) error { return nil }
+	)
+	switch cfg.Broker {
+	case "servicebus":
+		sb, err := scaler.NewServiceBusDepth(cfg.ServiceBusConnectionString, cfg.ServiceBusNamespace)
+		if err != nil {
+			return err
+		}
+		depth, view = sb, fleet.NewView(nil)
+		log.Info("starting", "addr", cfg.Addr, "broker", "servicebus", "prior", cfg.PriorSeconds,
+			"note", "workers report on RabbitMQ only: Service Bus queues are priced at the prior")
+	default:
+		tlsCfg, err := cfg.amqp().TLS()
+		if err != nil {
+			return err
+		}
+		rabbit := scaler.NewRabbit(scaler.RabbitConfig{URL: cfg.AMQPURL, TLS: tlsCfg, ManagementURL: cfg.ManagementURL}, log)
+		defer rabbit.Close()
+		saved, err := rabbit.LoadState()
+		if err != nil {
+			log.Warn("could not read the last costs; queues no worker has measured are priced at the prior", "err", err, "prior", cfg.PriorSeconds)
+		}
+		depth, view = rabbit, fleet.NewView(saved)
+		// Ready when the broker answers (a missing queue is an answer).
+		ready = func(ctx context.Context) error {
+			if _, _, err := rabbit.Depth(ctx, scaler.StateQueue); err != nil && !errors.Is(err, scaler.ErrNoQueue) {
+				return err
+			}
+			return nil
+		}
+		log.Info("starting", "addr", cfg.Addr, "broker", "rabbitmq", "amqp_url", secret.URL(cfg.AMQPURL.Reveal()), "management", cfg.ManagementURL != "", "saved_costs", len(saved), "prior", cfg.PriorSeconds)
+		rctx, cancelReports := context.WithCancel(ctx)
+		reportsDone := make(chan struct{})
+		go func() { defer close(reportsDone); rabbit.Run(rctx, view) }()
+		defer func() { cancelReports(); <-reportsDone }()
 	}
-	rabbit := scaler.NewRabbit(scaler.RabbitConfig{URL: cfg.AMQPURL, TLS: tlsCfg, ManagementURL: cfg.ManagementURL}, log)
-	defer rabbit.Close()
-	saved, err := rabbit.LoadState()
-	if err != nil {
-		log.Warn("could not read the last costs; queues no worker has measured are priced at the prior", "err", err, "prior", cfg.PriorSeconds)
-	}
-	view := fleet.NewView(saved)
-	log.Info("starting", "addr", cfg.Addr, "amqp_url", secret.URL(cfg.AMQPURL.Reveal()), "management", cfg.ManagementURL != "", "saved_costs", len(saved), "prior", cfg.PriorSeconds)
-
-	rctx, cancelReports := context.WithCancel(ctx)
-	reportsDone := make(chan struct{})
-	go func() { defer close(reportsDone); rabbit.Run(rctx, view) }()
-	defer func() { cancelReports(); <-reportsDone }()
 
 	lis, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -175,7 +211,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// Bounds on what a client holds: KEDA's few connections, small
 	// messages, idle streams kept alive by KEDA itself.
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(1<<20), grpc.MaxConcurrentStreams(256), grpc.ConnectionTimeout(10*time.Second))
-	externalscaler.RegisterExternalScalerServer(srv, scaler.New(scaler.Config{PriorCost: cfg.PriorSeconds.Seconds()}, view, rabbit, log))
+	externalscaler.RegisterExternalScalerServer(srv, scaler.New(scaler.Config{PriorCost: cfg.PriorSeconds.Seconds()}, view, depth, log))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	served := make(chan error, 1)
@@ -189,8 +225,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 			cctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
 			defer cancel()
-			// Ready when the broker answers (a missing queue is an answer).
-			if _, _, err := rabbit.Depth(cctx, scaler.StateQueue); err != nil && !errors.Is(err, scaler.ErrNoQueue) {
+			if err := ready(cctx); err != nil {
 				http.Error(w, "the broker does not answer", http.StatusServiceUnavailable)
 				return
 			}

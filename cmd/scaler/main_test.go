@@ -35,12 +35,20 @@ func TestConfig(t *testing.T) {
 		"SOUS_SCALER_MANAGEMENT_URL=rabbit:1567": "SOUS_SCALER_MANAGEMENT_URL",
 		"SOUS_AMQP_URL=http://x":                 "SOUS_AMQP_URL",
 		"SOUS_LOG_FORMAT=xml":                    "SOUS_LOG_FORMAT",
+		"SOUS_BROKER=kafka":                      "SOUS_BROKER",
 	} {
 		_, err := loadConfig([]string{env})
 		var ve *brokerconfig.VarError
 		if !errors.As(err, &ve) || ve.Var != want {
 			t.Errorf("%s: %v, want an error naming %s", env, err, want)
 		}
+	}
+	// Service Bus: a connection string or a namespace.
+	if _, err := loadConfig([]string{"SOUS_BROKER=servicebus"}); err == nil || !strings.Contains(err.Error(), "SOUS_SERVICEBUS_CONNECTION_STRING") {
+		t.Errorf("servicebus without a connection string: %v", err)
+	}
+	if c, err := loadConfig([]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=ns.servicebus.windows.net"}); err != nil || c.Broker != "servicebus" {
+		t.Errorf("servicebus with a namespace: %v", err)
 	}
 }
 
