@@ -14,7 +14,10 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
 # The one build command: the Dockerfile's build stage runs exactly this line
 # (a test checks it), so what CI builds is what ships.
-GO_BUILD = CGO_ENABLED=1 $(GO) build -trimpath -ldflags="-s -w" -o bin/
+GO_BUILD_FLAGS = -trimpath -ldflags="-s -w"
+GO_BUILD = CGO_ENABLED=1 $(GO) build $(GO_BUILD_FLAGS) -o bin/
+# The same without cgo, for make build-nocgo.
+GO_BUILD_NOCGO = CGO_ENABLED=0 $(GO) build $(GO_BUILD_FLAGS) -o bin/nocgo/
 
 .PHONY: build
 build: build-gateway
@@ -25,6 +28,15 @@ build: build-gateway
 .PHONY: build-gateway
 build-gateway:
 	$(GO_BUILD) ./cmd/gateway
+
+# The worker without cgo, so without NVML: for engine images whose glibc is
+# older than the build stage's (vLLM's and llama.cpp's are Ubuntu 22.04,
+# glibc 2.35). Those engines own their GPU memory and say their slots in
+# their gauges, which the worker adapts to. The Dockerfile's build-nocgo
+# stage runs exactly this target (deploy/engines_test.go checks it).
+.PHONY: build-nocgo
+build-nocgo:
+	$(GO_BUILD_NOCGO) ./cmd/worker ./cmd/sousctl
 
 # The dev Ollama server, built from its Go module (newer module versions lack
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
