@@ -286,8 +286,6 @@ const interactiveTokens = 16
 // 32 slots busy from the first publish until the last bulk request ends;
 // every request is answered exactly once or the benchmark fails.
 func BenchmarkLanes(b *testing.B) {
-	nI := b.N
-	nB := min(5000, 50*b.N)
 	type design struct {
 		name string
 		run  func(r *laneRun, inter, bulk string) (engines []*clockEngine, stop func())
@@ -313,6 +311,7 @@ func BenchmarkLanes(b *testing.B) {
 		}},
 	} {
 		b.Run("design="+d.name, func(b *testing.B) {
+			nI, nB := b.N, min(5000, 50*b.N)
 			r := newLaneRun(b)
 			inter := r.queue("interactive")
 			bulk := inter // one-queue: the same queue
@@ -428,21 +427,21 @@ func BenchmarkLaneShare(b *testing.B) {
 // earliest-deadline-first schedule of the same requests on 32 slots meets
 // in a simulation (the best a non-preemptive scheduler could expect).
 func BenchmarkLaneDeadlines(b *testing.B) {
-	n := 40 * b.N
 	service := func(k int) time.Duration { return laneFixed + lanePerToken*time.Duration(bulkTokens(k)) }
-	var work time.Duration
-	for k := range n {
-		work += service(k)
-	}
-	drain := work / laneSlots
-	rng := rand.New(rand.NewPCG(24, 26))
-	offset := make([]time.Duration, n)
-	for k := range offset {
-		offset[k] = time.Duration((0.2 + 1.3*rng.Float64()) * float64(drain))
-	}
-	sim := simulateEDF(n, service, offset)
 	for _, design := range []string{"edf", "arrival"} {
 		b.Run("design="+design, func(b *testing.B) {
+			n := 40 * b.N
+			var work time.Duration
+			for k := range n {
+				work += service(k)
+			}
+			drain := work / laneSlots
+			rng := rand.New(rand.NewPCG(24, 26))
+			offset := make([]time.Duration, n)
+			for k := range offset {
+				offset[k] = time.Duration((0.2 + 1.3*rng.Float64()) * float64(drain))
+			}
+			sim := simulateEDF(n, service, offset)
 			r := newLaneRun(b)
 			q := r.queue("bulk")
 			// Deadlines count from when the worker starts; publishing
