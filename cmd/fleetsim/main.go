@@ -1,0 +1,58 @@
+// Command fleetsim replays a simulated day of mixed traffic through a sous
+// fleet scaled by KEDA's message-count trigger and by sous's scaler
+// (seconds of work), and prints what each cost and delivered
+// (internal/fleetsim; docs/benchmarks.md has the reading).
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/sous-run/sous/internal/fleetsim"
+)
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "fleetsim:", err)
+		os.Exit(2)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("fleetsim", flag.ContinueOnError)
+	seed := fs.Uint64("seed", 1, "the traffic's random seed")
+	hours := fs.Float64("hours", 24, "hours of traffic (the day's pattern, cut short)")
+	max := fs.Int("max", 8, "maxReplicaCount, for every design")
+	podStart := fs.Float64("pod-start", 90, "seconds from the HPA's decision to a ready worker")
+	fixed := fs.Float64("fixed", 0.05, "the engine's fixed seconds per request")
+	perToken := fs.Float64("per-token", 0.02, "the engine's seconds per output token")
+	targets := fs.String("targets", "300,900,1800", "sous's targetDrainSeconds to try, comma-separated")
+	inter := fs.Float64("interactive-target", 0, "when above 0, sous's scaler has a trigger per lane: this targetDrainSeconds for interactive, -targets for bulk")
+	format := fs.String("format", "markdown", "output: markdown")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *format != "markdown" {
+		return fmt.Errorf("-format %q: only markdown", *format)
+	}
+	if *hours <= 0 || *max < 1 || *podStart < 0 || *fixed < 0 || *perToken < 0 {
+		return fmt.Errorf("-hours and -max must be above 0, -pod-start, -fixed and -per-token at least 0")
+	}
+	var ts []float64
+	for _, f := range strings.Split(*targets, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || v <= 0 {
+			return fmt.Errorf("-targets: %q is not a number of seconds above 0", f)
+		}
+		ts = append(ts, v)
+	}
+	e := fleetsim.Engine{Slots: 32, Fixed: *fixed, PerToken: *perToken}
+	tr := fleetsim.Day()
+	tr.Span = *hours * 3600
+	rs := fleetsim.Compare(tr, e, *seed, *max, *podStart, ts, *inter)
+	fmt.Printf("seed %d, %g h, engine %g s + %g s/token on 32 slots, max %d replicas, pod start %g s\n\n", *seed, *hours, *fixed, *perToken, *max, *podStart)
+	return fleetsim.Table(os.Stdout, rs)
+}
