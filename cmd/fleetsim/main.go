@@ -7,6 +7,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"strconv"
 	"strings"
@@ -15,14 +16,15 @@ import (
 )
 
 func main() {
-	if err := run(os.Args[1:]); err != nil {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "fleetsim:", err)
 		os.Exit(2)
 	}
 }
 
-func run(args []string) error {
+func run(args []string, w io.Writer) error {
 	fs := flag.NewFlagSet("fleetsim", flag.ContinueOnError)
+	fs.SetOutput(w)
 	seed := fs.Uint64("seed", 1, "the traffic's random seed")
 	hours := fs.Float64("hours", 24, "hours of traffic (the day's pattern, cut short)")
 	max := fs.Int("max", 8, "maxReplicaCount, for every design")
@@ -31,6 +33,7 @@ func run(args []string) error {
 	perToken := fs.Float64("per-token", 0.02, "the engine's seconds per output token")
 	targets := fs.String("targets", "300,900,1800", "sous's targetDrainSeconds to try, comma-separated")
 	inter := fs.Float64("interactive-target", 0, "when above 0, sous's scaler has a trigger per lane: this targetDrainSeconds for interactive, -targets for bulk")
+	bulkOnly := fs.Bool("bulk-only", false, "leave out the interactive traffic: the bulk jobs alone")
 	format := fs.String("format", "markdown", "output: markdown")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -52,7 +55,12 @@ func run(args []string) error {
 	e := fleetsim.Engine{Slots: 32, Fixed: *fixed, PerToken: *perToken}
 	tr := fleetsim.Day()
 	tr.Span = *hours * 3600
+	if *bulkOnly {
+		tr.NightRate, tr.PeakRate = 0, 0
+	}
 	rs := fleetsim.Compare(tr, e, *seed, *max, *podStart, ts, *inter)
-	fmt.Printf("seed %d, %g h, engine %g s + %g s/token on 32 slots, max %d replicas, pod start %g s\n\n", *seed, *hours, *fixed, *perToken, *max, *podStart)
-	return fleetsim.Table(os.Stdout, rs)
+	reqs := fleetsim.Generate(tr, e, *seed)
+	fmt.Fprintf(w, "seed %d, %g h, engine %g s + %g s/token on 32 slots, max %d replicas, pod start %g s: %d requests, %.1f replica-hours of slot time\n\n",
+		*seed, *hours, *fixed, *perToken, *max, *podStart, len(reqs), fleetsim.SlotHours(reqs, e))
+	return fleetsim.Table(w, rs)
 }

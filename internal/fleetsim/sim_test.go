@@ -136,3 +136,42 @@ func TestEveryDesignSettles(t *testing.T) {
 		}
 	}
 }
+
+// The generated day: in order of arrival, the rate's extremes where the
+// traffic says, every bulk request due its job's deadline after its
+// submission, answers within their caps.
+func TestGenerate(t *testing.T) {
+	t.Parallel()
+	tr := short()
+	if got := tr.Rate(tr.PeakAt); got != tr.PeakRate {
+		t.Fatalf("rate at the peak %g, want %g", got, tr.PeakRate)
+	}
+	if got := tr.Rate(tr.PeakAt - 12*3600); math.Abs(got-tr.NightRate) > 1e-9 {
+		t.Fatalf("rate at night %g, want %g", got, tr.NightRate)
+	}
+	e := fleetsim.Engine{Slots: 32, Fixed: 0.05, PerToken: 0.02}
+	reqs := fleetsim.Generate(tr, e, 1)
+	perJob := make([]int, len(tr.Jobs))
+	for i, q := range reqs {
+		if i > 0 && q.Arrive < reqs[i-1].Arrive {
+			t.Fatalf("request %d arrives before the one before it", i)
+		}
+		if q.Service != e.Service(q.Tokens) || q.Tokens < 1 {
+			t.Fatalf("request %d: %+v", i, q)
+		}
+		if q.Lane == fleetsim.Bulk {
+			j := tr.Jobs[q.Job]
+			perJob[q.Job]++
+			if q.Deadline != j.Submit+j.Deadline || q.Tokens > j.Lengths.Cap {
+				t.Fatalf("request %d of job %s: %+v", i, j.Name, q)
+			}
+		} else if q.Tokens > tr.Interactive.Cap || q.Arrive >= tr.Span {
+			t.Fatalf("interactive request %d: %+v", i, q)
+		}
+	}
+	for i, j := range tr.Jobs {
+		if perJob[i] != j.Requests {
+			t.Errorf("job %s: %d requests, want %d", j.Name, perJob[i], j.Requests)
+		}
+	}
+}
