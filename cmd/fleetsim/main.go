@@ -34,6 +34,8 @@ func run(args []string, w io.Writer) error {
 	targets := fs.String("targets", "300,900,1800", "sous's targetDrainSeconds to try, comma-separated")
 	inter := fs.Float64("interactive-target", 0, "when above 0, sous's scaler has a trigger per lane: this targetDrainSeconds for interactive, -targets for bulk")
 	bulkOnly := fs.Bool("bulk-only", false, "leave out the interactive traffic: the bulk jobs alone")
+	deadline := fs.String("deadline-aware", "", "also run design (c), not built in cmd/scaler: TARGET:MARGIN seconds, deadlines raising the answer")
+	ceiling := fs.Int("bulk-ceiling", 0, "with -deadline-aware, also run (c) with bulk held to at most this many slots of a replica (not in sous)")
 	format := fs.String("format", "markdown", "output: markdown")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -60,6 +62,21 @@ func run(args []string, w io.Writer) error {
 	}
 	rs := fleetsim.Compare(tr, e, *seed, *max, *podStart, ts, *inter)
 	reqs := fleetsim.Generate(tr, e, *seed)
+	if *deadline != "" {
+		a, b, ok := strings.Cut(*deadline, ":")
+		target, err1 := strconv.ParseFloat(a, 64)
+		margin, err2 := strconv.ParseFloat(b, 64)
+		if !ok || err1 != nil || err2 != nil || target <= 0 || margin < 0 {
+			return fmt.Errorf("-deadline-aware %q: write TARGET:MARGIN in seconds, such as 3600:1800", *deadline)
+		}
+		c := fleetsim.DeadlineAware(*max, *podStart, target, margin, *inter)
+		rs = append(rs, fleetsim.Run(c, e, reqs, tr.Span))
+		if *ceiling > 0 {
+			c.Name += fmt.Sprintf(", bulk ceiling %d slots", *ceiling)
+			c.BulkCeiling = *ceiling
+			rs = append(rs, fleetsim.Run(c, e, reqs, tr.Span))
+		}
+	}
 	fmt.Fprintf(w, "seed %d, %g h, engine %g s + %g s/token on 32 slots, max %d replicas, pod start %g s: %d requests, %.1f replica-hours of slot time\n\n",
 		*seed, *hours, *fixed, *perToken, *max, *podStart, len(reqs), fleetsim.SlotHours(reqs, e))
 	return fleetsim.Table(w, rs)

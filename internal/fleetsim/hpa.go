@@ -89,8 +89,6 @@ func (h *HPA) Step(now float64, current int, ms []Metric) int {
 	for _, m := range ms {
 		desired = max(desired, proposal(m, current, h.Tolerance))
 	}
-	// The HPA's minimum (KEDA sets it to max(minReplicaCount, 1)).
-	desired = max(desired, h.Min)
 	if h.recs == nil {
 		// As the controller does on first sight of an autoscaler: the
 		// current count is the first recommendation.
@@ -155,6 +153,7 @@ func (h *HPA) limit(now float64, current, desired int) int {
 	case desired < current:
 		lim := h.downLimit(now, current)
 		lim = min(lim, current)
+		// The HPA's minimum (KEDA sets it to max(minReplicaCount, 1)).
 		return max(desired, lim, h.Min)
 	}
 	return desired

@@ -1,6 +1,7 @@
 package fleetsim
 
 import (
+	"cmp"
 	"container/heap"
 	"fmt"
 	"math"
@@ -28,6 +29,15 @@ type Trigger struct {
 	Kind   Kind
 	Lanes  []int
 	Target float64
+	// Deadlines (WorkSeconds only; not in cmd/scaler) raises the answer
+	// so that the HPA asks for at least the replicas that finish each
+	// job's held work DeadlineMargin before its deadline: for each
+	// deadline d, the work due by d over (d - now - margin), times
+	// Target. It needs what the broker does not say (how many held
+	// requests are due when), so it is an upper bound on what such a
+	// scaler could do.
+	Deadlines      bool
+	DeadlineMargin float64
 }
 
 // CostMode is how a WorkSeconds trigger prices a request.
@@ -62,6 +72,10 @@ type Design struct {
 	Polling, Cooldown, Sync float64
 	// Share is the bulk lane's share of the slots (lanes.DefaultShare).
 	Share float64
+	// BulkCeiling, when above 0, is the most slots bulk may hold on a
+	// replica (not in sous: its lanes have a least share, no ceiling); the
+	// rest wait for interactive requests.
+	BulkCeiling int
 	// Behavior returns the HPA (policies, windows) for these min and max.
 	Behavior func(min, max int) *HPA
 }
@@ -224,6 +238,9 @@ type sim struct {
 	lastAct float64
 
 	held    [2]int     // waiting + on a slot, per lane
+	heldJob []int      // the same, per bulk job
+	jobs    []int      // bulk jobs by deadline
+	first   []int      // each job's first request
 	heldSvc [2]float64 // service seconds of the waiting ones
 	sumEnd  [2]float64 // end times of the running ones
 	running [2]int
@@ -245,6 +262,7 @@ var epoch = time.Unix(0, 0)
 // missed).
 func Run(d Design, e Engine, reqs []Request, span float64) Result {
 	s := &sim{d: d, e: e, reqs: reqs, lastAct: math.Inf(-1)}
+	s.jobIndex()
 	s.bulk.reqs = reqs
 	s.hpa = d.Behavior(max(d.MinReplicas, 1), d.MaxReplicas)
 	next := 0
@@ -285,6 +303,24 @@ func Run(d Design, e Engine, reqs []Request, span float64) Result {
 	return s.result()
 }
 
+// jobIndex finds the bulk jobs in reqs, in order of deadline.
+func (s *sim) jobIndex() {
+	for i, q := range s.reqs {
+		if q.Job < 0 {
+			continue
+		}
+		for len(s.first) <= q.Job {
+			s.first = append(s.first, -1)
+		}
+		if s.first[q.Job] < 0 {
+			s.first[q.Job] = i
+			s.jobs = append(s.jobs, q.Job)
+		}
+	}
+	s.heldJob = make([]int, len(s.first))
+	slices.SortStableFunc(s.jobs, func(a, b int) int { return cmp.Compare(due(s.reqs[s.first[a]]), due(s.reqs[s.first[b]])) })
+}
+
 func (s *sim) empty() bool {
 	if s.held[0]+s.held[1] > 0 || s.spec > 0 {
 		return false
@@ -306,6 +342,9 @@ func (s *sim) push(x ev) {
 func (s *sim) arrive(i int) {
 	q := s.reqs[i]
 	s.held[q.Lane]++
+	if q.Job >= 0 {
+		s.heldJob[q.Job]++
+	}
 	s.heldSvc[q.Lane] += q.Service
 	if q.Lane == Interactive {
 		s.inter = append(s.inter, i)
@@ -339,6 +378,9 @@ func (s *sim) handle(x ev) {
 		r.meters[q.Lane].observe(s.now, q.Service)
 		s.drained = s.now
 		s.held[q.Lane]--
+		if q.Job >= 0 {
+			s.heldJob[q.Job]--
+		}
 		s.sumEnd[q.Lane] -= s.now
 		s.running[q.Lane]--
 		if s.running[q.Lane] == 0 {
@@ -367,6 +409,12 @@ func (s *sim) dispatch(r *replica) {
 		at := epoch.Add(time.Duration(s.now * 1e9))
 		r.sched.Advance(at, r.on)
 		has[0], has[1] = s.interHead < len(s.inter), s.bulk.Len() > 0
+		if s.d.BulkCeiling > 0 && r.on[Bulk] >= s.d.BulkCeiling {
+			has[1] = false
+		}
+		if !has[0] && !has[1] {
+			break
+		}
 		order = r.sched.Order(order, has, r.on, s.e.Slots)
 		var i int
 		if order[0] == Interactive {
@@ -383,6 +431,9 @@ func (s *sim) dispatch(r *replica) {
 				s.missed++
 				s.drained = s.now
 				s.held[Bulk]--
+				if j := s.reqs[i].Job; j >= 0 {
+					s.heldJob[j]--
+				}
 				s.heldSvc[Bulk] -= s.reqs[i].Service
 				continue
 			}
@@ -425,6 +476,24 @@ func (s *sim) scale() {
 }
 
 func (s *sim) metric(t Trigger) float64 {
+	v := s.work(t)
+	if !t.Deadlines || !slices.Contains(t.Lanes, Bulk) {
+		return v
+	}
+	cost := s.cost(Bulk)
+	due := 0.0
+	for _, j := range s.jobs {
+		due += float64(s.heldJob[j]) * cost
+		if s.heldJob[j] == 0 {
+			continue
+		}
+		left := max(s.reqs[s.first[j]].Deadline-s.now-t.DeadlineMargin, s.d.Sync)
+		v = max(v, due/left*t.Target)
+	}
+	return v
+}
+
+func (s *sim) work(t Trigger) float64 {
 	v := 0.0
 	for _, l := range t.Lanes {
 		switch {
@@ -571,6 +640,23 @@ func SlotHours(reqs []Request, e Engine) float64 {
 		total += q.Service
 	}
 	return total / float64(e.Slots) / 3600
+}
+
+// DeadlineAware is design (c), not built in cmd/scaler: sous's scaler
+// with bulk's target at target and its deadlines raising the answer
+// (Trigger.Deadlines, margin seconds before each deadline).
+// With interactive above 0 the interactive lane has a trigger of its
+// own at that target.
+func DeadlineAware(max int, podStart, target, margin, interactive float64) Design {
+	c := Shipped(fmt.Sprintf("(c) seconds of work, target %g, deadlines raise it (margin %g s; not built)", target, margin), max,
+		Trigger{Kind: WorkSeconds, Lanes: []int{Interactive, Bulk}, Target: target, Deadlines: true, DeadlineMargin: margin})
+	if interactive > 0 {
+		c = Shipped(fmt.Sprintf("(c) per lane, interactive %g, bulk %g, deadlines raise it (margin %g s; not built)", interactive, target, margin), max,
+			Trigger{Kind: WorkSeconds, Lanes: []int{Interactive}, Target: interactive},
+			Trigger{Kind: WorkSeconds, Lanes: []int{Bulk}, Target: target, Deadlines: true, DeadlineMargin: margin})
+	}
+	c.PodStart = podStart
+	return c
 }
 
 // Compare generates the traffic from seed and runs every design of

@@ -16,10 +16,15 @@ func one() (fleetsim.Design, fleetsim.Engine) {
 	return d, fleetsim.Engine{Slots: 32, Fixed: 0, PerToken: 0.1}
 }
 
+// backlog is n requests at 0 s; bulk ones are job 0.
 func backlog(e fleetsim.Engine, lane, n, tokens int, deadline float64) []fleetsim.Request {
+	job := -1
+	if lane == fleetsim.Bulk {
+		job = 0
+	}
 	out := make([]fleetsim.Request, n)
 	for i := range out {
-		out[i] = fleetsim.Request{Lane: lane, Tokens: tokens, Service: e.Service(tokens), Deadline: deadline, Job: -1}
+		out[i] = fleetsim.Request{Lane: lane, Tokens: tokens, Service: e.Service(tokens), Deadline: deadline, Job: job}
 	}
 	return out
 }
@@ -173,5 +178,24 @@ func TestGenerate(t *testing.T) {
 		if perJob[i] != j.Requests {
 			t.Errorf("job %s: %d requests, want %d", j.Name, perJob[i], j.Requests)
 		}
+	}
+}
+
+// Deadlines raise the answer: a job one replica would finish in 2 h,
+// due in 1 h, misses under seconds of work at a day's target and is met
+// when its deadline raises the answer.
+func TestDeadlinesRaiseTheAnswer(t *testing.T) {
+	t.Parallel()
+	e := fleetsim.Engine{Slots: 32, Fixed: 0, PerToken: 0.1}
+	reqs := backlog(e, fleetsim.Bulk, 23040, 100, 3600) // 10 s each: 7,200 s of one replica
+	plain := fleetsim.Shipped("plain", 8, fleetsim.Trigger{Kind: fleetsim.WorkSeconds, Lanes: []int{fleetsim.Bulk}, Target: 86400})
+	plain.Cost = fleetsim.Exact
+	if res := fleetsim.Run(plain, e, reqs, 0); res.BulkMissed == 0 || res.PeakReplicas != 1 {
+		t.Fatalf("without deadlines: %+v, want one replica and misses", res)
+	}
+	c := fleetsim.DeadlineAware(8, 90, 86400, 600, 0)
+	res := fleetsim.Run(c, e, reqs, 0)
+	if res.BulkMissed != 0 || res.PeakReplicas < 2 || res.PeakReplicas == 8 {
+		t.Fatalf("deadlines raising it: %+v, want none missed on more than one replica and fewer than the most", res)
 	}
 }
