@@ -346,7 +346,7 @@ func openLanes(ctx context.Context, cfg Config, prefetch int, onReconnect func()
 			}
 			return nil, nil, err
 		}
-		out = append(out, worker.Lane{Name: l.Name, Share: l.Share, Broker: b, Queue: l.Queue})
+		out = append(out, worker.Lane{Name: l.Name, Share: l.Share, Broker: b, Queue: l.Queue, Window: l.Window})
 		closers = append(closers, closeB)
 	}
 	return out, closeAll, nil

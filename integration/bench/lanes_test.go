@@ -170,6 +170,7 @@ func (r *laneRun) publish(q, p string, tokens int, deadline time.Time) {
 type laneSpec struct {
 	name, queue string
 	share       float64
+	window      int // the lane's window option; 0: the default
 }
 
 // start runs a worker on lanes with an engine of slots, as cmd/worker
@@ -186,13 +187,13 @@ func (r *laneRun) start(eng worker.Engine, slots int, ls ...laneSpec) (stop func
 		d, err := rabbitmq.Open(ctx, rabbitmq.Config{
 			URL: secret.Value(brokerURL), Queue: l.queue, DeadLetterQueue: l.queue + ".dlq",
 			Declare: true, ExtraQueues: []string{r.results}, DeliveryLimit: maxAttempts,
-			Prefetch: worker.Capacity(sizer.Size()), ConnectionName: "sous-bench-lanes", Consume: true,
+			Prefetch: max(l.window, worker.Capacity(sizer.Size())), ConnectionName: "sous-bench-lanes", Consume: true,
 		}, log)
 		if err != nil {
 			r.b.Fatal(err)
 		}
 		drivers = append(drivers, d)
-		wl = append(wl, worker.Lane{Name: l.name, Share: l.share, Broker: d})
+		wl = append(wl, worker.Lane{Name: l.name, Share: l.share, Broker: d, Window: l.window})
 	}
 	w := worker.NewLanes(worker.Config{WorkerID: "bench", ResultsQueue: r.results, Limits: wire.Limits{MaxBodyBytes: 1 << 20, MaxNumPredict: 4096, DefaultModel: "tiny"}, Observer: ackCounter{&r.acks}}, wl, eng, sizer, log)
 	done := make(chan error, 1)
@@ -293,20 +294,20 @@ func BenchmarkLanes(b *testing.B) {
 	for _, d := range []design{
 		{"idle", func(r *laneRun, inter, _ string) ([]*clockEngine, func()) {
 			e := newClockEngine(laneSlots)
-			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{"interactive", inter, 0})
+			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{name: "interactive", queue: inter, share: 0})
 		}},
 		{"lanes", func(r *laneRun, inter, bulk string) ([]*clockEngine, func()) {
 			e := newClockEngine(laneSlots)
-			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{"interactive", inter, 0}, laneSpec{"bulk", bulk, 0.1})
+			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{name: "interactive", queue: inter, share: 0}, laneSpec{name: "bulk", queue: bulk, share: 0.1})
 		}},
 		{"one-queue", func(r *laneRun, inter, _ string) ([]*clockEngine, func()) {
 			e := newClockEngine(laneSlots)
-			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{"default", inter, 0})
+			return []*clockEngine{e}, r.start(e, laneSlots, laneSpec{name: "default", queue: inter, share: 0})
 		}},
 		{"split-8-24", func(r *laneRun, inter, bulk string) ([]*clockEngine, func()) {
 			ei, eb := newClockEngine(8), newClockEngine(24)
-			stopI := r.start(ei, 8, laneSpec{"default", inter, 0})
-			stopB := r.start(eb, 24, laneSpec{"default", bulk, 0})
+			stopI := r.start(ei, 8, laneSpec{name: "default", queue: inter, share: 0})
+			stopB := r.start(eb, 24, laneSpec{name: "default", queue: bulk, share: 0})
 			return []*clockEngine{ei, eb}, func() { stopI(); stopB() }
 		}},
 	} {
@@ -393,7 +394,7 @@ func BenchmarkLaneShare(b *testing.B) {
 	e := newClockEngine(laneSlots)
 	b.ResetTimer()
 	begin := time.Now()
-	stop := r.start(e, laneSlots, laneSpec{"interactive", inter, 0}, laneSpec{"bulk", bulk, share})
+	stop := r.start(e, laneSlots, laneSpec{name: "interactive", queue: inter, share: 0}, laneSpec{name: "bulk", queue: bulk, share: share})
 	r.waitDone(len(want))
 	b.StopTimer()
 	stop()
@@ -419,16 +420,19 @@ func BenchmarkLaneShare(b *testing.B) {
 // BenchmarkLaneDeadlines: a bulk backlog with mixed deadlines (each
 // request's deadline spread from 0.2 to 1.5 times the backlog's drain
 // time, published in an order unrelated to it). design=edf publishes the
-// deadlines (sous runs the earliest first and answers the expired
-// "expired" without running them); design=arrival publishes none, so
-// sous runs them in arrival order, and a request counts as met when the
-// engine started it before its deadline. met is the share of requests
-// started by their deadline; xedf-sim divides it by the share an
+// deadlines (sous runs the earliest first among what it holds and answers
+// the expired "expired" without running them); design=edf-window does the
+// same with the lane's window option at the whole backlog
+// (bulk=...:window=N), so the worker holds, and orders, all of it;
+// design=arrival publishes none, so sous runs them in arrival order. A
+// request counts as met when the engine started it by its deadline. met
+// is the share of requests met; xedf-sim divides it by the share an
 // earliest-deadline-first schedule of the same requests on 32 slots meets
-// in a simulation (the best a non-preemptive scheduler could expect).
+// in a simulation that sees the whole backlog from the worker's start (the
+// best a non-preemptive scheduler could do).
 func BenchmarkLaneDeadlines(b *testing.B) {
 	service := func(k int) time.Duration { return laneFixed + lanePerToken*time.Duration(bulkTokens(k)) }
-	for _, design := range []string{"edf", "arrival"} {
+	for _, design := range []string{"edf", "edf-window", "arrival"} {
 		b.Run("design="+design, func(b *testing.B) {
 			n := 40 * b.N
 			var work time.Duration
@@ -441,17 +445,16 @@ func BenchmarkLaneDeadlines(b *testing.B) {
 			for k := range offset {
 				offset[k] = time.Duration((0.2 + 1.3*rng.Float64()) * float64(drain))
 			}
-			sim := simulateEDF(n, service, offset)
 			r := newLaneRun(b)
 			q := r.queue("bulk")
-			// Deadlines count from when the worker starts; publishing
-			// comes first, so give them the time publishing took.
+			// Deadlines count from about when the worker starts; publishing
+			// comes first. The simulation counts from the real start.
 			base := time.Now().Add(2*time.Second + time.Duration(n)*3*time.Millisecond)
 			var want []string
 			for k := range n {
 				p := lanePrompt('b', k)
 				dl := time.Time{}
-				if design == "edf" {
+				if design != "arrival" {
 					dl = base.Add(offset[k])
 				}
 				r.publish(q, p, bulkTokens(k), dl)
@@ -459,11 +462,21 @@ func BenchmarkLaneDeadlines(b *testing.B) {
 			}
 			time.Sleep(time.Until(base))
 			e := newClockEngine(laneSlots)
+			lane := laneSpec{name: "bulk", queue: q, share: 0}
+			if design == "edf-window" {
+				lane.window = n
+			}
 			b.ResetTimer()
-			stop := r.start(e, laneSlots, laneSpec{"bulk", q, 0})
+			start := time.Now()
+			stop := r.start(e, laneSlots, lane)
 			r.waitDone(n)
 			b.StopTimer()
 			stop()
+			left := make([]time.Duration, n) // deadlines from the worker's start
+			for k := range left {
+				left[k] = base.Add(offset[k]).Sub(start)
+			}
+			sim := simulateEDF(n, service, left)
 			met := 0
 			expired := map[string]bool{}
 			e.mu.Lock()
@@ -482,6 +495,7 @@ func BenchmarkLaneDeadlines(b *testing.B) {
 			}
 			r.checkOnce(want, expired)
 			b.ReportMetric(float64(met)/float64(n), "met")
+			b.ReportMetric(float64(sim)/float64(n), "edf-sim-met")
 			b.ReportMetric(float64(met)/float64(max(1, sim)), "xedf-sim")
 		})
 	}

@@ -9,7 +9,8 @@
 // Each entry is NAME=QUEUE with optional :key=value options; share is the
 // least fraction of the engine's slots the lane gets over time while it has
 // work (default 0.1 for every lane but the first, which needs none: it goes
-// first). Parse reads the list; the worker, sousctl and the gateway share it.
+// first); window is the most requests the worker holds of the lane
+// (default: what the in-flight limit gives it). Parse reads the list; the worker, sousctl and the gateway share it.
 //
 // A Scheduler picks the lane for each free slot: a lane that has work and
 // is below its share first (the furthest below it), else the highest-ranked

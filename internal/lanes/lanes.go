@@ -23,6 +23,12 @@ type Lane struct {
 	// Share is the least fraction of the slots the lane gets over time
 	// while it has work; 0 for the first lane, which goes first anyway.
 	Share float64
+	// Window, when above 0, is the most requests the worker holds of the
+	// lane (its prefetch), instead of the window the in-flight limit
+	// gives it: a lane whose requests carry deadlines can hold more of its
+	// backlog, so that earliest-deadline-first sees more of it, at the
+	// cost of holding what other workers could take.
+	Window int
 }
 
 // Parse reads a SOUS_LANES value. An empty spec is one lane named
@@ -64,6 +70,12 @@ func Parse(spec, queue string) ([]Lane, error) {
 			for _, opt := range strings.Split(opts, ":") {
 				k, v, _ := strings.Cut(opt, "=")
 				switch strings.TrimSpace(k) {
+				case "window":
+					n, err := strconv.Atoi(strings.TrimSpace(v))
+					if err != nil || n < 1 || n > 65535 {
+						return nil, fmt.Errorf("lane %q: window=%s is not a number of requests from 1 to 65535, such as window=2000", name, v)
+					}
+					l.Window = n
 				case "share":
 					f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 					if err != nil || f < 0 || f >= 1 || math.IsNaN(f) {
@@ -71,7 +83,7 @@ func Parse(spec, queue string) ([]Lane, error) {
 					}
 					l.Share = f
 				default:
-					return nil, fmt.Errorf("lane %q: unknown option %q (known: share)", name, opt)
+					return nil, fmt.Errorf("lane %q: unknown option %q (known: share, window)", name, opt)
 				}
 			}
 		}

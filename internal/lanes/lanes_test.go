@@ -15,9 +15,13 @@ func TestParse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []lanes.Lane{{"interactive", "sous.interactive", 0}, {"bulk", "sous.bulk", 0.2}}
+	want := []lanes.Lane{{Name: "interactive", Queue: "sous.interactive"}, {Name: "bulk", Queue: "sous.bulk", Share: 0.2}}
 	if len(ls) != 2 || ls[0] != want[0] || ls[1] != want[1] {
 		t.Fatalf("got %+v, want %+v", ls, want)
+	}
+	ls, err = lanes.Parse("a=q.a,b=q.b:window=2000:share=0.3", "")
+	if err != nil || ls[1] != (lanes.Lane{Name: "b", Queue: "q.b", Share: 0.3, Window: 2000}) {
+		t.Fatalf("window and share: %+v %v", ls, err)
 	}
 	ls, err = lanes.Parse("a=q.a, b=q.b, c=q.c", "")
 	if err != nil {
@@ -41,6 +45,7 @@ func TestParseRefuses(t *testing.T) {
 		"a=q,b=r:share=2":                 "not a fraction",
 		"a=q,b=r:share=x":                 "not a fraction",
 		"a=q,b=r:weight=3":                `unknown option "weight=3"`,
+		"a=q,b=r:window=0":                "window=0 is not a number",
 		"a=q,b=r:share=0.6,c=s:share=0.5": "add up to 1.10",
 		"a b=q":                           "a name is",
 	} {

@@ -201,3 +201,33 @@ func TestDeadlinesInALane(t *testing.T) {
 		t.Fatalf("the engine ran %q, want %q (earliest deadline first, no deadline last, the expired never)", started, want)
 	}
 }
+
+// A lane's window option bounds what the worker holds of it, whatever the
+// in-flight limit would give.
+func TestLaneWindow(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := queuetest.NewMemBroker()
+	cfg := worker.Config{
+		Limits:       wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny"}},
+		ResultsQueue: "results", WorkerID: "w-test", RetryBackoff: time.Millisecond,
+	}
+	w := worker.NewLanes(cfg, []worker.Lane{{Name: "bulk", Broker: b, Window: 5}}, e, &fixedSizer{size: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	for i := range 20 {
+		b.Send(fmt.Sprint("b", i), fmt.Sprintf(`{"prompt":"wait:b%d"}`, i))
+	}
+	waitHeld(t, w, 5)
+	waitStarted(t, e, 1)
+	time.Sleep(50 * time.Millisecond) // time to take more, if it would
+	if n := w.InFlight(); n != 5 {
+		t.Fatalf("the worker holds %d of the lane, want its window, 5 (the limit alone gives Capacity(1) = 33)", n)
+	}
+	for i := range 20 {
+		e.open(fmt.Sprint("b", i))
+	}
+	b.WaitSettled(t, 20)
+}

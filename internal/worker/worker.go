@@ -181,6 +181,9 @@ type Lane struct {
 	Broker Broker
 	// Queue names the lane's queue in the worker's reports (LaneRates).
 	Queue string
+	// Window, when above 0, is the most deliveries of the lane the worker
+	// holds, instead of the window the in-flight limit gives it.
+	Window int
 }
 
 // lane is a Lane with its state in the worker.
@@ -365,14 +368,18 @@ func (w *Worker) Run(ctx context.Context) error {
 	return nil
 }
 
-// laneCapacity is the most deliveries lane l holds, and so its prefetch.
-// The first lane takes the whole window, Capacity of the in-flight limit.
+// laneCapacity is the most deliveries lane l holds, and so its prefetch:
+// its Window when set. Otherwise the first lane takes the whole window,
+// Capacity of the in-flight limit.
 // A lower lane's window covers only the slots it could start now (those
 // the lanes above it do not hold, and at least its share): the dispatcher
 // serves higher lanes first anyway, and the bound leaves the rest of a
 // lower lane's backlog in the queue, for this worker later or another
 // worker, rather than held here waiting.
 func (w *Worker) laneCapacity(l *lane) int {
+	if l.Window > 0 {
+		return min(MaxPrefetch, l.Window)
+	}
 	limit := w.sizer.Size()
 	if l.idx == 0 {
 		return Capacity(limit)
