@@ -25,6 +25,7 @@ func startLanes(t *testing.T, share float64, eng worker.Engine) (w *worker.Worke
 	cfg := worker.Config{
 		Limits:       wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny"}},
 		ResultsQueue: "results", WorkerID: "w-test", RetryBackoff: time.Millisecond,
+		DrainTimeout: 2 * time.Second, // a failed test leaves calls stuck on the engine
 	}
 	hi, lo, s = queuetest.NewMemBroker(), queuetest.NewMemBroker(), &fixedSizer{size: 0}
 	w = worker.NewLanes(cfg, []worker.Lane{{Name: "interactive", Broker: hi}, {Name: "bulk", Share: share, Broker: lo}}, eng, s, slog.New(slog.NewTextHandler(io.Discard, nil)))
@@ -49,6 +50,27 @@ func waitHeld(t *testing.T, w *worker.Worker, n int) {
 	for w.InFlight() < n {
 		if time.Now().After(deadline) {
 			t.Fatalf("the worker holds %d deliveries, want %d", w.InFlight(), n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// waitWaiting waits until the dispatcher holds want[i] requests of lane i
+// waiting for a slot: received is not enough, they must have reached it.
+func waitWaiting(t *testing.T, w *worker.Worker, want ...int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		stats := w.LaneStats()
+		ok := len(stats) == len(want)
+		for i := range stats {
+			ok = ok && stats[i].Waiting == want[i]
+		}
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("lanes %+v, want %v waiting", stats, want)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -80,7 +102,7 @@ func TestInteractiveTakesTheNextFreeSlot(t *testing.T) {
 	for i := range 20 {
 		lo.Send(fmt.Sprint("b", i), fmt.Sprintf(`{"prompt":"wait:b%d"}`, i))
 	}
-	waitHeld(t, w, 20)
+	waitWaiting(t, w, 0, 20)
 	s.set(4)
 	w.SizeChanged()
 	started := waitStarted(t, e, 4) // bulk fills the slack
@@ -91,7 +113,7 @@ func TestInteractiveTakesTheNextFreeSlot(t *testing.T) {
 	}
 	hi.Send("i0", `{"prompt":"wait:i0"}`)
 	hi.Send("i1", `{"prompt":"wait:i1"}`)
-	waitHeld(t, w, 22)
+	waitWaiting(t, w, 2, 16)
 	e.open("b0")
 	if got := waitStarted(t, e, 5)[4]; got != "wait:i0" {
 		t.Fatalf("the slot b0 freed went to %q, want the interactive i0", got)
@@ -131,7 +153,7 @@ func TestBulkGetsItsShare(t *testing.T) {
 	for i := range 10 {
 		lo.Send(fmt.Sprint("b", i), fmt.Sprintf(`{"prompt":"wait:b%d"}`, i))
 	}
-	waitHeld(t, w, 40)
+	waitWaiting(t, w, 30, 10)
 	s.set(10)
 	w.SizeChanged()
 	started := waitStarted(t, e, 10)
@@ -192,7 +214,7 @@ func TestDeadlinesInALane(t *testing.T) {
 	if res.Status != wire.StatusError || res.Error == nil || res.Error.Code != wire.ReasonExpired {
 		t.Fatalf("soon's result: %+v, want an %q error", res, wire.ReasonExpired)
 	}
-	waitHeld(t, w, 3)
+	waitWaiting(t, w, 3)
 	s.set(1)
 	w.SizeChanged()
 	b.WaitSettled(t, 4)
