@@ -116,7 +116,9 @@ func checkEngineStage(st *instructions.Stage, modelFlag string) []error {
 			exposed = exposed || slices.Contains(c.Ports, strconv.Itoa(workerPort))
 		}
 	}
-	fail := func(format string, args ...any) { errs = append(errs, fmt.Errorf("stage %s: "+format, append([]any{st.Name}, args...)...)) }
+	fail := func(format string, args ...any) {
+		errs = append(errs, fmt.Errorf("stage %s: "+format, append([]any{st.Name}, args...)...))
+	}
 	if err := nonRootUser(user); err != nil {
 		fail("%v", err)
 	}
