@@ -94,6 +94,7 @@ func helmCases() []helmCase {
 		helmCase{name: "servicebus/keda-connection-string", values: "broker: {kind: servicebus, servicebus: {kedaAuth: connection}}\n"},
 		helmCase{name: "no-keda-no-gateway", values: "keda: {enabled: false}\ngateway: {enabled: false}\n"},
 		helmCase{name: "existing-model-claim", values: "models: {existingClaim: my-models}\n"},
+		helmCase{name: "service-monitor", values: "serviceMonitor: {enabled: true}\n"},
 	)
 }
 
@@ -899,4 +900,99 @@ func mergeKeys[V any](a, b map[string]V) map[string]bool {
 		out[k] = true
 	}
 	return out
+}
+
+// TestHelmRefusesBadValues: values that cannot work stop helm with a
+// message naming the value, rather than rendering something broken.
+func TestHelmRefusesBadValues(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ set, want string }{
+		{"engine.kind=tgi", `engine.kind "tgi"`},
+		{"broker.kind=kafka", `broker.kind "kafka"`},
+		{"config.SOUS_AMQP_URL=amqp://u:p@h/", "config.SOUS_AMQP_URL is a secret"},
+		{"config.OLLAMA_HOST=x", "config.OLLAMA_HOST: config holds SOUS_* settings only"},
+		{"gateway.config.SOUS_QUEUE=x", "gateway.config.SOUS_QUEUE: gateway.config holds SOUS_GATEWAY_* settings only"},
+	} {
+		t.Run(c.set, func(t *testing.T) {
+			t.Parallel()
+			_, err := helmTemplate(t, "", c.set)
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("--set %s: want an error containing %q, got %v", c.set, c.want, err)
+			}
+		})
+	}
+}
+
+// TestHelmServiceMonitor: off by default; on, it selects a metrics Service
+// for the workers and one for the gateway, each on the pods' http port.
+func TestHelmServiceMonitor(t *testing.T) {
+	t.Parallel()
+	ks, _ := setup(t)
+	monitors := func(out []byte) []map[string]any {
+		docs, err := yamlDocs(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var sm []map[string]any
+		for _, d := range docs {
+			if d["kind"] == "ServiceMonitor" {
+				sm = append(sm, d)
+			}
+		}
+		return sm
+	}
+	out, err := helmTemplate(t, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sm := monitors(out); len(sm) != 0 {
+		t.Fatalf("a ServiceMonitor by default: %v", sm)
+	}
+	out, err = helmTemplate(t, "", "serviceMonitor.enabled=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sm := monitors(out)
+	if len(sm) != 1 || sm[0]["apiVersion"] != "monitoring.coreos.com/v1" {
+		t.Fatalf("want one monitoring.coreos.com/v1 ServiceMonitor, got %v", sm)
+	}
+	var spec struct {
+		Selector struct {
+			MatchLabels map[string]string `json:"matchLabels"`
+		} `json:"selector"`
+		Endpoints []struct {
+			Port     string `json:"port"`
+			Path     string `json:"path"`
+			Interval string `json:"interval"`
+		} `json:"endpoints"`
+	}
+	b, _ := yaml.Marshal(sm[0]["spec"])
+	if err := yaml.UnmarshalStrict(b, &spec); err != nil {
+		t.Fatal(err)
+	}
+	if len(spec.Endpoints) != 1 || spec.Endpoints[0].Port != "http" || spec.Endpoints[0].Path != "/metrics" {
+		t.Fatalf("endpoints %+v, want port http, path /metrics", spec.Endpoints)
+	}
+	s := indexSet(renderChart(t, ks, "", "serviceMonitor.enabled=true"))
+	selected := map[string]bool{}
+	for _, o := range s["Service"] {
+		svc := o.typed.(*corev1.Service)
+		if !labelsMatch(spec.Selector.MatchLabels, svc.Labels) {
+			continue
+		}
+		for _, d := range s["Deployment"] {
+			dep := d.typed.(*appsv1.Deployment)
+			if !labelsMatch(svc.Spec.Selector, dep.Spec.Template.Labels) {
+				continue
+			}
+			for _, p := range svc.Spec.Ports {
+				if p.Name == "http" && p.TargetPort.StrVal == "http" {
+					selected[dep.Name] = true
+				}
+			}
+		}
+	}
+	if !selected[helmRelease+"-worker"] || !selected[helmRelease+"-gateway"] || len(selected) != 2 {
+		t.Fatalf("the ServiceMonitor reaches the http port of %v, want the worker and the gateway", slices.Sorted(maps.Keys(selected)))
+	}
 }
