@@ -182,6 +182,7 @@ func presetOf(values string) string {
 
 func TestHelmLint(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	for _, c := range helmCases() {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
@@ -208,6 +209,7 @@ func TestHelmLint(t *testing.T) {
 // of checkSet. The other presets get the rules that apply to them.
 func TestHelmTemplate(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, tr := setup(t)
 	ex := exampleSecrets(t, ks, tr)
 	for _, c := range helmCases() {
@@ -381,6 +383,7 @@ func chartCapacity(config map[string]string) int {
 // names, and image.* overrides them all.
 func TestHelmImages(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, tr := setup(t)
 	var k types.Kustomization
 	if err := yaml.Unmarshal(tr[imagesDir+"/kustomization.yaml"], &k); err != nil {
@@ -534,6 +537,7 @@ func valuesSettings(t *testing.T, text, block, indent string) (values map[string
 // Config fails this test until values.yaml has it.
 func TestHelmValuesReachEverySetting(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, _ := setup(t)
 	b, err := os.ReadFile(filepath.Join(repoRoot(t), helmChart, "values.yaml"))
 	if err != nil {
@@ -679,6 +683,7 @@ func TestHelmValuesReachEverySetting(t *testing.T) {
 // default.
 func TestHelmAgreesWithKustomize(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, tr := setup(t)
 	for _, broker := range []string{"rabbitmq", "servicebus"} {
 		t.Run(broker, func(t *testing.T) {
@@ -906,6 +911,7 @@ func mergeKeys[V any](a, b map[string]V) map[string]bool {
 // message naming the value, rather than rendering something broken.
 func TestHelmRefusesBadValues(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	for _, c := range []struct{ set, want string }{
 		{"engine.kind=tgi", `engine.kind "tgi"`},
 		{"broker.kind=kafka", `broker.kind "kafka"`},
@@ -927,6 +933,7 @@ func TestHelmRefusesBadValues(t *testing.T) {
 // for the workers and one for the gateway, each on the pods' http port.
 func TestHelmServiceMonitor(t *testing.T) {
 	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, _ := setup(t)
 	monitors := func(out []byte) []map[string]any {
 		docs, err := yamlDocs(out)
