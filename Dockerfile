@@ -16,6 +16,14 @@
 ARG GO_IMAGE=golang:1.26.8-bookworm
 ARG WORKER_BASE=gcr.io/distroless/base-debian12:nonroot
 ARG OLLAMA_IMAGE=ollama/ollama:0.17.4
+ARG GATEWAY_BASE=gcr.io/distroless/base-nossl-debian12:nonroot
+# The engines of worker-vllm and worker-llamacpp. Neither could be pulled
+# where this was written: their stages are checked statically
+# (deploy/engines_test.go). llama.cpp publishes build tags (bNNNN), not
+# versions: its tag is pinned by the index digest GitHub's package page
+# gives for it.
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+ARG LLAMACPP_IMAGE=ghcr.io/ggml-org/llama.cpp:server-cuda12-b9603@sha256:841b199aed2649a748875b043b32fed2e8c2d4d87e1d563556817fb7fa44b72b
 
 # The build stage's Debian release sets the glibc the cgo binary needs
 # (bookworm: 2.36). Every final stage must ship that glibc or newer.
@@ -71,6 +79,62 @@ ENTRYPOINT ["/usr/local/bin/sous-worker"]
 # The base image's CMD ["serve"] is for ollama; the worker takes no arguments.
 CMD []
 
+# The worker without cgo (make build-nocgo), for engine images older than
+# bookworm's glibc: a static binary runs on any of them.
+FROM build AS build-nocgo
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+    make build-nocgo
+
+# worker-vllm: vLLM's OpenAI server as the worker's child, on loopback.
+#
+#   docker build --target worker-vllm -t sous-worker-vllm .
+#
+# The model is a directory on the models volume; the overlay
+# (deploy/k8s/overlays/vllm) names it in SOUS_ENGINE_EXEC and SOUS_MODEL
+# (vLLM's --served-model-name). Slots come from vLLM's gauges
+# (vllm:num_requests_running/waiting); vLLM sizes its own KV cache
+# (--gpu-memory-utilization), so the worker needs no NVML.
+FROM ${VLLM_IMAGE} AS worker-vllm
+COPY --from=build-nocgo /src/bin/nocgo/worker /usr/local/bin/sous-worker
+COPY --from=build-nocgo /src/bin/nocgo/sousctl /usr/local/bin/sousctl
+ENV SOUS_ENGINE=openai \
+    SOUS_ENGINE_URL=http://127.0.0.1:8000 \
+    SOUS_ENGINE_EXEC="vllm serve /models/model --served-model-name model --host 127.0.0.1 --port 8000" \
+    SOUS_MODEL=model \
+    SOUS_ENGINE_START_TIMEOUT=15m \
+    HOME=/home/sous \
+    HF_HOME=/home/sous/.cache/huggingface \
+    HF_HUB_OFFLINE=1
+RUN mkdir -p /home/sous /models && chown 65532:65532 /home/sous /models
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/sous-worker"]
+# vLLM's own entrypoint is its server; the worker takes no arguments.
+CMD [ ]
+
+# worker-llamacpp: llama.cpp's server as the worker's child, on loopback
+# (port 8090: the worker's own HTTP is 8080, llama-server's default).
+#
+#   docker build --target worker-llamacpp -t sous-worker-llamacpp .
+#
+# --metrics exposes llamacpp:requests_processing/deferred, the gauges the
+# worker adapts its slots to; --parallel is the server's slots.
+FROM ${LLAMACPP_IMAGE} AS worker-llamacpp
+COPY --from=build-nocgo /src/bin/nocgo/worker /usr/local/bin/sous-worker
+COPY --from=build-nocgo /src/bin/nocgo/sousctl /usr/local/bin/sousctl
+ENV SOUS_ENGINE=openai \
+    SOUS_ENGINE_URL=http://127.0.0.1:8090 \
+    SOUS_ENGINE_EXEC="/app/llama-server --host 127.0.0.1 --port 8090 --metrics --parallel 8 --model /models/model.gguf --alias model" \
+    SOUS_MODEL=model \
+    SOUS_ENGINE_START_TIMEOUT=10m \
+    HOME=/home/sous
+RUN mkdir -p /home/sous /models && chown 65532:65532 /home/sous /models
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/sous-worker"]
+# llama.cpp's own entrypoint is its server; the worker takes no arguments.
+CMD [ ]
+
 # gateway: the OpenAI-compatible HTTP front door (cmd/gateway), CPU only.
 #
 #   docker build --target gateway -t sous-gateway .
@@ -83,7 +147,7 @@ FROM build AS gateway-build
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     make build-gateway
 
-FROM gcr.io/distroless/base-nossl-debian12:nonroot AS gateway
+FROM ${GATEWAY_BASE} AS gateway
 COPY --from=gateway-build /src/bin/gateway /usr/local/bin/sous-gateway
 USER 65532:65532
 # 8081: the API (SOUS_GATEWAY_ADDR); 8082: /healthz, /readyz and /metrics

@@ -14,7 +14,10 @@ export CGO_CFLAGS ?= -O2 -g -Wno-deprecated-declarations
 
 # The one build command: the Dockerfile's build stage runs exactly this line
 # (a test checks it), so what CI builds is what ships.
-GO_BUILD = CGO_ENABLED=1 $(GO) build -trimpath -ldflags="-s -w" -o bin/
+GO_BUILD_FLAGS = -trimpath -ldflags="-s -w"
+GO_BUILD = CGO_ENABLED=1 $(GO) build $(GO_BUILD_FLAGS) -o bin/
+# The same without cgo, for make build-nocgo.
+GO_BUILD_NOCGO = CGO_ENABLED=0 $(GO) build $(GO_BUILD_FLAGS) -o bin/nocgo/
 
 .PHONY: build
 build: build-gateway
@@ -25,6 +28,15 @@ build: build-gateway
 .PHONY: build-gateway
 build-gateway:
 	$(GO_BUILD) ./cmd/gateway
+
+# The worker without cgo, so without NVML: for engine images whose glibc is
+# older than the build stage's (vLLM's and llama.cpp's are Ubuntu 22.04,
+# glibc 2.35). Those engines own their GPU memory and say their slots in
+# their gauges, which the worker adapts to. The Dockerfile's build-nocgo
+# stage runs exactly this target (deploy/engines_test.go checks it).
+.PHONY: build-nocgo
+build-nocgo:
+	$(GO_BUILD_NOCGO) ./cmd/worker ./cmd/sousctl
 
 # The dev Ollama server, built from its Go module (newer module versions lack
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
@@ -66,6 +78,17 @@ test-images: ollama
 	@if scripts/ensure-docker.sh; then OLLAMA_BIN=$(OLLAMA_BIN) scripts/images.sh; \
 	elif [ "$$CI" = true ]; then echo "CI=true: the container tests need a Docker engine" >&2; exit 1; \
 	else echo "make test: no Docker engine; the container tests will skip"; fi
+
+# Push the images (sous-worker, sous-worker-ollama, sous-gateway; the scaler
+# once the Dockerfile has it) to any OCI registry and print each one's
+# digest, REGISTRY/NAME@sha256:... (scripts/push.sh):
+#   make push REGISTRY=ghcr.io/OWNER [TAG=0.1.0] [PLATFORMS=linux/amd64,linux/arm64]
+# TAG defaults to the tag the manifests use (deploy/k8s/images). BASES=standin
+# pushes the stand-in builds of `make images` instead (this machine's
+# platform only; what deploy/push_test.go pushes to a loopback registry).
+.PHONY: push
+push:
+	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" scripts/push.sh
 
 # The control plane, the KEDA operator and KEDA's metrics apiserver for
 # integration/k8s, each built from its Go module into .cache/k8s
@@ -127,6 +150,9 @@ bench: ollama rabbitmq
 	for i in 1 2 3; do $(BENCH) -bench='Uniform' -benchtime=3200x ./integration/bench || exit 1; done
 	for i in 1 2 3; do $(BENCH) -bench='RealOllama' -benchtime=800x ./integration/bench || exit 1; done
 	for i in 1 2 3; do $(BENCH) -bench='BrokerPath' -benchtime=10000x ./integration/bench || exit 1; done
+	$(BENCH) -bench='^BenchmarkLanes$$' -benchtime=100x ./integration/bench
+	$(BENCH) -bench='LaneShare' -benchtime=100x ./integration/bench
+	$(BENCH) -bench='LaneDeadlines' -benchtime=50x ./integration/bench
 	$(BENCH) -bench='LowLoadLatency' -benchtime=1000x ./integration/bench
 	$(BENCH) -bench='Batching' -benchtime=1280x ./integration/bench
 	$(BENCH) -bench='GatewayAddedLatency' -benchtime=1000x ./integration/bench

@@ -130,6 +130,8 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		{"slots changed alone", mutation{configF, `SOUS_ENGINE_PARALLEL: "32"`, `SOUS_ENGINE_PARALLEL: "8"`}, `value "96", want 40`},
 		{"activation strands messages", mutation{rmqSO, `activationValue: "0"`, `activationValue: "5"`}, `activationValue "5" with minReplicaCount 0 strands`},
 		{"queue mismatch", mutation{sbSO, "queueName: sous.requests", "queueName: sous.request"}, `queueName "sous.request" is not SOUS_QUEUE "sous.requests"`},
+		{"lane without a trigger", mutation{"deploy/k8s/overlays/rabbitmq-lanes/scaledobject.yaml", "queueName: sous.bulk", "queueName: sous.interactive"}, `lane bulk's queue "sous.bulk" has no trigger`},
+		{"trigger on no lane", mutation{"deploy/k8s/overlays/rabbitmq-lanes/scaledobject.yaml", "queueName: sous.bulk", "queueName: sous.nightly"}, `queueName "sous.nightly" is not a lane's queue in SOUS_LANES`},
 		{"namespace mismatch", mutation{sbus + "config.yaml", "sous-example.servicebus.windows.net", "sous-prod.servicebus.windows.net"}, `namespace "sous-example" is not the one of SOUS_SERVICEBUS_NAMESPACE`},
 		{"not scaling to zero", mutation{rmqSO, "minReplicaCount: 0", "minReplicaCount: 1"}, "minReplicaCount must be 0"},
 		{"cooldown shorter than keep-alive", mutation{rmqSO, "cooldownPeriod: 600", "cooldownPeriod: 240"}, "cooldownPeriod 4m0s must be longer than the model keep-alive (5m0s)"},

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -218,9 +219,9 @@ func TestHelmTemplate(t *testing.T) {
 			objs := renderChart(t, ks, c.values)
 			s := indexSet(objs)
 			var errs []error
-			// checkSet holds a set to the overlays' shape: Ollama, the model
-			// claim in the set, KEDA owning the replicas.
-			if presetOf(c.values) == "ollama" && !strings.Contains(c.values, "existingClaim") && !strings.Contains(c.values, "enabled: false") {
+			// checkSet holds a set to the overlays' shape: an engine in the
+			// container, the model claim in the set, KEDA owning the replicas.
+			if presetOf(c.values) != "external" && !strings.Contains(c.values, "existingClaim") && !strings.Contains(c.values, "enabled: false") {
 				errs = checkSet(ks, objs, ex)
 			} else {
 				errs = checkSetOtherEngine(ks, s)
@@ -308,7 +309,7 @@ func checkChartWorker(s set, preset string) []error {
 	if got := w.config["SOUS_ENGINE"]; got != want.engine {
 		errs = append(errs, fmt.Errorf("SOUS_ENGINE %q, want %q", got, want.engine))
 	}
-	if got := strings.Fields(w.config["SOUS_ENGINE_EXEC"]); want.exec == "" && len(got) > 0 || want.exec != "" && (len(got) == 0 || got[0] != want.exec) {
+	if got := strings.Fields(w.config["SOUS_ENGINE_EXEC"]); want.exec == "" && len(got) > 0 || want.exec != "" && (len(got) == 0 || path.Base(got[0]) != want.exec) {
 		errs = append(errs, fmt.Errorf("SOUS_ENGINE_EXEC %q, want it to run %q", w.config["SOUS_ENGINE_EXEC"], want.exec))
 	}
 	if w.config["SOUS_ENGINE_URL"] == "" || w.config["SOUS_MODEL"] == "" {
@@ -681,23 +682,31 @@ func TestHelmValuesReachEverySetting(t *testing.T) {
 // their metadata, authentication, timing, HPA behaviour) and the worker's
 // configuration, a setting absent on one side counting as the worker's
 // default.
+// The lanes overlay is compared too (a trigger per lane queue), and the
+// vLLM and llama.cpp overlays with the chart's presets of the same names.
 func TestHelmAgreesWithKustomize(t *testing.T) {
 	t.Parallel()
 	helmBin(t) // skip (or fail under CI) once, not in every subtest
 	ks, tr := setup(t)
-	for _, broker := range []string{"rabbitmq", "servicebus"} {
+	for _, c := range []struct{ overlay, namespace, values string }{
+		{"rabbitmq", "sous-rabbitmq", "broker: {kind: rabbitmq}\n"},
+		// The overlay's storage class for the model volume.
+		{"servicebus", "sous-servicebus", "broker: {kind: servicebus}\nmodels: {storageClassName: azurefile-csi-premium}\n"},
+		// Its lanes, as the overlay's ConfigMap has them.
+		{"rabbitmq-lanes", "sous-lanes", "config: {SOUS_LANES: \"interactive=sous.interactive,bulk=sous.bulk:share=0.2\"}\n" +
+			"gateway: {config: {SOUS_GATEWAY_LANES: \"interactive=sous.interactive,bulk=sous.bulk\"}}\n"},
+		// The engine presets and the engine overlays (on RabbitMQ).
+		{"vllm", "sous-vllm", "engine: {kind: vllm}\n"},
+		{"llamacpp", "sous-llamacpp", "engine: {kind: llamacpp}\nconfig: {SOUS_BATCH_MAX: \"8\"}\n"},
+	} {
+		broker := c.overlay
 		t.Run(broker, func(t *testing.T) {
 			t.Parallel()
 			kobjs, errs := render(ks, tr, "deploy/k8s/overlays/"+broker)
 			if len(errs) > 0 {
 				t.Fatal(errors.Join(errs...))
 			}
-			values := "broker: {kind: " + broker + "}\n"
-			if broker == "servicebus" {
-				// The overlay's storage class for the model volume.
-				values += "models: {storageClassName: azurefile-csi-premium}\n"
-			}
-			hobjs := renderChart(t, ks, values, "--namespace=sous-"+broker) // the overlay's
+			hobjs := renderChart(t, ks, c.values, "--namespace="+c.namespace) // the overlay's
 			defaults := map[string]map[string]string{"sous-worker": workerDefaults(t, "sous.requests")}
 			defaults["sous-gateway"] = maps.Clone(defaults["sous-worker"])
 			for k, v := range gatewayDefaults(t) {
@@ -782,7 +791,11 @@ func compareRenders(k, h set, defaults map[string]map[string]string) []error {
 		diff(name+" serviceAccountName", kp.ServiceAccountName, hp.ServiceAccountName)
 		diff(name+" strategy", kd.Spec.Strategy, hd.Spec.Strategy)
 		diff(name+" replicas", kd.Spec.Replicas, hd.Spec.Replicas)
-		diff(name+" volume mounts", kc.VolumeMounts, hc.VolumeMounts)
+		// Mounts and volumes in any order.
+		byPath := func(a, b corev1.VolumeMount) int { return strings.Compare(a.MountPath, b.MountPath) }
+		byName := func(a, b corev1.Volume) int { return strings.Compare(a.Name, b.Name) }
+		diff(name+" volume mounts", slices.SortedFunc(slices.Values(kc.VolumeMounts), byPath), slices.SortedFunc(slices.Values(hc.VolumeMounts), byPath))
+		diff(name+" volumes", slices.SortedFunc(slices.Values(kp.Volumes), byName), slices.SortedFunc(slices.Values(hp.Volumes), byName))
 		diff(name+" workload identity label", kd.Spec.Template.Labels["azure.workload.identity/use"], hd.Spec.Template.Labels["azure.workload.identity/use"])
 		kenv, henv := envFromSecrets(kc), envFromSecrets(hc)
 		diff(name+" env from the downward API and Secrets", kenv, henv)
@@ -798,6 +811,9 @@ func compareRenders(k, h set, defaults map[string]map[string]string) []error {
 		for _, key := range slices.Sorted(maps.Keys(mergeKeys(kcfg, hcfg))) {
 			if _, ok := chartOnlyDifferences[key]; ok {
 				continue
+			}
+			if strings.HasPrefix(key, "SOUS_GATEWAY_") && name != "sous-gateway" {
+				continue // the overlays' shared ConfigMap hands them to the workers too, which do not read them
 			}
 			if kcfg[key] != hcfg[key] {
 				errs = append(errs, fmt.Errorf("%s: %s is %q in kustomize, %q in the chart", name, key, kcfg[key], hcfg[key]))

@@ -9,6 +9,7 @@ import (
 	"io"
 	"maps"
 	"path"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -34,6 +35,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
 
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/worker"
 )
 
@@ -352,7 +354,7 @@ func validateTree(ks *kedaSchemas, tr tree) []error {
 		errs = append(errs, checkSet(ks, renders[dir], ex)...)
 	}
 	for _, dir := range kustomizations {
-		if strings.HasPrefix(dir, "deploy/k8s/overlays/") {
+		if strings.HasPrefix(dir, "deploy/k8s/overlays/") && !isComponent(tr, dir) {
 			errs = append(errs, checkOverlayComplete(dir, renders[dir])...)
 		}
 	}
@@ -806,14 +808,15 @@ func checkWorker(s set, d *appsv1.Deployment, ex examples) []error {
 		errs = append(errs, fmt.Errorf("terminationGracePeriodSeconds %d must exceed SOUS_DRAIN_TIMEOUT (%s) + longest batch, SOUS_ENGINE_TIMEOUT (%s) = %s", *grace, drain, longest, need))
 	}
 
-	// The model volume is mounted where the engine reads it.
-	models := w.config["OLLAMA_MODELS"]
+	// The model volume is mounted where the engine reads it: Ollama's
+	// OLLAMA_MODELS, or the model path another engine's command names.
+	models, what := engineModels(w.config)
 	if models == "" {
-		errs = append(errs, errors.New("ConfigMap has no OLLAMA_MODELS"))
+		errs = append(errs, fmt.Errorf("ConfigMap has no %s", what))
 	}
 	mounted := false
 	for _, m := range c.VolumeMounts {
-		if m.MountPath != models {
+		if models == "" || (m.MountPath != models && !strings.HasPrefix(models, strings.TrimSuffix(m.MountPath, "/")+"/")) {
 			continue
 		}
 		for _, v := range d.Spec.Template.Spec.Volumes {
@@ -826,7 +829,7 @@ func checkWorker(s set, d *appsv1.Deployment, ex examples) []error {
 		}
 	}
 	if !mounted {
-		errs = append(errs, fmt.Errorf("no PersistentVolumeClaim mounted at OLLAMA_MODELS (%s)", models))
+		errs = append(errs, fmt.Errorf("no PersistentVolumeClaim mounted at %s (%s)", what, models))
 	}
 	if p, n := w.config["SOUS_ENGINE_PARALLEL"], w.config["OLLAMA_NUM_PARALLEL"]; p != "" && n != "" && p != n {
 		errs = append(errs, fmt.Errorf("SOUS_ENGINE_PARALLEL %q and OLLAMA_NUM_PARALLEL %q differ: requests would queue in the engine or slots stay idle", p, n))
@@ -838,6 +841,23 @@ func checkWorker(s set, d *appsv1.Deployment, ex examples) []error {
 }
 
 func secs(n int64) time.Duration { return time.Duration(n) * time.Second }
+
+// engineModels is where the engine in the worker's container reads its
+// model: OLLAMA_MODELS for Ollama, else the first absolute path among
+// SOUS_ENGINE_EXEC's arguments (vLLM's model directory, llama-server's
+// --model file). what names it for messages.
+func engineModels(config map[string]string) (path, what string) {
+	args := strings.Fields(config["SOUS_ENGINE_EXEC"])
+	if config["SOUS_ENGINE"] == "ollama" || len(args) > 0 && filepath.Base(args[0]) == "ollama" {
+		return config["OLLAMA_MODELS"], "OLLAMA_MODELS"
+	}
+	for _, a := range args[min(1, len(args)):] {
+		if strings.HasPrefix(a, "/") {
+			return a, "the model path in SOUS_ENGINE_EXEC"
+		}
+	}
+	return "", "a model path in SOUS_ENGINE_EXEC"
+}
 
 // timeDuration parses a Go duration from the worker's configuration.
 func timeDuration(config map[string]string, key string) (time.Duration, error) {
@@ -1104,6 +1124,35 @@ func checkTriggers(ks *kedaSchemas, s set, so *scaledObject, w *workerEnv) []err
 			errs = append(errs, checkSousTrigger(where, so, tr, w)...)
 		}
 	}
+	if w != nil {
+		errs = append(errs, checkLaneTriggers(so, w)...)
+	}
+	return errs
+}
+
+// workerLanes is the lanes the worker's config gives it (SOUS_LANES, else
+// one lane on SOUS_QUEUE).
+func workerLanes(w *workerEnv) ([]lanes.Lane, error) {
+	return lanes.Parse(w.config["SOUS_LANES"], w.config["SOUS_QUEUE"])
+}
+
+// checkLaneTriggers: every lane's queue has a trigger, or KEDA would not
+// scale from zero on work that arrives in it alone.
+func checkLaneTriggers(so *scaledObject, w *workerEnv) []error {
+	ls, err := workerLanes(w)
+	if err != nil {
+		return []error{fmt.Errorf("ScaledObject %s: SOUS_LANES: %v", so.Name, err)}
+	}
+	var errs []error
+	for _, l := range ls {
+		found := false
+		for _, tr := range so.Spec.Triggers {
+			found = found || tr.Metadata["queueName"] == l.Queue
+		}
+		if !found {
+			errs = append(errs, fmt.Errorf("ScaledObject %s: lane %s's queue %q has no trigger: work that arrives in it alone would not scale the workers from zero", so.Name, l.Name, l.Queue))
+		}
+	}
 	return errs
 }
 
@@ -1132,8 +1181,12 @@ func checkSousTrigger(where string, so *scaledObject, tr trigger, w *workerEnv) 
 	default:
 		return append(errs, fmt.Errorf("%s: sous scales on rabbitmq or azure-servicebus", where))
 	}
-	if m["queueName"] != w.config["SOUS_QUEUE"] {
-		errs = append(errs, fmt.Errorf("%s: queueName %q is not SOUS_QUEUE %q", where, m["queueName"], w.config["SOUS_QUEUE"]))
+	if ls, err := workerLanes(w); err == nil && !slices.ContainsFunc(ls, func(l lanes.Lane) bool { return l.Queue == m["queueName"] }) {
+		if w.config["SOUS_LANES"] == "" {
+			errs = append(errs, fmt.Errorf("%s: queueName %q is not SOUS_QUEUE %q", where, m["queueName"], w.config["SOUS_QUEUE"]))
+		} else {
+			errs = append(errs, fmt.Errorf("%s: queueName %q is not a lane's queue in SOUS_LANES %q", where, m["queueName"], w.config["SOUS_LANES"]))
+		}
 	}
 	if capacity, err := workerCapacity(w.config); err != nil {
 		errs = append(errs, err)

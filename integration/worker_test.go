@@ -98,7 +98,7 @@ func TestBadInputDeadLettered(t *testing.T) {
 		"noprompt": {`{"model":"tiny"}`, wire.ReasonMissingPrompt},
 		"unknown":  {`{"prompt":"x","model":"nope"}`, wire.ReasonModelNotAllowed},
 		"big":      {`{"prompt":"` + strings.Repeat("x", 3000) + `"}`, wire.ReasonBodyTooLarge},
-		"expired":  {`{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, wire.ReasonDeadlineExceeded},
+		"expired":  {`{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, wire.ReasonExpired},
 		// Allowed by the worker but absent from the engine: the engine's 404.
 		"ghost": {`{"prompt":"x","model":"ghost"}`, "model_not_found"},
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/sous-run/sous/internal/brokerconfig"
 	"github.com/sous-run/sous/internal/envcheck"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/telemetry"
 )
@@ -107,6 +108,22 @@ type Config struct {
 	DeadLetterQueue string `env:"SOUS_DEAD_LETTER_QUEUE"`
 	Declare         bool   `env:"SOUS_DECLARE" envDefault:"true"`
 	MaxAttempts     int    `env:"SOUS_MAX_ATTEMPTS" envDefault:"5"`
+	// Lanes maps lane names to queues, highest rank first, in SOUS_LANES's
+	// syntax (internal/lanes; shares are read but not used): each request
+	// goes to the queue of the lane its X-Sous-Lane header or its key
+	// names, else of the first (SOUS_GATEWAY_LANES; unset: every request
+	// goes to SOUS_QUEUE). With Declare each lane's queue is declared with
+	// its dead-letter queue: SOUS_DEAD_LETTER_QUEUE when set, else
+	// <queue>.dlq, as the worker does.
+	Lanes string `env:"SOUS_GATEWAY_LANES"`
+	// WorkerLanes is the workers' SOUS_LANES, read only to warn when it is
+	// set (a ConfigMap shared with the workers) and SOUS_GATEWAY_LANES is
+	// not: the requests would all go to SOUS_QUEUE.
+	WorkerLanes string `env:"SOUS_LANES"`
+	// lanes is Lanes parsed (nil when unset); deadLetterSet says
+	// SOUS_DEAD_LETTER_QUEUE was given rather than defaulted.
+	lanes         []lanes.Lane
+	deadLetterSet bool
 
 	Model          string        `env:"SOUS_MODEL"`
 	ModelsAllowed  []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
@@ -181,10 +198,72 @@ func loadConfig(environ []string) (Config, error) {
 	); err != nil {
 		return c, err
 	}
+	c.deadLetterSet = c.DeadLetterQueue != ""
 	if c.DeadLetterQueue == "" {
 		c.DeadLetterQueue = c.Queue + ".dlq"
 	}
-	return c, c.validate()
+	if err := c.validate(); err != nil {
+		return c, err
+	}
+	if strings.TrimSpace(c.Lanes) != "" {
+		c.lanes, _ = lanes.Parse(c.Lanes, c.Queue) // validate has read it
+	}
+	return c, nil
+}
+
+// laneDeadLetterQueue is the dead-letter queue of a lane's requests, as
+// the worker has it: SOUS_DEAD_LETTER_QUEUE when set (every lane shares
+// it), else the lane's queue + ".dlq".
+func (c Config) laneDeadLetterQueue(l lanes.Lane) string {
+	if c.deadLetterSet {
+		return c.DeadLetterQueue
+	}
+	return l.Queue + ".dlq"
+}
+
+// laneNames are the lanes' names, nil without lanes.
+func (c Config) laneNames() []string {
+	if len(c.lanes) == 0 {
+		return nil
+	}
+	return lanes.Names(c.lanes)
+}
+
+// validateLanes checks SOUS_GATEWAY_LANES.
+func (c Config) validateLanes() error {
+	if strings.TrimSpace(c.Lanes) == "" {
+		return nil
+	}
+	ls, err := lanes.Parse(c.Lanes, c.Queue)
+	if err != nil {
+		return bad("SOUS_GATEWAY_LANES", "%v", err)
+	}
+	limit := 255
+	if c.Broker == "servicebus" {
+		limit = 260
+	}
+	queues := map[string]string{}
+	for _, l := range ls {
+		queues[l.Queue] = l.Name
+	}
+	for _, l := range ls {
+		if len(l.Queue) > limit {
+			return bad("SOUS_GATEWAY_LANES", "lane %q: a queue name is at most %d bytes", l.Name, limit)
+		}
+		if c.Broker == "servicebus" && l.Queue == c.ReplyQueue {
+			return bad("SOUS_GATEWAY_LANES", "lane %q: its queue %q is also SOUS_GATEWAY_REPLY_QUEUE", l.Name, l.Queue)
+		}
+		if c.Broker == "rabbitmq" {
+			dlq := c.laneDeadLetterQueue(l)
+			if other, ok := queues[dlq]; ok {
+				return bad("SOUS_GATEWAY_LANES", "lane %q: its dead-letter queue %q is the queue of lane %q", l.Name, dlq, other)
+			}
+			if len(dlq) > 255 {
+				return bad("SOUS_GATEWAY_LANES", "lane %q: its dead-letter queue %q is longer than 255 bytes", l.Name, dlq)
+			}
+		}
+	}
+	return nil
 }
 
 func fieldVar(field string) string {
@@ -223,6 +302,9 @@ func (c Config) validate() error {
 		if c.DeadLetterQueue == c.Queue {
 			return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
 		}
+	}
+	if err := c.validateLanes(); err != nil {
+		return err
 	}
 	if c.Model == "" {
 		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"context"
+	"errors"
+	"log/slog"
 	"os"
 	"os/exec"
 	"reflect"
@@ -60,6 +63,15 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		{[]string{"SOUS_GATEWAY_MAX_CONNS=0"}, "SOUS_GATEWAY_MAX_CONNS"},
 		{[]string{"SOUS_GATEWAY_MAX_INTAKE=64", "SOUS_GATEWAY_MAX_OPEN=32"}, "SOUS_GATEWAY_MAX_INTAKE"},
 		{[]string{"SOUS_GATEWAY_MAX_HEADER_BYTES=100"}, "SOUS_GATEWAY_MAX_HEADER_BYTES"},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=q.i,bulk=q.b:share=lots"}, "SOUS_GATEWAY_LANES"},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=q.i,bulk=q.i"}, "SOUS_GATEWAY_LANES"},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=q.i,bulk"}, "SOUS_GATEWAY_LANES"},
+		{[]string{"SOUS_GATEWAY_LANES=inter active=q.i"}, "SOUS_GATEWAY_LANES"},
+		{[]string{"SOUS_GATEWAY_LANES=a=q,b=q.dlq"}, "SOUS_GATEWAY_LANES"},                               // a's dead-letter queue is b's queue
+		{[]string{"SOUS_DEAD_LETTER_QUEUE=dead", "SOUS_GATEWAY_LANES=a=q,b=dead"}, "SOUS_GATEWAY_LANES"}, // every lane's dead-letter queue
+		{[]string{"SOUS_GATEWAY_LANES=a=" + strings.Repeat("q", 256)}, "SOUS_GATEWAY_LANES"},             // too long a queue name
+		{[]string{"SOUS_GATEWAY_LANES=a=" + strings.Repeat("q", 252)}, "SOUS_GATEWAY_LANES"},             // too long a dead-letter queue name
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=ns.servicebus.windows.net", "SOUS_GATEWAY_LANES=a=q,b=sous.replies"}, "SOUS_GATEWAY_LANES"},
 	} {
 		env := tt.env
 		if tt.name != "SOUS_MODEL" {
@@ -68,6 +80,46 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		_, err := loadConfig(env)
 		if err == nil || !strings.Contains(err.Error(), tt.name) {
 			t.Errorf("%v: error %v does not name %s", tt.env, err, tt.name)
+		}
+	}
+}
+
+// SOUS_GATEWAY_LANES is read as SOUS_LANES (shares included, though the
+// gateway does not use them), each lane's dead-letter queue as the
+// worker's: SOUS_DEAD_LETTER_QUEUE when set, else <queue>.dlq. Unset: no
+// lanes, SOUS_QUEUE alone.
+func TestLanesConfig(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		env   []string
+		names string
+		dlqs  string
+	}{
+		{nil, "", ""},
+		{[]string{"SOUS_GATEWAY_LANES= "}, "", ""},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=sous.interactive,bulk=sous.bulk:share=0.2"}, "interactive,bulk", "sous.interactive.dlq,sous.bulk.dlq"},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=sous.interactive,bulk=sous.bulk", "SOUS_DEAD_LETTER_QUEUE=sous.dead"}, "interactive,bulk", "sous.dead,sous.dead"},
+		{[]string{"SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=ns.servicebus.windows.net", "SOUS_GATEWAY_LANES=interactive=i,bulk=b"}, "interactive,bulk", ""},
+	} {
+		c, err := loadConfig(append([]string{"SOUS_MODEL=m"}, tc.env...))
+		if err != nil {
+			t.Fatalf("%v: %v", tc.env, err)
+		}
+		if got := strings.Join(c.laneNames(), ","); got != tc.names {
+			t.Errorf("%v: lanes %q, want %q", tc.env, got, tc.names)
+		}
+		var dlqs []string
+		for _, q := range amqpLanes(c) {
+			dlqs = append(dlqs, q.DeadLetterQueue)
+		}
+		if c.Broker == "servicebus" {
+			if got := strings.Join(laneQueues(c), ","); got != "i,b" {
+				t.Errorf("%v: Service Bus lane queues %q", tc.env, got)
+			}
+			continue
+		}
+		if got := strings.Join(dlqs, ","); got != tc.dlqs {
+			t.Errorf("%v: dead-letter queues %q, want %q", tc.env, got, tc.dlqs)
 		}
 	}
 }
@@ -130,6 +182,42 @@ func TestExitTwoOnBadConfig(t *testing.T) {
 	ee, ok := err.(*exec.ExitError)
 	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "SOUS_GATEWAY_TIMEOUT") {
 		t.Fatalf("exit %v, output %s", err, out)
+	}
+}
+
+// An invalid SOUS_GATEWAY_LANES stops the binary with exit 2, naming it
+// and what is wrong.
+func TestExitTwoOnBadLanes(t *testing.T) {
+	t.Parallel()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestExitTwoOnBadConfig$")
+	cmd.Env = append(os.Environ(), "SOUS_GATEWAY_TEST_MAIN=1", "SOUS_MODEL=m", "SOUS_GATEWAY_LANES=interactive=q.i,bulk=q.b:weight=2")
+	out, err := cmd.CombinedOutput()
+	ee, ok := err.(*exec.ExitError)
+	if !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "SOUS_GATEWAY_LANES") || !strings.Contains(string(out), `unknown option "weight=2"`) {
+		t.Fatalf("exit %v, output %s", err, out)
+	}
+}
+
+// A keys file whose lanes= names a lane SOUS_GATEWAY_LANES lacks, or has
+// lanes= on a gateway without lanes, stops the gateway at start (exit 2),
+// before it connects to the broker.
+func TestKeysFileLanesChecked(t *testing.T) {
+	t.Parallel()
+	path := t.TempDir() + "/keys"
+	if err := os.WriteFile(path, []byte("alice "+strings.Repeat("ab", 32)+" lanes=bulk\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, spec := range []string{"", "interactive=q.i,batch=q.b"} {
+		cfg, err := loadConfig([]string{"SOUS_MODEL=m", "SOUS_GATEWAY_KEYS_FILE=" + path, "SOUS_GATEWAY_LANES=" + spec,
+			"SOUS_AMQP_URL=amqp://guest:guest@127.0.0.1:9/", "SOUS_HTTP_ADDR=off", "OTEL_SDK_DISABLED=true"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = run(context.Background(), cfg, slog.New(slog.DiscardHandler))
+		var ce *configError
+		if !errors.As(err, &ce) || ce.Var != "SOUS_GATEWAY_KEYS_FILE" || !strings.Contains(err.Error(), "lanes=") {
+			t.Errorf("lanes %q: run = %v, want a configError naming SOUS_GATEWAY_KEYS_FILE and lanes=", spec, err)
+		}
 	}
 }
 

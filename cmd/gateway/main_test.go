@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 )
@@ -61,4 +62,19 @@ func TestStartLogsWarnAndReadDurations(t *testing.T) {
 	} else if _, err := time.ParseDuration(s); err != nil {
 		t.Errorf("retry_in = %q: %v", s, err)
 	}
+}
+
+// The workers' SOUS_LANES without SOUS_GATEWAY_LANES (a ConfigMap the
+// gateway shares with the workers) is warned about at start: every request
+// would go to SOUS_QUEUE.
+func TestStartWarnsOfWorkerLanesAlone(t *testing.T) {
+	t.Parallel()
+	lines := gatewayLines(t, []string{"SOUS_MODEL=m", "SOUS_LANES=interactive=sous.interactive,bulk=sous.bulk", "SOUS_AMQP_URL=amqp://guest:guest@127.0.0.1:9/",
+		"SOUS_HTTP_ADDR=off", "OTEL_SDK_DISABLED=true", "SOUS_GATEWAY_ADDR=127.0.0.1:0"}, "cannot connect to the broker; retrying")
+	for _, l := range lines {
+		if msg, _ := l["msg"].(string); l["level"] == "WARN" && strings.Contains(msg, "SOUS_GATEWAY_LANES is not") {
+			return
+		}
+	}
+	t.Errorf("no warning that SOUS_GATEWAY_LANES is not set in %v", lines)
 }

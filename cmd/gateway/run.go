@@ -34,7 +34,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log.Warn("SOUS_GATEWAY_KEYS_FILE is not set: ANYONE WHO REACHES THE GATEWAY CAN USE IT. Set it to a file of \"<name> <sha256 of the key>\" lines")
 	} else {
 		var err error
-		if keys, err = gateway.LoadKeys(cfg.KeysFile, cfg.Rate, log); err != nil {
+		if keys, err = gateway.LoadKeys(cfg.KeysFile, cfg.Rate, cfg.laneNames(), log); err != nil {
 			return bad("SOUS_GATEWAY_KEYS_FILE", "%v", err)
 		}
 		log.Info("API keys loaded", "keys", keys.Len())
@@ -61,9 +61,18 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	log.Info("telemetry", "metrics_endpoint", prom, "metrics_otlp", otlp,
 		"traces_otlp", !cfg.otelDisabled() && cfg.OTelEndpoint+cfg.OTelTracesEndpoint != "" && cfg.OTelTracesExporter != "none")
 
+	if cfg.WorkerLanes != "" && len(cfg.lanes) == 0 {
+		log.Warn("SOUS_LANES (the workers' lanes) is set but SOUS_GATEWAY_LANES is not: every request goes to SOUS_QUEUE; set SOUS_GATEWAY_LANES to publish to the lanes' queues",
+			"queue", cfg.Queue)
+	}
 	if cfg.Broker == "rabbitmq" && !cfg.Declare {
-		log.Info("SOUS_DECLARE=false: the gateway does not declare the request queue; until it exists requests are refused with 503",
-			"queue", cfg.Queue, "dead_letter_queue", cfg.DeadLetterQueue)
+		if len(cfg.lanes) > 0 {
+			log.Info("SOUS_DECLARE=false: the gateway does not declare the lanes' queues; until a lane's queue exists its requests are refused with 503",
+				"lanes", cfg.Lanes)
+		} else {
+			log.Info("SOUS_DECLARE=false: the gateway does not declare the request queue; until it exists requests are refused with 503",
+				"queue", cfg.Queue, "dead_letter_queue", cfg.DeadLetterQueue)
+		}
 	}
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	broker, err := openBroker(connectCtx, cfg, tlsCfg, log)
@@ -88,7 +97,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		go keys.Watch(watchCtx, cfg.KeysReload)
 	}
 	api := gateway.New(gateway.Config{
-		Queue: cfg.Queue, System: cfg.Broker, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
+		Queue: cfg.Queue, Lanes: cfg.lanes, System: cfg.Broker, Model: cfg.Model, Models: allowedModels(cfg), Keys: keys,
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
 		BodyTimeout: cfg.BodyTimeout, WriteTimeout: cfg.WriteTimeout, MaxIntake: cfg.MaxIntake,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
@@ -120,7 +129,11 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		_ = srv.Close()
 		return err
 	}
-	log.Info("gateway serving", "addr", ln.Addr().String(), "tls", cfg.TLSCertFile != "", "queue", cfg.Queue, "auth", keys != nil)
+	if len(cfg.lanes) > 0 {
+		log.Info("gateway serving", "addr", ln.Addr().String(), "tls", cfg.TLSCertFile != "", "lanes", cfg.Lanes, "auth", keys != nil)
+	} else {
+		log.Info("gateway serving", "addr", ln.Addr().String(), "tls", cfg.TLSCertFile != "", "queue", cfg.Queue, "auth", keys != nil)
+	}
 
 	select {
 	case err := <-served:
@@ -159,7 +172,7 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 		}
 		sb, err := gateway.OpenServiceBus(ctx, gateway.ServiceBusConfig{
 			ConnectionString: cfg.ServiceBusConnectionString, Namespace: cfg.ServiceBusNamespace,
-			Queue: cfg.Queue, ReplyQueue: cfg.ReplyQueue, Sessions: cfg.Channels,
+			Queue: cfg.Queue, LaneQueues: laneQueues(cfg), ReplyQueue: cfg.ReplyQueue, Sessions: cfg.Channels,
 			// Unique per process: a restarted gateway must not take over
 			// sessions whose requests died with its predecessor.
 			SessionPrefix: fmt.Sprintf("%s-%08x", host, rand.Uint32()),
@@ -172,7 +185,7 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 	a, err := gateway.OpenAMQP(ctx, gateway.AMQPConfig{
 		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
 		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
-		Declare: cfg.Declare, DeadLetterQueue: cfg.DeadLetterQueue, DeliveryLimit: cfg.MaxAttempts,
+		Declare: cfg.Declare, DeadLetterQueue: cfg.DeadLetterQueue, DeliveryLimit: cfg.MaxAttempts, Lanes: amqpLanes(cfg),
 	}, log)
 	if errors.Is(err, gateway.ErrAccessRefused) {
 		// Configuration, like any invalid variable: exit 2, as the worker.
@@ -182,6 +195,25 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 		return nil, err
 	}
 	return a, nil
+}
+
+// laneQueues are the lanes' queues, nil without lanes.
+func laneQueues(cfg Config) []string {
+	var out []string
+	for _, l := range cfg.lanes {
+		out = append(out, l.Queue)
+	}
+	return out
+}
+
+// amqpLanes are the lanes' queues with their dead-letter queues, nil
+// without lanes.
+func amqpLanes(cfg Config) []gateway.LaneQueue {
+	var out []gateway.LaneQueue
+	for _, l := range cfg.lanes {
+		out = append(out, gateway.LaneQueue{Queue: l.Queue, DeadLetterQueue: cfg.laneDeadLetterQueue(l)})
+	}
+	return out
 }
 
 // startOps serves /healthz, /readyz and (when metrics is not nil)

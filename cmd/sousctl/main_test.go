@@ -408,3 +408,25 @@ func TestWarnUnknownEnv(t *testing.T) {
 		t.Errorf("warning = %q, want %q", got, want)
 	}
 }
+
+func TestLaneQueue(t *testing.T) {
+	const spec = "interactive=sous.interactive,bulk=sous.bulk:share=0.2"
+	o := options{queue: "sous.requests", lane: "bulk"}
+	if err := laneQueue(&o, spec); err != nil || o.queue != "sous.bulk" {
+		t.Fatalf("-lane bulk: queue %q, err %v; want sous.bulk", o.queue, err)
+	}
+	o = options{queue: "sous.requests"}
+	if err := laneQueue(&o, spec); err != nil || o.queue != "sous.requests" {
+		t.Fatalf("no -lane: queue %q, err %v; want -queue's", o.queue, err)
+	}
+	for _, c := range []struct{ spec, lane, want string }{
+		{spec, "nightly", "has no such lane (it has interactive, bulk)"},
+		{"", "bulk", "SOUS_LANES is not set"},
+		{"a=q:share=x", "a", "SOUS_LANES: "},
+	} {
+		o := options{queue: "sous.requests", lane: c.lane}
+		if err := laneQueue(&o, c.spec); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("SOUS_LANES=%q -lane %s: %v, want an error with %q", c.spec, c.lane, err, c.want)
+		}
+	}
+}

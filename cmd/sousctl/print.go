@@ -276,7 +276,11 @@ func details(r wire.Result) string {
 	if r.Batch != nil {
 		batch = fmt.Sprintf(", batch %s of %d", r.Batch.ID, r.Batch.Size)
 	}
-	return fmt.Sprintf("%s model=%s queue=%dms wait=%dms inference=%dms%s worker=%s", r.Status, r.Model, r.Timing.QueueMS, r.Timing.BatchWaitMS, r.Timing.InferenceMS, batch, r.Worker)
+	lane := ""
+	if r.Lane != "" {
+		lane = " lane=" + r.Lane
+	}
+	return fmt.Sprintf("%s model=%s%s queue=%dms wait=%dms inference=%dms%s worker=%s", r.Status, r.Model, lane, r.Timing.QueueMS, r.Timing.BatchWaitMS, r.Timing.InferenceMS, batch, r.Worker)
 }
 
 // printContent prints what a result carries, by kind: one function each.

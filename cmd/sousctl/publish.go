@@ -22,6 +22,7 @@ import (
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/sous-run/sous/internal/envcheck"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/wire"
@@ -52,6 +53,7 @@ const maxLine = 16 << 20
 type options struct {
 	url     string
 	queue   string
+	lane    string // -lane: its queue, from SOUS_LANES, replaces queue
 	model   string
 	file    string
 	jsonOut bool
@@ -83,6 +85,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	// No default shown in -h: SOUS_AMQP_URL may hold a password.
 	fs.StringVar(&o.url, "url", "", "broker URL (default $SOUS_AMQP_URL, else amqp://guest:guest@localhost:5672/)")
 	fs.StringVar(&o.queue, "queue", envOr("SOUS_QUEUE", "sous.requests"), "request queue (env SOUS_QUEUE)")
+	fs.StringVar(&o.lane, "lane", "", "publish to this lane's queue, as SOUS_LANES names it (overrides -queue)")
 	fs.StringVar(&o.model, "model", "", "model to ask for (default: the worker's SOUS_MODEL)")
 	fs.StringVar(&o.file, "f", "", "read JSON requests, one per line, from this file (- for stdin)")
 	fs.BoolVar(&o.jsonOut, "json", false, "print results (and stream chunks) as JSON lines")
@@ -141,6 +144,10 @@ func publish(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 		o.url = envOr("SOUS_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 	}
 	if err := checkURL(o.url); err != nil {
+		fmt.Fprintf(stderr, "sousctl publish: %v\n", err)
+		return 2
+	}
+	if err := laneQueue(&o, os.Getenv("SOUS_LANES")); err != nil {
 		fmt.Fprintf(stderr, "sousctl publish: %v\n", err)
 		return 2
 	}
@@ -346,6 +353,27 @@ func dial(rawURL string) (*amqp.Connection, error) {
 
 // declareOptions reads SOUS_DECLARE, SOUS_DEAD_LETTER_QUEUE and
 // SOUS_MAX_ATTEMPTS with the worker's defaults.
+// laneQueue points o at the queue of the lane -lane names, read from spec
+// (SOUS_LANES) as the worker reads it.
+func laneQueue(o *options, spec string) error {
+	if o.lane == "" {
+		return nil
+	}
+	if strings.TrimSpace(spec) == "" {
+		return fmt.Errorf("-lane %s: SOUS_LANES is not set; set it as the workers have it (e.g. SOUS_LANES=\"interactive=sous.interactive,bulk=sous.bulk:share=0.2\"), or use -queue", o.lane)
+	}
+	ls, err := lanes.Parse(spec, o.queue)
+	if err != nil {
+		return fmt.Errorf("SOUS_LANES: %v", err)
+	}
+	l, ok := lanes.Find(ls, o.lane)
+	if !ok {
+		return fmt.Errorf("-lane %s: SOUS_LANES has no such lane (it has %s)", o.lane, strings.Join(lanes.Names(ls), ", "))
+	}
+	o.queue = l.Queue
+	return nil
+}
+
 func declareOptions(o *options) error {
 	var err error
 	if o.declare, err = strconv.ParseBool(envOr("SOUS_DECLARE", "true")); err != nil {
@@ -466,7 +494,11 @@ func roundTrip(ctx context.Context, o options, reqs []request, p *printer, stder
 		sent(nil)
 		pending[id] = r.stream
 	}
-	p.published(len(reqs), o.queue)
+	where := o.queue
+	if o.lane != "" {
+		where = fmt.Sprintf("lane %s (%s)", o.lane, o.queue)
+	}
+	p.published(len(reqs), where)
 	if workers == 0 {
 		fmt.Fprintf(stderr, "sousctl: no worker is consuming %s; the requests stay queued until one starts (waiting up to %s)\n", o.queue, o.timeout)
 	}

@@ -28,14 +28,14 @@ func TestWrongAMQPPasswordStopsTheWorker(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	began := time.Now()
-	_, closeBroker, err := openBroker(ctx, cfg, 1, nil, slog.New(slog.DiscardHandler))
+	_, closeBroker, err := openLanes(ctx, cfg, 1, nil, slog.New(slog.DiscardHandler))
 	if err == nil {
 		closeBroker()
 		t.Fatal("the worker connected with a wrong password")
 	}
 	var ce *configError
 	if !errors.As(err, &ce) || ce.Var != "SOUS_AMQP_URL" || ctx.Err() != nil {
-		t.Fatalf("openBroker = %v after %v, want a configError naming SOUS_AMQP_URL at once (exit 2)", err, time.Since(began).Round(time.Millisecond))
+		t.Fatalf("openLanes = %v after %v, want a configError naming SOUS_AMQP_URL at once (exit 2)", err, time.Since(began).Round(time.Millisecond))
 	}
 	if strings.Contains(err.Error(), password) {
 		t.Errorf("the password is in the error: %v", err)

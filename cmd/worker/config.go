@@ -17,6 +17,7 @@ import (
 	"github.com/sous-run/sous/internal/brokerconfig"
 	"github.com/sous-run/sous/internal/envcheck"
 	"github.com/sous-run/sous/internal/gpu"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/sizing"
@@ -37,6 +38,18 @@ type Config struct {
 	ResultsQueue    string       `env:"SOUS_RESULTS_QUEUE" envDefault:"sous.results"`
 	DeadLetterQueue string       `env:"SOUS_DEAD_LETTER_QUEUE"` // default <queue>.dlq
 	Declare         bool         `env:"SOUS_DECLARE" envDefault:"true"`
+	// Lanes lists the queues the worker consumes, highest rank first:
+	// "interactive=sous.interactive,bulk=sous.bulk:share=0.2"
+	// (internal/lanes). Unset: one lane on SOUS_QUEUE.
+	Lanes string `env:"SOUS_LANES"`
+	// lanes is Lanes parsed; deadLetterSet says SOUS_DEAD_LETTER_QUEUE was
+	// given (shared by every lane) rather than defaulted (<queue>.dlq each).
+	lanes         []lanes.Lane
+	deadLetterSet bool
+	// ReportInterval is how often the worker reports each lane's measured
+	// rates to the scaler (fleet.Exchange); 0 turns reports off
+	// (SOUS_REPORT_INTERVAL, default 5s).
+	ReportInterval time.Duration `env:"SOUS_REPORT_INTERVAL" envDefault:"5s"`
 
 	// AMQPConsumerTimeout is the broker's consumer_timeout (RabbitMQ's
 	// default is 30m): RabbitMQ closes the channel of a consumer that
@@ -154,13 +167,18 @@ func loadConfig(environ []string) (Config, error) {
 	if err := c.readSecretFiles(); err != nil {
 		return c, err
 	}
+	c.deadLetterSet = c.DeadLetterQueue != ""
 	if c.DeadLetterQueue == "" {
 		c.DeadLetterQueue = c.Queue + ".dlq"
 	}
 	if c.WorkerID == "" {
 		c.WorkerID, _ = os.Hostname()
 	}
-	return c, c.validate()
+	if err := c.validate(); err != nil {
+		return c, err
+	}
+	c.lanes, _ = lanes.Parse(c.Lanes, c.Queue) // validate has read it
+	return c, nil
 }
 
 // describeEnvError keeps env's message, which names the variable, and drops
@@ -257,6 +275,22 @@ func (c Config) validate() error {
 	if c.DeadLetterQueue == c.Queue {
 		return bad("SOUS_DEAD_LETTER_QUEUE", "must differ from SOUS_QUEUE")
 	}
+	if c.ReportInterval < 0 {
+		return bad("SOUS_REPORT_INTERVAL", "must be a duration such as 5s, or 0 to send no reports")
+	}
+	ls, err := lanes.Parse(c.Lanes, c.Queue)
+	if err != nil {
+		return bad("SOUS_LANES", "%v", err)
+	}
+	for _, l := range ls {
+		if len(l.Queue) > 255 {
+			return bad("SOUS_LANES", "lane %q: a queue name is at most 255 bytes", l.Name)
+		}
+		if l.Queue == c.ResultsQueue || l.Queue == c.DeadLetterQueue && c.deadLetterSet {
+			return bad("SOUS_LANES", "lane %q: its queue %q is also SOUS_RESULTS_QUEUE or SOUS_DEAD_LETTER_QUEUE", l.Name, l.Queue)
+		}
+	}
+
 	switch c.Engine {
 	case "ollama", "openai":
 	default:
@@ -436,4 +470,14 @@ func warnUnknownEnv(log *slog.Logger, environ []string) {
 	for _, u := range envcheck.Check(environ, envcheck.Tags(reflect.TypeFor[Config]())) {
 		log.Warn("unknown SOUS_* variable, ignored; is it misspelled?", "var", u.Name, "did_you_mean", u.Closest)
 	}
+}
+
+// laneDeadLetterQueue is the dead-letter queue of a lane's requests:
+// SOUS_DEAD_LETTER_QUEUE when set (every lane shares it), else the lane's
+// queue + ".dlq".
+func (c Config) laneDeadLetterQueue(l lanes.Lane) string {
+	if c.deadLetterSet {
+		return c.DeadLetterQueue
+	}
+	return l.Queue + ".dlq"
 }

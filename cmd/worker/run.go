@@ -16,6 +16,7 @@ import (
 
 	"github.com/sous-run/sous/internal/inference/ollama"
 	"github.com/sous-run/sous/internal/inference/openai"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/queue/servicebus"
 	"github.com/sous-run/sous/internal/secret"
@@ -30,7 +31,7 @@ import (
 func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// An engine URL may carry a password (basic auth in front of the
 	// engine): log it redacted, like the broker's.
-	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, brokerLogKey(cfg), brokerLogValue(cfg))
+	log.Info("starting", "broker", cfg.Broker, "queue", cfg.Queue, "lanes", laneList(cfg), "engine", cfg.Engine, "engine_url", secret.URL(cfg.EngineURL), "model", cfg.Model, brokerLogKey(cfg), brokerLogValue(cfg))
 
 	// Deferred calls run last-in first-out: the worker drains, then the
 	// broker closes, then the engine this worker owns stops, then telemetry
@@ -75,13 +76,13 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// Start with the prefetch the worker will ask for, so the first
 	// requests do not restart the consumer.
 	prefetch := worker.Capacity(sizer.Size())
-	broker, closeBroker, err := openBroker(ctx, cfg, prefetch, tel.obs.BrokerReconnected, log)
+	wlanes, closeBrokers, err := openLanes(ctx, cfg, prefetch, tel.obs.BrokerReconnected, log)
 	if err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
-	defer closeBroker()
+	defer closeBrokers()
 
-	w := worker.New(worker.Config{
+	w := worker.NewLanes(worker.Config{
 		WorkerID:     cfg.WorkerID,
 		ResultsQueue: cfg.ResultsQueue,
 		Limits: wire.Limits{
@@ -101,8 +102,14 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		StreamInterval:  cfg.StreamInterval,
 		StreamBytes:     cfg.StreamBytes,
 		Observer:        tel.obs,
-	}, broker, engine, sizer, log)
+	}, wlanes, engine, sizer, log)
 	sizer.OnChange(w.SizeChanged)
+	if err := tel.obs.ObserveLanes(w.LaneStats); err != nil {
+		return err
+	}
+
+	// Reports for the work-aware scaler (report.go).
+	defer startReports(ctx, cfg, w, sizer.Size, log)()
 
 	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
 	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()
@@ -306,8 +313,48 @@ type brokerDriver interface {
 	Ready(ctx context.Context) error
 }
 
-// onReconnect is called after each RabbitMQ reconnect.
-func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(), log *slog.Logger) (brokerDriver, func(), error) {
+// laneList says the lanes for the start log line: name=queue(share), or
+// "off" without SOUS_LANES.
+func laneList(cfg Config) string {
+	if cfg.Lanes == "" {
+		return "off"
+	}
+	parts := make([]string, len(cfg.lanes))
+	for i, l := range cfg.lanes {
+		parts[i] = fmt.Sprintf("%s=%s(share %.2f)", l.Name, l.Queue, l.Share)
+	}
+	return strings.Join(parts, ",")
+}
+
+// openLanes opens one driver per lane, each on its own connection (a
+// lane's consumer, prefetch and pauses are its own), and returns them
+// highest rank first with a function that closes them all.
+func openLanes(ctx context.Context, cfg Config, prefetch int, onReconnect func(), log *slog.Logger) ([]worker.Lane, func(), error) {
+	var out []worker.Lane
+	var closers []func()
+	closeAll := func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	for _, l := range cfg.lanes {
+		b, closeB, err := openBroker(ctx, cfg, l, prefetch, onReconnect, log)
+		if err != nil {
+			closeAll()
+			if len(cfg.lanes) > 1 {
+				return nil, nil, fmt.Errorf("lane %s (queue %s): %w", l.Name, l.Queue, err)
+			}
+			return nil, nil, err
+		}
+		out = append(out, worker.Lane{Name: l.Name, Share: l.Share, Broker: b, Queue: l.Queue, Window: l.Window})
+		closers = append(closers, closeB)
+	}
+	return out, closeAll, nil
+}
+
+// openBroker opens the driver of lane l. onReconnect is called after each
+// RabbitMQ reconnect.
+func openBroker(ctx context.Context, cfg Config, l lanes.Lane, prefetch int, onReconnect func(), log *slog.Logger) (brokerDriver, func(), error) {
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	switch cfg.Broker {
@@ -315,7 +362,7 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 		d, err := servicebus.New(connectCtx, servicebus.Config{
 			ConnectionString:  cfg.ServiceBusConnectionString,
 			Namespace:         cfg.ServiceBusNamespace,
-			Queue:             cfg.Queue,
+			Queue:             l.Queue,
 			DeadLetterQueue:   cfg.ServiceBusDeadLetterQueue,
 			LockRenewInterval: cfg.ServiceBusLockRenew,
 			MaxSenders:        cfg.ServiceBusMaxSenders,
@@ -336,14 +383,14 @@ func openBroker(ctx context.Context, cfg Config, prefetch int, onReconnect func(
 		d, err := rabbitmq.Open(connectCtx, rabbitmq.Config{
 			URL:             cfg.AMQPURL,
 			TLS:             tlsCfg,
-			Queue:           cfg.Queue,
-			DeadLetterQueue: cfg.DeadLetterQueue,
+			Queue:           l.Queue,
+			DeadLetterQueue: cfg.laneDeadLetterQueue(l),
 			Declare:         cfg.Declare,
 			ExtraQueues:     []string{cfg.ResultsQueue},
 			DeliveryLimit:   cfg.MaxAttempts,
 			Prefetch:        prefetch,
 			Heartbeat:       cfg.AMQPHeartbeat,
-			ConnectionName:  "sous-worker " + cfg.WorkerID,
+			ConnectionName:  connectionName(cfg, l),
 			Consume:         true,
 			OnReconnect:     onReconnect,
 		}, log)
@@ -407,4 +454,12 @@ func startHTTP(cfg Config, r readiness, metrics http.Handler, log *slog.Logger) 
 		}
 	}()
 	return &httpServer{Server: srv, addr: ln.Addr().String()}, nil
+}
+
+// connectionName names a lane's AMQP connection in the management UI.
+func connectionName(cfg Config, l lanes.Lane) string {
+	if len(cfg.lanes) > 1 {
+		return "sous-worker " + cfg.WorkerID + " " + l.Name
+	}
+	return "sous-worker " + cfg.WorkerID
 }

@@ -10,7 +10,10 @@
 //   - `docker stop` drains within the grace period and loses nothing;
 //   - a RabbitMQ container (Debian's rabbitmq-server, on its own ports) and
 //     the worker container, both started with testcontainers-go, pass the
-//     end-to-end checks.
+//     end-to-end checks;
+//   - `make push` (BASES=standin) pushes the three images to a CNCF
+//     distribution registry on loopback, built from its Go module, and each
+//     printed digest is an image index that `docker pull` takes back.
 //
 // Where no Docker engine answers the tests skip with one line saying why;
 // with CI=true they fail instead (integration/containertest).

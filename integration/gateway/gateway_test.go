@@ -253,7 +253,7 @@ func TestPublishedRequest(t *testing.T) {
 	}
 	w := startWorker(t, q)
 	itest.WaitUntil(t, 30*time.Second, "the worker to skip the expired request", func() bool {
-		return strings.Contains(w.Logs(), wire.ReasonDeadlineExceeded)
+		return strings.Contains(w.Logs(), wire.ReasonExpired)
 	})
 }
 

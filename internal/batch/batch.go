@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"slices"
 	"strconv"
 	"time"
 )
@@ -41,24 +42,62 @@ type Batch[T any] struct {
 type entry[T any] struct {
 	v     T
 	added time.Time
-	order uint64 // insertion order: ties in added go to the first added
+	due   time.Time // the request's deadline; zero: none
+	order uint64    // insertion order: ties in added go to the first added
+}
+
+// less orders a group's entries: the earliest deadline first, entries
+// without one after those with one, then the oldest.
+func (a entry[T]) less(b entry[T]) bool {
+	switch {
+	case !a.due.Equal(b.due):
+		if a.due.IsZero() || b.due.IsZero() {
+			return b.due.IsZero()
+		}
+		return a.due.Before(b.due)
+	case !a.added.Equal(b.added):
+		return a.added.Before(b.added)
+	}
+	return a.order < b.order
 }
 
 type group[T any] struct {
 	key     string
 	perCall int
-	entries []entry[T] // oldest first; entries[head:] are waiting
+	entries []entry[T] // in less order; entries[head:] are waiting
 	head    int
 }
 
 func (g *group[T]) len() int { return len(g.entries) - g.head }
 
-func (g *group[T]) oldest() time.Time { return g.entries[g.head].added }
+// oldest is when the oldest waiting item was added.
+func (g *group[T]) oldest() time.Time {
+	o := g.entries[g.head].added
+	if g.entries[g.head].due.IsZero() {
+		return o // no deadlines in the group: in the order added
+	}
+	for _, e := range g.entries[g.head+1:] {
+		if e.added.Before(o) {
+			o = e.added
+		}
+	}
+	return o
+}
 
-// before reports whether g's oldest item is older than h's.
+// before reports whether g's first item goes before h's: an earlier
+// deadline, or older.
 func (g *group[T]) before(h *group[T]) bool {
-	a, b := g.entries[g.head], h.entries[h.head]
-	return a.added.Before(b.added) || a.added.Equal(b.added) && a.order < b.order
+	return g.entries[g.head].less(h.entries[h.head])
+}
+
+// insert puts e in its place among the waiting entries. Work without a
+// deadline arrives in order and is appended; the scan from the tail is
+// short.
+func (g *group[T]) insert(e entry[T]) {
+	g.entries = append(g.entries, e)
+	for i := len(g.entries) - 1; i > g.head && e.less(g.entries[i-1]); i-- {
+		g.entries[i], g.entries[i-1] = g.entries[i-1], g.entries[i]
+	}
 }
 
 // Batcher holds the items waiting for the engine, grouped by key. The zero
@@ -103,32 +142,24 @@ func (b *Batcher[T]) group(key string, perCall int) *group[T] {
 	return g
 }
 
-// Add queues v under key at instant now. perCall is the most items of this
-// key one engine call takes: 1 for an API that takes one request per call,
-// more where it takes a list. Items of one key keep the order they were
-// added in.
-func (b *Batcher[T]) Add(now time.Time, key string, perCall int, v T) {
-	g := b.group(key, perCall)
+// Add queues v under key at instant now, with deadline due (zero: none).
+// perCall is the most items of this key one engine call takes: 1 for an
+// API that takes one request per call, more where it takes a list. Items
+// of one key go earliest deadline first, then in the order they were added
+// in.
+func (b *Batcher[T]) Add(now, due time.Time, key string, perCall int, v T) {
 	b.order++
-	g.entries = append(g.entries, entry[T]{v, now, b.order})
+	b.group(key, perCall).insert(entry[T]{v: v, added: now, due: due, order: b.order})
 	b.n++
 }
 
-// PutBack returns v, taken earlier and added at instant added, to the head
-// of its group: it was not run (the engine had no room) and keeps its
-// place ahead of younger work.
-func (b *Batcher[T]) PutBack(added time.Time, key string, perCall int, v T) {
+// PutBack returns v, taken earlier and added at instant added, with
+// deadline due, to its group: it was not run (the engine had no room) and
+// keeps its place ahead of younger work.
+func (b *Batcher[T]) PutBack(added, due time.Time, key string, perCall int, v T) {
 	g := b.group(key, perCall)
-	rest := g.entries[g.head:]
-	i := 0
-	for i < len(rest) && !rest[i].added.After(added) {
-		i++
-	}
-	entries := make([]entry[T], 0, len(rest)+1)
-	entries = append(entries, rest[:i]...)
-	b.order++
-	entries = append(entries, entry[T]{v, added, b.order})
-	g.entries, g.head = append(entries, rest[i:]...), 0
+	// Ahead of every entry added at the same instant: it was taken first.
+	g.insert(entry[T]{v: v, added: added, due: due, order: 0})
 	b.n++
 }
 
@@ -238,14 +269,46 @@ func (b *Batcher[T]) Deadline() (at time.Time, ok bool) {
 // Expire removes and returns the items added before instant before: they
 // have waited too long and go back to the queue.
 func (b *Batcher[T]) Expire(before time.Time) []T {
+	return b.remove(func(e entry[T]) bool { return e.added.Before(before) })
+}
+
+// Overdue removes and returns the items whose deadline is at or before
+// now: they must not reach the engine.
+func (b *Batcher[T]) Overdue(now time.Time) []T {
+	return b.remove(func(e entry[T]) bool { return !e.due.IsZero() && !e.due.After(now) })
+}
+
+// NextDue is the earliest deadline of the waiting items; ok is false when
+// none has one.
+func (b *Batcher[T]) NextDue() (at time.Time, ok bool) {
+	for _, g := range b.groups {
+		if d := g.entries[g.head].due; !d.IsZero() && (!ok || d.Before(at)) {
+			at, ok = d, true
+		}
+	}
+	return at, ok
+}
+
+// remove takes out the waiting items for which drop is true, keeping the
+// others in their order.
+func (b *Batcher[T]) remove(drop func(entry[T]) bool) []T {
 	var out []T
 	for _, g := range append([]*group[T](nil), b.groups...) {
-		n := 0
-		for n < g.len() && g.entries[g.head+n].added.Before(before) {
-			n++
+		keep := g.entries[:0:0]
+		for _, e := range g.entries[g.head:] {
+			if drop(e) {
+				out = append(out, e.v)
+			} else {
+				keep = append(keep, e)
+			}
 		}
-		if n > 0 {
-			out = append(out, b.take(g, n, "").Items...)
+		if len(keep) == g.len() {
+			continue
+		}
+		b.n -= g.len() - len(keep)
+		g.entries, g.head = keep, 0
+		if len(keep) == 0 {
+			b.groups = slices.DeleteFunc(b.groups, func(x *group[T]) bool { return x == g })
 		}
 	}
 	return out

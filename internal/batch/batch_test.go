@@ -11,6 +11,9 @@ import (
 
 var t0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// none is no deadline.
+var none time.Time
+
 func at(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 
 // next calls Next until it says no, and returns the sizes and reasons.
@@ -63,7 +66,7 @@ func TestNext(t *testing.T) {
 			t.Parallel()
 			b := batch.New[int](10*time.Millisecond, "w-")
 			for i, a := range tt.adds {
-				b.Add(at(a.ms), a.key, a.perCall, i)
+				b.Add(at(a.ms), none, a.key, a.perCall, i)
 			}
 			limit := tt.limit
 			if limit == 0 {
@@ -97,10 +100,10 @@ func TestOldestFirstAcrossKeys(t *testing.T) {
 			b := batch.New[string](time.Millisecond, "w-")
 			ms := 0
 			for range 8 {
-				b.Add(at(ms), "steady", perCall, "steady")
+				b.Add(at(ms), none, "steady", perCall, "steady")
 				ms++
 			}
-			b.Add(at(ms), "other", perCall, "other")
+			b.Add(at(ms), none, "other", perCall, "other")
 			ms++
 			order := []string{}
 			for range 1000 {
@@ -113,7 +116,7 @@ func TestOldestFirstAcrossKeys(t *testing.T) {
 				b.Ended(bt.Key) // the call is over at once
 				order = append(order, bt.Items...)
 				for range bt.Items {
-					b.Add(at(ms), "steady", perCall, "steady")
+					b.Add(at(ms), none, "steady", perCall, "steady")
 				}
 				ms++
 				if slices.Contains(order, "other") {
@@ -131,14 +134,14 @@ func TestOldestFirstAcrossKeys(t *testing.T) {
 func TestPutBackKeepsItsPlace(t *testing.T) {
 	t.Parallel()
 	b := batch.New[string](time.Second, "w-")
-	b.Add(at(0), "k", 1, "a")
-	b.Add(at(1), "k", 1, "b")
-	b.Add(at(2), "j", 1, "c")
+	b.Add(at(0), none, "k", 1, "a")
+	b.Add(at(1), none, "k", 1, "b")
+	b.Add(at(2), none, "j", 1, "c")
 	first, _ := b.Next(at(3), 1, 1, false)
 	if first.Items[0] != "a" {
 		t.Fatalf("first = %v", first.Items)
 	}
-	b.PutBack(first.Oldest, "k", 1, "a") // the engine had no room for it
+	b.PutBack(first.Oldest, none, "k", 1, "a") // the engine had no room for it
 	var got []string
 	for b.Len() > 0 {
 		bt, ok := b.Next(at(4), 1, 1, false)
@@ -156,7 +159,7 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	t.Parallel()
 	b := batch.New[string](time.Second, "w1-")
 	for i := range 5 {
-		b.Add(at(i), "k", 3, fmt.Sprint(i))
+		b.Add(at(i), none, "k", 3, fmt.Sprint(i))
 	}
 	got, ok := b.Next(at(5), 8, 8, true)
 	if !ok || !slices.Equal(got.Items, []string{"0", "1", "2"}) || got.ID != "w1-1" || !got.Oldest.Equal(at(0)) {
@@ -169,7 +172,7 @@ func TestBatchesKeepOrderAndIDs(t *testing.T) {
 	if d, ok := b.Deadline(); !ok || !d.Equal(at(3).Add(time.Second)) {
 		t.Fatalf("deadline = %v %v, want the window of the oldest leftover", d, ok)
 	}
-	b.Add(at(6), "one", 1, "x")
+	b.Add(at(6), none, "one", 1, "x")
 	if rest := b.Drain(); !slices.Equal(rest, []string{"3", "4", "x"}) || b.Len() != 0 {
 		t.Fatalf("drain = %v", rest)
 	}
@@ -186,14 +189,14 @@ func TestListFillsWhileItsKeyRuns(t *testing.T) {
 	t.Parallel()
 	b := batch.New[int](10*time.Millisecond, "w-")
 	for i := range 8 {
-		b.Add(at(0), "e", 8, i)
+		b.Add(at(0), none, "e", 8, i)
 	}
 	first, ok := b.Next(at(0), 8, 8, false)
 	if !ok || len(first.Items) != 8 {
 		t.Fatalf("first list: %v %v", ok, first.Items)
 	}
 	for i := range 5 {
-		b.Add(at(1), "e", 8, i)
+		b.Add(at(1), none, "e", 8, i)
 	}
 	if bt, ok := b.Next(at(50), 8, 0, true); ok {
 		t.Fatalf("a list went with no room: %v", bt.Items)
@@ -210,10 +213,10 @@ func TestListFillsWhileItsKeyRuns(t *testing.T) {
 func TestExpire(t *testing.T) {
 	t.Parallel()
 	b := batch.New[string](time.Second, "w-")
-	b.Add(at(0), "k", 1, "a")
-	b.Add(at(5), "j", 4, "b")
-	b.Add(at(10), "k", 1, "c")
-	b.PutBack(at(1), "j", 4, "d")
+	b.Add(at(0), none, "k", 1, "a")
+	b.Add(at(5), none, "j", 4, "b")
+	b.Add(at(10), none, "k", 1, "c")
+	b.PutBack(at(1), none, "j", 4, "d")
 	got := b.Expire(at(6))
 	slices.Sort(got)
 	if !slices.Equal(got, []string{"a", "b", "d"}) || b.Len() != 1 {
@@ -231,7 +234,7 @@ func BenchmarkBatcher(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				for j := range size {
-					bt.Add(now, "k", size, j)
+					bt.Add(now, none, "k", size, j)
 				}
 				got, ok := bt.Next(now, size, size, true)
 				if !ok || len(got.Items) != size {
@@ -240,5 +243,56 @@ func BenchmarkBatcher(b *testing.B) {
 				bt.Ended(got.Key)
 			}
 		})
+	}
+}
+
+// Within a key, the earliest deadline goes first, then the oldest; work
+// without a deadline goes after work with one. Across keys the same.
+func TestEarliestDeadlineFirst(t *testing.T) {
+	b := batch.New[string](time.Second, "b")
+	b.Add(at(0), none, "k", 1, "old, no deadline")
+	b.Add(at(1), at(9000), "k", 1, "late deadline")
+	b.Add(at(2), at(5000), "k", 1, "early deadline")
+	b.Add(at(3), at(5000), "j", 1, "early deadline, younger, other key")
+	b.Add(at(4), none, "j", 1, "young, no deadline")
+	var got []string
+	for {
+		bt, ok := b.Next(at(10), 1, 1, false)
+		if !ok {
+			break
+		}
+		got = append(got, bt.Items...)
+	}
+	want := []string{"early deadline", "early deadline, younger, other key", "late deadline", "old, no deadline", "young, no deadline"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("order\n got %q\nwant %q", got, want)
+	}
+}
+
+// Overdue takes out exactly the items whose deadline has come, and NextDue
+// says when the next one comes.
+func TestOverdue(t *testing.T) {
+	b := batch.New[string](time.Second, "b")
+	b.Add(at(0), at(100), "k", 1, "a")
+	b.Add(at(1), none, "k", 1, "b")
+	b.Add(at(2), at(300), "j", 4, "c")
+	b.Add(at(3), at(200), "j", 4, "d")
+	if d, ok := b.NextDue(); !ok || !d.Equal(at(100)) {
+		t.Fatalf("NextDue = %v %v, want %v", d, ok, at(100))
+	}
+	if got := b.Overdue(at(99)); len(got) != 0 {
+		t.Fatalf("overdue before any deadline: %q", got)
+	}
+	got := b.Overdue(at(200))
+	slices.Sort(got)
+	if fmt.Sprint(got) != "[a d]" || b.Len() != 2 {
+		t.Fatalf("Overdue(200) = %q, %d left; want [a d], 2 left", got, b.Len())
+	}
+	if d, ok := b.NextDue(); !ok || !d.Equal(at(300)) {
+		t.Fatalf("NextDue = %v %v, want %v", d, ok, at(300))
+	}
+	b.Overdue(at(300))
+	if _, ok := b.NextDue(); ok || b.Len() != 1 {
+		t.Fatalf("after the last deadline: NextDue ok=%v, %d left", ok, b.Len())
 	}
 }

@@ -41,7 +41,10 @@ type Call interface {
 
 // Message is a request to publish.
 type Message struct {
-	ID      string
+	ID string
+	// Queue is the request queue it goes to (its lane's); empty: the
+	// broker's configured Queue.
+	Queue   string
 	Body    []byte
 	Headers map[string]string
 }
@@ -75,8 +78,9 @@ var (
 
 // AMQPConfig configures an AMQP broker.
 type AMQPConfig struct {
-	URL            secret.Value
-	TLS            *tls.Config // amqps; nil: system roots
+	URL secret.Value
+	TLS *tls.Config // amqps; nil: system roots
+	// Queue is where a Message that names no queue goes.
 	Queue          string
 	Channels       int           // reply-to channels (default 4)
 	Heartbeat      time.Duration // default 10s
@@ -90,6 +94,23 @@ type AMQPConfig struct {
 	Declare         bool
 	DeadLetterQueue string
 	DeliveryLimit   int
+	// Lanes are the lanes' request queues, each with its dead-letter
+	// queue (SOUS_GATEWAY_LANES): with Declare each is declared, instead
+	// of Queue and DeadLetterQueue.
+	Lanes []LaneQueue
+}
+
+// LaneQueue is a lane's request queue and its dead-letter queue.
+type LaneQueue struct {
+	Queue, DeadLetterQueue string
+}
+
+// declared are the request queues Declare declares.
+func (c AMQPConfig) declared() []LaneQueue {
+	if len(c.Lanes) > 0 {
+		return c.Lanes
+	}
+	return []LaneQueue{{c.Queue, c.DeadLetterQueue}}
 }
 
 const directReplyTo = "amq.rabbitmq.reply-to"
@@ -259,12 +280,14 @@ func (a *AMQP) dial() (_ *session, err error) {
 		}
 	}()
 	if a.cfg.Declare {
-		if err := rabbitmq.DeclareRequestQueue(conn, a.cfg.Queue, a.cfg.DeadLetterQueue, a.cfg.DeliveryLimit, a.log); err != nil {
-			if aerr := (*amqp.Error)(nil); errors.As(err, &aerr) && aerr.Code == amqp.AccessRefused {
-				return nil, fmt.Errorf("%w: %v (the user may not declare the queue: let it configure %q and %q, or declare them and set SOUS_DECLARE=false)",
-					ErrAccessRefused, err, a.cfg.Queue, a.cfg.DeadLetterQueue)
+		for _, q := range a.cfg.declared() {
+			if err := rabbitmq.DeclareRequestQueue(conn, q.Queue, q.DeadLetterQueue, a.cfg.DeliveryLimit, a.log); err != nil {
+				if aerr := (*amqp.Error)(nil); errors.As(err, &aerr) && aerr.Code == amqp.AccessRefused {
+					return nil, fmt.Errorf("%w: %v (the user may not declare the queue: let it configure %q and %q, or declare them and set SOUS_DECLARE=false)",
+						ErrAccessRefused, err, q.Queue, q.DeadLetterQueue)
+				}
+				return nil, err
 			}
-			return nil, err
 		}
 	}
 	s := &session{conn: conn, dead: make(chan struct{}), blocked: make(chan struct{})}
@@ -422,6 +445,10 @@ func (a *AMQP) Send(ctx context.Context, m Message) (Call, error) {
 }
 
 func (l *lane) publish(ctx context.Context, m Message) error {
+	queue := m.Queue
+	if queue == "" {
+		queue = l.a.cfg.Queue
+	}
 	h := amqp.Table{"timestamp_in_ms": time.Now().UnixMilli()}
 	for k, v := range m.Headers {
 		h[k] = v
@@ -450,7 +477,7 @@ func (l *lane) publish(ctx context.Context, m Message) error {
 		// closing the connection (with a deadline) ends a stuck write.
 		defer l.s.pubs.Done()
 		defer func() { <-l.pub }()
-		conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", l.a.cfg.Queue, true, false, amqp.Publishing{
+		conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", queue, true, false, amqp.Publishing{
 			ContentType: "application/json", DeliveryMode: amqp.Persistent,
 			MessageId: m.ID, CorrelationId: m.ID, ReplyTo: directReplyTo,
 			Timestamp: time.Now(), Headers: h, Body: m.Body,
@@ -500,7 +527,7 @@ func (l *lane) publish(ctx context.Context, m Message) error {
 	delete(l.ret, m.ID)
 	l.retMu.Unlock()
 	if returned {
-		return fmt.Errorf("%w: %q (%s)", ErrNoQueue, l.a.cfg.Queue, text)
+		return fmt.Errorf("%w: %q (%s)", ErrNoQueue, queue, text)
 	}
 	if !ok {
 		if l.ch.IsClosed() {

@@ -148,7 +148,7 @@ func TestEngineErrorStaysInTheLogs(t *testing.T) {
 		{"engine failure", "max_attempts", 502, false},
 		{"engine failure in a stream", "max_attempts", 502, true},
 		{"engine rejected", "engine_rejected", 400, false},
-		{"expired", wire.ReasonDeadlineExceeded, 504, false},
+		{"expired", wire.ReasonExpired, 504, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

@@ -16,6 +16,12 @@
 // a deadline, so a worker that has not started it by then skips it; a
 // result that arrives after its HTTP request has gone is dropped.
 //
+// With lanes (Config.Lanes, SOUS_GATEWAY_LANES) each request goes to one
+// lane's queue: the lane its X-Sous-Lane header names, else its key's
+// default (the first of the key's lanes=), else the first lane. A lane the
+// key may not use is a 403, an unknown one a 400; without lanes any
+// X-Sous-Lane header is a 400.
+//
 // Concurrency: a *Server serves any number of requests at once, bounded by
 // Config.MaxOpen. An *AMQP or *ServiceBus broker is safe for concurrent
 // use; its supervisor, reply consumers or session receivers (and their

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sous-run/sous/internal/wire"
@@ -71,6 +72,21 @@ func errModelNotFound(model string) *apiError {
 		Message: "the model `" + truncate(model, 128) + "` does not exist or you do not have access to it; GET /v1/models lists the models you may use"}
 }
 
+func errLanesNotConfigured() *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: "lanes_not_configured",
+		Message: "this gateway has no lanes (SOUS_GATEWAY_LANES is not set): send no " + LaneHeader + " header"}
+}
+
+func errUnknownLane(name string, known []string) *apiError {
+	return &apiError{Status: 400, Type: "invalid_request_error", Code: "unknown_lane",
+		Message: "the lane `" + truncate(name, 64) + "` (" + LaneHeader + ") does not exist; this gateway's lanes are " + strings.Join(known, ", ")}
+}
+
+func errLaneNotAllowed(name string, allowed []string) *apiError {
+	return &apiError{Status: 403, Type: "invalid_request_error", Code: "lane_not_allowed",
+		Message: "this API key may not use the lane `" + name + "` (" + LaneHeader + "); it may use " + strings.Join(allowed, ", ")}
+}
+
 func errRateLimited(wait time.Duration) *apiError {
 	return &apiError{Status: 429, Type: "requests", Code: "rate_limit_exceeded", RetryAfter: wait,
 		Message: "rate limit reached for this API key; retry after the Retry-After header's seconds"}
@@ -130,7 +146,7 @@ func fromResult(e *wire.ErrorInfo, model, id string) *apiError {
 	switch e.Code {
 	case wire.ReasonModelNotAllowed, "model_not_found":
 		return errModelNotFound(model)
-	case wire.ReasonDeadlineExceeded:
+	case wire.ReasonExpired:
 		return &apiError{Status: 504, Type: "server_error", Code: "timeout", Message: "the request expired before a worker started it" + ref}
 	case "engine_rejected":
 		return &apiError{Status: 400, Type: "invalid_request_error", Code: e.Code, Message: "the inference engine rejected the request" + ref}

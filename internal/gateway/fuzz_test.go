@@ -3,6 +3,7 @@ package gateway
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -55,6 +56,38 @@ func FuzzTranslate(f *testing.F) {
 			var ie *wire.InputError
 			if !errors.As(err, &ie) {
 				t.Fatalf("decoder error %v is not an InputError", err)
+			}
+		}
+	})
+}
+
+// FuzzParseKeys: any keys file parses or is refused, never panics, and an
+// error never echoes a field after the hash (it may be a key pasted by
+// mistake).
+func FuzzParseKeys(f *testing.F) {
+	hash := strings.Repeat("ab", 32)
+	for _, s := range []string{"", "a " + hash, "a " + hash + " lanes=bulk,interactive rate=2 models=m", "a " + hash + " lanes=", "a " + hash + " lanes=x,x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, extra string) {
+		if strings.ContainsAny(extra, "\r\n") {
+			return // one line: the next line's name is not secret, and errors name it
+		}
+		line := "alice " + hash + " " + extra
+		keys, err := ParseKeys([]byte(line), 0)
+		if err != nil {
+			for _, field := range strings.Fields(extra) {
+				if len(field) >= 16 && strings.Contains(err.Error(), field) {
+					t.Fatalf("the error %q echoes %q", err, field)
+				}
+			}
+			return
+		}
+		for _, k := range keys {
+			for _, l := range k.Lanes {
+				if !validLaneName(l) {
+					t.Fatalf("lane %q accepted", l)
+				}
 			}
 		}
 	})

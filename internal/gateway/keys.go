@@ -28,6 +28,9 @@ type Key struct {
 	// Rate is requests per second the key may make (0: no limit of its
 	// own, the gateway's default applies).
 	Rate float64
+	// Lanes the key may publish to, its default first; empty means every
+	// lane, the first lane of the gateway's being the default.
+	Lanes []string
 
 	bucket *bucket
 }
@@ -37,17 +40,24 @@ func (k *Key) Allows(model string) bool {
 	return len(k.Models) == 0 || slices.Contains(k.Models, model)
 }
 
+// AllowsLane reports whether the key may publish to the lane named name.
+func (k *Key) AllowsLane(name string) bool {
+	return len(k.Lanes) == 0 || slices.Contains(k.Lanes, name)
+}
+
 // Keys is the set of API keys read from a file with one key per line:
 //
 //	# comment
-//	<name> <hex SHA-256 of the key> [models=a,b] [rate=N]
+//	<name> <hex SHA-256 of the key> [models=a,b] [rate=N] [lanes=a,b]
 //
 // models= limits the key to those models; rate= is its requests per
-// second. Lookups compare the presented key's hash with every entry in
-// constant time. Keys is safe for concurrent use.
+// second; lanes= limits it to those lanes (SOUS_GATEWAY_LANES), the first
+// being its default. Lookups compare the presented key's hash with every
+// entry in constant time. Keys is safe for concurrent use.
 type Keys struct {
 	path        string
 	defaultRate float64
+	lanes       []string // the lanes keys may name; nil: none (lanes= is refused)
 	log         *slog.Logger
 
 	mu      sync.RWMutex
@@ -57,9 +67,11 @@ type Keys struct {
 }
 
 // LoadKeys reads path. defaultRate applies to keys without rate= (0: no
-// limit).
-func LoadKeys(path string, defaultRate float64, log *slog.Logger) (*Keys, error) {
-	k := &Keys{path: path, defaultRate: defaultRate, log: log}
+// limit). lanes are the names of the gateway's lanes, which lanes= may
+// name; nil: the gateway has none, and a line with lanes= is an error (so
+// is a lane not in lanes), at the start and at every reload.
+func LoadKeys(path string, defaultRate float64, lanes []string, log *slog.Logger) (*Keys, error) {
+	k := &Keys{path: path, defaultRate: defaultRate, lanes: lanes, log: log}
 	if _, err := k.reload(); err != nil {
 		return nil, err
 	}
@@ -101,9 +113,21 @@ func ParseKeys(b []byte, defaultRate float64) ([]*Key, error) {
 					return nil, fmt.Errorf("line %d (%s): rate= must be requests per second, a number ≥ 0", n, k.Name)
 				}
 				k.Rate = r
+			case "lanes":
+				if k.Lanes != nil {
+					return nil, fmt.Errorf("line %d (%s): lanes= is given twice", n, k.Name)
+				}
+				k.Lanes = []string{}
+				for j, l := range strings.Split(v, ",") {
+					// Never echo a name: it may be a key pasted by mistake.
+					if l = strings.TrimSpace(l); !validLaneName(l) || slices.Contains(k.Lanes, l) {
+						return nil, fmt.Errorf("line %d (%s): lane %d of lanes= is empty, listed twice or not a lane name (letters, digits, '-', '_'); write lanes=a,b", n, k.Name, j+1)
+					}
+					k.Lanes = append(k.Lanes, l)
+				}
 			default:
 				// Never echo the field: it may be a key pasted by mistake.
-				return nil, fmt.Errorf("line %d (%s): field %d is not models=a,b or rate=N", n, k.Name, i+3)
+				return nil, fmt.Errorf("line %d (%s): field %d is not models=a,b, rate=N or lanes=a,b", n, k.Name, i+3)
 			}
 		}
 		if k.Rate > 0 {
@@ -112,6 +136,36 @@ func ParseKeys(b []byte, defaultRate float64) ([]*Key, error) {
 		out = append(out, k)
 	}
 	return out, sc.Err()
+}
+
+// validLaneName is internal/lanes' rule for a lane's name.
+func validLaneName(s string) bool {
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return s != ""
+}
+
+// checkLanes refuses a key whose lanes= names a lane the gateway does not
+// have (known: its lanes; nil: it has none).
+func checkLanes(keys []*Key, known []string) error {
+	for _, k := range keys {
+		if len(k.Lanes) == 0 {
+			continue
+		}
+		if len(known) == 0 {
+			return fmt.Errorf("key %s: lanes= needs SOUS_GATEWAY_LANES, which is not set", k.Name)
+		}
+		for j, l := range k.Lanes {
+			if !slices.Contains(known, l) {
+				// Never echo the name: it may be a key pasted by mistake.
+				return fmt.Errorf("key %s: lane %d of lanes= is not one of SOUS_GATEWAY_LANES's (%s)", k.Name, j+1, strings.Join(known, ", "))
+			}
+		}
+	}
+	return nil
 }
 
 // reload reads the file again when its size or modification time
@@ -132,6 +186,9 @@ func (k *Keys) reload() (bool, error) {
 		return false, fmt.Errorf("keys file: %w", err)
 	}
 	keys, err := ParseKeys(b, k.defaultRate)
+	if err == nil {
+		err = checkLanes(keys, k.lanes)
+	}
 	if err != nil {
 		return false, fmt.Errorf("keys file %s: %w", k.path, err)
 	}

@@ -57,7 +57,7 @@ func TestKeysReloadOnChange(t *testing.T) {
 		}
 	}
 	write(keyLine("a", "k1", ""))
-	k, err := LoadKeys(path, 0, slog.New(slog.DiscardHandler))
+	k, err := LoadKeys(path, 0, nil, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,7 +77,7 @@ func TestKeysReloadOnChange(t *testing.T) {
 			t.Fatalf("%q replaced the keys in force", broken)
 		}
 	}
-	if _, err := LoadKeys(path, 0, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "no keys") {
+	if _, err := LoadKeys(path, 0, nil, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), "no keys") {
 		t.Fatalf("a keys file without keys at start: %v", err)
 	}
 }

@@ -11,8 +11,10 @@ import (
 )
 
 // metrics are the gateway's instruments. Their attributes are the route,
-// the status and the error code: never a key, a key's name or a model a
-// client made up (unknown models are a 404 without the model).
+// the status, the error code and, with lanes, the lane (sous.lane, one of
+// SOUS_GATEWAY_LANES: an unknown lane is a 400 without it): never a key,
+// a key's name or a model a client made up (unknown models are a 404
+// without the model).
 type metrics struct {
 	requests metric.Int64Counter
 	duration metric.Float64Histogram
@@ -39,23 +41,36 @@ func newMetrics(m metric.Meter) metrics {
 type outcome struct {
 	status int
 	code   string // the error's code; empty on success
+	lane   string // the lane it was sent to; empty without lanes, or before one was chosen
 }
 
 func (m metrics) record(route string, start time.Time, o outcome) {
-	attrs := metric.WithAttributes(
+	kv := []attribute.KeyValue{
 		attribute.String("http.route", route),
 		attribute.Int("http.response.status_code", o.status),
 		attribute.String("error.type", o.code),
-	)
+	}
+	if o.lane != "" {
+		kv = append(kv, attribute.String("sous.lane", o.lane))
+	}
+	attrs := metric.WithAttributes(kv...)
 	ctx := context.Background()
 	m.requests.Add(ctx, 1, attrs)
 	m.duration.Record(ctx, time.Since(start).Seconds(), attrs)
 }
 
-// statusRecorder remembers the status a handler wrote.
+// statusRecorder remembers the status a handler wrote, and the lane.
 type statusRecorder struct {
 	http.ResponseWriter
 	status int
+	lane   string
+}
+
+// setLane notes the request's lane for the metrics.
+func setLane(w http.ResponseWriter, lane string) {
+	if r, ok := w.(*statusRecorder); ok {
+		r.lane = lane
+	}
 }
 
 func (r *statusRecorder) WriteHeader(code int) {

@@ -20,13 +20,20 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
 
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/wire"
 )
 
 // Config configures a Server. cmd/gateway fills it from the environment.
 type Config struct {
-	// Queue is the request queue (for span names).
+	// Queue is the request queue when there are no Lanes.
 	Queue string
+	// Lanes are the lanes requests may go to, highest rank first
+	// (SOUS_GATEWAY_LANES; their shares are not used here): each request
+	// goes to the queue of the lane its X-Sous-Lane header names, else of
+	// its key's default lane, else of the first. Empty: every request goes
+	// to Queue, and an X-Sous-Lane header is a 400.
+	Lanes []lanes.Lane
 	// System is the broker, as OpenTelemetry's messaging.system names it:
 	// rabbitmq (default) or servicebus.
 	System string
@@ -146,13 +153,13 @@ func (s *Server) handle(pattern string, h handler) {
 		start := s.cfg.Now()
 		rec := &statusRecorder{ResponseWriter: w}
 		e := s.auth(rec, r, h)
-		o := outcome{status: rec.status}
+		o := outcome{status: rec.status, lane: rec.lane}
 		if e != nil {
-			o = outcome{status: e.Status, code: e.Code}
+			o = outcome{status: e.Status, code: e.Code, lane: rec.lane}
 		}
 		if e == nil && (rec.status == 0 || r.Context().Err() != nil) {
 			// The client went away: before any answer, or mid-stream.
-			o = outcome{status: 499, code: "client_closed"}
+			o = outcome{status: 499, code: "client_closed", lane: rec.lane}
 		}
 		s.m.record(route, start, o)
 	})
@@ -247,6 +254,12 @@ type pending struct {
 // publish reads, checks and publishes a request. It returns nil, with the
 // error it answered (nil if the client went away), when it did not.
 func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endpoint) (*pending, *apiError) {
+	// The lane needs only the headers: a refusal reads no body.
+	lane, aerr := s.lane(r, k)
+	if aerr != nil {
+		return nil, fail(w, aerr)
+	}
+	setLane(w, lane.Name)
 	// Until it is published a request holds its body several times over
 	// (read, translated, encoded, checked): only MaxIntake at once. The
 	// wait is bounded like the body's.
@@ -314,14 +327,17 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 
 	ctx, cancel := context.WithDeadline(r.Context(), deadline)
 	ctx = s.prop.Extract(ctx, propagation.HeaderCarrier(r.Header))
-	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+s.cfg.Queue, trace.WithSpanKind(trace.SpanKindProducer),
-		trace.WithAttributes(
-			attribute.String("messaging.system", s.cfg.System),
-			attribute.String("messaging.operation.type", "send"),
-			attribute.String("messaging.destination.name", s.cfg.Queue),
-			attribute.String("messaging.message.id", id),
-			attribute.String("gen_ai.request.model", t.req.Model),
-		))
+	attrs := []attribute.KeyValue{
+		attribute.String("messaging.system", s.cfg.System),
+		attribute.String("messaging.operation.type", "send"),
+		attribute.String("messaging.destination.name", lane.Queue),
+		attribute.String("messaging.message.id", id),
+		attribute.String("gen_ai.request.model", t.req.Model),
+	}
+	if lane.Name != "" {
+		attrs = append(attrs, attribute.String("sous.lane", lane.Name))
+	}
+	ctx, span := s.cfg.Tracer.Start(ctx, "publish "+lane.Queue, trace.WithSpanKind(trace.SpanKindProducer), trace.WithAttributes(attrs...))
 	headers := map[string]string{}
 	s.prop.Inject(ctx, propagation.MapCarrier(headers))
 	// What the answer needs; t, body and msg are not used past Send, so
@@ -332,11 +348,14 @@ func (s *Server) publish(w http.ResponseWriter, r *http.Request, k *Key, ep endp
 		id: "chatcmpl-" + id, created: now.Unix(), model: t.req.Model, span: span}
 
 	log := s.log.With("request_id", id, "model", ans.model)
+	if lane.Name != "" {
+		log = log.With("lane", lane.Name)
+	}
 	if k != nil {
 		log = log.With("key", k.Name)
 	}
 	ans.log = log
-	c, err := s.broker.Send(ctx, Message{ID: id, Body: msg, Headers: headers})
+	c, err := s.broker.Send(ctx, Message{ID: id, Queue: lane.Queue, Body: msg, Headers: headers})
 	leaveIntake()
 	if err != nil {
 		defer cancel()
@@ -396,7 +415,7 @@ func (s *Server) sendError(err error) *apiError {
 		e.RetryAfter = s.cfg.RetryAfter
 		return e
 	case errors.Is(err, ErrNoQueue):
-		return errUnavailable("the request queue does not exist: the gateway and the worker declare it when they start with SOUS_DECLARE=true (the default); with SOUS_DECLARE=false declare it yourself, or check SOUS_QUEUE")
+		return errUnavailable("the request queue does not exist: the gateway and the worker declare it when they start with SOUS_DECLARE=true (the default); with SOUS_DECLARE=false declare it yourself, or check SOUS_QUEUE (with lanes, SOUS_GATEWAY_LANES)")
 	case errors.Is(err, context.DeadlineExceeded):
 		return errTimeout(s.cfg.Timeout)
 	case errors.Is(err, context.Canceled):

@@ -24,6 +24,7 @@ import (
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
 
 	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -45,19 +46,23 @@ func setup(t *testing.T, o setupOpts) (*httptest.Server, *fakeBroker) {
 	t.Helper()
 	cfg := Config{Queue: "q", Model: "tiny", Models: []string{"tiny", "other"}, Timeout: 5 * time.Second,
 		MaxBodyBytes: 4096, MaxPromptBytes: 1024, MaxNumPredict: 64}
+	if o.cfg != nil {
+		o.cfg(&cfg)
+	}
 	if o.keys != "" {
 		path := filepath.Join(t.TempDir(), "keys")
 		if err := os.WriteFile(path, []byte(o.keys), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		k, err := LoadKeys(path, 0, slog.New(slog.DiscardHandler))
+		var names []string
+		if len(cfg.Lanes) > 0 {
+			names = lanes.Names(cfg.Lanes)
+		}
+		k, err := LoadKeys(path, 0, names, slog.New(slog.DiscardHandler))
 		if err != nil {
 			t.Fatal(err)
 		}
 		cfg.Keys = k
-	}
-	if o.cfg != nil {
-		o.cfg(&cfg)
 	}
 	b := &fakeBroker{answer: o.answer, err: o.err}
 	srv := httptest.NewServer(New(cfg, b, slog.New(slog.DiscardHandler)))
@@ -390,7 +395,7 @@ func TestErrors(t *testing.T) {
 			c.push(false, wire.ErrorResult(m.ID, "tiny", "max_attempts", "engine down"))
 		}}, 502, "max_attempts", ""},
 		{"worker deadline", "/v1/completions", `{"prompt":"hi"}`, setupOpts{answer: func(m Message, c *fakeCall) {
-			c.push(false, wire.ErrorResult(m.ID, "tiny", wire.ReasonDeadlineExceeded, "late"))
+			c.push(false, wire.ErrorResult(m.ID, "tiny", wire.ReasonExpired, "late"))
 		}}, 504, "timeout", ""},
 		{"unknown URL", "/v1/images/generations", `{}`, setupOpts{}, 404, "unknown_url", ""},
 	} {

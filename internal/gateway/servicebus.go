@@ -25,8 +25,12 @@ type ServiceBusConfig struct {
 	ConnectionString secret.Value
 	Namespace        string
 	Credential       azcore.TokenCredential
-	// Queue is the request queue.
+	// Queue is the request queue, where a Message that names no queue goes.
 	Queue string
+	// LaneQueues are the lanes' request queues (SOUS_GATEWAY_LANES); a
+	// sender for each, and for Queue, is made at the start, and a Message
+	// may name only one of them.
+	LaneQueues []string
 	// ReplyQueue is a session-enabled queue (RequiresSession) where workers
 	// send results and chunks, in the session the request names.
 	ReplyQueue string
@@ -59,11 +63,11 @@ type ServiceBusConfig struct {
 // fails the calls of its session, whose replies in flight may be lost, and
 // the session is accepted again in the background.
 type ServiceBus struct {
-	cfg    ServiceBusConfig
-	log    *slog.Logger
-	client *azservicebus.Client
-	sender *azservicebus.Sender
-	lanes  []*sbLane
+	cfg     ServiceBusConfig
+	log     *slog.Logger
+	client  *azservicebus.Client
+	senders map[string]*azservicebus.Sender // by queue; read-only after Open
+	lanes   []*sbLane
 
 	next    atomic.Uint64
 	late    atomic.Int64
@@ -129,12 +133,19 @@ func OpenServiceBus(ctx context.Context, cfg ServiceBusConfig, log *slog.Logger)
 			return nil, fmt.Errorf("service bus client for %s: %w", cfg.Namespace, err)
 		}
 	}
-	sender, err := client.NewSender(cfg.Queue, nil)
-	if err != nil {
-		_ = client.Close(ctx)
-		return nil, fmt.Errorf("sender for %q: %w", cfg.Queue, err)
+	senders := map[string]*azservicebus.Sender{}
+	for _, q := range append([]string{cfg.Queue}, cfg.LaneQueues...) {
+		if senders[q] != nil {
+			continue
+		}
+		sender, err := client.NewSender(q, nil)
+		if err != nil {
+			_ = client.Close(ctx)
+			return nil, fmt.Errorf("sender for %q: %w", q, err)
+		}
+		senders[q] = sender
 	}
-	s := &ServiceBus{cfg: cfg, log: log, client: client, sender: sender}
+	s := &ServiceBus{cfg: cfg, log: log, client: client, senders: senders}
 	runCtx, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	for i := range cfg.Sessions {
@@ -325,6 +336,14 @@ func (s *ServiceBus) Ready(context.Context) error {
 // ReplyTo and ReplyToSessionID naming one of the sessions this gateway
 // holds; it returns once Service Bus has accepted it.
 func (s *ServiceBus) Send(ctx context.Context, m Message) (Call, error) {
+	queue := m.Queue
+	if queue == "" {
+		queue = s.cfg.Queue
+	}
+	sender := s.senders[queue]
+	if sender == nil {
+		return nil, fmt.Errorf("%w: %q is not among the gateway's queues", ErrNoQueue, queue)
+	}
 	var c *call
 	var l *sbLane
 	start := s.next.Add(1)
@@ -347,9 +366,9 @@ func (s *ServiceBus) Send(ctx context.Context, m Message) (Call, error) {
 			msg.ApplicationProperties[k] = v
 		}
 	}
-	if err := s.sender.SendMessage(ctx, msg, nil); err != nil {
+	if err := sender.SendMessage(ctx, msg, nil); err != nil {
 		c.Close()
-		return nil, sendError(ctx, s.cfg.Queue, err)
+		return nil, sendError(ctx, queue, err)
 	}
 	return c, nil
 }
@@ -381,7 +400,9 @@ func (s *ServiceBus) Close() error {
 		s.wg.Wait()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		_ = s.sender.Close(ctx)
+		for _, sender := range s.senders {
+			_ = sender.Close(ctx)
+		}
 		_ = s.client.Close(ctx)
 	})
 	return nil

@@ -271,3 +271,36 @@ func TestLaneRenewalFailureEndsTheReceive(t *testing.T) {
 		t.Fatalf("receive ended with %v after %d renewals", err, renewals)
 	}
 }
+
+// Lanes: a sender per lane queue; each request goes to the queue its
+// Message names (a lane's), one that names none to Queue, and a queue
+// that is not among them is ErrNoQueue without a send.
+func TestServiceBusLanes(t *testing.T) {
+	t.Parallel()
+	p := sbpeer.Start(t, sbpeer.Options{})
+	s := openServiceBus(t, p, func(c *ServiceBusConfig) { c.LaneQueues = []string{"interactive", "bulk"} })
+	ctx := context.Background()
+	for _, tc := range []struct{ id, queue, want string }{{"b1", "bulk", "bulk"}, {"i1", "interactive", "interactive"}, {"d1", "", "requests"}} {
+		c, err := s.Send(ctx, Message{ID: tc.id, Queue: tc.queue, Body: []byte(`{"prompt":"x"}`)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := p.WaitFor(sbWait, "request "+tc.id, func(e sbpeer.Event) bool { return e.Name == "enqueued" && e.CorrelationID == tc.id })
+		if req.Queue != tc.want {
+			t.Errorf("%s went to %q, want %q", tc.id, req.Queue, tc.want)
+		}
+		// The answer comes back in the reply session, whatever the lane.
+		p.Enqueue(sbpeer.Send{Queue: req.ReplyTo, SessionID: req.ReplyToSessionID, CorrelationID: tc.id, Body: `{"status":"ok"}`,
+			ApplicationProperties: map[string]string{"x-sous-status": "ok"}})
+		if rs := waitReplies(t, c, 1); len(rs) != 1 || string(rs[0].Body) != `{"status":"ok"}` {
+			t.Fatalf("%s: replies %+v", tc.id, rs)
+		}
+		c.Close()
+	}
+	if _, err := s.Send(ctx, Message{ID: "x", Queue: "nowhere", Body: []byte(`{}`)}); !errors.Is(err, ErrNoQueue) {
+		t.Fatalf("send to a queue that is no lane's: %v, want ErrNoQueue", err)
+	}
+	if got := p.Find(func(e sbpeer.Event) bool { return e.Name == "enqueued" && e.Queue == "nowhere" }); len(got) != 0 {
+		t.Errorf("sent to a queue that is no lane's: %v", got)
+	}
+}

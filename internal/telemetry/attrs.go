@@ -26,6 +26,7 @@ const (
 	keyQueueTime
 	keyRequestTime
 	keyFirstToken
+	keyLane
 )
 
 // optCache keeps built attribute sets: building one (sorting, hashing) is

@@ -15,6 +15,7 @@ import (
 	"github.com/sous-run/sous/internal/batch"
 	"github.com/sous-run/sous/internal/sizing"
 	"github.com/sous-run/sous/internal/telemetry"
+	"github.com/sous-run/sous/internal/worker"
 )
 
 // docsNamingMetrics are the files whose sous_* names a reader takes for
@@ -110,6 +111,11 @@ func TestEveryDocumentedMetricIsExported(t *testing.T) {
 	h := setup(t, options{reader: reader, model: "tiny"})
 	if err := h.obs.ObserveSizer(func() sizing.Snapshot {
 		return sizing.Snapshot{Decision: sizing.Decision{Size: 4, Reason: "max"}, Ceiling: 4, FreeBytes: 1 << 30, Devices: 1, ReadAt: time.Now()}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.obs.ObserveLanes(func() []worker.LaneStat {
+		return []worker.LaneStat{{Name: "interactive", Waiting: 1, InFlight: 2, OnEngine: 1}}
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -282,4 +288,40 @@ func TestRequestSignals(t *testing.T) {
 			}
 		}
 	}
+}
+
+// The lane metrics count what each lane served and which deadlines it
+// missed, labelled by lane.
+func TestLaneMetrics(t *testing.T) {
+	t.Parallel()
+	reader, handler, err := telemetry.NewPrometheus(false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := setup(t, options{reader: reader, model: "tiny"})
+	h.b.Send("ok", `{"prompt":"x"}`)
+	h.b.Send("late", `{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`)
+	waitFor(t, "both settled", func() bool { return h.b.SettledCount() == 2 })
+	srv := httptest.NewServer(handler)
+	t.Cleanup(srv.Close)
+	s := get(t, srv).text
+	for _, want := range []string{
+		`sous_lane_served_total{sous_lane="default"} 2`,
+		`sous_lane_deadline_missed_total{sous_lane="default"} 1`,
+		`sous_lane_wait_seconds_count{sous_lane="default"} 2`,
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, grepLines(s, "sous_lane"))
+		}
+	}
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -30,6 +30,12 @@ const (
 	MetricReconnects    = "sous.broker.reconnects"
 	MetricRequestTime   = "sous.request.duration"
 	MetricFirstToken    = "sous.engine.time_to_first_token"
+	// Per lane (SOUS_LANES; the lane "default" without it).
+	MetricLaneWaiting        = "sous.lane.waiting"
+	MetricLaneInFlight       = "sous.lane.in_flight"
+	MetricLaneServed         = "sous.lane.served"
+	MetricLaneWait           = "sous.lane.wait"
+	MetricLaneDeadlineMissed = "sous.lane.deadline_missed"
 )
 
 // Bucket boundaries. OpenTelemetry's default buckets suit milliseconds;
@@ -58,6 +64,9 @@ type instruments struct {
 	tokens      metric.Int64Counter
 	tokenRate   metric.Float64Histogram
 	reconnects  metric.Int64Counter
+	laneServed  metric.Int64Counter
+	laneWait    metric.Float64Histogram
+	laneMissed  metric.Int64Counter
 	requestTime metric.Float64Histogram
 	firstToken  metric.Float64Histogram
 	engineUp    metric.Int64ObservableGauge
@@ -129,6 +138,16 @@ func newInstruments(m metric.Meter) (instruments, error) {
 	in.firstToken, err = m.Float64Histogram(MetricFirstToken, metric.WithUnit("s"),
 		metric.WithDescription("Time from the start of the engine call to a streamed request's first output; requests that do not stream have none."),
 		metric.WithExplicitBucketBoundaries(secondsBuckets...))
+	collect(err)
+	in.laneServed, err = m.Int64Counter(MetricLaneServed, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests of each lane the worker is finished with (answered or dead-lettered; not those handed back to the queue)."))
+	collect(err)
+	in.laneWait, err = m.Float64Histogram(MetricLaneWait, metric.WithUnit("s"),
+		metric.WithDescription("Time a request of each lane waited in the worker for a slot: from receipt to its engine call (or to its settlement, for one that never reached the engine)."),
+		metric.WithExplicitBucketBoundaries(secondsBuckets...))
+	collect(err)
+	in.laneMissed, err = m.Int64Counter(MetricLaneDeadlineMissed, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests of each lane whose deadline passed before they reached the engine (answered expired and dead-lettered)."))
 	collect(err)
 	in.engineUp, err = m.Int64ObservableGauge(MetricEngineUp,
 		metric.WithDescription("1 when the last engine call or readiness probe got an answer, 0 when the engine was unreachable, timed out or failed every request."))

@@ -42,6 +42,8 @@ const (
 	AttrErrorClass     = attribute.Key("sous.error.class")        // input, retryable, overloaded, permanent
 	// AttrQueue is on the per-queue metrics: the input queue.
 	AttrQueue = semconv.MessagingDestinationNameKey
+	// AttrLane is on the per-lane metrics: the lane's name (SOUS_LANES).
+	AttrLane = attribute.Key("sous.lane")
 )
 
 const (
@@ -175,6 +177,37 @@ func (o *Observer) ObserveSizer(snapshot func() sizing.Snapshot) error {
 	}, limit, ceiling, free)
 	if err != nil {
 		return fmt.Errorf("telemetry: sizer gauges: %w", err)
+	}
+	return nil
+}
+
+// ObserveLanes reports each lane's waiting and in-flight requests as
+// gauges, and starts its counters at 0. stats is called at each collection
+// and must be quick; (*worker.Worker).LaneStats is.
+func (o *Observer) ObserveLanes(stats func() []worker.LaneStat) error {
+	waiting, err1 := o.meter.Int64ObservableGauge(MetricLaneWaiting, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests of each lane waiting in the worker for a slot."))
+	inFlight, err2 := o.meter.Int64ObservableGauge(MetricLaneInFlight, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests of each lane on the engine."))
+	if err := errors.Join(err1, err2); err != nil {
+		return fmt.Errorf("telemetry: lane gauges: %w", err)
+	}
+	ctx := context.Background()
+	for _, l := range stats() {
+		lane := metric.WithAttributes(AttrLane.String(l.Name))
+		o.m.laneServed.Add(ctx, 0, lane)
+		o.m.laneMissed.Add(ctx, 0, lane)
+	}
+	_, err := o.meter.RegisterCallback(func(_ context.Context, obs metric.Observer) error {
+		for _, l := range stats() {
+			lane := metric.WithAttributes(AttrLane.String(l.Name))
+			obs.ObserveInt64(waiting, int64(l.Waiting), lane)
+			obs.ObserveInt64(inFlight, int64(l.OnEngine), lane)
+		}
+		return nil
+	}, waiting, inFlight)
+	if err != nil {
+		return fmt.Errorf("telemetry: lane gauges: %w", err)
 	}
 	return nil
 }
@@ -504,6 +537,18 @@ func (o *Observer) Done(ctx context.Context, d *queue.Delivery, out worker.Outco
 		o.m.requestTime.Record(ctx, max(0, time.Since(d.EnqueuedAt)).Seconds(), o.opts.get(optKey{metric: keyRequestTime, a: out.Model, b: res}, func() []attribute.KeyValue {
 			return []attribute.KeyValue{genai.GenAIRequestModel(out.Model), AttrTimeResolution.String(res)}
 		}))
+	}
+	if out.Lane != "" {
+		lane := o.opts.get(optKey{metric: keyLane, a: out.Lane}, func() []attribute.KeyValue {
+			return []attribute.KeyValue{AttrLane.String(out.Lane)}
+		})
+		if out.Settlement.Action != queue.Requeue {
+			o.m.laneServed.Add(ctx, 1, lane)
+			o.m.laneWait.Record(ctx, out.Wait.Seconds(), lane)
+		}
+		if reason == wire.ReasonExpired && out.Settlement.Action == queue.DeadLetter {
+			o.m.laneMissed.Add(ctx, 1, lane)
+		}
 	}
 	o.m.settled.Add(ctx, 1, o.opts.get(optKey{metric: keySettled, a: act, b: reason}, func() []attribute.KeyValue {
 		return []attribute.KeyValue{AttrQueue.String(o.queue), AttrSettleAction.String(act), AttrSettleReason.String(reason)}

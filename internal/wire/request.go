@@ -76,16 +76,16 @@ func (d *Decoded) BatchKey() string {
 // Reason codes for rejected input; they appear in dead-letter headers and
 // error results.
 const (
-	ReasonBodyTooLarge     = "body_too_large"
-	ReasonInvalidUTF8      = "invalid_utf8"
-	ReasonInvalidJSON      = "invalid_json"
-	ReasonInvalidRequest   = "invalid_request"
-	ReasonMissingPrompt    = "missing_prompt"
-	ReasonInvalidOption    = "invalid_option"
-	ReasonModelNotAllowed  = "model_not_allowed"
-	ReasonPromptTooLarge   = "prompt_too_large"
-	ReasonDeadlineExceeded = "deadline_exceeded"
-	ReasonContentType      = "unsupported_content_type"
+	ReasonBodyTooLarge    = "body_too_large"
+	ReasonInvalidUTF8     = "invalid_utf8"
+	ReasonInvalidJSON     = "invalid_json"
+	ReasonInvalidRequest  = "invalid_request"
+	ReasonMissingPrompt   = "missing_prompt"
+	ReasonInvalidOption   = "invalid_option"
+	ReasonModelNotAllowed = "model_not_allowed"
+	ReasonPromptTooLarge  = "prompt_too_large"
+	ReasonExpired         = "expired"
+	ReasonContentType     = "unsupported_content_type"
 )
 
 // InputError says why a request was rejected. Its message is safe to send
@@ -149,7 +149,7 @@ func decodeRequest(body []byte, contentType, fallbackID string, lim Limits, now 
 	if r.Deadline != nil {
 		d.Deadline = *r.Deadline
 		if !now.Before(d.Deadline) {
-			return d, inputErr(ReasonDeadlineExceeded, "deadline %s has passed", d.Deadline.Format(time.RFC3339))
+			return d, inputErr(ReasonExpired, "deadline %s has passed", d.Deadline.Format(time.RFC3339))
 		}
 	}
 	model := r.Model

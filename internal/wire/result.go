@@ -26,8 +26,11 @@ type Result struct {
 	Timing     Timing             `json:"timing"`
 	Batch      *BatchInfo         `json:"batch,omitempty"`
 	Worker     string             `json:"worker"`
-	Attempt    int                `json:"attempt,omitempty"`
-	Error      *ErrorInfo         `json:"error,omitempty"`
+	// Lane is the lane the request came in on (SOUS_LANES); empty for a
+	// worker without lanes.
+	Lane    string     `json:"lane,omitempty"`
+	Attempt int        `json:"attempt,omitempty"`
+	Error   *ErrorInfo `json:"error,omitempty"`
 	// Notes say what the worker changed in the request to run it, such as
 	// a num_predict capped at SOUS_MAX_NUM_PREDICT.
 	Notes []string `json:"notes,omitempty"`

@@ -110,7 +110,7 @@ func TestDecodeRequest(t *testing.T) {
 		{name: "model not allowed", body: `{"prompt":"x","model":"secret-model"}`, reason: wire.ReasonModelNotAllowed},
 		{name: "too large", body: `{"prompt":"` + strings.Repeat("a", 5000) + `"}`, reason: wire.ReasonBodyTooLarge},
 		{name: "prompt too large", body: `{"prompt":"` + strings.Repeat("a", 2000) + `"}`, reason: wire.ReasonPromptTooLarge},
-		{name: "expired deadline", body: `{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, reason: wire.ReasonDeadlineExceeded},
+		{name: "expired deadline", body: `{"prompt":"x","deadline":"2020-01-01T00:00:00Z"}`, reason: wire.ReasonExpired},
 		{name: "bad deadline", body: `{"prompt":"x","deadline":"tomorrow"}`, reason: wire.ReasonInvalidRequest, schemaAgrees: true},
 		{name: "trailing bracket", body: `{"prompt":"x"}]`, reason: wire.ReasonInvalidJSON, schemaAgrees: true},
 		{name: "trailing space ok", body: "{\"prompt\":\"x\"}\n ", schemaAgrees: true},

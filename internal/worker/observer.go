@@ -104,6 +104,12 @@ type Outcome struct {
 	// engine error (*inference.Error) or another failure; nil on success
 	// and for a delivery requeued untouched at shutdown.
 	Err error
+	// Lane is the name of the lane the delivery came in on.
+	Lane string
+	// Wait is how long the request waited in the worker for a slot: from
+	// receipt to its engine call, or to its settlement when it never
+	// reached the engine (expired, bad input, handed back).
+	Wait time.Duration
 }
 
 // FirstTokenObserver is an Observer that also wants the time to first

@@ -34,10 +34,8 @@ func (w *Worker) engineDown(err error) {
 	w.engineUp.Store(false)
 	w.obs.EngineHealth(err)
 	w.log.Error("the engine cannot take work; taking none until it does (requests stay in the queue, no attempt counted)", "err", err)
-	if cancel := w.stopRecv.Load(); cancel != nil {
-		(*cancel)() // take nothing more
-	}
-	w.signal() // the dispatcher hands back what waits
+	w.stopReceiving() // take nothing more
+	w.signal()        // the dispatcher hands back what waits
 	w.bg.Add(1)
 	go func() {
 		defer w.bg.Done()
@@ -48,13 +46,17 @@ func (w *Worker) engineDown(err error) {
 
 func (w *Worker) probeUntilUp(o *outage) {
 	ctx := w.runCtx
-	if p, ok := w.broker.(pauser); ok {
+	for _, l := range w.lanes {
+		p, ok := l.Broker.(pauser)
+		if !ok {
+			continue
+		}
 		if err := p.Pause(ctx); err != nil && ctx.Err() == nil {
-			w.log.Warn("pause the broker while the engine is down", "err", err)
+			w.log.Warn("pause the broker while the engine is down", "lane", l.Name, "err", err)
 		}
 		defer func() {
 			if err := p.Resume(context.WithoutCancel(ctx)); err != nil {
-				w.log.Warn("resume the broker", "err", err)
+				w.log.Warn("resume the broker", "lane", l.Name, "err", err)
 			}
 		}()
 	}

@@ -29,10 +29,12 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	if len(bt.Items) > 0 && bt.Items[0].perCall > 1 {
 		listKey = bt.Key
 	}
+	l := bt.Items[0].lane // a call's items share a lane
 	release := func(back []*item) {
 		once.Do(func() {
-			w.giveBack(back, listKey)
+			w.giveBack(back, l.idx, listKey)
 			w.onEngine.Add(-int64(len(bt.Items)))
+			l.onEngine.Add(-int64(len(bt.Items)))
 			w.signal()
 		})
 	}
@@ -96,6 +98,13 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	release(back)
 	elapsed := w.now().Sub(start)
 	w.obs.BatchFinished(ctx, ev, elapsed)
+
+	end := w.now()
+	for i := range keep {
+		if keepRes[i].Err == nil {
+			l.meter.observe(end, elapsed, keepRes[i].Response.Usage.OutputTokens)
+		}
+	}
 
 	// Results of a list are published concurrently, so their confirms
 	// overlap; a call of one settles here, without a goroutine hand-off.

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -32,12 +33,17 @@ func (w *Worker) settle(it *item, out outcome) {
 		if it.key != "" { // decoded: kind and model are validated
 			o.Kind, o.Model = it.dec.Req.Kind, it.dec.Req.Model
 		}
+		o.Lane = it.lane.Name
+		if end := it.dispatched; !it.d.ReceivedAt.IsZero() {
+			if end.IsZero() {
+				end = w.now()
+			}
+			o.Wait = max(0, end.Sub(it.d.ReceivedAt))
+		}
 		w.obs.Done(it.ctx, it.d, o)
 		w.inflight.Add(-1)
-		select {
-		case w.freed <- struct{}{}:
-		default:
-		}
+		it.lane.inflight.Add(-1)
+		w.freeAll()
 	}()
 	defer func() {
 		if p := recover(); p != nil {
@@ -70,7 +76,7 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 	if it.dec != nil {
 		id, model = it.dec.ID, it.dec.Req.Model
 	}
-	if st, ok := w.broker.(staler); ok && st.Stale(d) {
+	if st, ok := it.lane.Broker.(staler); ok && st.Stale(d) {
 		// The broker already took the delivery back (a lost lock): it will
 		// be redelivered and answered then, so don't answer it twice.
 		w.log.WarnContext(ctx, "delivery lost its lock before it was answered; not publishing", "id", id)
@@ -154,9 +160,7 @@ func (w *Worker) apply(ctx context.Context, it *item, s queue.Settlement, settle
 	wait := w.dlq.failed(err, w.now(), w.cfg.RetryBackoff, w.cfg.RetryBackoffMax)
 	w.log.ErrorContext(ctx, "dead-lettering failed: the request goes back to the queue (no attempt counted) and this worker takes no new work until the pause ends, then tries again (see /readyz)",
 		"id", it.d.ID, "reason", s.Reason, "pause", wait, "err", err)
-	if cancel := w.stopRecv.Load(); cancel != nil {
-		(*cancel)() // take nothing more while the pause lasts
-	}
+	w.stopReceiving() // take nothing more while the pause lasts
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
 	defer cancel()
 	rq := queue.Settlement{Action: queue.Requeue, Reason: queue.ReasonDeadLetterFailed, Headers: map[string]string{headerAnswered: s.Reason}}
@@ -175,7 +179,7 @@ const headerAnswered = "x-sous-answered"
 // has taken it, before any hook runs.
 func (w *Worker) brokerSettle(ctx context.Context, it *item, s queue.Settlement, settled *bool) error {
 	end := w.obs.Settling(it.ctx, it.d, s)
-	err := w.broker.Settle(ctx, it.d, s)
+	err := it.lane.Broker.Settle(ctx, it.d, s)
 	if err == nil || errors.Is(err, queue.ErrStale) {
 		*settled = true
 	}
@@ -201,6 +205,9 @@ func (w *Worker) publishError(ctx context.Context, it *item, out outcome, id, mo
 func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, out outcome) error {
 	d := it.d
 	res.Worker = w.cfg.WorkerID
+	if it.lane.Name != lanes.Default {
+		res.Lane = it.lane.Name
+	}
 	res.Attempt = d.Attempt
 	res.Batch = out.batch
 	if !d.EnqueuedAt.IsZero() {
@@ -220,7 +227,7 @@ func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, o
 // publish publishes m, a result or chunk for it, through the Observer.
 func (w *Worker) publish(ctx context.Context, it *item, m queue.Message, status string) error {
 	end := w.obs.Publishing(it.ctx, &m, status)
-	err := w.broker.Publish(ctx, m)
+	err := it.lane.Broker.Publish(ctx, m)
 	end(err)
 	return err
 }

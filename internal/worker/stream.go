@@ -75,7 +75,7 @@ func (c *chunker) send() {
 		return
 	}
 	d := c.it.d
-	if st, ok := c.w.broker.(staler); ok && st.Stale(d) {
+	if st, ok := c.it.lane.Broker.(staler); ok && st.Stale(d) {
 		// The broker took the delivery back (a lost lock): the copy it
 		// redelivers streams again, so this one must not, as its result
 		// is not published either (decide).

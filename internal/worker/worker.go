@@ -13,6 +13,7 @@ import (
 
 	"github.com/sous-run/sous/internal/batch"
 	"github.com/sous-run/sous/internal/inference"
+	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -166,31 +167,62 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// Worker is the runtime. Create it with New and call Run once.
+// Lane is one queue the worker consumes. Lanes are given highest rank
+// first: a free slot goes to the highest-ranked lane that has work, unless
+// a lower lane with work is below its share (see internal/lanes).
+type Lane struct {
+	// Name labels the lane in metrics and logs.
+	Name string
+	// Share is the least fraction of the slots the lane gets over time
+	// while it has work; the first lane needs none.
+	Share float64
+	// Broker is the lane's queue driver: the lane's deliveries are
+	// received, settled and answered through it.
+	Broker Broker
+	// Queue names the lane's queue in the worker's reports (LaneRates).
+	Queue string
+	// Window, when above 0, is the most deliveries of the lane the worker
+	// holds, instead of the window the in-flight limit gives it.
+	Window int
+}
+
+// lane is a Lane with its state in the worker.
+type lane struct {
+	Lane
+	idx      int
+	inflight atomic.Int64                       // its deliveries received and not settled
+	onEngine atomic.Int64                       // its requests in engine calls not yet answered
+	freed    chan struct{}                      // signalled when one of its deliveries is settled
+	stopRecv atomic.Pointer[context.CancelFunc] // cuts its Receive in progress
+	// waiting is the number of its requests in the dispatcher, for the
+	// lane's gauge; written by the dispatcher only.
+	waiting atomic.Int64
+	meter   meter // its completions, for LaneRates
+}
+
+// Worker is the runtime. Create it with New or NewLanes and call Run once.
 type Worker struct {
 	cfg    Config
-	broker Broker
+	lanes  []*lane
 	engine Engine
 	sizer  Sizer
 	obs    Observer // cfg.Observer with its panics contained
 	log    *slog.Logger
 	now    func() time.Time
 
-	inflight atomic.Int64  // deliveries received and not settled
-	freed    chan struct{} // signalled when a delivery is settled
+	inflight atomic.Int64  // deliveries received and not settled, all lanes
 	onEngine atomic.Int64  // requests in engine calls that have not answered
 	wake     chan struct{} // wakes the dispatcher: a call ended, work came back
 
 	backMu sync.Mutex
-	back   []*item  // taken for the engine but not run: no room; retried here
-	ended  []string // keys of list calls that ended, for the batcher
+	back   []*item   // taken for the engine but not run: no room; retried here
+	ended  []listEnd // list calls that ended, for the batchers
 
 	backoffMu    sync.Mutex
 	backoffUntil time.Time
 	backoffStep  time.Duration
 
-	down     atomic.Pointer[outage]             // nil while the engine is up
-	stopRecv atomic.Pointer[context.CancelFunc] // cuts the Receive in progress
+	down     atomic.Pointer[outage] // nil while the engine is up
 	dlq      deadLetters
 	settling sync.WaitGroup // settlements of bad input, beside the receive loop
 	bg       sync.WaitGroup // outage probers
@@ -203,13 +235,33 @@ type Worker struct {
 	modelsUnlisted atomic.Bool // said once: the engine does not list models
 }
 
-// New returns a Worker. log must not be nil.
+// New returns a Worker on one queue, the lane "default". log must not be
+// nil.
 func New(cfg Config, b Broker, e Engine, s Sizer, log *slog.Logger) *Worker {
+	return NewLanes(cfg, []Lane{{Name: "default", Broker: b}}, e, s, log)
+}
+
+// NewLanes returns a Worker on several queues, highest rank first. log must
+// not be nil; lanes must not be empty.
+func NewLanes(cfg Config, ls []Lane, e Engine, s Sizer, log *slog.Logger) *Worker {
 	cfg = cfg.withDefaults()
-	return &Worker{
-		cfg: cfg, broker: b, engine: e, sizer: s, log: log, now: time.Now,
-		obs:   safeObserver{o: cfg.Observer, log: log},
-		freed: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	w := &Worker{
+		cfg: cfg, engine: e, sizer: s, log: log, now: time.Now,
+		obs:  safeObserver{o: cfg.Observer, log: log},
+		wake: make(chan struct{}, 1),
+	}
+	for i, l := range ls {
+		w.lanes = append(w.lanes, &lane{Lane: l, idx: i, freed: make(chan struct{}, 1)})
+	}
+	return w
+}
+
+// stopReceiving cuts every lane's Receive in progress.
+func (w *Worker) stopReceiving() {
+	for _, l := range w.lanes {
+		if cancel := l.stopRecv.Load(); cancel != nil {
+			(*cancel)()
+		}
 	}
 }
 
@@ -218,6 +270,7 @@ type item struct {
 	// ctx is the delivery's context from Observer.Received: it carries
 	// values (a span) for hooks and logs, never a cancellation.
 	ctx        context.Context
+	lane       *lane
 	d          *queue.Delivery
 	dec        *wire.Decoded
 	key        string // empty until the request has decoded
@@ -246,26 +299,35 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err := w.checkEngine(ctx); err != nil {
 		w.engineDown(err)
 	} else {
-		w.log.Info("the engine answers and has the model; taking work", "in_flight_limit", w.sizer.Size(), "prefetch", w.capacity())
+		w.log.Info("the engine answers and has the model; taking work", "in_flight_limit", w.sizer.Size(), "prefetch", w.laneCapacity(w.lanes[0]), "lanes", len(w.lanes))
 	}
 
 	in := make(chan []*item)
 	recvDone := make(chan struct{})
+	var lanesDone sync.WaitGroup
+	for _, l := range w.lanes {
+		lanesDone.Go(func() {
+			for !w.receive(ctx, l, in) {
+				// A panic is contained and the loop goes on: a bug must not
+				// leave the worker alive but deaf.
+			}
+			// Stop the consumer before the dispatcher hands back what waits
+			// (it does when in closes): otherwise the broker would send
+			// those deliveries straight back to this consumer, to be handed
+			// back twice.
+			if l.idx == 0 {
+				w.log.Info("draining: stop receiving", "drain_timeout", w.cfg.DrainTimeout)
+			}
+			stopCtx, cancelStop := context.WithTimeout(workCtx, 5*time.Second)
+			if err := l.Broker.StopReceiving(stopCtx); err != nil {
+				w.log.Warn("stop receiving", "lane", l.Name, "err", err)
+			}
+			cancelStop()
+		})
+	}
 	go func() {
 		defer close(recvDone)
-		for !w.receive(ctx, in) {
-			// A panic is contained and the loop goes on: a bug must not
-			// leave the worker alive but deaf.
-		}
-		// Stop the consumer before the dispatcher hands back what waits
-		// (it does when in closes): otherwise the broker would send those
-		// deliveries straight back to this consumer, to be handed back twice.
-		w.log.Info("draining: stop receiving", "drain_timeout", w.cfg.DrainTimeout)
-		stopCtx, cancelStop := context.WithTimeout(workCtx, 5*time.Second)
-		if err := w.broker.StopReceiving(stopCtx); err != nil {
-			w.log.Warn("stop receiving", "err", err)
-		}
-		cancelStop()
+		lanesDone.Wait()
 		close(in)
 	}()
 
@@ -306,8 +368,27 @@ func (w *Worker) Run(ctx context.Context) error {
 	return nil
 }
 
-func (w *Worker) capacity() int {
-	return Capacity(w.sizer.Size())
+// laneCapacity is the most deliveries lane l holds, and so its prefetch:
+// its Window when set. Otherwise the first lane takes the whole window,
+// Capacity of the in-flight limit.
+// A lower lane's window covers only the slots it could start now (those
+// the lanes above it do not hold, and at least its share): the dispatcher
+// serves higher lanes first anyway, and the bound leaves the rest of a
+// lower lane's backlog in the queue, for this worker later or another
+// worker, rather than held here waiting.
+func (w *Worker) laneCapacity(l *lane) int {
+	if l.Window > 0 {
+		return min(MaxPrefetch, l.Window)
+	}
+	limit := w.sizer.Size()
+	if l.idx == 0 {
+		return Capacity(limit)
+	}
+	higher := 0
+	for _, h := range w.lanes[:l.idx] {
+		higher += int(h.inflight.Load())
+	}
+	return Capacity(max(limit-higher, int(math.Ceil(l.Share*float64(limit))), 1))
 }
 
 // MaxPrefetch is the most a RabbitMQ prefetch can say: the AMQP field is
@@ -344,10 +425,10 @@ func HoldBound(maxWait, engineTimeout, backoffMax, batchWait time.Duration) time
 	return maxWait + engineTimeout + backoffMax + batchWait
 }
 
-// receiveLoop keeps the prefetch at the worker's capacity and hands decoded
+// receiveLoop keeps lane l's prefetch at its capacity and hands its decoded
 // deliveries to the dispatcher.
-func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
-	pf, _ := w.broker.(prefetcher)
+func (w *Worker) receiveLoop(ctx context.Context, l *lane, in chan<- []*item) {
+	pf, _ := l.Broker.(prefetcher)
 	// Delivery contexts keep ctx's values but not its cancellation: a
 	// delivery outlives the receive loop until it is settled.
 	base := context.WithoutCancel(ctx)
@@ -365,29 +446,29 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 			continue
 		}
 		if w.dlq.pausedFor(w.now()) > 0 {
-			w.holdForDeadLetters(ctx)
+			w.holdForDeadLetters(ctx, l)
 			continue
 		}
-		capacity := w.capacity()
+		capacity := w.laneCapacity(l)
 		if pf != nil && capacity != lastPrefetch {
 			if err := pf.SetPrefetch(ctx, capacity); err != nil {
 				if ctx.Err() == nil {
-					w.log.Warn("set prefetch", "prefetch", capacity, "err", err)
+					w.log.Warn("set prefetch", "lane", l.Name, "prefetch", capacity, "err", err)
 				}
 			} else {
 				lastPrefetch = capacity
 			}
 		}
-		free := capacity - int(w.inflight.Load())
+		free := capacity - int(l.inflight.Load())
 		if free <= 0 {
 			select {
-			case <-w.freed:
+			case <-l.freed:
 			case <-ctx.Done():
 			}
 			continue
 		}
 		rctx, cancel := context.WithCancel(ctx)
-		w.stopRecv.Store(&cancel)
+		l.stopRecv.Store(&cancel)
 		if w.down.Load() != nil || w.dlq.pausedFor(w.now()) > 0 { // since the checks above
 			cancel()
 		}
@@ -395,7 +476,7 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 			cancel()
 			continue // cut already: take nothing, not even what is ready
 		}
-		ds, err := w.broker.Receive(rctx, free)
+		ds, err := l.Broker.Receive(rctx, free)
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
@@ -404,7 +485,7 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 			if rctx.Err() != nil {
 				continue // cut by an outage
 			}
-			w.log.Warn("receive", "err", err, "retry_in", errWait)
+			w.log.Warn("receive", "lane", l.Name, "err", err, "retry_in", errWait)
 			select {
 			case <-time.After(errWait):
 			case <-ctx.Done():
@@ -414,10 +495,11 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 		}
 		errWait = 100 * time.Millisecond
 		w.inflight.Add(int64(len(ds)))
+		l.inflight.Add(int64(len(ds)))
 		items := make([]*item, 0, len(ds))
 		for _, d := range ds {
 			dctx := w.obs.Received(base, d)
-			it, ok := w.decode(dctx, d)
+			it, ok := w.decode(dctx, l, d)
 			if ok {
 				items = append(items, it)
 				continue
@@ -445,17 +527,17 @@ func (w *Worker) receiveLoop(ctx context.Context, in chan<- []*item) {
 
 // receive runs the receive loop and reports whether it ended without a
 // panic.
-func (w *Worker) receive(ctx context.Context, in chan<- []*item) (ended bool) {
+func (w *Worker) receive(ctx context.Context, l *lane, in chan<- []*item) (ended bool) {
 	defer w.contain("receive loop")
-	w.receiveLoop(ctx, in)
+	w.receiveLoop(ctx, l, in)
 	return true
 }
 
 // decode validates d. ok is false for a delivery to settle without an
 // engine call, with the outcome in it.bad: bad input, or a request answered
 // before its dead-letter failed.
-func (w *Worker) decode(ctx context.Context, d *queue.Delivery) (it *item, ok bool) {
-	it = &item{ctx: ctx, d: d}
+func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *item, ok bool) {
+	it = &item{ctx: ctx, lane: l, d: d}
 	dec, err := wire.DecodeRequest(d.Body, d.ContentType, d.ID, w.cfg.Limits, w.now())
 	it.dec = dec
 	if err != nil {
@@ -476,8 +558,8 @@ func (w *Worker) decode(ctx context.Context, d *queue.Delivery) (it *item, ok bo
 // holdForDeadLetters takes no new work while the pause after a failed
 // dead-letter lasts: it pauses a broker that pushes (what it had sent goes
 // back to the queue, no attempt counted), waits, and resumes it.
-func (w *Worker) holdForDeadLetters(ctx context.Context) {
-	p, _ := w.broker.(pauser)
+func (w *Worker) holdForDeadLetters(ctx context.Context, l *lane) {
+	p, _ := l.Broker.(pauser)
 	if p != nil {
 		if err := p.Pause(ctx); err != nil && ctx.Err() == nil {
 			w.log.Warn("pause the broker while dead-lettering fails", "err", err)
@@ -501,7 +583,7 @@ func (w *Worker) holdForDeadLetters(ctx context.Context) {
 			w.log.Warn("resume the broker", "err", err)
 		}
 	}
-	w.log.Info("the pause after a failed dead-letter is over; taking work again")
+	w.log.Info("the pause after a failed dead-letter is over; taking work again", "lane", l.Name)
 }
 
 // listAll is the perCall of a kind the engine takes as a list: the room
@@ -521,15 +603,42 @@ func (w *Worker) perCall(kind inference.Kind) int {
 	return 1
 }
 
-// dispatch owns the batcher: it sends each request to the engine the
-// moment the in-flight limit has room (coalescing only where the API takes
-// a list), oldest work first, and starts one goroutine per engine call.
+// dispatch owns the batchers, one per lane: it sends each request to the
+// engine the moment the in-flight limit has room (coalescing only where the
+// API takes a list), the lane the scheduler picks first (the highest rank,
+// unless a lower lane is owed its share), within a lane the earliest
+// deadline then the oldest, and starts one goroutine per engine call.
 func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
-	b := batch.New[*item](w.cfg.BatchWait, w.cfg.WorkerID+"-")
+	n := len(w.lanes)
+	bs := make([]*batch.Batcher[*item], n)
+	shares := make([]float64, n)
+	for i, l := range w.lanes {
+		prefix := w.cfg.WorkerID + "-"
+		if n > 1 {
+			prefix += l.Name + "-"
+		}
+		bs[i], shares[i] = batch.New[*item](w.cfg.BatchWait, prefix), l.Share
+	}
+	sched := lanes.NewScheduler(shares)
+	has, on, order := make([]bool, n), make([]int, n), make([]int, 0, n)
+	waiting := func() int {
+		total := 0
+		for i, b := range bs {
+			w.lanes[i].waiting.Store(int64(b.Len()))
+			total += b.Len()
+		}
+		return total
+	}
+	drain := func() []*item {
+		var out []*item
+		for _, b := range bs {
+			out = append(out, b.Drain()...)
+		}
+		return out
+	}
 	var calls sync.WaitGroup // engine calls, each settling its items
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	add := func(it *item) { b.PutBack(it.queued, it.key, it.perCall, it) }
 	for {
 		draining := false
 		select {
@@ -542,22 +651,23 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 			now := w.now()
 			for _, it := range items {
 				it.queued = now
-				b.Add(now, it.key, it.perCall, it)
+				bs[it.lane.idx].Add(now, it.dec.Deadline, it.key, it.perCall, it)
 			}
 		case <-w.wake:
 		case <-timer.C:
 		}
 		back, ended := w.takeBack()
 		for _, it := range back {
-			add(it)
+			bs[it.lane.idx].PutBack(it.queued, it.dec.Deadline, it.key, it.perCall, it)
 		}
-		for _, k := range ended {
-			b.Ended(k)
+		for _, e := range ended {
+			bs[e.lane].Ended(e.key)
 		}
 		if draining {
 			// Requeue what waits; let running calls finish, then requeue
 			// what they gave back.
-			w.handBack(b.Drain(), queue.ReasonShutdown)
+			w.handBack(drain(), queue.ReasonShutdown)
+			waiting()
 			calls.Wait()
 			back, _ := w.takeBack()
 			w.handBack(back, queue.ReasonShutdown)
@@ -566,46 +676,80 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 		if w.down.Load() != nil {
 			// The engine is down: the requests go back to the queue, with no
 			// attempt counted, for a healthy worker or for this one later.
-			if b.Len() > 0 {
-				w.handBack(b.Drain(), queue.ReasonEngineDown)
+			if waiting() > 0 {
+				w.handBack(drain(), queue.ReasonEngineDown)
+				waiting()
 			}
 			timer.Reset(time.Hour)
 			continue
 		}
 		now := w.now()
-		if w.cfg.MaxWait > 0 {
-			if old := b.Expire(now.Add(-w.cfg.MaxWait)); len(old) > 0 {
-				w.log.Warn("requests waited longer than their bound for a slot; handing them back to the queue (no attempt counted)", "requests", len(old), "max_wait", w.cfg.MaxWait)
-				w.handBack(old, queue.ReasonHeldTooLong)
+		for _, b := range bs {
+			// A request whose deadline passed while it waited is answered
+			// expired, never sent to the engine.
+			if due := b.Overdue(now); len(due) > 0 {
+				w.settleAll(due, outcome{err: errDeadline})
+			}
+			if w.cfg.MaxWait > 0 {
+				if old := b.Expire(now.Add(-w.cfg.MaxWait)); len(old) > 0 {
+					w.log.Warn("requests waited longer than their bound for a slot; handing them back to the queue (no attempt counted)", "requests", len(old), "max_wait", w.cfg.MaxWait)
+					w.handBack(old, queue.ReasonHeldTooLong)
+				}
 			}
 		}
 		if wait := w.backoffLeft(now); wait > 0 {
+			waiting()
 			timer.Reset(wait)
 			continue
 		}
 		limit := w.sizer.Size()
+		for i, l := range w.lanes {
+			on[i] = int(l.onEngine.Load())
+		}
+		sched.Advance(now, on)
 		for {
-			on := int(w.onEngine.Load())
-			bt, ok := b.Next(now, limit, limit-on, on > 0)
-			if !ok {
+			total := int(w.onEngine.Load())
+			for i, b := range bs {
+				has[i], on[i] = b.Len() > 0, int(w.lanes[i].onEngine.Load())
+			}
+			order = sched.Order(order, has, on, limit)
+			started := false
+			for _, li := range order {
+				bt, ok := bs[li].Next(now, limit, limit-total, total > 0)
+				if !ok {
+					continue
+				}
+				k := int64(len(bt.Items))
+				w.onEngine.Add(k)
+				w.lanes[li].onEngine.Add(k)
+				calls.Add(1)
+				go func() {
+					defer calls.Done()
+					w.runCall(workCtx, bt, total+int(k))
+				}()
+				started = true
 				break
 			}
-			n := len(bt.Items)
-			w.onEngine.Add(int64(n))
-			calls.Add(1)
-			go func() {
-				defer calls.Done()
-				w.runCall(workCtx, bt, on+n)
-			}()
+			if !started {
+				break
+			}
 		}
+		left := waiting()
 		// With the limit reached, only a call that ends can change anything:
 		// wait for it rather than wake for windows that already passed (a
-		// call that ends looks at the wait bound too).
+		// call that ends looks at the wait bound too). A deadline wakes the
+		// dispatcher whatever the room: an expired request is answered at
+		// once.
 		next := time.Hour
-		if at, ok := b.Deadline(); ok && int(w.onEngine.Load()) < limit {
-			next = max(at.Sub(now), time.Millisecond)
+		for _, b := range bs {
+			if at, ok := b.Deadline(); ok && int(w.onEngine.Load()) < limit {
+				next = min(next, max(at.Sub(now), time.Millisecond))
+			}
+			if at, ok := b.NextDue(); ok {
+				next = min(next, max(at.Sub(now), time.Millisecond))
+			}
 		}
-		if w.cfg.MaxWait > 0 && b.Len() > 0 {
+		if w.cfg.MaxWait > 0 && left > 0 {
 			next = min(next, w.cfg.MaxWait)
 		}
 		timer.Reset(next)
@@ -615,32 +759,43 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 // handBack requeues items with reason, concurrently: the dispatcher does
 // not wait for the broker one delivery at a time.
 func (w *Worker) handBack(items []*item, reason string) {
+	w.settleAll(items, outcome{requeue: reason})
+}
+
+// settleAll settles items with out, concurrently.
+func (w *Worker) settleAll(items []*item, out outcome) {
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 64)
 	for _, it := range items {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			w.settle(it, outcome{requeue: reason})
+			w.settle(it, out)
 		})
 	}
 	wg.Wait()
 }
 
+// listEnd is a list call of key, in lane, that ended.
+type listEnd struct {
+	lane int
+	key  string
+}
+
 // giveBack returns items the engine had no room for to the dispatcher, and
-// says that a list call of key ended (key empty: not a list).
-func (w *Worker) giveBack(items []*item, key string) {
+// says that a list call of key in lane ended (key empty: not a list).
+func (w *Worker) giveBack(items []*item, lane int, key string) {
 	if len(items) > 0 || key != "" {
 		w.backMu.Lock()
 		w.back = append(w.back, items...)
 		if key != "" {
-			w.ended = append(w.ended, key)
+			w.ended = append(w.ended, listEnd{lane, key})
 		}
 		w.backMu.Unlock()
 	}
 }
 
-func (w *Worker) takeBack() (back []*item, ended []string) {
+func (w *Worker) takeBack() (back []*item, ended []listEnd) {
 	w.backMu.Lock()
 	defer w.backMu.Unlock()
 	back, ended = w.back, w.ended
@@ -654,9 +809,17 @@ func (w *Worker) takeBack() (back []*item, ended []string) {
 // concurrent use; it does not block (for sizing.Config.OnChange).
 func (w *Worker) SizeChanged() {
 	w.signal()
-	select {
-	case w.freed <- struct{}{}:
-	default:
+	w.freeAll()
+}
+
+// freeAll wakes every lane's receive loop: the room of one lane depends
+// on what the lanes above it hold.
+func (w *Worker) freeAll() {
+	for _, l := range w.lanes {
+		select {
+		case l.freed <- struct{}{}:
+		default:
+		}
 	}
 }
 
@@ -709,9 +872,14 @@ func (w *Worker) engineOK() {
 // Ready reports whether the worker can do work: the broker is connected,
 // the engine answers and has the model, and dead-lettering works.
 func (w *Worker) Ready(ctx context.Context) error {
-	if r, ok := w.broker.(readier); ok {
-		if err := r.Ready(ctx); err != nil {
-			return fmt.Errorf("broker: %w", err)
+	for _, l := range w.lanes {
+		if r, ok := l.Broker.(readier); ok {
+			if err := r.Ready(ctx); err != nil {
+				if len(w.lanes) > 1 {
+					return fmt.Errorf("broker (lane %s): %w", l.Name, err)
+				}
+				return fmt.Errorf("broker: %w", err)
+			}
 		}
 	}
 	if o := w.down.Load(); o != nil {
@@ -743,6 +911,26 @@ func (w *Worker) probeEngine(ctx context.Context) error {
 	return err
 }
 
+// LaneStat is one lane's state now.
+type LaneStat struct {
+	Name string
+	// Waiting is the number of its requests waiting in the worker for a
+	// slot; InFlight the number received and not settled (waiting, on the
+	// engine, or having their result confirmed); OnEngine the number in
+	// engine calls.
+	Waiting, InFlight, OnEngine int
+}
+
+// LaneStats reports every lane's state, highest rank first. Safe for
+// concurrent use.
+func (w *Worker) LaneStats() []LaneStat {
+	out := make([]LaneStat, len(w.lanes))
+	for i, l := range w.lanes {
+		out[i] = LaneStat{Name: l.Name, Waiting: int(l.waiting.Load()), InFlight: int(l.inflight.Load()), OnEngine: int(l.onEngine.Load())}
+	}
+	return out
+}
+
 // InFlight is the number of deliveries received and not yet settled.
 func (w *Worker) InFlight() int { return int(w.inflight.Load()) }
 
@@ -753,7 +941,7 @@ func (w *Worker) OnEngine() int { return int(w.onEngine.Load()) }
 var errPanic = errors.New("internal error")
 
 // errDeadline is the error of a request whose deadline passed while queued.
-var errDeadline = &inference.Error{Kind: inference.Permanent, Code: wire.ReasonDeadlineExceeded, Err: errors.New("the request's deadline passed before it reached the engine")}
+var errDeadline = &inference.Error{Kind: inference.Permanent, Code: wire.ReasonExpired, Err: errors.New("the request's deadline passed before it reached the engine")}
 
 // contain logs a panic in a goroutine the worker owns instead of letting it
 // end the process. Use it deferred.

@@ -67,7 +67,7 @@ non-empty config values, then extraConfig.
 {{- define "sous.configData" -}}
 {{- $p := include "sous.preset" . | fromYaml -}}
 {{- $model := default $p.model .Values.config.SOUS_MODEL -}}
-{{- $ctx := dict "model" $model "mountPath" .Values.models.mountPath "Values" .Values "Release" .Release -}}
+{{- $ctx := dict "model" $model "mountPath" .Values.models.mountPath "preset" $p "Values" .Values "Release" .Release -}}
 {{- $out := dict "SOUS_BROKER" .Values.broker.kind "SOUS_MODEL" $model "SOUS_MODELS_ALLOWED" $model -}}
 {{- if not (has .Values.broker.kind (list "rabbitmq" "servicebus")) -}}
 {{- fail (printf "broker.kind %q: want rabbitmq or servicebus" .Values.broker.kind) -}}
