@@ -62,9 +62,11 @@ func TestHelmInstallScalesFromZero(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	// The Secrets the chart reads and never holds, created first as
-	// deploy/README.md says.
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: helmNS}}
+	// The namespace labelled for the restricted Pod Security Standard and
+	// the Secrets the chart reads and never holds, created first as
+	// deploy/README.md says: the worker's pod must pass that admission for
+	// the ReplicaSet controller to create it.
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: helmNS, Labels: map[string]string{"pod-security.kubernetes.io/enforce": "restricted"}}}
 	if _, err := cp.Client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -115,4 +117,16 @@ func TestHelmInstallScalesFromZero(t *testing.T) {
 		t.Fatalf("after the upgrade the ConfigMap has SOUS_LOG_LEVEL %q, SOUS_QUEUE %q", cm.Data["SOUS_LOG_LEVEL"], cm.Data["SOUS_QUEUE"])
 	}
 	w.hold(ctx, "helm upgrade, 1 message queued", 1, 5*time.Second)
+
+	// The other engine presets and the Service Bus broker, each as a
+	// release of its own, through the apiserver's validation and admission
+	// without being persisted (--dry-run=server).
+	for _, set := range []string{"engine.kind=vllm", "engine.kind=llamacpp", "engine.kind=external", "broker.kind=servicebus", "config.SOUS_LANES=a=sous.a\\,b=sous.b"} {
+		name := "sous-" + strings.NewReplacer(".", "-", "=", "-", "\\,", "-", "_", "-").Replace(strings.ToLower(set))
+		out := helm(t, b, cp, "install", name[:min(len(name), 40)], "deploy/helm/sous", "--namespace", helmNS, "--dry-run=server", "--set", set)
+		if !strings.Contains(out, "STATUS: pending-install") {
+			t.Fatalf("helm install --dry-run=server --set %s:\n%s", set, out)
+		}
+		t.Logf("k8s: helm install --dry-run=server --set %s: accepted", set)
+	}
 }
