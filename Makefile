@@ -91,9 +91,10 @@ push:
 	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" scripts/push.sh
 
 # The control plane, the KEDA operator and KEDA's metrics apiserver for
-# integration/k8s, each built from its Go module into .cache/k8s
-# (scripts/build-k8s.sh): about 17 minutes cold on 2 idle cores, one binary
-# at a time; seconds once built.
+# integration/k8s, and helm for the chart's tests (deploy/, integration/k8s),
+# each built from its Go module into .cache/k8s (scripts/build-k8s.sh): about
+# 17 minutes cold on 2 idle cores, plus a few for helm, one binary at a time;
+# seconds once built.
 .PHONY: k8s
 k8s:
 	@scripts/build-k8s.sh

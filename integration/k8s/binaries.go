@@ -17,6 +17,8 @@ type Binaries struct {
 	// KEDACRDs is the directory of KEDA's CRD manifests, from the same
 	// module version as the operator.
 	KEDACRDs string
+	// Helm is the helm CLI (tools/helm), for the chart under deploy/helm.
+	Helm string
 }
 
 // RepoRoot is the directory of the project's go.mod, found upwards from
@@ -54,6 +56,7 @@ const (
 	controlPlane level = iota // etcd, kube-apiserver, kube-controller-manager
 	kedaOperator              // + the KEDA operator and its CRDs
 	kedaAdapter               // + KEDA's metrics apiserver
+	helmCLI                   // + helm
 )
 
 // findBinaries returns the built control plane (and, from kedaOperator on,
@@ -71,6 +74,7 @@ func findBinaries(l level) (Binaries, error) {
 		KEDA:              filepath.Join(cache, "bin", "keda-operator"),
 		KEDAAdapter:       filepath.Join(cache, "bin", "keda-adapter"),
 		KEDACRDs:          filepath.Join(cache, "keda-crds"),
+		Helm:              filepath.Join(cache, "bin", "helm"),
 	}
 	need := []string{b.Etcd, b.APIServer, b.ControllerManager}
 	if l >= kedaOperator {
@@ -78,6 +82,9 @@ func findBinaries(l level) (Binaries, error) {
 	}
 	if l >= kedaAdapter {
 		need = append(need, b.KEDAAdapter)
+	}
+	if l >= helmCLI {
+		need = append(need, b.Helm)
 	}
 	for _, p := range need {
 		if _, err := os.Stat(p); err != nil {
@@ -98,6 +105,9 @@ func NeedKEDA(t testing.TB) Binaries { t.Helper(); return need(t, kedaOperator) 
 
 // NeedKEDAAdapter is NeedKEDA plus KEDA's metrics apiserver.
 func NeedKEDAAdapter(t testing.TB) Binaries { t.Helper(); return need(t, kedaAdapter) }
+
+// NeedHelm is NeedKEDAAdapter plus helm.
+func NeedHelm(t testing.TB) Binaries { t.Helper(); return need(t, helmCLI) }
 
 func need(t testing.TB, l level) Binaries {
 	t.Helper()

@@ -8,7 +8,8 @@
 // kube-controller-manager (k8s.io/kubernetes, tools/controlplane), the
 // KEDA operator and KEDA's metrics apiserver (github.com/kedacore/keda/v2,
 // tools/keda; the adapter is KEDA's cmd/adapter/main.go with its /metrics
-// listener moved from every interface to 127.0.0.1, the only change). Each
+// listener moved from every interface to 127.0.0.1, the only change), and
+// helm (helm.sh/helm/v3, tools/helm), which installs deploy/helm/sous. Each
 // wrapper is a module of its own, so the project's go.mod carries none of
 // them. Cold, the five take about 17 minutes on 2 idle cores (30 measured
 // on the shared 2-core machine, at nice 19 beside other builds); seconds
