@@ -1,9 +1,11 @@
-# sous worker images. deploy/dockerfile_test.go keeps this file honest (stages,
+# sous images. deploy/dockerfile_test.go keeps this file honest (stages,
 # pinned bases, non-root users, the build command, glibc); `make images` builds
-# both targets and the container tests run them (deploy/README.md).
+# every target and the container tests run them (deploy/README.md).
 #
 #   docker build --target worker        -t sous-worker .
 #   docker build --target worker-ollama -t sous-worker-ollama .
+#   docker build --target gateway       -t sous-gateway .
+#   docker build --target scaler        -t sous-scaler .
 #
 # Versions are pinned by tag. Pin digests in the release pipeline
 # (docker buildx imagetools inspect <ref>). No registry was reachable where this
@@ -16,6 +18,7 @@
 ARG GO_IMAGE=golang:1.26.8-bookworm
 ARG WORKER_BASE=gcr.io/distroless/base-debian12:nonroot
 ARG OLLAMA_IMAGE=ollama/ollama:0.17.4
+# The gateway's and the scaler's base (both CPU-only Go servers).
 ARG GATEWAY_BASE=gcr.io/distroless/base-nossl-debian12:nonroot
 # The engines of worker-vllm and worker-llamacpp. Neither could be pulled
 # where this was written: their stages are checked statically
@@ -154,3 +157,22 @@ USER 65532:65532
 # (SOUS_HTTP_ADDR; the worker's are on 8080).
 EXPOSE 8081 8082
 ENTRYPOINT ["/usr/local/bin/sous-gateway"]
+
+# scaler: the KEDA external scaler (cmd/scaler), CPU only; KEDA calls it on
+# gRPC. Built like the gateway, by the Makefile's own build-scaler target, on
+# the gateway's base (deploy/scaler_test.go checks it). A stage of its own
+# from build, so BuildKit builds it beside gateway-build with the same Go
+# build cache: only cmd/scaler and what it alone imports are compiled.
+#
+#   docker build --target scaler -t sous-scaler .
+FROM build AS scaler-build
+RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
+    make build-scaler
+
+FROM ${GATEWAY_BASE} AS scaler
+COPY --from=scaler-build /src/bin/scaler /usr/local/bin/sous-scaler
+USER 65532:65532
+# 9090: KEDA's gRPC (SOUS_SCALER_ADDR); 8083: /healthz and /readyz
+# (SOUS_HTTP_ADDR).
+EXPOSE 9090 8083
+ENTRYPOINT ["/usr/local/bin/sous-scaler"]

@@ -20,7 +20,7 @@ GO_BUILD = CGO_ENABLED=1 $(GO) build $(GO_BUILD_FLAGS) -o bin/
 GO_BUILD_NOCGO = CGO_ENABLED=0 $(GO) build $(GO_BUILD_FLAGS) -o bin/nocgo/
 
 .PHONY: build
-build: build-gateway
+build: build-gateway build-scaler
 	$(GO_BUILD) ./cmd/worker ./cmd/sousctl
 
 # The OpenAI-compatible gateway (bin/gateway); the Dockerfile's gateway-build
@@ -37,6 +37,12 @@ build-gateway:
 .PHONY: build-nocgo
 build-nocgo:
 	$(GO_BUILD_NOCGO) ./cmd/worker ./cmd/sousctl
+
+# The KEDA external scaler (bin/scaler); the Dockerfile's scaler-build stage
+# runs exactly this line (deploy/scaler_test.go checks it).
+.PHONY: build-scaler
+build-scaler:
+	$(GO_BUILD) ./cmd/scaler
 
 # The dev Ollama server, built from its Go module (newer module versions lack
 # vendored C headers in their zips). Cached under .cache/; seconds once the Go
@@ -62,7 +68,8 @@ rabbitmq:
 docker:
 	@scripts/ensure-docker.sh
 
-# sous-worker:dev and sous-worker-ollama:dev from the Dockerfile, on stand-in
+# sous-worker:dev, sous-worker-ollama:dev, sous-gateway:dev and
+# sous-scaler:dev from the Dockerfile, on stand-in
 # bases built here from Debian packages (no registry needed; see
 # deploy/README.md), plus the RabbitMQ image the container tests start.
 # Prints each step's time and the images' sizes. Cold: one debootstrap and the
@@ -79,8 +86,8 @@ test-images: ollama
 	elif [ "$$CI" = true ]; then echo "CI=true: the container tests need a Docker engine" >&2; exit 1; \
 	else echo "make test: no Docker engine; the container tests will skip"; fi
 
-# Push the images (sous-worker, sous-worker-ollama, sous-gateway; the scaler
-# once the Dockerfile has it) to any OCI registry and print each one's
+# Push the images (sous-worker, sous-worker-ollama, sous-gateway,
+# sous-scaler) to any OCI registry and print each one's
 # digest, REGISTRY/NAME@sha256:... (scripts/push.sh):
 #   make push REGISTRY=ghcr.io/OWNER [TAG=0.1.0] [PLATFORMS=linux/amd64,linux/arm64]
 # TAG defaults to the tag the manifests use (deploy/k8s/images). BASES=standin

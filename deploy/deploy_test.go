@@ -43,6 +43,7 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		sbSO     = kedaSB + "scaledobject.yaml"
 		rmqTA    = kedaRMQ + "triggerauthentication.yaml"
 		baseKust = base + "kustomization.yaml"
+		scalerSO = "deploy/k8s/overlays/rabbitmq-scaler/scaledobject.yaml"
 	)
 	tests := []struct {
 		name string
@@ -132,6 +133,12 @@ func TestManifestChecksCatchBrokenCopies(t *testing.T) {
 		{"queue mismatch", mutation{sbSO, "queueName: sous.requests", "queueName: sous.request"}, `queueName "sous.request" is not SOUS_QUEUE "sous.requests"`},
 		{"lane without a trigger", mutation{"deploy/k8s/overlays/rabbitmq-lanes/scaledobject.yaml", "queueName: sous.bulk", "queueName: sous.interactive"}, `lane bulk's queue "sous.bulk" has no trigger`},
 		{"trigger on no lane", mutation{"deploy/k8s/overlays/rabbitmq-lanes/scaledobject.yaml", "queueName: sous.bulk", "queueName: sous.nightly"}, `queueName "sous.nightly" is not a lane's queue in SOUS_LANES`},
+		// The external trigger of the work-aware scaler (scaler_test.go).
+		{"scaler address wrong", mutation{scalerSO, "scalerAddress: sous-scaler.sous-rabbitmq.svc:9090", "scalerAddress: sous-scaler.sous-rabbitmq.svc:8083"}, "port 8083 of Service sous-scaler does not reach the scaler's gRPC port 9090"},
+		{"scaler address names another Service", mutation{scalerSO, "scalerAddress: sous-scaler.sous-rabbitmq.svc:9090", "scalerAddress: sous-gateway.sous-rabbitmq.svc:9090"}, "Service sous-gateway selects no scaler Deployment"},
+		{"targetDrainSeconds missing", mutation{scalerSO, "        targetDrainSeconds: \"300\"\n", ""}, "metadata targetDrainSeconds is required"},
+		{"scaler queue not a lane", mutation{scalerSO, "queue: sous.requests", "queue: sous.requests,sous.bulk"}, `queue "sous.bulk" is not SOUS_QUEUE "sous.requests"`},
+		{"scaler queue misses the lane", mutation{scalerSO, "queue: sous.requests", "queue: sous.request"}, `lane default's queue "sous.requests" has no trigger`},
 		{"namespace mismatch", mutation{sbus + "config.yaml", "sous-example.servicebus.windows.net", "sous-prod.servicebus.windows.net"}, `namespace "sous-example" is not the one of SOUS_SERVICEBUS_NAMESPACE`},
 		{"not scaling to zero", mutation{rmqSO, "minReplicaCount: 0", "minReplicaCount: 1"}, "minReplicaCount must be 0"},
 		{"cooldown shorter than keep-alive", mutation{rmqSO, "cooldownPeriod: 600", "cooldownPeriod: 240"}, "cooldownPeriod 4m0s must be longer than the model keep-alive (5m0s)"},

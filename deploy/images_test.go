@@ -236,6 +236,8 @@ func TestImageChecksCatchBrokenCopies(t *testing.T) {
 		{"a sidecar from elsewhere", mutation{deployF, "      containers:\n", "      initContainers:\n        - name: init\n          image: busybox:1.36\n      containers:\n"}, "", "names image busybox:1.36"},
 		{"component left out", mutation{gateway, "components:\n  # The image (sous-gateway) is set there, for every kustomization at once.\n  - ../images\n", ""}, "",
 			"image sous-gateway stays after kustomize edit set image"},
+		{"scaler component left out", mutation{"deploy/k8s/scaler/kustomization.yaml", "components:\n  # The image (sous-scaler) is set there, for every kustomization at once.\n  - ../images\n", ""}, "",
+			"image sous-scaler stays after kustomize edit set image"},
 		{"a tag on the placeholder is still rewritten", mutation{deployF, "image: sous-worker-ollama", "image: sous-worker-ollama:dev"}, "", ""},
 	}
 	for _, tt := range tests {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make images: builds sous-worker:dev, sous-worker-ollama:dev and
-# sous-gateway:dev from the Dockerfile, on stand-in base images built here from Debian packages (no
+# make images: builds sous-worker:dev, sous-worker-ollama:dev,
+# sous-gateway:dev and sous-scaler:dev from the Dockerfile, on stand-in base images built here from Debian packages (no
 # registry is needed), plus the RabbitMQ image the container tests start.
 # Prints the time of each step and the images' sizes.
 #
@@ -8,7 +8,8 @@
 #   sous-standin/debian:bookworm                   one debootstrap: minbase + the packages of all below
 #   sous-standin/golang:<go>-bookworm              GO_IMAGE      that + this machine's Go toolchain
 #   sous-standin/distroless-base-debian12:nonroot  WORKER_BASE   the files of distroless/base's packages
-#                                                  GATEWAY_BASE  (base-nossl's, plus libssl3: a superset)
+#                                                  GATEWAY_BASE  (base-nossl's, plus libssl3: a superset;
+#                                                                 the gateway's and the scaler's)
 #   sous-standin/ollama:dev                        OLLAMA_IMAGE  that + the dev Ollama + the tiny model
 #   sous-standin/rabbitmq:bookworm                 (tests)       that, running Debian's rabbitmq-server
 # Each carries a label with the hash of its inputs and is rebuilt only when
@@ -16,8 +17,8 @@
 #
 # Environment: OLLAMA_BIN (default $SOUS_OLLAMA_BIN, else .cache/bin/ollama),
 # SOUS_DEBIAN_MIRROR (default: the bookworm mirror of this machine's apt
-# sources), SOUS_WORKER_IMAGE, SOUS_WORKER_OLLAMA_IMAGE, SOUS_GATEWAY_IMAGE
-# (the tags built).
+# sources), SOUS_WORKER_IMAGE, SOUS_WORKER_OLLAMA_IMAGE, SOUS_GATEWAY_IMAGE,
+# SOUS_SCALER_IMAGE (the tags built).
 # Needs root for debootstrap (first run only) and a Docker engine with
 # BuildKit (scripts/ensure-docker.sh starts one).
 set -euo pipefail
@@ -28,6 +29,7 @@ OLLAMA_BIN=${OLLAMA_BIN:-${SOUS_OLLAMA_BIN:-$repo/.cache/bin/ollama}}
 worker_tag=${SOUS_WORKER_IMAGE:-sous-worker:dev}
 ollama_tag=${SOUS_WORKER_OLLAMA_IMAGE:-sous-worker-ollama:dev}
 gateway_tag=${SOUS_GATEWAY_IMAGE:-sous-gateway:dev}
+scaler_tag=${SOUS_SCALER_IMAGE:-sous-scaler:dev}
 suite=bookworm
 # Bump when a stand-in's recipe below changes, so that cached images are rebuilt.
 recipe=1
@@ -327,10 +329,11 @@ step "module proxy on loopback" modproxy
 step "docker build --target worker -> $worker_tag" build worker "$worker_tag"
 step "docker build --target worker-ollama -> $ollama_tag" build worker-ollama "$ollama_tag"
 step "docker build --target gateway -> $gateway_tag" build gateway "$gateway_tag"
+step "docker build --target scaler -> $scaler_tag" build scaler "$scaler_tag"
 total1=$(date +%s%N)
 printf '== %-52s %7.1fs\n' "total" "$(((total1 - total0) / 1000000))e-3"
 
 echo "== image sizes"
-for img in "$worker_tag" "$ollama_tag" "$gateway_tag" "$base_img" "$ollama_img" "$go_img" "$rabbit_img"; do
+for img in "$worker_tag" "$ollama_tag" "$gateway_tag" "$scaler_tag" "$base_img" "$ollama_img" "$go_img" "$rabbit_img"; do
   printf '   %-52s %6d MB\n' "$img" "$(($("$docker" image inspect --format '{{.Size}}' "$img") / 1000000))"
 done

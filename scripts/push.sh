@@ -7,8 +7,8 @@
 #   sous-worker         --target worker
 #   sous-worker-ollama  --target worker-ollama
 #   sous-gateway        --target gateway
-#   sous-scaler         --target scaler, pushed as soon as the Dockerfile has
-#                       that stage (the scaler of issue 27 does not exist yet)
+#   sous-scaler         --target scaler (pushed whenever the Dockerfile has
+#                       that stage)
 #
 # Each platform is built on its own (docker build --platform) and pushed as
 # NAME:TAG-ARCH; then NAME:TAG is made an image index of those
@@ -102,6 +102,7 @@ build() {
     worker) dev=${SOUS_WORKER_IMAGE:-sous-worker:dev} ;;
     worker-ollama) dev=${SOUS_WORKER_OLLAMA_IMAGE:-sous-worker-ollama:dev} ;;
     gateway) dev=${SOUS_GATEWAY_IMAGE:-sous-gateway:dev} ;;
+    scaler) dev=${SOUS_SCALER_IMAGE:-sous-scaler:dev} ;;
     *) die "BASES=standin: scripts/images.sh does not build the $1 target" ;;
     esac
     "$docker" tag "$dev" "$3"

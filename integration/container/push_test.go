@@ -36,6 +36,7 @@ var pushedImages = map[string]string{
 	"sous-worker":        "/usr/local/bin/sous-worker",
 	"sous-worker-ollama": "/usr/local/bin/sous-worker",
 	"sous-gateway":       "/usr/local/bin/sous-gateway",
+	"sous-scaler":        "/usr/local/bin/sous-scaler",
 }
 
 // TestMakePush runs `make push` (the stand-in builds of this machine's

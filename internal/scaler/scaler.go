@@ -30,6 +30,17 @@ var ErrNoQueue = errors.New("the queue does not exist")
 // MetricName is the name of the metric the scaler answers.
 const MetricName = "sous-work-seconds"
 
+// The trigger metadata the scaler reads, besides KEDA's own scalerAddress
+// (deploy/ checks the ScaledObjects against these names).
+const (
+	// QueueKey names the queues: one, or the lane queues separated by
+	// commas.
+	QueueKey = "queue"
+	// TargetDrainSecondsKey is one replica's share of the backlog, in
+	// seconds.
+	TargetDrainSecondsKey = "targetDrainSeconds"
+)
+
 // Config tunes a Server.
 type Config struct {
 	// PriorCost is the seconds one replica spends per request of a queue
@@ -75,7 +86,7 @@ func parse(ref *externalscaler.ScaledObjectRef) (trigger, error) {
 		return t, status.Error(codes.InvalidArgument, "no ScaledObject reference")
 	}
 	m := ref.GetScalerMetadata()
-	for _, q := range strings.Split(m["queue"], ",") {
+	for _, q := range strings.Split(m[QueueKey], ",") {
 		if q = strings.TrimSpace(q); q != "" {
 			t.queues = append(t.queues, q)
 		}
@@ -83,7 +94,7 @@ func parse(ref *externalscaler.ScaledObjectRef) (trigger, error) {
 	if len(t.queues) == 0 {
 		return t, status.Errorf(codes.InvalidArgument, "ScaledObject %s/%s: metadata queue is required: a queue, or the lane queues separated by commas", ref.GetNamespace(), ref.GetName())
 	}
-	v, err := strconv.ParseFloat(m["targetDrainSeconds"], 64)
+	v, err := strconv.ParseFloat(m[TargetDrainSecondsKey], 64)
 	if err != nil || v <= 0 || math.IsInf(v, 0) || math.IsNaN(v) {
 		return t, status.Errorf(codes.InvalidArgument, "ScaledObject %s/%s: metadata targetDrainSeconds must be a number of seconds above 0, such as \"300\"", ref.GetNamespace(), ref.GetName())
 	}
