@@ -163,6 +163,6 @@ func (w watcher) externalMetric(ctx context.Context) {
 	if err != nil {
 		w.t.Fatalf("GET external.metrics.k8s.io %s: %v", name, err)
 	}
-	w.t.Logf("k8s: GET /apis/external.metrics.k8s.io/v1beta1/namespaces/%s/%s?labelSelector=%s (aggregator -> KEDA adapter -> operator -> management API): %s",
+	w.t.Logf("k8s: GET /apis/external.metrics.k8s.io/v1beta1/namespaces/%s/%s?labelSelector=%s (aggregator -> KEDA adapter -> operator -> the trigger's scaler): %s",
 		w.ns, name, url.QueryEscape(sel), strings.TrimSpace(string(raw)))
 }
