@@ -1,6 +1,6 @@
 # sous images. deploy/dockerfile_test.go keeps this file honest (stages,
 # pinned bases, non-root users, the build command, glibc); `make images` builds
-# every target and the container tests run them (deploy/README.md).
+# the four targets below and the container tests run them (deploy/README.md).
 #
 #   docker build --target worker        -t sous-worker .
 #   docker build --target worker-ollama -t sous-worker-ollama .
