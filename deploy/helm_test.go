@@ -735,6 +735,104 @@ func TestHelmValuesReachEverySetting(t *testing.T) {
 	}
 }
 
+// chartScalerSettings are the scaler's SOUS_SCALER_* settings that follow
+// other values: the value, and how its setting to 9999 reaches the scaler.
+var chartScalerSettings = map[string]struct{ set, want string }{
+	"SOUS_SCALER_ADDR": {"scaler.port=9999", ":9999"},
+}
+
+// TestHelmScalerValuesReachEverySetting: every SOUS_SCALER_* variable
+// cmd/scaler's Config reads can be set through the chart's values and
+// reaches the scaler's container: scaler.config lists each (with README.md's
+// default, or a comment saying why not), SOUS_SCALER_ADDR follows
+// scaler.port (the Service and the trigger's scalerAddress with it), and
+// SOUS_SCALER_MANAGEMENT_URL comes from the Secret scaler.managementUrlSecret
+// names, never a value. The scaler's other variables (the broker's, the
+// log's) are the workers' and reach it through scaler.extraEnv.
+func TestHelmScalerValuesReachEverySetting(t *testing.T) {
+	t.Parallel()
+	helmBin(t) // skip (or fail under CI) once, not in every subtest
+	ks, _ := setup(t)
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), helmChart, "values.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	values, commented := valuesSettings(t, string(b), "scaler:", "  config:", "    ")
+	defaults := readmeDefaults(t)
+	for name, v := range values {
+		def, ok := defaults[name]
+		switch {
+		case !strings.HasPrefix(name, "SOUS_SCALER_"):
+			t.Errorf("values.yaml scaler.config.%s: scaler.config holds SOUS_SCALER_* settings only", name)
+		case !ok || !slices.Contains(envcheck.Names, name):
+			t.Errorf("values.yaml scaler.config.%s: no sous program reads it (not in README.md's tables or envcheck.Names)", name)
+		case v != "" && v != def && !commented[name]:
+			t.Errorf("values.yaml scaler.config.%s is %q, not README.md's default %q, and no comment above it says why", name, v, def)
+		case v == "" && def != "" && !commented[name]:
+			t.Errorf("values.yaml scaler.config.%s is empty where README.md's default is %q: write the default, or say above it what sets it", name, def)
+		}
+	}
+
+	const secretSetting = "SOUS_SCALER_MANAGEMENT_URL"
+	args := []string{"scaler.enabled=true"}
+	want := map[string]string{} // variable -> value it must reach the container with
+	for _, name := range sourceVariables(t, "scaler") {
+		if !strings.HasPrefix(name, "SOUS_SCALER_") || name == secretSetting {
+			continue
+		}
+		if f, ok := chartScalerSettings[name]; ok {
+			args, want[name] = append(args, f.set), f.want
+			continue
+		}
+		if _, ok := values[name]; !ok {
+			t.Errorf("cmd/scaler reads %s, which values.yaml's scaler.config does not list", name)
+			continue
+		}
+		want[name] = "v-" + strings.ToLower(name)
+		args = append(args, "--set-string=scaler.config."+name+"="+want[name])
+	}
+	if t.Failed() {
+		return
+	}
+	if !slices.Contains(sourceVariables(t, "scaler"), secretSetting) {
+		t.Fatalf("cmd/scaler no longer reads %s: update this test", secretSetting)
+	}
+	scalerEnv := func(s set) map[string]corev1.EnvVar {
+		o, ok := s["Deployment"][helmRelease+"-scaler"]
+		if !ok {
+			t.Fatalf("no Deployment %s-scaler", helmRelease)
+		}
+		env := map[string]corev1.EnvVar{}
+		for _, e := range o.typed.(*appsv1.Deployment).Spec.Template.Spec.Containers[0].Env {
+			env[e.Name] = e
+		}
+		return env
+	}
+	s := indexSet(renderChart(t, ks, "", args...))
+	env := scalerEnv(s)
+	for name, v := range want {
+		if env[name].Value != v {
+			t.Errorf("%s: the scaler container has %s=%q, want %q", strings.Join(args, " "), name, env[name].Value, v)
+		}
+	}
+	// The port moves the Service and the trigger with it.
+	if svc := s["Service"][helmRelease+"-scaler"].typed.(*corev1.Service); svc.Spec.Ports[0].Port != 9999 {
+		t.Errorf("scaler.port=9999: Service port %d", svc.Spec.Ports[0].Port)
+	}
+	if tr := s["ScaledObject"][helmRelease+"-worker"].typed.(*scaledObject).Spec.Triggers; len(tr) != 1 || !strings.HasSuffix(tr[0].Metadata["scalerAddress"], ":9999") {
+		t.Errorf("scaler.port=9999: triggers %+v, want one whose scalerAddress ends in :9999", tr)
+	}
+
+	// The management URL: from the named Secret, optional; none without a name.
+	ref := scalerEnv(indexSet(renderChart(t, ks, helmScalerValues, "scaler.managementUrlSecret.name=s", "scaler.managementUrlSecret.key=k")))[secretSetting].ValueFrom
+	if ref == nil || ref.SecretKeyRef == nil || ref.SecretKeyRef.Name != "s" || ref.SecretKeyRef.Key != "k" || !isTrue(ref.SecretKeyRef.Optional) {
+		t.Errorf("scaler.managementUrlSecret s/k: %s from %+v, want an optional secretKeyRef to Secret s key k", secretSetting, ref)
+	}
+	if e, ok := scalerEnv(indexSet(renderChart(t, ks, helmScalerValues, "scaler.managementUrlSecret.name=")))[secretSetting]; ok {
+		t.Errorf("scaler.managementUrlSecret.name empty: the scaler still has %s (%+v)", secretSetting, e)
+	}
+}
+
 // TestHelmAgreesWithKustomize renders each overlay and the chart on the same
 // broker (release sous, so the names match) and compares what matters: the
 // probes, the grace periods and the timeouts they cover, RBAC, the PDBs,
@@ -1004,6 +1102,9 @@ func TestHelmRefusesBadValues(t *testing.T) {
 		{"config.SOUS_AMQP_URL=amqp://u:p@h/", "config.SOUS_AMQP_URL is a secret"},
 		{"config.OLLAMA_HOST=x", "config.OLLAMA_HOST: config holds SOUS_* settings only"},
 		{"gateway.config.SOUS_QUEUE=x", "gateway.config.SOUS_QUEUE: gateway.config holds SOUS_GATEWAY_* settings only"},
+		{"scaler.enabled=true,scaler.config.SOUS_LOG_LEVEL=debug", "scaler.config.SOUS_LOG_LEVEL: scaler.config holds SOUS_SCALER_* settings only"},
+		{"scaler.enabled=true,scaler.config.SOUS_SCALER_MANAGEMENT_URL=http://u:p@h/", "scaler.config.SOUS_SCALER_MANAGEMENT_URL is a secret"},
+		{"scaler.enabled=true,scaler.config.SOUS_SCALER_ADDR=:1", "scaler.config.SOUS_SCALER_ADDR follows scaler.port"},
 	} {
 		t.Run(c.set, func(t *testing.T) {
 			t.Parallel()
