@@ -91,8 +91,19 @@ func checkScaler(d *appsv1.Deployment, ex examples) []error {
 	if len(c.EnvFrom) > 0 {
 		errs = append(errs, errors.New("envFrom: the scaler reads none of the workers' configuration, and warns about every SOUS_* variable it does not know"))
 	}
-	if _, ok := env["SOUS_AMQP_URL"]; !ok {
-		errs = append(errs, errors.New("no SOUS_AMQP_URL: the scaler would measure the broker on localhost"))
+	switch b := env["SOUS_BROKER"].Value; b {
+	case "", "rabbitmq":
+		if _, ok := env["SOUS_AMQP_URL"]; !ok {
+			errs = append(errs, errors.New("no SOUS_AMQP_URL: the scaler would measure the broker on localhost"))
+		}
+	case "servicebus":
+		_, ns := env["SOUS_SERVICEBUS_NAMESPACE"]
+		_, cs := env["SOUS_SERVICEBUS_CONNECTION_STRING"]
+		if !ns && !cs {
+			errs = append(errs, errors.New("SOUS_BROKER servicebus without SOUS_SERVICEBUS_NAMESPACE or SOUS_SERVICEBUS_CONNECTION_STRING: the scaler refuses to start"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("SOUS_BROKER %q: the scaler knows rabbitmq and servicebus", b))
 	}
 	if a, ok := env["SOUS_SCALER_ADDR"]; ok && a.Value != fmt.Sprintf(":%d", scalerGRPCPort) {
 		errs = append(errs, fmt.Errorf("SOUS_SCALER_ADDR %q: the container port and the Service expect :%d", a.Value, scalerGRPCPort))

@@ -118,11 +118,14 @@ func TestHelmInstallScalesFromZero(t *testing.T) {
 	}
 	w.hold(ctx, "helm upgrade, 1 message queued", 1, 5*time.Second)
 
-	// The other engine presets and the Service Bus broker, each as a
+	// The other engine presets, the Service Bus broker and the work-aware
+	// scaler (its Deployment, Service, PDB and ServiceAccount, the
+	// ScaledObject's external trigger against KEDA's CRD), each as a
 	// release of its own, through the apiserver's validation and admission
 	// without being persisted (--dry-run=server).
-	for _, set := range []string{"engine.kind=vllm", "engine.kind=llamacpp", "engine.kind=external", "broker.kind=servicebus", "config.SOUS_LANES=a=sous.a\\,b=sous.b"} {
-		name := "sous-" + strings.NewReplacer(".", "-", "=", "-", "\\,", "-", "_", "-").Replace(strings.ToLower(set))
+	for _, set := range []string{"engine.kind=vllm", "engine.kind=llamacpp", "engine.kind=external", "broker.kind=servicebus", "config.SOUS_LANES=a=sous.a\\,b=sous.b",
+		"scaler.enabled=true", "scaler.enabled=true,config.SOUS_LANES=a=sous.a\\,b=sous.b"} {
+		name := "sous-" + strings.NewReplacer(".", "-", "=", "-", "\\,", "-", ",", "-", "_", "-").Replace(strings.ToLower(set))
 		out := helm(t, b, cp, "install", name[:min(len(name), 40)], "deploy/helm/sous", "--namespace", helmNS, "--dry-run=server", "--set", set)
 		if !strings.Contains(out, "STATUS: pending-install") {
 			t.Fatalf("helm install --dry-run=server --set %s:\n%s", set, out)

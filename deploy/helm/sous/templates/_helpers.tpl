@@ -14,6 +14,7 @@
 
 {{- define "sous.worker" -}}{{ include "sous.fullname" . }}-worker{{- end -}}
 {{- define "sous.gateway" -}}{{ include "sous.fullname" . }}-gateway{{- end -}}
+{{- define "sous.scaler" -}}{{ include "sous.fullname" . }}-scaler{{- end -}}
 {{- define "sous.config" -}}{{ include "sous.fullname" . }}-config{{- end -}}
 {{- define "sous.models" -}}{{ default (printf "%s-models" (include "sous.fullname" .)) .Values.models.existingClaim }}{{- end -}}
 {{- define "sous.serviceAccount" -}}{{ default (include "sous.worker" .) .Values.serviceAccount.name }}{{- end -}}
@@ -57,6 +58,29 @@ helm.sh/chart: {{ printf "%s-%s" (index . 0).Chart.Name (index . 0).Chart.Versio
 {{- define "sous.gatewayImage" -}}
 {{- $g := .Values.gateway.image -}}
 {{- include "sous.image" (list (default .Values.image.registry $g.registry) $g.repository (default (default .Chart.AppVersion .Values.image.tag) $g.tag) $g.digest) -}}
+{{- end -}}
+
+{{- define "sous.scalerImage" -}}
+{{- $s := .Values.scaler.image -}}
+{{- include "sous.image" (list (default .Values.image.registry $s.registry) $s.repository (default (default .Chart.AppVersion .Values.image.tag) $s.tag) $s.digest) -}}
+{{- end -}}
+
+{{/*
+The queues the work-aware scaler measures, comma-separated: every lane's
+queue of SOUS_LANES (name=queue[:options],...), else SOUS_QUEUE.
+*/}}
+{{- define "sous.scalerQueues" -}}
+{{- $cfg := include "sous.configData" . | fromYaml -}}
+{{- $queues := list -}}
+{{- if $cfg.SOUS_LANES -}}
+{{- range splitList "," $cfg.SOUS_LANES -}}
+{{- $name := first (splitList "=" (trim .)) -}}
+{{- $queues = append $queues (first (splitList ":" (trimPrefix (printf "%s=" $name) (trim .)))) -}}
+{{- end -}}
+{{- else -}}
+{{- $queues = list ($cfg.SOUS_QUEUE | default "sous.requests") -}}
+{{- end -}}
+{{- join "," $queues -}}
 {{- end -}}
 
 {{/*
