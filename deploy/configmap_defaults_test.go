@@ -13,24 +13,7 @@ import (
 // SOUS_DEAD_LETTER_QUEUE's derived one.
 func workerDefaults(t *testing.T, queue string) map[string]string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join("..", "cmd", "worker", "*.go"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tag := regexp.MustCompile(`env:"([A-Z0-9_]+)"(?: envDefault:"([^"]*)")?`)
-	out := map[string]string{}
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, m := range tag.FindAllStringSubmatch(string(b), -1) {
-			out[m[1]] = m[2]
-		}
-	}
+	out := programDefaults(t, "worker")
 	if len(out) < 40 {
 		t.Fatalf("found only %d variables in cmd/worker", len(out))
 	}

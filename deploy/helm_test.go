@@ -500,28 +500,14 @@ var chartGatewaySettings = map[string]string{
 // (its env tags, read from the source: a main package cannot be imported).
 func sourceVariables(t *testing.T, dir string) []string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(repoRoot(t), "cmd", dir, "*.go"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	tag := regexp.MustCompile(`env:"(SOUS_[A-Z0-9_]+)"`)
-	seen := map[string]bool{}
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		b, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, m := range tag.FindAllStringSubmatch(string(b), -1) {
-			seen[m[1]] = true
+	var out []string
+	for name := range programDefaults(t, dir) {
+		if strings.HasPrefix(name, "SOUS_") {
+			out = append(out, name)
 		}
 	}
-	if len(seen) < 15 {
-		t.Fatalf("cmd/%s: found only %d env tags; did the Config's tags change?", dir, len(seen))
-	}
-	return slices.Sorted(maps.Keys(seen))
+	slices.Sort(out)
+	return out
 }
 
 // readmeDefaults are the README's configuration tables: variable -> the

@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,8 +9,6 @@ import (
 	"slices"
 	"strings"
 	"time"
-
-	"github.com/caarlos0/env/v11"
 
 	"github.com/sous-run/sous/internal/brokerconfig"
 	"github.com/sous-run/sous/internal/envcheck"
@@ -174,23 +171,9 @@ func (c Config) serviceBus() brokerconfig.ServiceBus {
 
 // loadConfig reads the environment (environ as os.Environ gives it).
 func loadConfig(environ []string) (Config, error) {
-	vars := make(map[string]string, len(environ))
-	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			vars[k] = v
-		}
-	}
 	var c Config
-	if err := env.ParseWithOptions(&c, env.Options{Environment: vars}); err != nil {
-		var agg env.AggregateError
-		if errors.As(err, &agg) && len(agg.Errors) > 0 {
-			var pe env.ParseError
-			if errors.As(agg.Errors[0], &pe) {
-				// Keep the variable, drop the value: it may be a secret.
-				return c, bad(fieldVar(pe.Name), "cannot parse as %s", pe.Type)
-			}
-		}
-		return c, fmt.Errorf("configuration: %w", err)
+	if err := brokerconfig.Parse(&c, environ); err != nil {
+		return c, err
 	}
 	if err := brokerconfig.ReadSecretFiles(
 		brokerconfig.SecretFile{Var: "SOUS_AMQP_URL_FILE", Path: c.AMQPURLFile, Dst: &c.AMQPURL},
@@ -264,13 +247,6 @@ func (c Config) validateLanes() error {
 		}
 	}
 	return nil
-}
-
-func fieldVar(field string) string {
-	if f, ok := reflect.TypeFor[Config]().FieldByName(field); ok {
-		return strings.Split(f.Tag.Get("env"), ",")[0]
-	}
-	return field
 }
 
 func (c Config) validate() error {

@@ -20,7 +20,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/caarlos0/env/v11"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -64,26 +63,8 @@ type Config struct {
 }
 
 func loadConfig(environ []string) (Config, error) {
-	vars := map[string]string{}
-	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			vars[k] = v
-		}
-	}
 	var c Config
-	if err := env.ParseWithOptions(&c, env.Options{Environment: vars}); err != nil {
-		var agg env.AggregateError
-		if errors.As(err, &agg) && len(agg.Errors) > 0 {
-			var pe env.ParseError
-			if errors.As(agg.Errors[0], &pe) {
-				name := pe.Name
-				if f, ok := reflect.TypeFor[Config]().FieldByName(pe.Name); ok {
-					name = f.Tag.Get("env")
-				}
-				// The value is not repeated: it may be a secret.
-				return c, brokerconfig.Bad(name, "cannot be read as %s", pe.Type)
-			}
-		}
+	if err := brokerconfig.Parse(&c, environ); err != nil {
 		return c, err
 	}
 	if err := brokerconfig.ReadSecretFiles(

@@ -130,18 +130,7 @@ func (e *env) limits() wire.Limits {
 // with the arguments sous's driver declares them with.
 func setup(b *testing.B, model string, work workload) *env {
 	b.Helper()
-	conn, err := amqp.Dial(brokerURL)
-	if err != nil {
-		b.Fatalf("RabbitMQ at %s (`rabbitmq-server -detached`): %v", brokerURL, err)
-	}
-	b.Cleanup(func() { conn.Close() })
-	ch, err := conn.Channel()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := ch.Confirm(false); err != nil {
-		b.Fatal(err)
-	}
+	conn, ch := publisher(b)
 	q := fmt.Sprintf("sous-bench-%d-%d", os.Getpid(), seq.Add(1))
 	e := &env{b: b, conn: conn, ch: ch, queue: q, dlq: q + ".dlq", results: q + ".results", model: model, work: work}
 	quorum := amqp.Table{"x-queue-type": "quorum"}
@@ -156,6 +145,25 @@ func setup(b *testing.B, model string, work workload) *env {
 		}
 	}
 	return e
+}
+
+// publisher connects to the broker, closed when b ends, with a channel in
+// confirm mode.
+func publisher(b *testing.B) (*amqp.Connection, *amqp.Channel) {
+	b.Helper()
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		b.Fatalf("RabbitMQ at %s (`rabbitmq-server -detached`): %v", brokerURL, err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		b.Fatal(err)
+	}
+	return conn, ch
 }
 
 // fill publishes requests 0 to n-1 of the env's workload, confirmed.

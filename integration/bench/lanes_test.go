@@ -112,18 +112,7 @@ type laneRun struct {
 
 func newLaneRun(b *testing.B) *laneRun {
 	b.Helper()
-	conn, err := amqp.Dial(brokerURL)
-	if err != nil {
-		b.Fatalf("RabbitMQ at %s (`rabbitmq-server -detached`): %v", brokerURL, err)
-	}
-	b.Cleanup(func() { conn.Close() })
-	ch, err := conn.Channel()
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := ch.Confirm(false); err != nil {
-		b.Fatal(err)
-	}
+	conn, ch := publisher(b)
 	r := &laneRun{b: b, conn: conn, pub: ch, sent: map[string]time.Time{}}
 	r.results = r.queue("results")
 	return r

@@ -70,16 +70,7 @@ func TestHelmInstallScalesFromZero(t *testing.T) {
 	if _, err := cp.Client.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for name, data := range map[string]map[string]string{
-		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
-		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
-		"sous-gateway-keys":  {"keys": "# none\n"},
-	} {
-		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: helmNS}, StringData: data}
-		if _, err := cp.Client.CoreV1().Secrets(helmNS).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	createRabbitSecrets(t, ctx, cp, helmNS, map[string]map[string]string{"sous-gateway-keys": {"keys": "# none\n"}})
 
 	// What a test on one machine changes, as testOverlay does: a fresh
 	// queue, and KEDA's timing in seconds rather than minutes.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/url"
 	"testing"
@@ -295,7 +296,19 @@ func testQueue(t *testing.T) (*amqp.Channel, string) {
 // ScaledObject.
 func applyRabbitMQOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, queue string) time.Time {
 	t.Helper()
-	rendered, err := Kustomize("k8stest/rabbitmq", testOverlay(queue))
+	applied, _ := applyOverlay(t, ctx, cp, "k8stest/rabbitmq", testOverlay(queue), rabbitNS)
+	return applied
+}
+
+// applyOverlay renders the test kustomization dir (files: what the test
+// changes in a shipped overlay) and applies it to namespace ns as an
+// operator would: the namespace first, then the RabbitMQ Secrets the
+// overlays leave to the operator (deploy/README.md), then everything
+// else, so that a ScaledObject finds its TriggerAuthentication's Secret at
+// once. It returns when it applied the rest, and the rendered objects.
+func applyOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, dir string, files map[string]string, ns string) (time.Time, []*unstructured.Unstructured) {
+	t.Helper()
+	rendered, err := Kustomize(dir, files)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,9 +316,6 @@ func applyRabbitMQOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, q
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The namespace first, then the Secrets the overlay leaves to the
-	// operator (deploy/README.md), then everything else: the ScaledObject
-	// finds its TriggerAuthentication's Secret at once.
 	var rest []*unstructured.Unstructured
 	for _, o := range objs {
 		if o.GetKind() == "Namespace" {
@@ -316,19 +326,29 @@ func applyRabbitMQOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, q
 		}
 		rest = append(rest, o)
 	}
-	for name, data := range map[string]map[string]string{
-		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
-		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
-	} {
-		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: rabbitNS}, StringData: data}
-		if _, err := cp.Client.CoreV1().Secrets(rabbitNS).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	createRabbitSecrets(t, ctx, cp, ns, nil)
 	applied := time.Now()
 	if err := cp.ApplyObjects(ctx, rest); err != nil {
 		t.Fatalf("%v\n%s", err, cp.Logs(20))
 	}
-	t.Logf("k8s: applied %d objects of deploy/k8s/overlays/rabbitmq (server-side)", len(objs))
-	return applied
+	t.Logf("k8s: applied %d objects of %s (server-side)", len(objs), dir)
+	return applied, objs
+}
+
+// createRabbitSecrets creates, in ns, the Secrets the RabbitMQ overlays
+// and the chart read and never hold (the workers' AMQP URL, KEDA's
+// management API), pointed at the test broker, plus extra.
+func createRabbitSecrets(t *testing.T, ctx context.Context, cp *ControlPlane, ns string, extra map[string]map[string]string) {
+	t.Helper()
+	secrets := map[string]map[string]string{
+		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
+		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
+	}
+	maps.Copy(secrets, extra)
+	for name, data := range secrets {
+		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns}, StringData: data}
+		if _, err := cp.Client.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

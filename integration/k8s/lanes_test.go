@@ -7,9 +7,6 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
 
 const lanesNS = "sous-lanes" // the rabbitmq-lanes overlay's namespace
@@ -53,43 +50,15 @@ func TestLanesScaleFromZeroOnEitherLane(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 
-	rendered, err := Kustomize("k8stest/lanes", lanesOverlay(inter, bulk))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := Decode(rendered)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rest []*unstructured.Unstructured
+	applied, objs := applyOverlay(t, ctx, cp, "k8stest/lanes", lanesOverlay(inter, bulk), lanesNS)
 	for _, o := range objs {
-		if o.GetKind() == "Namespace" {
-			if err := cp.ApplyObjects(ctx, []*unstructured.Unstructured{o}); err != nil {
-				t.Fatal(err)
-			}
+		if o.GetKind() != "ScaledObject" {
 			continue
 		}
-		if o.GetKind() == "ScaledObject" {
-			if n := len(o.Object["spec"].(map[string]any)["triggers"].([]any)); n != 2 {
-				t.Fatalf("the rendered ScaledObject has %d triggers, want one per lane", n)
-			}
-		}
-		rest = append(rest, o)
-	}
-	for name, data := range map[string]map[string]string{
-		"sous-rabbitmq":      {"amqp-url": amqpURL + "%2F"},
-		"sous-keda-rabbitmq": {"host": managementURL + "/", "username": "guest", "password": "guest"},
-	} {
-		s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: lanesNS}, StringData: data}
-		if _, err := cp.Client.CoreV1().Secrets(lanesNS).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
+		if n := len(o.Object["spec"].(map[string]any)["triggers"].([]any)); n != 2 {
+			t.Fatalf("the rendered ScaledObject has %d triggers, want one per lane", n)
 		}
 	}
-	applied := time.Now()
-	if err := cp.ApplyObjects(ctx, rest); err != nil {
-		t.Fatalf("%v\n%s", err, cp.Logs(20))
-	}
-	t.Logf("k8s: applied %d objects of deploy/k8s/overlays/rabbitmq-lanes", len(objs))
 
 	w := watcher{t: t, cp: cp, ns: lanesNS, name: "sous-worker"}
 	w.waitScaledObjectReady(ctx)

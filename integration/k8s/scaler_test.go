@@ -15,9 +15,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 	"google.golang.org/grpc"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
 	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/fleet"
@@ -211,46 +209,22 @@ patches:
 `, ns, pollingInterval, cooldownPeriod, targetDrainSeconds, addr, queue, queue)}
 }
 
-// applyScalerOverlay applies scalerOverlay: the Namespace, then the Secret
-// the overlay leaves to the operator (the workers' and the scaler's AMQP
-// URL; KEDA needs none), then the rest.
+// applyScalerOverlay applies scalerOverlay as applyOverlay does (the
+// Secret KEDA's management API trigger would read is created too, and
+// read by nothing: this overlay's trigger needs none).
 func applyScalerOverlay(t *testing.T, ctx context.Context, cp *ControlPlane, ns, queue, addr string) time.Time {
 	t.Helper()
-	rendered, err := Kustomize("k8stest/"+ns, scalerOverlay(ns, queue, addr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := Decode(rendered)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rest []*unstructured.Unstructured
+	applied, objs := applyOverlay(t, ctx, cp, "k8stest/"+ns, scalerOverlay(ns, queue, addr), ns)
 	kinds := map[string]int{}
 	for _, o := range objs {
 		kinds[o.GetKind()]++
-		if o.GetKind() == "Namespace" {
-			if o.GetName() != ns {
-				t.Fatalf("the overlay's Namespace is %s, want %s", o.GetName(), ns)
-			}
-			if err := cp.ApplyObjects(ctx, []*unstructured.Unstructured{o}); err != nil {
-				t.Fatal(err)
-			}
-			continue
+		if o.GetKind() == "Namespace" && o.GetName() != ns {
+			t.Fatalf("the overlay's Namespace is %s, want %s", o.GetName(), ns)
 		}
-		rest = append(rest, o)
 	}
 	if kinds["Namespace"] != 1 || kinds["TriggerAuthentication"] != 0 || kinds["ScaledObject"] != 1 {
 		t.Fatalf("the overlay renders %v: want one Namespace, one ScaledObject, no TriggerAuthentication", kinds)
 	}
-	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "sous-rabbitmq", Namespace: ns}, StringData: map[string]string{"amqp-url": amqpURL + "%2F"}}
-	if _, err := cp.Client.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	applied := time.Now()
-	if err := cp.ApplyObjects(ctx, rest); err != nil {
-		t.Fatalf("%v\n%s", err, cp.Logs(20))
-	}
-	t.Logf("k8s: applied %d objects of deploy/k8s/overlays/rabbitmq-scaler in namespace %s (server-side)", len(objs), ns)
 	return applied
 }
 

@@ -117,7 +117,7 @@ func (s *Server) work(ctx context.Context, t trigger) (Work, error) {
 	var w Work
 	for _, q := range t.queues {
 		n, withUnacked, err := s.depth.Depth(ctx, q)
-		if err != nil && !errorsIsNoQueue(err) {
+		if err != nil && !errors.Is(err, ErrNoQueue) {
 			return w, status.Errorf(codes.Unavailable, "queue %s: %v", q, err)
 		}
 		lane := s.view.Lane(q, now)
@@ -204,4 +204,3 @@ func (s *Server) GetMetrics(ctx context.Context, req *externalscaler.GetMetricsR
 	}}}, nil
 }
 
-func errorsIsNoQueue(err error) bool { return errors.Is(err, ErrNoQueue) }
