@@ -203,4 +203,3 @@ func (s *Server) GetMetrics(ctx context.Context, req *externalscaler.GetMetricsR
 		MetricName: MetricName, MetricValue: int64(math.Ceil(w.Seconds)), MetricValueFloat: w.Seconds,
 	}}}, nil
 }
-
