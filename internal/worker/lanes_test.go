@@ -253,3 +253,50 @@ func TestLaneWindow(t *testing.T) {
 	}
 	b.WaitSettled(t, 20)
 }
+
+// slowStop is a broker whose StopReceiving waits until release is closed,
+// as a real broker's basic.cancel takes a round trip.
+type slowStop struct {
+	*queuetest.MemBroker
+	release chan struct{}
+}
+
+func (b slowStop) StopReceiving(ctx context.Context) error {
+	<-b.release
+	return b.MemBroker.StopReceiving(ctx)
+}
+
+// Once the drain begins, a slot that frees starts nothing new, even before
+// the consumer has stopped: what waits goes back to the queue.
+func TestDrainStartsNoNewCall(t *testing.T) {
+	t.Parallel()
+	e := newGateEngine()
+	b := slowStop{queuetest.NewMemBroker(), make(chan struct{})}
+	cfg := worker.Config{
+		Limits:       wire.Limits{MaxBodyBytes: 1 << 20, DefaultModel: "tiny", AllowedModels: []string{"tiny"}},
+		ResultsQueue: "results", WorkerID: "w-test", RetryBackoff: time.Millisecond,
+	}
+	w := worker.New(cfg, b, e, &fixedSizer{size: 1}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	b.Send("a", `{"prompt":"wait:a"}`)
+	b.Send("b", `{"prompt":"wait:b"}`)
+	waitStarted(t, e, 1)
+	waitWaiting(t, w, 1)
+	cancel() // SIGTERM: the drain begins; the consumer takes a while to stop
+	time.Sleep(20 * time.Millisecond)
+	e.open("a")
+	b.WaitSettled(t, 1)
+	time.Sleep(50 * time.Millisecond) // room for a wrong dispatch to happen
+	close(b.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if started, _, _ := e.snapshot(); len(started) != 1 {
+		t.Fatalf("the engine started %q after the drain began, want only the call already running", started)
+	}
+	if st, _ := b.Settlement("b"); st.Action != queue.Requeue || st.Reason != queue.ReasonShutdown {
+		t.Fatalf("b: %+v, want requeued for the shutdown", st)
+	}
+}

@@ -334,7 +334,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	dispDone := make(chan struct{})
 	go func() {
 		defer close(dispDone)
-		w.dispatch(workCtx, in)
+		w.dispatch(workCtx, ctx.Done(), in)
 		// The receive loop started every one of these before it closed in.
 		w.settling.Wait()
 	}()
@@ -608,7 +608,9 @@ func (w *Worker) perCall(kind inference.Kind) int {
 // API takes a list), the lane the scheduler picks first (the highest rank,
 // unless a lower lane is owed its share), within a lane the earliest
 // deadline then the oldest, and starts one goroutine per engine call.
-func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
+// Once stop is closed (the drain begins) it starts no more calls: what
+// waits goes back to the queue when in closes.
+func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-chan []*item) {
 	n := len(w.lanes)
 	bs := make([]*batch.Batcher[*item], n)
 	shares := make([]float64, n)
@@ -639,9 +641,12 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 	var calls sync.WaitGroup // engine calls, each settling its items
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	stopping := false
 	for {
 		draining := false
 		select {
+		case <-stop:
+			stop, stopping = nil, true
 		case items, ok := <-in:
 			if !ok {
 				in = nil
@@ -672,6 +677,14 @@ func (w *Worker) dispatch(workCtx context.Context, in <-chan []*item) {
 			back, _ := w.takeBack()
 			w.handBack(back, queue.ReasonShutdown)
 			return
+		}
+		if stopping {
+			// Draining: the receive loops are stopping the consumers; what
+			// waits is handed back once they have (in closes), so that the
+			// broker does not send it straight back here.
+			waiting()
+			timer.Reset(time.Hour)
+			continue
 		}
 		if w.down.Load() != nil {
 			// The engine is down: the requests go back to the queue, with no
