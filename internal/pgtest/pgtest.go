@@ -256,4 +256,3 @@ func (s *server) tail() string {
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	return strings.Join(lines[max(0, len(lines)-20):], "\n")
 }
-
