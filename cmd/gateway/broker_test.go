@@ -34,7 +34,7 @@ func TestWrongAMQPPasswordStopsTheGateway(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	b, err := openBroker(ctx, cfg, nil, slog.New(slog.DiscardHandler))
+	b, err := openBroker(ctx, cfg, nil, false, slog.New(slog.DiscardHandler))
 	if err == nil {
 		b.Close()
 		t.Fatal("the gateway connected with a wrong password")
@@ -85,7 +85,7 @@ func TestLanesDeclared(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	b, err := openBroker(ctx, cfg, nil, slog.New(slog.DiscardHandler))
+	b, err := openBroker(ctx, cfg, nil, false, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

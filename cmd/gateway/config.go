@@ -117,10 +117,44 @@ type Config struct {
 	// set (a ConfigMap shared with the workers) and SOUS_GATEWAY_LANES is
 	// not: the requests would all go to SOUS_QUEUE.
 	WorkerLanes string `env:"SOUS_LANES"`
+	// DatabaseURL is where the Batch API keeps files, batches and results
+	// (SOUS_GATEWAY_DATABASE_URL, default sqlite:sous-gateway.db: an
+	// embedded SQLite file, for ONE gateway replica; put it on a volume).
+	// postgres://user:pass@host/db serves several replicas; off turns the
+	// Batch API off.
+	DatabaseURL secret.Value `env:"SOUS_GATEWAY_DATABASE_URL" envDefault:"sqlite:sous-gateway.db"`
+	// BatchLane is the lane batch lines go to (SOUS_GATEWAY_BATCH_LANE;
+	// default the last of SOUS_GATEWAY_LANES, the lowest-ranked, else
+	// SOUS_QUEUE).
+	BatchLane string `env:"SOUS_GATEWAY_BATCH_LANE"`
+	// BatchResultsQueue is the durable queue where workers send batch
+	// lines' results, consumed by every gateway replica
+	// (SOUS_GATEWAY_BATCH_RESULTS_QUEUE, default sous.batch.results).
+	BatchResultsQueue string `env:"SOUS_GATEWAY_BATCH_RESULTS_QUEUE" envDefault:"sous.batch.results"`
+	// MaxFileBytes bounds an uploaded file (SOUS_GATEWAY_MAX_FILE_BYTES,
+	// default 209715200, OpenAI's 200 MB).
+	MaxFileBytes int64 `env:"SOUS_GATEWAY_MAX_FILE_BYTES" envDefault:"209715200"`
+	// BatchMaxLines bounds a batch's requests (SOUS_GATEWAY_BATCH_MAX_LINES,
+	// default 50000, OpenAI's limit).
+	BatchMaxLines int `env:"SOUS_GATEWAY_BATCH_MAX_LINES" envDefault:"50000"`
+	// BatchOutstanding bounds the batch lines, of all batches, published
+	// and not yet answered (SOUS_GATEWAY_BATCH_OUTSTANDING, default 1000);
+	// give it at least twice the slots of the whole fleet.
+	BatchOutstanding int `env:"SOUS_GATEWAY_BATCH_OUTSTANDING" envDefault:"1000"`
+	// UploadTimeout bounds the reading of one upload
+	// (SOUS_GATEWAY_UPLOAD_TIMEOUT, default 10m).
+	UploadTimeout time.Duration `env:"SOUS_GATEWAY_UPLOAD_TIMEOUT" envDefault:"10m"`
+	// BatchCancelGrace bounds the wait, after a cancel, for the lines
+	// already queued (SOUS_GATEWAY_BATCH_CANCEL_GRACE, default 10m).
+	BatchCancelGrace time.Duration `env:"SOUS_GATEWAY_BATCH_CANCEL_GRACE" envDefault:"10m"`
+
 	// lanes is Lanes parsed (nil when unset); deadLetterSet says
 	// SOUS_DEAD_LETTER_QUEUE was given rather than defaulted.
 	lanes         []lanes.Lane
 	deadLetterSet bool
+	// databaseSet says SOUS_GATEWAY_DATABASE_URL was given: a store that
+	// cannot be opened is then an error, not a Batch API turned off.
+	databaseSet bool
 
 	Model          string        `env:"SOUS_MODEL"`
 	ModelsAllowed  []string      `env:"SOUS_MODELS_ALLOWED" envSeparator:","`
@@ -182,6 +216,11 @@ func loadConfig(environ []string) (Config, error) {
 		return c, err
 	}
 	c.deadLetterSet = c.DeadLetterQueue != ""
+	for _, kv := range environ {
+		if strings.HasPrefix(kv, "SOUS_GATEWAY_DATABASE_URL=") {
+			c.databaseSet = true
+		}
+	}
 	if c.DeadLetterQueue == "" {
 		c.DeadLetterQueue = c.Queue + ".dlq"
 	}
@@ -282,6 +321,9 @@ func (c Config) validate() error {
 	if err := c.validateLanes(); err != nil {
 		return err
 	}
+	if err := c.validateBatch(); err != nil {
+		return err
+	}
 	if c.Model == "" {
 		return bad("SOUS_MODEL", "is required: the model requests use when they name none (for example llama3.2)")
 	}
@@ -372,6 +414,66 @@ func (c Config) validate() error {
 	} {
 		if p.v != "" && p.v != telemetry.ProtocolHTTP && p.v != telemetry.ProtocolGRPC {
 			return bad(p.name, "%q is not supported; use %s or %s", p.v, telemetry.ProtocolHTTP, telemetry.ProtocolGRPC)
+		}
+	}
+	return nil
+}
+
+// batchOn says whether the Batch API is on: a database, and RabbitMQ
+// (results come back on a queue every replica consumes).
+func (c Config) batchOn() bool {
+	return c.DatabaseURL.Reveal() != "off" && c.Broker == "rabbitmq"
+}
+
+// batchLane is the lane batch lines go to.
+func (c Config) batchLane() lanes.Lane {
+	ls := c.lanes
+	if len(ls) == 0 && strings.TrimSpace(c.Lanes) != "" {
+		ls, _ = lanes.Parse(c.Lanes, c.Queue)
+	}
+	if len(ls) == 0 {
+		return lanes.Lane{Queue: c.Queue}
+	}
+	if c.BatchLane != "" {
+		l, _ := lanes.Find(ls, c.BatchLane)
+		return l
+	}
+	return ls[len(ls)-1]
+}
+
+func (c Config) validateBatch() error {
+	u := c.DatabaseURL.Reveal()
+	if u == "off" {
+		return nil
+	}
+	if !strings.HasPrefix(u, "sqlite:") && !strings.HasPrefix(u, "postgres://") && !strings.HasPrefix(u, "postgresql://") {
+		return bad("SOUS_GATEWAY_DATABASE_URL", "must be sqlite:PATH (one gateway replica), postgres://USER:PASSWORD@HOST:PORT/DB (several), or off (no Batch API)")
+	}
+	if c.BatchLane != "" {
+		if strings.TrimSpace(c.Lanes) == "" {
+			return bad("SOUS_GATEWAY_BATCH_LANE", "names a lane, but SOUS_GATEWAY_LANES is not set: unset it (batch lines go to SOUS_QUEUE) or set the lanes")
+		}
+		ls, _ := lanes.Parse(c.Lanes, c.Queue)
+		if _, ok := lanes.Find(ls, c.BatchLane); !ok {
+			return bad("SOUS_GATEWAY_BATCH_LANE", "%q is not one of SOUS_GATEWAY_LANES (%s)", c.BatchLane, strings.Join(lanes.Names(ls), ", "))
+		}
+	}
+	if c.BatchResultsQueue == "" || len(c.BatchResultsQueue) > 255 {
+		return bad("SOUS_GATEWAY_BATCH_RESULTS_QUEUE", "must be a queue name of 1 to 255 bytes")
+	}
+	if c.BatchResultsQueue == c.Queue || c.BatchResultsQueue == c.DeadLetterQueue {
+		return bad("SOUS_GATEWAY_BATCH_RESULTS_QUEUE", "must differ from SOUS_QUEUE and SOUS_DEAD_LETTER_QUEUE")
+	}
+	for _, p := range []struct {
+		name string
+		v    int64
+	}{
+		{"SOUS_GATEWAY_MAX_FILE_BYTES", c.MaxFileBytes}, {"SOUS_GATEWAY_BATCH_MAX_LINES", int64(c.BatchMaxLines)},
+		{"SOUS_GATEWAY_BATCH_OUTSTANDING", int64(c.BatchOutstanding)}, {"SOUS_GATEWAY_UPLOAD_TIMEOUT", int64(c.UploadTimeout)},
+		{"SOUS_GATEWAY_BATCH_CANCEL_GRACE", int64(c.BatchCancelGrace)},
+	} {
+		if p.v <= 0 {
+			return bad(p.name, "must be greater than zero")
 		}
 	}
 	return nil

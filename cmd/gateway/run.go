@@ -22,6 +22,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 
 	"github.com/sous-run/sous/internal/gateway"
+	"github.com/sous-run/sous/internal/gateway/batchstore"
+	"github.com/sous-run/sous/internal/secret"
 	"github.com/sous-run/sous/internal/telemetry"
 )
 
@@ -74,8 +76,35 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 				"queue", cfg.Queue, "dead_letter_queue", cfg.DeadLetterQueue)
 		}
 	}
+	var batches *gateway.BatchConfig
+	switch {
+	case cfg.batchOn():
+		store, err := batchstore.Open(ctx, cfg.DatabaseURL.Reveal())
+		if err != nil && !cfg.databaseSet {
+			// The default, a file in the working directory, cannot be made
+			// there (a read-only container): serve without the Batch API.
+			log.Warn("the Batch API is off: its default store, a SQLite file in the working directory, cannot be opened; set SOUS_GATEWAY_DATABASE_URL (sqlite:PATH on a volume, or postgres://…), or off to silence this",
+				"err", err)
+			break
+		}
+		if err != nil {
+			return bad("SOUS_GATEWAY_DATABASE_URL", "cannot open the Batch API's store: %v", secret.Scrub(err.Error(), cfg.DatabaseURL))
+		}
+		defer store.Close()
+		host, _ := os.Hostname()
+		batches = &gateway.BatchConfig{Store: store, Lane: cfg.batchLane(), ResultsQueue: cfg.BatchResultsQueue,
+			MaxFileBytes: cfg.MaxFileBytes, MaxLines: cfg.BatchMaxLines, Outstanding: cfg.BatchOutstanding,
+			UploadTimeout: cfg.UploadTimeout, CancelGrace: cfg.BatchCancelGrace,
+			Holder: fmt.Sprintf("%s-%08x", host, rand.Uint32())}
+		log.Info("Batch API on", "store", store.Driver(), "queue", batches.Lane.Queue, "results_queue", cfg.BatchResultsQueue)
+		if store.Driver() == "sqlite" {
+			log.Info("the Batch API keeps its state in a SQLite file: run ONE gateway replica, with the file on a volume; several replicas need SOUS_GATEWAY_DATABASE_URL=postgres://…")
+		}
+	case cfg.DatabaseURL.Reveal() != "off":
+		log.Info("the Batch API needs RabbitMQ (its results come back on a queue every gateway replica consumes); it is off on Service Bus")
+	}
 	connectCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	broker, err := openBroker(connectCtx, cfg, tlsCfg, log)
+	broker, err := openBroker(connectCtx, cfg, tlsCfg, batches != nil, log)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("connect to the broker: %w", err) // a configError stays one: exit 2
@@ -101,8 +130,22 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 		Timeout: cfg.Timeout, KeepAlive: cfg.KeepAlive, RetryAfter: cfg.RetryAfter, MaxOpen: cfg.MaxOpen,
 		BodyTimeout: cfg.BodyTimeout, WriteTimeout: cfg.WriteTimeout, MaxIntake: cfg.MaxIntake,
 		MaxBodyBytes: cfg.MaxBodyBytes, MaxPromptBytes: cfg.MaxPromptBytes, MaxNumPredict: cfg.MaxNumPredict,
-		Tracer: tracer, Meter: meter,
+		Tracer: tracer, Meter: meter, Batch: batches,
 	}, broker, log)
+	batchCtx, stopBatches := context.WithCancel(context.Background())
+	batchesDone := make(chan struct{})
+	go func() {
+		defer close(batchesDone)
+		if bb, ok := broker.(gateway.BatchBroker); ok && batches != nil {
+			api.RunBatches(batchCtx, bb)
+		}
+	}()
+	// After the HTTP drain: the batch work stops before the broker and
+	// the store close (deferred above).
+	defer func() {
+		stopBatches()
+		<-batchesDone
+	}()
 
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {
@@ -164,7 +207,7 @@ type broker interface {
 
 // openBroker connects to RabbitMQ (replies on direct reply-to) or to
 // Service Bus (replies in sessions of SOUS_GATEWAY_REPLY_QUEUE).
-func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.Logger) (broker, error) {
+func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, batches bool, log *slog.Logger) (broker, error) {
 	if cfg.Broker == "servicebus" {
 		host, _ := os.Hostname()
 		if host == "" {
@@ -182,8 +225,12 @@ func openBroker(ctx context.Context, cfg Config, tlsCfg *tls.Config, log *slog.L
 		}
 		return sb, nil
 	}
+	results := ""
+	if batches {
+		results = cfg.BatchResultsQueue
+	}
 	a, err := gateway.OpenAMQP(ctx, gateway.AMQPConfig{
-		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels,
+		URL: cfg.AMQPURL, TLS: tlsCfg, Queue: cfg.Queue, Channels: cfg.Channels, BatchResults: results,
 		Heartbeat: cfg.AMQPHeartbeat, ConnectionName: "sous-gateway",
 		Declare: cfg.Declare, DeadLetterQueue: cfg.DeadLetterQueue, DeliveryLimit: cfg.MaxAttempts, Lanes: amqpLanes(cfg),
 	}, log)

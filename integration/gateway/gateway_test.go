@@ -75,6 +75,8 @@ func startGateway(t *testing.T, queue string, env ...string) *proc {
 			"SOUS_MODEL=" + ollamatest.ModelName, "SOUS_MODELS_ALLOWED=" + ollamatest.EndlessModelName,
 			"SOUS_MAX_NUM_PREDICT=2000", "SOUS_GATEWAY_KEYS_FILE=" + keysFile(t),
 			"SOUS_LOG_FORMAT=text", "SOUS_LOG_LEVEL=debug", "SOUS_GATEWAY_TIMEOUT=90s",
+			// The batch tests give a store of their own; the others need none.
+			"SOUS_GATEWAY_DATABASE_URL=off",
 		}, env...),
 	})
 	return &proc{Worker: w, api: "http://" + addr}

@@ -47,6 +47,9 @@ type Message struct {
 	Queue   string
 	Body    []byte
 	Headers map[string]string
+	// ReplyTo is the queue its result goes to; empty: the sender's own
+	// reply address (direct reply-to), for a Call to wait on.
+	ReplyTo string
 }
 
 // Reply is a chunk or the result of a request.
@@ -98,6 +101,15 @@ type AMQPConfig struct {
 	// queue (SOUS_GATEWAY_LANES): with Declare each is declared, instead
 	// of Queue and DeadLetterQueue.
 	Lanes []LaneQueue
+	// BatchResults is the durable queue where workers send the results
+	// of batch lines (the Batch API): every gateway replica consumes it,
+	// so any replica records any result. Empty: not consumed. It is
+	// declared at each connect (a quorum queue), whatever Declare says:
+	// it is the gateway's own.
+	BatchResults string
+	// BatchPrefetch bounds the batch results a replica holds unacked
+	// (default 256).
+	BatchPrefetch int
 }
 
 // LaneQueue is a lane's request queue and its dead-letter queue.
@@ -130,6 +142,7 @@ type AMQP struct {
 
 	next    atomic.Uint64
 	late    atomic.Int64
+	results chan Delivery // batch results, across reconnects
 	stop    context.CancelFunc
 	done    chan struct{}
 	closeMu sync.Once
@@ -200,7 +213,10 @@ func OpenAMQP(ctx context.Context, cfg AMQPConfig, log *slog.Logger) (*AMQP, err
 	if cfg.ReconnectMax <= 0 {
 		cfg.ReconnectMax = 15 * time.Second
 	}
-	a := &AMQP{cfg: cfg, log: log, done: make(chan struct{})}
+	if cfg.BatchPrefetch <= 0 {
+		cfg.BatchPrefetch = 256
+	}
+	a := &AMQP{cfg: cfg, log: log, done: make(chan struct{}), results: make(chan Delivery)}
 	s, err := a.connectRetry(ctx, true)
 	if err != nil {
 		return nil, err
@@ -313,6 +329,11 @@ func (a *AMQP) dial() (_ *session, err error) {
 		go l.watchReturns(returns)
 		go l.route(replies)
 		s.lanes = append(s.lanes, l)
+	}
+	if a.cfg.BatchResults != "" {
+		if err := a.consumeBatchResults(conn, &closed); err != nil {
+			return nil, err
+		}
 	}
 	// While the broker blocks publishing, requests fail at once (503) and
 	// Ready says so (/readyz): a publish would wait for the alarm to clear.
@@ -449,6 +470,10 @@ func (l *lane) publish(ctx context.Context, m Message) error {
 	if queue == "" {
 		queue = l.a.cfg.Queue
 	}
+	replyTo := m.ReplyTo
+	if replyTo == "" {
+		replyTo = directReplyTo
+	}
 	h := amqp.Table{"timestamp_in_ms": time.Now().UnixMilli()}
 	for k, v := range m.Headers {
 		h[k] = v
@@ -479,7 +504,7 @@ func (l *lane) publish(ctx context.Context, m Message) error {
 		defer func() { <-l.pub }()
 		conf, err := l.ch.PublishWithDeferredConfirmWithContext(ctx, "", queue, true, false, amqp.Publishing{
 			ContentType: "application/json", DeliveryMode: amqp.Persistent,
-			MessageId: m.ID, CorrelationId: m.ID, ReplyTo: directReplyTo,
+			MessageId: m.ID, CorrelationId: m.ID, ReplyTo: replyTo,
 			Timestamp: time.Now(), Headers: h, Body: m.Body,
 		})
 		done <- published{conf, err}
@@ -635,4 +660,69 @@ func (l *lane) drop(c *call) {
 // newID returns a request id: 16 random bytes as hex.
 func newID() string {
 	return fmt.Sprintf("%016x%016x", rand.Uint64(), rand.Uint64())
+}
+
+// Delivery is a batch result taken from the results queue. Ack once it
+// is recorded; Nack hands it back to the queue (another replica, or this
+// one later, takes it).
+type Delivery struct {
+	CorrelationID string
+	Chunk         bool
+	Body          []byte
+	Ack, Nack     func() error
+}
+
+// BatchResults delivers the batch results this replica takes from
+// AMQPConfig.BatchResults, across reconnects. A delivery not settled
+// before its connection is lost goes back to the queue.
+func (a *AMQP) BatchResults() <-chan Delivery { return a.results }
+
+// consumeBatchResults declares the batch results queue and forwards its
+// deliveries to a.results until the channel closes.
+func (a *AMQP) consumeBatchResults(conn *amqp.Connection, closed *[]<-chan *amqp.Error) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open the batch results channel: %w", err)
+	}
+	q := a.cfg.BatchResults
+	if _, err := ch.QueueDeclare(q, true, false, false, false, amqp.Table{"x-queue-type": "quorum"}); err != nil {
+		return fmt.Errorf("declare the batch results queue %q: %w (it exists with other arguments? it must be a durable quorum queue)", q, err)
+	}
+	if err := ch.Qos(a.cfg.BatchPrefetch, 0, false); err != nil {
+		return fmt.Errorf("set the batch results prefetch: %w", err)
+	}
+	deliveries, err := ch.Consume(q, "", false, false, false, false, nil)
+	if err != nil {
+		return fmt.Errorf("consume the batch results queue %q: %w", q, err)
+	}
+	*closed = append(*closed, ch.NotifyClose(make(chan *amqp.Error, 1)))
+	go func() {
+		for d := range deliveries {
+			status, _ := d.Headers["x-sous-status"].(string)
+			dv := Delivery{CorrelationID: d.CorrelationId, Chunk: status == "chunk", Body: d.Body,
+				Ack: func() error { return d.Ack(false) }, Nack: func() error { return d.Nack(false, true) }}
+			select {
+			case a.results <- dv:
+			case <-a.done:
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// Publish publishes m persistently and returns once the broker confirmed
+// it; its result goes to m.ReplyTo, not to a Call.
+func (a *AMQP) Publish(ctx context.Context, m Message) error {
+	a.mu.Lock()
+	s := a.sess
+	a.mu.Unlock()
+	if s == nil {
+		return fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	if reason, _ := s.blocking(); reason != "" {
+		return fmt.Errorf("%w: %s", ErrBlocked, reason)
+	}
+	l := s.lanes[a.next.Add(1)%uint64(len(s.lanes))]
+	return l.publish(ctx, m)
 }

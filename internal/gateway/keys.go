@@ -255,6 +255,20 @@ func (k *Keys) Lookup(presented string) *Key {
 	return found
 }
 
+// Named returns the key named name, or nil: the Batch API checks a
+// batch's lines against the models its key may use when it validates
+// them, after the request that created it.
+func (k *Keys) Named(name string) *Key {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	for _, e := range k.keys {
+		if e.Name == name {
+			return e
+		}
+	}
+	return nil
+}
+
 // bucket is a token bucket: rate tokens a second, a burst of max(1, rate).
 type bucket struct {
 	mu     sync.Mutex

@@ -74,6 +74,9 @@ type Config struct {
 	Meter metric.Meter
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// Batch turns on the Batch API (/v1/files, /v1/batches); nil: off.
+	// RunBatches does its background work.
+	Batch *BatchConfig
 }
 
 // Server serves the OpenAI-compatible API. Create it with New; it is an
@@ -134,9 +137,17 @@ func New(cfg Config, b Broker, log *slog.Logger) *Server {
 	s.handle("POST /v1/responses", func(w http.ResponseWriter, r *http.Request, k *Key) *apiError { return s.serve(w, r, k, epResponses) })
 	s.handle("GET /v1/models", s.models)
 	s.handle("GET /v1/models/{model...}", s.model)
+	served := "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (stateless: nothing is stored to GET later) and /v1/models"
+	if cfg.Batch != nil {
+		cfg.Batch.defaults()
+		s.routeBatches()
+		served = "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (stateless: nothing is stored to GET later), /v1/models, and the Batch API's /v1/files and /v1/batches"
+	} else {
+		served += "; its Batch API (/v1/files, /v1/batches) is off"
+	}
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Status: 404, Type: "invalid_request_error", Code: "unknown_url",
-			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (stateless: nothing is stored to GET later) and /v1/models"})
+			Message: "unknown URL " + r.Method + " " + truncate(r.URL.Path, 100) + "; this gateway serves " + served})
 	})
 	return s
 }

@@ -64,6 +64,19 @@ func (s *Store) AddLines(ctx context.Context, batchID string, lines []Line) erro
 	})
 }
 
+// DeleteLines removes every line of batch id: a validation cut short
+// (its gateway died) starts again from an empty batch. ErrNotFound if
+// there is no such batch.
+func (s *Store) DeleteLines(ctx context.Context, batchID string) error {
+	return s.tx(ctx, "delete lines", func(tx *sql.Tx) error {
+		if _, _, err := s.lockBatch(ctx, tx, batchID); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx, s.d.q(`DELETE FROM bs_lines WHERE batch_id = ?`), batchID)
+		return err
+	})
+}
+
 // Unpublished returns up to n of batch id's lines not yet marked published,
 // in Index order.
 func (s *Store) Unpublished(ctx context.Context, batchID string, n int) ([]Line, error) {
