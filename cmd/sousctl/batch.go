@@ -179,6 +179,7 @@ func batch(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	c := newGatewayClient(o.url, o.key)
+	defer c.hc.CloseIdleConnections()
 	var id string
 	if len(pos) > 0 {
 		id = pos[0]
@@ -492,10 +493,8 @@ func batchWatchDownload(ctx context.Context, c *gatewayClient, o batchOptions, i
 		return 1, err
 	}
 	printEnd(stderr, b)
-	if o.out != "" || o.errOut != "" {
-		if err := download(ctx, c, b, o, stderr, false); err != nil {
-			return 1, err
-		}
+	if err := download(ctx, c, b, o, stderr, false); err != nil {
+		return 1, err
 	}
 	if b.Status != "completed" {
 		return 1, nil
@@ -615,17 +614,18 @@ func (w *watcher) endLine() {
 }
 
 // download writes b's output file to o.out and its error file to
-// o.errOut, where given. A file the batch does not have is said on
-// stderr; with strict (sousctl batch download) it is an error.
+// o.errOut, where given, and names on stderr those not asked for. A file
+// asked for that the batch does not have is said on stderr; with strict
+// (sousctl batch download) it is an error.
 func download(ctx context.Context, c *gatewayClient, b batchObject, o batchOptions, stderr io.Writer, strict bool) error {
-	for _, f := range []struct{ id, path, what string }{
-		{b.OutputFileID, o.out, "output"},
-		{b.ErrorFileID, o.errOut, "error"},
+	for _, f := range []struct{ id, path, what, flag string }{
+		{b.OutputFileID, o.out, "output", "-o"},
+		{b.ErrorFileID, o.errOut, "error", "-errors"},
 	} {
 		switch {
 		case f.path == "":
-			if f.id != "" && f.what == "error" {
-				fmt.Fprintf(stderr, "%s has an error file, %s: sousctl batch download %s -errors FILE\n", b.ID, f.id, b.ID)
+			if f.id != "" {
+				fmt.Fprintf(stderr, "%s has an %s file, %s: sousctl batch download %s %s FILE\n", b.ID, f.what, f.id, b.ID, f.flag)
 			}
 		case f.id == "" && strict:
 			return fmt.Errorf("batch %s (%s) has no %s file", b.ID, b.Status, f.what)
