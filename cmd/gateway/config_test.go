@@ -57,6 +57,13 @@ func TestInvalidConfigNamesTheVariable(t *testing.T) {
 		{[]string{"OTEL_EXPORTER_OTLP_PROTOCOL=carrier-pigeon"}, "OTEL_EXPORTER_OTLP_PROTOCOL"},
 		{[]string{"SOUS_AMQP_URL_FILE=/nonexistent/secret"}, "SOUS_AMQP_URL_FILE"},
 		{[]string{"SOUS_GATEWAY_HEADER_TIMEOUT=0s"}, "SOUS_GATEWAY_HEADER_TIMEOUT"},
+		{[]string{"SOUS_GATEWAY_DATABASE_URL=mysql://x"}, "SOUS_GATEWAY_DATABASE_URL"},
+		{[]string{"SOUS_GATEWAY_BATCH_LANE=bulk"}, "SOUS_GATEWAY_BATCH_LANE"},
+		{[]string{"SOUS_GATEWAY_LANES=interactive=a,bulk=b", "SOUS_GATEWAY_BATCH_LANE=night"}, "SOUS_GATEWAY_BATCH_LANE"},
+		{[]string{"SOUS_GATEWAY_BATCH_RESULTS_QUEUE=sous.requests"}, "SOUS_GATEWAY_BATCH_RESULTS_QUEUE"},
+		{[]string{"SOUS_GATEWAY_BATCH_OUTSTANDING=0"}, "SOUS_GATEWAY_BATCH_OUTSTANDING"},
+		{[]string{"SOUS_GATEWAY_MAX_FILE_BYTES=-1"}, "SOUS_GATEWAY_MAX_FILE_BYTES"},
+		{[]string{"SOUS_GATEWAY_UPLOAD_TIMEOUT=0s"}, "SOUS_GATEWAY_UPLOAD_TIMEOUT"},
 		{[]string{"SOUS_GATEWAY_BODY_TIMEOUT=-1s"}, "SOUS_GATEWAY_BODY_TIMEOUT"},
 		{[]string{"SOUS_GATEWAY_IDLE_TIMEOUT=later"}, "SOUS_GATEWAY_IDLE_TIMEOUT"},
 		{[]string{"SOUS_GATEWAY_WRITE_TIMEOUT=10s"}, "SOUS_GATEWAY_WRITE_TIMEOUT"}, // not longer than the 15s keep-alive
@@ -278,5 +285,40 @@ func TestDefaultsRunBesideTheWorker(t *testing.T) {
 			t.Errorf("%s and %s both default to %s: they cannot run side by side", other, a.what, a.addr)
 		}
 		addrs[a.addr] = a.what
+	}
+}
+
+func TestBatchConfig(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig([]string{"SOUS_MODEL=m"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.batchOn() || c.databaseSet || c.batchLane().Queue != "sous.requests" || c.BatchOutstanding != 1000 || c.MaxFileBytes != 200<<20 {
+		t.Fatalf("defaults: on %v set %v lane %+v %+v", c.batchOn(), c.databaseSet, c.batchLane(), c)
+	}
+	c, err = loadConfig([]string{"SOUS_MODEL=m", "SOUS_GATEWAY_LANES=interactive=a,bulk=b,night=c", "SOUS_GATEWAY_DATABASE_URL=postgres://u:p@h/db"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.databaseSet || c.batchLane().Name != "night" {
+		t.Fatalf("the last lane takes batches: %+v", c.batchLane())
+	}
+	c, _ = loadConfig([]string{"SOUS_MODEL=m", "SOUS_GATEWAY_LANES=interactive=a,bulk=b,night=c", "SOUS_GATEWAY_BATCH_LANE=bulk"})
+	if c.batchLane().Queue != "b" {
+		t.Fatalf("SOUS_GATEWAY_BATCH_LANE: %+v", c.batchLane())
+	}
+	c, _ = loadConfig([]string{"SOUS_MODEL=m", "SOUS_GATEWAY_DATABASE_URL=off"})
+	if c.batchOn() {
+		t.Fatal("off is on")
+	}
+	c, _ = loadConfig([]string{"SOUS_MODEL=m", "SOUS_BROKER=servicebus", "SOUS_SERVICEBUS_NAMESPACE=ns.servicebus.windows.net"})
+	if c.batchOn() {
+		t.Fatal("the Batch API on Service Bus")
+	}
+	// The password of a PostgreSQL URL never reaches an error.
+	_, err = loadConfig([]string{"SOUS_MODEL=m", "SOUS_GATEWAY_DATABASE_URL=mysql://u:hunter2@h/db"})
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("%v", err)
 	}
 }

@@ -67,3 +67,51 @@ func Decode(b []byte) (Report, error) {
 	}
 	return r, nil
 }
+
+// Demand is what a producer knows of the work it has queued: the Batch
+// API's gateway publishes one for each lane queue its running batches
+// use, every few seconds, to Exchange. Due lists the requests still to
+// answer by each deadline (each batch's expires_at), earliest first. The
+// scaler raises a lane's metric so that the fleet can finish each
+// deadline's work in time; deadlines can only raise it.
+type Demand struct {
+	Kind   string    `json:"kind"` // KindDemand
+	Source string    `json:"source"`
+	Queue  string    `json:"queue"`
+	At     time.Time `json:"at"`
+	Due    []Due     `json:"due"`
+}
+
+// Due is work due by a deadline.
+type Due struct {
+	By       time.Time `json:"by"`
+	Requests int       `json:"requests"`
+}
+
+// KindDemand marks a Demand on the exchange; a Report has no kind.
+const KindDemand = "demand"
+
+// DecodeDemand reads a demand and checks it.
+func DecodeDemand(b []byte) (Demand, error) {
+	var d Demand
+	if err := json.Unmarshal(b, &d); err != nil {
+		return d, fmt.Errorf("demand: %w", err)
+	}
+	if d.Kind != KindDemand || d.Source == "" || d.Queue == "" || d.At.IsZero() {
+		return d, fmt.Errorf("demand: kind %q, source, queue and at are required", KindDemand)
+	}
+	for _, u := range d.Due {
+		if u.Requests < 0 || u.By.IsZero() {
+			return d, fmt.Errorf("demand: a due entry needs a time and no negative count")
+		}
+	}
+	return d, nil
+}
+
+// IsDemand says whether a message on Exchange is a Demand (else a Report).
+func IsDemand(b []byte) bool {
+	var k struct {
+		Kind string `json:"kind"`
+	}
+	return json.Unmarshal(b, &k) == nil && k.Kind == KindDemand
+}
