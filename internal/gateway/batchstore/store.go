@@ -105,6 +105,9 @@ type Store struct {
 	r  *sql.DB // reads outside transactions; == w for PostgreSQL
 	d  dialect
 	pg bool
+	// spoolDir is where CreateFile copies an upload before its transaction
+	// (SQLite: the database's directory); "" = no copy.
+	spoolDir string
 }
 
 // dialect holds what differs between SQLite and PostgreSQL.
@@ -199,7 +202,7 @@ func openSQLite(ctx context.Context, path string) (*Store, error) {
 	w.SetMaxIdleConns(1)
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
-	s := &Store{w: w, d: sqliteDialect}
+	s := &Store{w: w, d: sqliteDialect, spoolDir: filepath.Dir(filepath.Clean(path))}
 	if err := s.migrate(ctx); err != nil {
 		w.Close()
 		return nil, err
