@@ -171,11 +171,18 @@ func redact(url string) string {
 	return url
 }
 
+// pgMaxConns is how many connections one Store opens to PostgreSQL at most.
+const pgMaxConns = 10
+
 func openPostgres(ctx context.Context, url string) (*Store, error) {
 	db, err := sql.Open("pgx", url)
 	if err != nil {
 		return nil, fmt.Errorf("batchstore: open postgres: %w", err)
 	}
+	// Bounded, so that replicas together stay within the server's
+	// max_connections (100 by default).
+	db.SetMaxOpenConns(pgMaxConns)
+	db.SetMaxIdleConns(pgMaxConns)
 	s := &Store{w: db, r: db, d: postgresDialect, pg: true}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
