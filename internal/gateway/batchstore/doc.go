@@ -26,7 +26,11 @@
 // goroutines, and several *Store (in one process or in several replicas) may
 // share one PostgreSQL database. A SQLite file is meant for one gateway
 // process: another process writing to it would meet SQLITE_BUSY once its busy
-// timeout ran out.
+// timeout (10s) ran out. With SQLite a write waits for the one before it, so
+// CreateFile first copies an upload to a temporary file beside the database
+// (a slow client holds up nobody), and a Finalize holds up other writes for
+// as long as it takes to write the batch's files.
+//
 // RecordResults, MarkPublished and Finalize are idempotent or guarded by the
 // batch's status, so a result delivered twice, or to two replicas, is counted
 // once. The io.ReadCloser that OpenFile returns must be closed by the caller

@@ -6,12 +6,28 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 )
 
 // CreateFile stores f with content, read to its end in 1 MiB chunks, all in
 // one transaction, and returns f with Bytes set. Content longer than maxBytes
 // is ErrTooLarge, and nothing of it is kept. f.ID must be new.
+//
+// With SQLite, whose one writer connection every write waits for, content is
+// first copied to a temporary file beside the database, so that a slow
+// upload holds up no other write; the transaction then runs at disk speed.
 func (s *Store) CreateFile(ctx context.Context, f File, content io.Reader, maxBytes int64) (File, error) {
+	if s.spoolDir != "" {
+		spool, err := s.spool(content, maxBytes)
+		if err != nil {
+			return File{}, err
+		}
+		defer func() {
+			spool.Close()
+			os.Remove(spool.Name())
+		}()
+		content = spool
+	}
 	err := s.tx(ctx, "create file", func(tx *sql.Tx) error {
 		n, err := s.writeChunks(ctx, tx, f.ID, content, maxBytes)
 		if err != nil {
@@ -28,6 +44,32 @@ func (s *Store) CreateFile(ctx context.Context, f File, content io.Reader, maxBy
 
 // writeChunks reads content in chunkSize pieces and inserts them as file id's
 // chunks, returning how many bytes there were.
+// spool copies up to maxBytes of content to a new temporary file in
+// s.spoolDir and returns it, positioned at its start; the caller closes and
+// removes it. More than maxBytes is ErrTooLarge.
+func (s *Store) spool(content io.Reader, maxBytes int64) (*os.File, error) {
+	tmp, err := os.CreateTemp(s.spoolDir, ".batchstore-upload-*")
+	if err != nil {
+		return nil, fmt.Errorf("batchstore: create file: spool: %w", err)
+	}
+	n, err := io.Copy(tmp, io.LimitReader(content, maxBytes+1))
+	if err == nil && n > maxBytes {
+		err = ErrTooLarge
+	}
+	if err == nil {
+		_, err = tmp.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		tmp.Close()
+		os.Remove(tmp.Name())
+		if errors.Is(err, ErrTooLarge) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("batchstore: create file: spool: %w", err)
+	}
+	return tmp, nil
+}
+
 func (s *Store) writeChunks(ctx context.Context, tx *sql.Tx, id string, content io.Reader, maxBytes int64) (int64, error) {
 	buf := make([]byte, chunkSize)
 	var total int64

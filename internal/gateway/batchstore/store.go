@@ -105,6 +105,9 @@ type Store struct {
 	r  *sql.DB // reads outside transactions; == w for PostgreSQL
 	d  dialect
 	pg bool
+	// spoolDir is where CreateFile copies an upload before its transaction
+	// (SQLite: the database's directory); "" = no copy.
+	spoolDir string
 }
 
 // dialect holds what differs between SQLite and PostgreSQL.
@@ -168,11 +171,18 @@ func redact(url string) string {
 	return url
 }
 
+// pgMaxConns is how many connections one Store opens to PostgreSQL at most.
+const pgMaxConns = 10
+
 func openPostgres(ctx context.Context, url string) (*Store, error) {
 	db, err := sql.Open("pgx", url)
 	if err != nil {
 		return nil, fmt.Errorf("batchstore: open postgres: %w", err)
 	}
+	// Bounded, so that replicas together stay within the server's
+	// max_connections (100 by default).
+	db.SetMaxOpenConns(pgMaxConns)
+	db.SetMaxIdleConns(pgMaxConns)
 	s := &Store{w: db, r: db, d: postgresDialect, pg: true}
 	if err := s.migrate(ctx); err != nil {
 		db.Close()
@@ -199,7 +209,7 @@ func openSQLite(ctx context.Context, path string) (*Store, error) {
 	w.SetMaxIdleConns(1)
 	w.SetConnMaxLifetime(0)
 	w.SetConnMaxIdleTime(0)
-	s := &Store{w: w, d: sqliteDialect}
+	s := &Store{w: w, d: sqliteDialect, spoolDir: filepath.Dir(filepath.Clean(path))}
 	if err := s.migrate(ctx); err != nil {
 		w.Close()
 		return nil, err

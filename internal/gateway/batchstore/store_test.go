@@ -50,6 +50,7 @@ func contract(t *testing.T, url newURL) {
 		{"FileRoundTrip", testFileRoundTrip},
 		{"FileTooLarge", testFileTooLarge},
 		{"FileList", testFileList},
+		{"SlowUpload", testSlowUpload},
 		{"FileDelete", testFileDelete},
 		{"Batches", testBatches},
 		{"Transitions", testTransitions},
@@ -157,6 +158,49 @@ func testFileTooLarge(t *testing.T, url newURL) {
 	}
 	if got := readFile(t, s, f.ID); !bytes.Equal(got, small) {
 		t.Errorf("read back %d bytes, want 100", len(got))
+	}
+}
+
+// testSlowUpload checks that an upload still arriving holds up no other
+// write (with SQLite's single writer, it must not sit in a transaction).
+func testSlowUpload(t *testing.T, url newURL) {
+	ctx := context.Background()
+	u := url(t)
+	s := open(t, u)
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.CreateFile(ctx, batchstore.File{ID: "slow", Owner: "alice", Purpose: "batch", CreatedAt: t0}, pr, 1<<20)
+		done <- err
+	}()
+	if _, err := pw.Write([]byte("first half,")); err != nil {
+		t.Fatal(err)
+	}
+	// The upload is now waiting for more content.
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if err := s.CreateBatch(wctx, newBatch("b", "alice", 0)); err != nil {
+		t.Fatalf("CreateBatch during an upload: %v", err)
+	}
+	if _, err := s.Lease(wctx, "publisher", "a", time.Second, t0); err != nil {
+		t.Fatalf("Lease during an upload: %v", err)
+	}
+	pw.Write([]byte("second half"))
+	pw.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("CreateFile: %v", err)
+	}
+	if got := string(readFile(t, s, "slow")); got != "first half,second half" {
+		t.Errorf("read back %q", got)
+	}
+	if _, err := s.CreateFile(ctx, batchstore.File{ID: "big"}, bytes.NewReader(make([]byte, 11)), 10); !errors.Is(err, batchstore.ErrTooLarge) {
+		t.Errorf("CreateFile = %v, want ErrTooLarge", err)
+	}
+	if path, ok := strings.CutPrefix(u, "sqlite:"); ok {
+		left, _ := filepath.Glob(filepath.Join(filepath.Dir(path), ".batchstore-upload-*"))
+		if len(left) > 0 {
+			t.Errorf("uploads' temporary files left behind: %v", left)
+		}
 	}
 }
 
