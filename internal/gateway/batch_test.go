@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/gateway/batchstore"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/lanes"
@@ -35,6 +36,25 @@ type fakeBatchBroker struct {
 	copies  int // results delivered per line (a redelivery repeats one)
 	manual  bool
 	refuse  error
+	demands [][]byte
+}
+
+func (b *fakeBatchBroker) PublishDemand(_ context.Context, body []byte) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.demands = append(b.demands, body)
+	return nil
+}
+
+// lastDemand is the last demand report sent, zero if none.
+func (b *fakeBatchBroker) lastDemand() fleet.Demand {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var d fleet.Demand
+	if len(b.demands) > 0 {
+		_ = json.Unmarshal(b.demands[len(b.demands)-1], &d)
+	}
+	return d
 }
 
 func newFakeBatchBroker() *fakeBatchBroker {
@@ -699,4 +719,30 @@ func eventually(t *testing.T, cond func() bool) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// The publisher tells the scaler what the running batches still need
+// answered, by deadline: the broker cannot.
+func TestBatchTellsTheScalerItsDeadlines(t *testing.T) {
+	t.Parallel()
+	br := newFakeBatchBroker()
+	br.manual = true
+	e := setupBatches(t, batchOpts{br: br, cfg: func(c *Config) { c.Batch.Outstanding = 4 }})
+	f, _, _ := e.upload(t, "", "batch", chatLines(10, 0))
+	b := e.create(t, "", f.ID, "/v1/chat/completions", "2h")
+	eventually(t, func() bool { return len(br.published()) == 4 })
+	// Demands go out every few seconds; the first after the batch started
+	// holds all ten.
+	eventually(t, func() bool {
+		d := br.lastDemand()
+		return len(d.Due) == 1 && d.Due[0].Requests == 10
+	})
+	d := br.lastDemand()
+	if _, err := fleet.DecodeDemand(br.demands[len(br.demands)-1]); err != nil || d.Queue != "q.bulk" || d.Due[0].By.Unix() != *b.ExpiresAt {
+		t.Fatalf("demand %+v: %v", d, err)
+	}
+	for _, m := range br.published() {
+		br.reply(m)
+	}
+	eventually(t, func() bool { d := br.lastDemand(); return len(d.Due) == 1 && d.Due[0].Requests == 6 })
 }

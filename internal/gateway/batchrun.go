@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,6 +19,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/metric/noop"
 
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/gateway/batchstore"
 	"github.com/sous-run/sous/internal/wire"
 )
@@ -228,6 +230,7 @@ func (r *runner) lead(ctx context.Context) {
 	t := time.NewTicker(r.b.Poll)
 	defer t.Stop()
 	leading := false
+	var lastDemand time.Time
 	for {
 		held, err := r.b.Store.Lease(ctx, leaseName, r.b.Holder, r.b.LeaseTTL, time.Now())
 		switch {
@@ -240,7 +243,11 @@ func (r *runner) lead(ctx context.Context) {
 		}
 		leading = held && err == nil
 		if leading {
-			r.step(ctx)
+			active := r.step(ctx)
+			if now := time.Now(); now.Sub(lastDemand) >= demandEvery {
+				lastDemand = now
+				r.demand(ctx, active)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -251,14 +258,14 @@ func (r *runner) lead(ctx context.Context) {
 	}
 }
 
-// step moves every active batch on once.
-func (r *runner) step(ctx context.Context) {
+// step moves every active batch on once, and returns them as they were.
+func (r *runner) step(ctx context.Context) []batchstore.Batch {
 	active, err := r.b.Store.Active(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			r.s.log.Warn("batch store: cannot list active batches", "err", err)
 		}
-		return
+		return nil
 	}
 	now := r.s.cfg.Now()
 	var running []batchstore.Batch
@@ -288,6 +295,51 @@ func (r *runner) step(ctx context.Context) {
 		}
 	}
 	r.publish(ctx, running)
+	return active
+}
+
+// demandEvery is how often the publisher tells the scaler what its
+// batches still need (fleet.Demand), well within fleet.ReportTTL.
+const demandEvery = 5 * time.Second
+
+// demandPublisher is what the demand reports need from the broker.
+type demandPublisher interface {
+	PublishDemand(ctx context.Context, body []byte) error
+}
+
+// demand tells the scaler the requests the running batches still need
+// answered by each batch's deadline, per queue: the broker cannot tell
+// it the deadlines of what it holds, and the lines not yet published are
+// not in it at all. The batch lane's queue always gets one, empty when
+// nothing runs, so that a finished batch stops raising the metric at once.
+func (r *runner) demand(ctx context.Context, active []batchstore.Batch) {
+	dp, ok := r.br.(demandPublisher)
+	if !ok {
+		return
+	}
+	byQueue := map[string]map[time.Time]int{r.b.Lane.Queue: {}}
+	for _, b := range active {
+		left := b.Total - b.Completed - b.Failed
+		if b.Status != batchstore.InProgress || left <= 0 {
+			continue
+		}
+		if byQueue[b.Queue] == nil {
+			byQueue[b.Queue] = map[time.Time]int{}
+		}
+		byQueue[b.Queue][b.ExpiresAt] += left
+	}
+	now := r.s.cfg.Now()
+	for q, due := range byQueue {
+		d := fleet.Demand{Kind: fleet.KindDemand, Source: r.b.Holder, Queue: q, At: now, Due: []fleet.Due{}}
+		for by, n := range due {
+			d.Due = append(d.Due, fleet.Due{By: by, Requests: n})
+		}
+		slices.SortFunc(d.Due, func(a, b fleet.Due) int { return a.By.Compare(b.By) })
+		body, _ := json.Marshal(d)
+		if err := dp.PublishDemand(ctx, body); err != nil && ctx.Err() == nil {
+			r.s.log.Debug("cannot send the scaler a demand report", "err", err)
+		}
+	}
 }
 
 // outstanding are a batch's lines published and not yet answered.

@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
 )
@@ -143,6 +145,9 @@ type AMQP struct {
 	next    atomic.Uint64
 	late    atomic.Int64
 	results chan Delivery // batch results, across reconnects
+
+	reportMu sync.Mutex
+	reports  *amqp.Channel // the batch results channel, for demand reports
 	stop    context.CancelFunc
 	done    chan struct{}
 	closeMu sync.Once
@@ -695,6 +700,15 @@ func (a *AMQP) consumeBatchResults(conn *amqp.Connection, closed *[]<-chan *amqp
 	if err != nil {
 		return fmt.Errorf("consume the batch results queue %q: %w", q, err)
 	}
+	// Demand reports for the scaler go out on this channel (no confirms:
+	// a report is worth only its freshness), to the exchange the workers
+	// report on.
+	if err := ch.ExchangeDeclare(fleet.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
+		return fmt.Errorf("declare the reports exchange %q: %w", fleet.Exchange, err)
+	}
+	a.reportMu.Lock()
+	a.reports = ch
+	a.reportMu.Unlock()
 	*closed = append(*closed, ch.NotifyClose(make(chan *amqp.Error, 1)))
 	go func() {
 		for d := range deliveries {
@@ -725,4 +739,19 @@ func (a *AMQP) Publish(ctx context.Context, m Message) error {
 	}
 	l := s.lanes[a.next.Add(1)%uint64(len(s.lanes))]
 	return l.publish(ctx, m)
+}
+
+// PublishDemand sends a demand report (fleet.Demand) to the scaler's
+// exchange: not persistent, expiring with the reports.
+func (a *AMQP) PublishDemand(ctx context.Context, body []byte) error {
+	a.reportMu.Lock()
+	ch := a.reports
+	a.reportMu.Unlock()
+	if ch == nil || ch.IsClosed() {
+		return fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	return ch.PublishWithContext(ctx, fleet.Exchange, "", false, false, amqp.Publishing{
+		ContentType: "application/json", Body: body,
+		Expiration: strconv.FormatInt(fleet.ReportTTL.Milliseconds(), 10),
+	})
 }
