@@ -70,7 +70,9 @@ func batchInput(t *testing.T, n int) string {
 func wantAnswer(i int) string { return scripted[i%len(scripted)].a }
 
 // batchLanes are the lanes of a batch test: batch lines go to the last.
-func batchLanes(q string) string { return "interactive=" + q + ".interactive,bulk=" + q + ".bulk:share=0.5" }
+func batchLanes(q string) string {
+	return "interactive=" + q + ".interactive,bulk=" + q + ".bulk:share=0.5"
+}
 
 // startBatchWorker runs a worker with the two lanes on the scripted model.
 func startBatchWorker(t *testing.T, q string, env ...string) *itest.Worker {

@@ -148,9 +148,9 @@ type AMQP struct {
 
 	reportMu sync.Mutex
 	reports  *amqp.Channel // the batch results channel, for demand reports
-	stop    context.CancelFunc
-	done    chan struct{}
-	closeMu sync.Once
+	stop     context.CancelFunc
+	done     chan struct{}
+	closeMu  sync.Once
 }
 
 type session struct {
