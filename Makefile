@@ -166,6 +166,7 @@ bench: ollama rabbitmq
 	$(BENCH) -bench='GatewayAddedLatency' -benchtime=1000x ./integration/bench
 	$(BENCH) -bench='GatewayOpenStreams' -benchtime=20x ./integration/bench
 	$(BENCH) -bench='GatewayTimeToFirstToken' -benchtime=200x ./integration/bench
+	$(BENCH) -bench='BatchAPI' -benchtime=50000x ./integration/bench
 	$(BENCH) -bench=. -benchmem ./internal/batch ./internal/sizing ./internal/telemetry ./internal/inference/ollama
 
 # On a machine with an NVIDIA GPU (the device tool): NVML through go-nvml,

@@ -33,6 +33,7 @@ var (
 	brokerURL = "amqp://guest:guest@127.0.0.1:5672/"
 	seq       atomic.Int64
 	declared  itest.Queues // deleted after the run
+	tempDirs  []string     // removed after the run
 )
 
 func TestMain(m *testing.M) {
@@ -41,6 +42,9 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	declared.Delete(brokerURL)
+	for _, d := range tempDirs {
+		_ = os.RemoveAll(d)
+	}
 	os.Exit(code)
 }
 

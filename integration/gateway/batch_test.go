@@ -304,6 +304,11 @@ func killMidBatch(t *testing.T, q string, n int, gateways func() []*proc) {
 		t.Fatalf("counts %+v, error file %q", b.RequestCounts, b.ErrorFileID)
 	}
 	c.checkOutput(b, n)
+	dups := 0
+	for _, g := range gws {
+		dups += strings.Count(g.Logs(), "duplicate batch results ignored")
+	}
+	t.Logf("gateway log lines about duplicates ignored: %d", dups)
 }
 
 // TestBatchSurvivesKillsEmbedded: one gateway on the embedded store, killed

@@ -125,6 +125,11 @@ func (r *runner) record(ctx context.Context) {
 			_ = d.Ack()
 		}
 		r.m.recorded(n)
+		if dup := len(rs) - n; dup > 0 {
+			// A redelivery (a worker or a gateway died before its ack), or
+			// a line published again after a failover: recorded once.
+			r.s.log.Info("duplicate batch results ignored", "count", dup)
+		}
 		r.b.poke()
 	}
 }
