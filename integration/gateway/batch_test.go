@@ -340,3 +340,44 @@ func TestBatchSurvivesKillsPostgres(t *testing.T) {
 		return []*proc{first, startBatchGateway(t, q, url, "SOUS_GATEWAY_BATCH_OUTSTANDING=40")}
 	})
 }
+
+// TestSousctlBatch: `sousctl batch create -wait` against the real gateway
+// uploads, watches and downloads; the output file answers every line once.
+func TestSousctlBatch(t *testing.T) {
+	t.Parallel()
+	q := queueName(t, "")
+	queues.Add(q+".interactive", q+".bulk", q+".interactive.dlq", q+".bulk.dlq", q+".batch.results")
+	startBatchWorker(t, q)
+	gw := startBatchGateway(t, q, "sqlite:"+filepath.Join(t.TempDir(), "gw.db"))
+	const n = 40
+	out := filepath.Join(t.TempDir(), "out.jsonl")
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "sousctl"), "batch", "create", "-f", batchInput(t, n), "-wait", "-every", "100ms", "-o", out)
+	cmd.Env = append(os.Environ(), "SOUS_GATEWAY_URL="+gw.api, "SOUS_API_KEY="+apiKey)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdout, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("sousctl batch create -wait: %v\n%s\n%s", err, stdout, itest.Tail(stderr.String(), 20))
+	}
+	if strings.Contains(stderr.String()+string(stdout), apiKey) {
+		t.Error("sousctl printed the key")
+	}
+	id := strings.TrimSpace(string(stdout))
+	c := client{t: t, api: gw.api}
+	b := c.get(id)
+	if b.Status != "completed" {
+		t.Fatalf("batch %q: %+v", id, b)
+	}
+	text, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var direct string
+	c.do("GET", "/v1/files/"+b.OutputFileID+"/content", nil, "", &direct)
+	if string(text) != direct {
+		t.Fatal("sousctl's download differs from the output file")
+	}
+	c.checkOutput(b, n)
+}

@@ -52,7 +52,7 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	binDir = dir
-	build := exec.CommandContext(ctx, "go", "build", "-race", "-o", binDir, "../../cmd/worker", "../../cmd/gateway")
+	build := exec.CommandContext(ctx, "go", "build", "-race", "-o", binDir, "../../cmd/worker", "../../cmd/gateway", "../../cmd/sousctl")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build binaries:", err)
