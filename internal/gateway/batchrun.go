@@ -235,9 +235,17 @@ func (r *runner) lead(ctx context.Context) {
 	t := time.NewTicker(r.b.Poll)
 	defer t.Stop()
 	leading := false
-	var lastDemand time.Time
+	var lastDemand, renewed time.Time
 	for {
-		held, err := r.b.Store.Lease(ctx, leaseName, r.b.Holder, r.b.LeaseTTL, time.Now())
+		// The lease is renewed every third of its time to live, not every
+		// step: a write to the store each time.
+		var held bool
+		var err error
+		if now := time.Now(); leading && now.Sub(renewed) < r.b.LeaseTTL/3 {
+			held = true
+		} else if held, err = r.b.Store.Lease(ctx, leaseName, r.b.Holder, r.b.LeaseTTL, now); err == nil && held {
+			renewed = now
+		}
 		switch {
 		case err != nil && ctx.Err() == nil:
 			r.s.log.Warn("batch store: cannot take the publisher's lease", "err", err)
