@@ -110,6 +110,8 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 
 	// Reports for the work-aware scaler (report.go).
 	defer startReports(ctx, cfg, w, sizer.Size, log)()
+	// Producers' cancellations (cancel.go): a cancelled batch's lines.
+	defer startCancels(ctx, cfg, w, log)()
 
 	// Busy-aware scale-in (podcost.go); a no-op outside Kubernetes.
 	defer startPodCost(ctx, cfg.PodCost, w.InFlight, log)()

@@ -278,6 +278,12 @@ func (b *Batcher[T]) Overdue(now time.Time) []T {
 	return b.remove(func(e entry[T]) bool { return !e.due.IsZero() && !e.due.After(now) })
 }
 
+// Remove removes and returns the waiting items for which drop is true
+// (requests their producer cancelled).
+func (b *Batcher[T]) Remove(drop func(T) bool) []T {
+	return b.remove(func(e entry[T]) bool { return drop(e.v) })
+}
+
 // NextDue is the earliest deadline of the waiting items; ok is false when
 // none has one.
 func (b *Batcher[T]) NextDue() (at time.Time, ok bool) {

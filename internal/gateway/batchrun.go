@@ -53,7 +53,7 @@ func (s *Server) RunBatches(ctx context.Context, br BatchBroker) {
 	if b == nil {
 		return
 	}
-	r := &runner{s: s, b: b, br: br, m: newBatchMetrics(s.cfg.Meter, b.Store, s.log)}
+	r := &runner{s: s, b: b, br: br, m: newBatchMetrics(s.cfg.Meter, b.Store, s.log), announced: map[string]bool{}}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); r.record(ctx) }()
@@ -71,6 +71,8 @@ type runner struct {
 	validations sync.WaitGroup
 	mu          sync.Mutex
 	validating  map[string]bool
+
+	announced map[string]bool // cancelling batches told to the workers (lead's goroutine only)
 }
 
 // record writes the results this replica takes, many to a transaction,
@@ -217,6 +219,8 @@ func (r *runner) result(d Delivery) (batchstore.Result, bool) {
 		line.Response = &lineResponse{StatusCode: 200, RequestID: reqID, Body: a.body(&res)}
 	case res.Error != nil && res.Error.Code == wire.ReasonExpired:
 		line.Error = &lineError{Code: "batch_expired", Message: "This request could not be executed before the completion window expired."}
+	case res.Error != nil && res.Error.Code == wire.ReasonCancelled:
+		line.Error = &lineError{Code: "batch_cancelled", Message: "This request was cancelled before it could be executed."}
 	default:
 		e := res.Error
 		if e == nil {
@@ -301,6 +305,10 @@ func (r *runner) step(ctx context.Context) []batchstore.Batch {
 		case batchstore.Finalizing:
 			r.finalize(ctx, b, batchstore.Finalizing, batchstore.Completed, "", "")
 		case batchstore.Cancelling:
+			if !r.announced[b.ID] {
+				r.announced[b.ID] = true
+				r.cancel(ctx, b)
+			}
 			if outstanding(b) <= 0 || now.Sub(b.CancellingAt) >= r.b.CancelGrace {
 				r.finalize(ctx, b, batchstore.Cancelling, batchstore.Cancelled, "batch_cancelled",
 					"This request was cancelled before it could be executed.")
@@ -309,6 +317,27 @@ func (r *runner) step(ctx context.Context) []batchstore.Batch {
 	}
 	r.publish(ctx, running)
 	return active
+}
+
+// cancelPublisher is what cancelling a batch's queued lines needs from
+// the broker.
+type cancelPublisher interface {
+	PublishCancel(ctx context.Context, body []byte) error
+}
+
+// cancel tells the workers to answer the batch's lines still queued
+// "cancelled" instead of running them (wire.Cancel; RabbitMQ's queues
+// cannot give back a message from their middle). Its lines' correlation
+// ids start with the prefix.
+func (r *runner) cancel(ctx context.Context, b batchstore.Batch) {
+	cp, ok := r.br.(cancelPublisher)
+	if !ok {
+		return
+	}
+	body, _ := json.Marshal(wire.Cancel{Prefix: corrPrefix + b.ID + ":", Until: b.ExpiresAt})
+	if err := cp.PublishCancel(ctx, body); err != nil && ctx.Err() == nil {
+		r.s.log.Warn("cannot tell the workers a batch is cancelled; its queued lines will run", "batch_id", b.ID, "err", err)
+	}
 }
 
 // demandEvery is how often the publisher tells the scaler what its
@@ -342,6 +371,11 @@ func (r *runner) demand(ctx context.Context, active []batchstore.Batch) {
 		byQueue[b.Queue][b.ExpiresAt] += left
 	}
 	now := r.s.cfg.Now()
+	for _, b := range active {
+		if b.Status == batchstore.Cancelling {
+			r.cancel(ctx, b) // again: a worker that was away hears it now
+		}
+	}
 	for q, due := range byQueue {
 		d := fleet.Demand{Kind: fleet.KindDemand, Source: r.b.Holder, Queue: q, At: now, Due: []fleet.Due{}}
 		for by, n := range due {

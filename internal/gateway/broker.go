@@ -17,6 +17,7 @@ import (
 	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/queue/rabbitmq"
 	"github.com/sous-run/sous/internal/secret"
+	"github.com/sous-run/sous/internal/wire"
 )
 
 // Broker is what the server needs from the message broker.
@@ -706,6 +707,9 @@ func (a *AMQP) consumeBatchResults(conn *amqp.Connection, closed *[]<-chan *amqp
 	if err := ch.ExchangeDeclare(fleet.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("declare the reports exchange %q: %w", fleet.Exchange, err)
 	}
+	if err := ch.ExchangeDeclare(wire.CancelExchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
+		return fmt.Errorf("declare the cancellations exchange %q: %w", wire.CancelExchange, err)
+	}
 	a.reportMu.Lock()
 	a.reports = ch
 	a.reportMu.Unlock()
@@ -754,4 +758,16 @@ func (a *AMQP) PublishDemand(ctx context.Context, body []byte) error {
 		ContentType: "application/json", Body: body,
 		Expiration: strconv.FormatInt(fleet.ReportTTL.Milliseconds(), 10),
 	})
+}
+
+// PublishCancel tells every worker (wire.CancelExchange) that the requests
+// a wire.Cancel names are no longer wanted.
+func (a *AMQP) PublishCancel(ctx context.Context, body []byte) error {
+	a.reportMu.Lock()
+	ch := a.reports
+	a.reportMu.Unlock()
+	if ch == nil || ch.IsClosed() {
+		return fmt.Errorf("%w: not connected (reconnecting)", ErrUnavailable)
+	}
+	return ch.PublishWithContext(ctx, wire.CancelExchange, "", false, false, amqp.Publishing{ContentType: "application/json", Body: body})
 }

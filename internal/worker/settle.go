@@ -108,6 +108,11 @@ func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settle
 
 	var inErr *wire.InputError
 	switch {
+	case errors.Is(out.err, errCancelled):
+		// The producer no longer wants it: answered, and gone from the
+		// queue without a dead letter (nothing is wrong with it).
+		w.publishError(ctx, it, out, id, model, wire.ReasonCancelled, out.err.Error())
+		return queue.Settlement{Action: queue.Ack}
 	case errors.As(out.err, &inErr):
 		w.publishError(ctx, it, out, id, model, inErr.Reason, inErr.Message)
 		return queue.Settlement{Action: queue.DeadLetter, Reason: inErr.Reason, Description: inErr.Message}

@@ -233,6 +233,8 @@ type Worker struct {
 	engineUp atomic.Bool // the last engine call or probe succeeded
 
 	modelsUnlisted atomic.Bool // said once: the engine does not list models
+
+	cancels cancels // producers' cancellations (Cancel)
 }
 
 // New returns a Worker on one queue, the lane "default". log must not be
@@ -547,6 +549,10 @@ func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *it
 	if d.Headers[headerAnswered] != "" {
 		return it, false // decide dead-letters it
 	}
+	if w.cancels.match(d, w.now()) {
+		it.bad = outcome{err: errCancelled}
+		return it, false
+	}
 	if dec.ID == "" {
 		dec.ID = d.CorrelationKey()
 	}
@@ -622,6 +628,7 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 		bs[i], shares[i] = batch.New[*item](w.cfg.BatchWait, prefix), l.Share
 	}
 	sched := lanes.NewScheduler(shares)
+	var cancelGen uint64
 	has, on, order := make([]bool, n), make([]int, n), make([]int, 0, n)
 	waiting := func() int {
 		total := 0
@@ -697,11 +704,22 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 			continue
 		}
 		now := w.now()
+		sweep := false
+		if g := w.cancels.generation(); g != cancelGen {
+			cancelGen, sweep = g, true
+		}
 		for _, b := range bs {
 			// A request whose deadline passed while it waited is answered
 			// expired, never sent to the engine.
 			if due := b.Overdue(now); len(due) > 0 {
 				w.settleAll(due, outcome{err: errDeadline})
+			}
+			// One its producer cancelled since the last look is answered
+			// cancelled.
+			if sweep {
+				if gone := b.Remove(func(it *item) bool { return w.cancels.match(it.d, now) }); len(gone) > 0 {
+					w.settleAll(gone, outcome{err: errCancelled})
+				}
 			}
 			if w.cfg.MaxWait > 0 {
 				if old := b.Expire(now.Add(-w.cfg.MaxWait)); len(old) > 0 {
