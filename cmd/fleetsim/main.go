@@ -34,7 +34,7 @@ func run(args []string, w io.Writer) error {
 	targets := fs.String("targets", "300,900,1800", "sous's targetDrainSeconds to try, comma-separated")
 	inter := fs.Float64("interactive-target", 0, "when above 0, sous's scaler has a trigger per lane: this targetDrainSeconds for interactive, -targets for bulk")
 	bulkOnly := fs.Bool("bulk-only", false, "leave out the interactive traffic: the bulk jobs alone")
-	deadline := fs.String("deadline-aware", "", "also run design (c), not built in cmd/scaler: TARGET:MARGIN seconds, deadlines raising the answer")
+	deadline := fs.String("deadline-aware", "", "also run design (c), sous's scaler with the Batch API's demands: TARGET:MARGIN seconds, deadlines raising the answer (margin: SOUS_SCALER_DEADLINE_MARGIN)")
 	ceiling := fs.Int("bulk-ceiling", 0, "with -deadline-aware, also run (c) with bulk held to at most this many slots of a replica (not in sous)")
 	format := fs.String("format", "markdown", "output: markdown")
 	if err := fs.Parse(args); err != nil {
