@@ -613,11 +613,7 @@ func quantile(sorted []float64, q float64) float64 {
 // of targets (targetDrainSeconds), with the measured cost and, for the
 // first target, the exact one.
 func Designs(max int, podStart float64, targets []float64, interactive float64) []Design {
-	a := Shipped("(a) KEDA message count, value 96 per lane", max,
-		Trigger{Kind: Messages, Lanes: []int{Interactive}, Target: 96},
-		Trigger{Kind: Messages, Lanes: []int{Bulk}, Target: 96})
-	a.PodStart = podStart
-	out := []Design{a}
+	out := []Design{MessageCount(max, podStart, 96)}
 	for i, t := range targets {
 		b := Shipped(fmt.Sprintf("(b) sous scaler, targetDrainSeconds %g", t), max,
 			Trigger{Kind: WorkSeconds, Lanes: []int{Interactive, Bulk}, Target: t})
@@ -636,6 +632,20 @@ func Designs(max int, podStart float64, targets []float64, interactive float64) 
 		}
 	}
 	return out
+}
+
+// MessageCount is design (a): KEDA's rabbitmq trigger on each lane's
+// queue, value 96 for interactive (the shipped value) and bulk for bulk.
+func MessageCount(max int, podStart, bulk float64) Design {
+	name := "(a) KEDA message count, value 96 per lane"
+	if bulk != 96 {
+		name = fmt.Sprintf("(a) KEDA message count, value 96 interactive, %g bulk", bulk)
+	}
+	a := Shipped(name, max,
+		Trigger{Kind: Messages, Lanes: []int{Interactive}, Target: 96},
+		Trigger{Kind: Messages, Lanes: []int{Bulk}, Target: bulk})
+	a.PodStart = podStart
+	return a
 }
 
 // SlotHours is the replica-hours of pure work in reqs: their service
