@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -34,8 +35,11 @@ func run(args []string, w io.Writer) error {
 	targets := fs.String("targets", "300,900,1800", "sous's targetDrainSeconds to try, comma-separated")
 	inter := fs.Float64("interactive-target", 0, "when above 0, sous's scaler has a trigger per lane: this targetDrainSeconds for interactive, -targets for bulk")
 	bulkOnly := fs.Bool("bulk-only", false, "leave out the interactive traffic: the bulk jobs alone")
-	deadline := fs.String("deadline-aware", "", "also run design (c), not built in cmd/scaler: TARGET:MARGIN seconds, deadlines raising the answer")
+	deadline := fs.String("deadline-aware", "", "also run design (c), sous's scaler with the Batch API's demands: TARGET:MARGIN seconds, deadlines raising the answer (margin: SOUS_SCALER_DEADLINE_MARGIN)")
 	ceiling := fs.Int("bulk-ceiling", 0, "with -deadline-aware, also run (c) with bulk held to at most this many slots of a replica (not in sous)")
+	kedaBulk := fs.String("keda-bulk-values", "", "also run (a) with these values on the bulk queue's trigger, comma-separated (interactive's stays 96)")
+	deadlineScale := fs.Float64("deadline-scale", 1, "multiply every bulk job's deadline by this (a traffic variant)")
+	bulkScale := fs.Float64("bulk-scale", 1, "multiply every bulk job's requests by this (a traffic variant)")
 	format := fs.String("format", "markdown", "output: markdown")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -43,16 +47,18 @@ func run(args []string, w io.Writer) error {
 	if *format != "markdown" {
 		return fmt.Errorf("-format %q: only markdown", *format)
 	}
-	if *hours <= 0 || *max < 1 || *podStart < 0 || *fixed < 0 || *perToken < 0 {
-		return fmt.Errorf("-hours and -max must be above 0, -pod-start, -fixed and -per-token at least 0")
+	if *hours <= 0 || *max < 1 || *podStart < 0 || *fixed < 0 || *perToken < 0 || *deadlineScale <= 0 || *bulkScale < 0 {
+		return fmt.Errorf("-hours, -max and -deadline-scale must be above 0, -pod-start, -fixed, -per-token and -bulk-scale at least 0")
 	}
-	var ts []float64
-	for _, f := range strings.Split(*targets, ",") {
-		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
-		if err != nil || v <= 0 {
-			return fmt.Errorf("-targets: %q is not a number of seconds above 0", f)
+	ts, err := numbers("-targets", *targets)
+	if err != nil {
+		return err
+	}
+	var kb []float64
+	if *kedaBulk != "" {
+		if kb, err = numbers("-keda-bulk-values", *kedaBulk); err != nil {
+			return err
 		}
-		ts = append(ts, v)
 	}
 	e := fleetsim.Engine{Slots: 32, Fixed: *fixed, PerToken: *perToken}
 	tr := fleetsim.Day()
@@ -60,8 +66,15 @@ func run(args []string, w io.Writer) error {
 	if *bulkOnly {
 		tr.NightRate, tr.PeakRate = 0, 0
 	}
+	for i := range tr.Jobs {
+		tr.Jobs[i].Deadline *= *deadlineScale
+		tr.Jobs[i].Requests = int(math.Round(float64(tr.Jobs[i].Requests) * *bulkScale))
+	}
 	rs := fleetsim.Compare(tr, e, *seed, *max, *podStart, ts, *inter)
 	reqs := fleetsim.Generate(tr, e, *seed)
+	for _, v := range kb {
+		rs = append(rs, fleetsim.Run(fleetsim.MessageCount(*max, *podStart, v), e, reqs, tr.Span))
+	}
 	if *deadline != "" {
 		a, b, ok := strings.Cut(*deadline, ":")
 		target, err1 := strconv.ParseFloat(a, 64)
@@ -80,4 +93,17 @@ func run(args []string, w io.Writer) error {
 	fmt.Fprintf(w, "seed %d, %g h, engine %g s + %g s/token on 32 slots, max %d replicas, pod start %g s: %d requests, %.1f replica-hours of slot time\n\n",
 		*seed, *hours, *fixed, *perToken, *max, *podStart, len(reqs), fleetsim.SlotHours(reqs, e))
 	return fleetsim.Table(w, rs)
+}
+
+// numbers reads a comma-separated list of numbers above 0.
+func numbers(flag, list string) ([]float64, error) {
+	var out []float64
+	for _, f := range strings.Split(list, ",") {
+		v, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil || v <= 0 {
+			return nil, fmt.Errorf("%s: %q is not a number above 0", flag, f)
+		}
+		out = append(out, v)
+	}
+	return out, nil
 }

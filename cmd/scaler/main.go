@@ -58,8 +58,14 @@ type Config struct {
 	// PriorSeconds is the seconds one replica spends per request of a
 	// queue no worker has measured yet (SOUS_SCALER_PRIOR_SECONDS).
 	PriorSeconds time.Duration `env:"SOUS_SCALER_PRIOR_SECONDS" envDefault:"1s"`
-	LogLevel     string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
-	LogFormat    string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
+	// DeadlineMargin is how long before each deadline a producer states
+	// (fleet.Demand: the Batch API's gateway) its work should be done:
+	// time for pods to start, the HPA's scale-up policy and retried lines
+	// (SOUS_SCALER_DEADLINE_MARGIN; default 30m, as docs/benchmarks.md's
+	// simulation of it).
+	DeadlineMargin time.Duration `env:"SOUS_SCALER_DEADLINE_MARGIN" envDefault:"30m"`
+	LogLevel       string        `env:"SOUS_LOG_LEVEL" envDefault:"info"`
+	LogFormat      string        `env:"SOUS_LOG_FORMAT" envDefault:"json"`
 }
 
 func loadConfig(environ []string) (Config, error) {
@@ -102,6 +108,9 @@ func (c Config) validate() error {
 	}
 	if c.PriorSeconds <= 0 {
 		return brokerconfig.Bad("SOUS_SCALER_PRIOR_SECONDS", "must be a duration above 0, such as 1s: the seconds one replica spends per request before any worker has measured the queue")
+	}
+	if c.DeadlineMargin < 0 {
+		return brokerconfig.Bad("SOUS_SCALER_DEADLINE_MARGIN", "must be a duration of at least 0, such as 30m: how long before a batch's deadline its work should be done")
 	}
 	var l slog.Level
 	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
@@ -178,7 +187,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 			}
 			return nil
 		}
-		log.Info("starting", "addr", cfg.Addr, "broker", "rabbitmq", "amqp_url", secret.URL(cfg.AMQPURL.Reveal()), "management", cfg.ManagementURL != "", "saved_costs", len(saved), "prior", cfg.PriorSeconds)
+		log.Info("starting", "addr", cfg.Addr, "broker", "rabbitmq", "amqp_url", secret.URL(cfg.AMQPURL.Reveal()), "management", cfg.ManagementURL != "", "saved_costs", len(saved), "prior", cfg.PriorSeconds, "deadline_margin", cfg.DeadlineMargin)
 		rctx, cancelReports := context.WithCancel(ctx)
 		reportsDone := make(chan struct{})
 		go func() { defer close(reportsDone); rabbit.Run(rctx, view) }()
@@ -192,7 +201,7 @@ func run(ctx context.Context, cfg Config, log *slog.Logger) error {
 	// Bounds on what a client holds: KEDA's few connections, small
 	// messages, idle streams kept alive by KEDA itself.
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(1<<20), grpc.MaxConcurrentStreams(256), grpc.ConnectionTimeout(10*time.Second))
-	externalscaler.RegisterExternalScalerServer(srv, scaler.New(scaler.Config{PriorCost: cfg.PriorSeconds.Seconds()}, view, depth, log))
+	externalscaler.RegisterExternalScalerServer(srv, scaler.New(scaler.Config{PriorCost: cfg.PriorSeconds.Seconds(), DeadlineMargin: cfg.DeadlineMargin}, view, depth, log))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
 	served := make(chan error, 1)

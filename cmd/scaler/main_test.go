@@ -25,13 +25,15 @@ import (
 
 func TestConfig(t *testing.T) {
 	c, err := loadConfig(nil)
-	if err != nil || c.Addr != ":9090" || c.PriorSeconds != time.Second || c.HTTPAddr != ":8083" {
+	if err != nil || c.Addr != ":9090" || c.PriorSeconds != time.Second || c.HTTPAddr != ":8083" || c.DeadlineMargin != 30*time.Minute {
 		t.Fatalf("defaults: %+v, %v", c, err)
 	}
 	for env, want := range map[string]string{
 		"SOUS_SCALER_ADDR=9090":                  "SOUS_SCALER_ADDR",
 		"SOUS_SCALER_PRIOR_SECONDS=0s":           "SOUS_SCALER_PRIOR_SECONDS",
 		"SOUS_SCALER_PRIOR_SECONDS=soon":         "SOUS_SCALER_PRIOR_SECONDS",
+		"SOUS_SCALER_DEADLINE_MARGIN=-1m":        "SOUS_SCALER_DEADLINE_MARGIN",
+		"SOUS_SCALER_DEADLINE_MARGIN=early":      "SOUS_SCALER_DEADLINE_MARGIN",
 		"SOUS_SCALER_MANAGEMENT_URL=rabbit:1567": "SOUS_SCALER_MANAGEMENT_URL",
 		"SOUS_AMQP_URL=http://x":                 "SOUS_AMQP_URL",
 		"SOUS_LOG_FORMAT=xml":                    "SOUS_LOG_FORMAT",

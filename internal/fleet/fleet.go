@@ -7,6 +7,11 @@
 // latest report of each worker and lane (View) and prices a lane's queued
 // request at Cost: the seconds one replica spends on it, its mean service
 // time divided by the requests it runs at once.
+//
+// Producers that know when their queued work is due (the Batch API's
+// gateway) publish a Demand to the same exchange; the View keeps the
+// latest of each source and queue, and DeadlineReplicas turns a queue's
+// due list into the replicas that finish it in time.
 package fleet
 
 import (

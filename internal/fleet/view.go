@@ -7,12 +7,14 @@ import (
 )
 
 // View is the scaler's picture of the fleet: the latest report of each
-// worker and lane, and the last cost seen of each queue, kept when its
-// workers are gone (scaled to zero) so that the first request of the next
-// burst is priced as the last ones were. Safe for concurrent use.
+// worker and lane, the latest demand of each producer and queue, and the
+// last cost seen of each queue, kept when its workers are gone (scaled
+// to zero) so that the first request of the next burst is priced as the
+// last ones were. Safe for concurrent use.
 type View struct {
 	mu      sync.Mutex
 	reports map[key]Report
+	demands map[key]Demand     // key.worker is the demand's source
 	last    map[string]float64 // queue → cost
 }
 
@@ -21,7 +23,7 @@ type key struct{ worker, queue string }
 // NewView returns a View that starts from saved costs (queue → seconds
 // per request for one replica), as Costs returned them; nil for none.
 func NewView(saved map[string]float64) *View {
-	v := &View{reports: map[key]Report{}, last: map[string]float64{}}
+	v := &View{reports: map[key]Report{}, demands: map[key]Demand{}, last: map[string]float64{}}
 	maps.Copy(v.last, saved)
 	return v
 }
@@ -39,6 +41,39 @@ func (v *View) Add(r Report) {
 	if c, ok := r.Cost(); ok {
 		v.last[r.Queue] = c
 	}
+}
+
+// AddDemand takes a producer's demand: it replaces the one held of the
+// same source and queue (an empty Due clears it), unless that one is
+// newer.
+func (v *View) AddDemand(d Demand) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	k := key{d.Source, d.Queue}
+	if old, ok := v.demands[k]; ok && old.At.After(d.At) {
+		return
+	}
+	v.demands[k] = d
+}
+
+// Due returns the work due on queue at now by deadline, from the latest
+// demand of each source, earliest first, the requests of equal deadlines
+// added up; nil when none is due. Demands older than ReportTTL are
+// dropped: a producer that stops saying it has stopped needing it.
+func (v *View) Due(queue string, now time.Time) []Due {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	var lists [][]Due
+	for k, d := range v.demands {
+		if now.Sub(d.At) > ReportTTL {
+			delete(v.demands, k)
+			continue
+		}
+		if k.queue == queue {
+			lists = append(lists, d.Due)
+		}
+	}
+	return mergeDue(lists...)
 }
 
 // LaneState is what the fleet says of one queue now.

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/lanes"
 )
 
@@ -29,13 +30,13 @@ type Trigger struct {
 	Kind   Kind
 	Lanes  []int
 	Target float64
-	// Deadlines (WorkSeconds only; not in cmd/scaler) raises the answer
-	// so that the HPA asks for at least the replicas that finish each
-	// job's held work DeadlineMargin before its deadline: for each
-	// deadline d, the work due by d over (d - now - margin), times
-	// Target. It needs what the broker does not say (how many held
-	// requests are due when), so it is an upper bound on what such a
-	// scaler could do.
+	// Deadlines (WorkSeconds only) raises the answer as cmd/scaler does
+	// with a producer's fleet.Demand (SOUS_SCALER_DEADLINE_MARGIN is
+	// DeadlineMargin, in seconds): to at least
+	// fleet.DeadlineReplicas × Target, the replicas that finish each
+	// job's held work DeadlineMargin before its deadline. The demand is
+	// exact here (each job's held requests by its deadline), as the Batch
+	// API's gateway states it for its batches.
 	Deadlines      bool
 	DeadlineMargin float64
 }
@@ -237,9 +238,10 @@ type sim struct {
 	hpa     *HPA
 	lastAct float64
 
-	held    [2]int     // waiting + on a slot, per lane
-	heldJob []int      // the same, per bulk job
-	jobs    []int      // bulk jobs by deadline
+	held    [2]int // waiting + on a slot, per lane
+	heldJob []int  // the same, per bulk job
+	jobs    []int  // bulk jobs by deadline
+	due     []fleet.Due
 	first   []int      // each job's first request
 	heldSvc [2]float64 // service seconds of the waiting ones
 	sumEnd  [2]float64 // end times of the running ones
@@ -480,18 +482,23 @@ func (s *sim) metric(t Trigger) float64 {
 	if !t.Deadlines || !slices.Contains(t.Lanes, Bulk) {
 		return v
 	}
-	cost := s.cost(Bulk)
-	due := 0.0
+	// What the Batch API's gateway would say in its fleet.Demand: the
+	// requests of each job still held, by the job's deadline.
+	due := s.due[:0]
 	for _, j := range s.jobs {
-		due += float64(s.heldJob[j]) * cost
-		if s.heldJob[j] == 0 {
-			continue
+		if s.heldJob[j] > 0 {
+			due = append(due, fleet.Due{By: at(s.reqs[s.first[j]].Deadline), Requests: s.heldJob[j]})
 		}
-		left := max(s.reqs[s.first[j]].Deadline-s.now-t.DeadlineMargin, s.d.Sync)
-		v = max(v, due/left*t.Target)
 	}
-	return v
+	s.due = due
+	r := fleet.DeadlineReplicas(due, s.cost(Bulk), at(s.now), seconds(t.DeadlineMargin))
+	return max(v, r*t.Target)
 }
+
+// at is the simulated clock's time t seconds.
+func at(t float64) time.Time { return epoch.Add(seconds(t)) }
+
+func seconds(f float64) time.Duration { return time.Duration(f * float64(time.Second)) }
 
 func (s *sim) work(t Trigger) float64 {
 	v := 0.0
@@ -606,11 +613,7 @@ func quantile(sorted []float64, q float64) float64 {
 // of targets (targetDrainSeconds), with the measured cost and, for the
 // first target, the exact one.
 func Designs(max int, podStart float64, targets []float64, interactive float64) []Design {
-	a := Shipped("(a) KEDA message count, value 96 per lane", max,
-		Trigger{Kind: Messages, Lanes: []int{Interactive}, Target: 96},
-		Trigger{Kind: Messages, Lanes: []int{Bulk}, Target: 96})
-	a.PodStart = podStart
-	out := []Design{a}
+	out := []Design{MessageCount(max, podStart, 96)}
 	for i, t := range targets {
 		b := Shipped(fmt.Sprintf("(b) sous scaler, targetDrainSeconds %g", t), max,
 			Trigger{Kind: WorkSeconds, Lanes: []int{Interactive, Bulk}, Target: t})
@@ -631,6 +634,20 @@ func Designs(max int, podStart float64, targets []float64, interactive float64) 
 	return out
 }
 
+// MessageCount is design (a): KEDA's rabbitmq trigger on each lane's
+// queue, value 96 for interactive (the shipped value) and bulk for bulk.
+func MessageCount(max int, podStart, bulk float64) Design {
+	name := "(a) KEDA message count, value 96 per lane"
+	if bulk != 96 {
+		name = fmt.Sprintf("(a) KEDA message count, value 96 interactive, %g bulk", bulk)
+	}
+	a := Shipped(name, max,
+		Trigger{Kind: Messages, Lanes: []int{Interactive}, Target: 96},
+		Trigger{Kind: Messages, Lanes: []int{Bulk}, Target: bulk})
+	a.PodStart = podStart
+	return a
+}
+
 // SlotHours is the replica-hours of pure work in reqs: their service
 // time over the slots, what a fleet that never left a slot idle and
 // started pods instantly would pay.
@@ -642,16 +659,16 @@ func SlotHours(reqs []Request, e Engine) float64 {
 	return total / float64(e.Slots) / 3600
 }
 
-// DeadlineAware is design (c), not built in cmd/scaler: sous's scaler
-// with bulk's target at target and its deadlines raising the answer
-// (Trigger.Deadlines, margin seconds before each deadline).
+// DeadlineAware is design (c), cmd/scaler with the Batch API's demands:
+// sous's scaler with bulk's target at target and its deadlines raising
+// the answer (Trigger.Deadlines, margin seconds before each deadline).
 // With interactive above 0 the interactive lane has a trigger of its
 // own at that target.
 func DeadlineAware(max int, podStart, target, margin, interactive float64) Design {
-	c := Shipped(fmt.Sprintf("(c) seconds of work, target %g, deadlines raise it (margin %g s; not built)", target, margin), max,
+	c := Shipped(fmt.Sprintf("(c) seconds of work, target %g, deadlines raise it (margin %g s)", target, margin), max,
 		Trigger{Kind: WorkSeconds, Lanes: []int{Interactive, Bulk}, Target: target, Deadlines: true, DeadlineMargin: margin})
 	if interactive > 0 {
-		c = Shipped(fmt.Sprintf("(c) per lane, interactive %g, bulk %g, deadlines raise it (margin %g s; not built)", interactive, target, margin), max,
+		c = Shipped(fmt.Sprintf("(c) per lane, interactive %g, bulk %g, deadlines raise it (margin %g s)", interactive, target, margin), max,
 			Trigger{Kind: WorkSeconds, Lanes: []int{Interactive}, Target: interactive},
 			Trigger{Kind: WorkSeconds, Lanes: []int{Bulk}, Target: target, Deadlines: true, DeadlineMargin: margin})
 	}

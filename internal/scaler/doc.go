@@ -12,5 +12,10 @@
 // time over the requests one runs at once; the last cost seen when no
 // worker runs; else the prior). KEDA's external metrics are averaged over
 // the replicas, so the HPA asks for ceil(seconds / targetDrainSeconds).
-// IsActive is true as soon as any queue holds a request.
+// Deadlines can only raise it: producers that know when their queued work
+// is due (the Batch API's gateway) say so in a fleet.Demand on the reports
+// exchange, and the answer is at least fleet.DeadlineReplicas ×
+// targetDrainSeconds, the replicas that finish each deadline's work
+// Config.DeadlineMargin before it. IsActive is true as soon as any queue
+// holds a request.
 package scaler

@@ -42,9 +42,9 @@ type RabbitConfig struct {
 	Exchange string
 }
 
-// Rabbit reads queue depths, consumes the workers' reports into a
-// fleet.View, and saves the view's costs in StateQueue. Safe for
-// concurrent use.
+// Rabbit reads queue depths, consumes the workers' reports and the
+// producers' demands into a fleet.View, and saves the view's costs in
+// StateQueue. Safe for concurrent use.
 type Rabbit struct {
 	cfg  RabbitConfig
 	log  *slog.Logger
@@ -183,8 +183,9 @@ func (r *Rabbit) declareState(ch *amqp.Channel) error {
 	return err
 }
 
-// Run consumes the workers' reports into view and saves its costs when
-// they change, reconnecting after a failure, until ctx ends.
+// Run consumes the workers' reports and the producers' demands into view
+// and saves its costs when they change, reconnecting after a failure,
+// until ctx ends.
 func (r *Rabbit) Run(ctx context.Context, view *fleet.View) {
 	wait := time.Second
 	for ctx.Err() == nil {
@@ -239,6 +240,15 @@ func (r *Rabbit) consume(ctx context.Context, view *fleet.View) error {
 		case d, ok := <-ds:
 			if !ok {
 				return errors.New("the reports consumer was closed")
+			}
+			if fleet.IsDemand(d.Body) {
+				dem, err := fleet.DecodeDemand(d.Body)
+				if err != nil {
+					r.log.Warn("a demand was not understood; ignored", "err", err)
+					continue
+				}
+				view.AddDemand(dem)
+				continue
 			}
 			rep, err := fleet.Decode(d.Body)
 			if err != nil {

@@ -46,6 +46,10 @@ type Config struct {
 	// PriorCost is the seconds one replica spends per request of a queue
 	// no worker has measured yet (SOUS_SCALER_PRIOR_SECONDS).
 	PriorCost float64
+	// DeadlineMargin is how long before each deadline a producer states
+	// (fleet.Demand) its work should be done
+	// (SOUS_SCALER_DEADLINE_MARGIN; 0 aims at the deadline itself).
+	DeadlineMargin time.Duration
 	// StreamInterval is how often StreamIsActive looks at the queues
 	// (default 5s).
 	StreamInterval time.Duration
@@ -108,6 +112,13 @@ type Work struct {
 	Seconds float64
 	// Requests is how many requests they hold.
 	Requests int
+	// Replicas is how many replicas finish the work producers say is
+	// due on the queues in time (fleet.DeadlineReplicas, added up over
+	// the queues); 0 when none is.
+	Replicas float64
+	// Metric is what GetMetrics answers: Seconds, raised so that the
+	// HPA asks for at least Replicas.
+	Metric float64
 }
 
 // work measures the trigger's queues. A queue that does not exist holds
@@ -130,12 +141,29 @@ func (s *Server) work(ctx context.Context, t trigger) (Work, error) {
 		}
 		w.Requests += n
 		w.Seconds += float64(n) * cost
+		// The queues of a trigger share its replicas: what each needs
+		// for its deadlines adds up (an upper bound when their deadlines
+		// differ, and deadlines may only raise the answer).
+		if due := s.view.Due(q, now); len(due) > 0 {
+			w.Replicas += fleet.DeadlineReplicas(due, cost, now, s.cfg.DeadlineMargin)
+		}
 	}
+	// KEDA's external metrics are AverageValue: the HPA asks for
+	// ceil(metric / targetDrainSeconds) replicas. A metric of Replicas ×
+	// targetDrainSeconds therefore asks for at least ceil(Replicas);
+	// deadlines only ever raise the answer, never lower what the seconds
+	// of work ask for.
+	w.Metric = max(w.Seconds, w.Replicas*t.target)
 	return w, nil
 }
 
 // IsActive implements externalscaler.ExternalScalerServer: true as soon as
-// any queue holds a request (scale from zero on the first).
+// any queue holds a request (scale from zero on the first). Work a
+// producer says is due does not activate on its own: the Batch API's
+// gateway paces a running batch's lines into the queue, so the queue
+// holds requests whenever there is work to do, and a demand with nothing
+// in the broker (between two paced lines, or from a producer that has
+// stopped) has nothing for a replica to receive.
 func (s *Server) IsActive(ctx context.Context, ref *externalscaler.ScaledObjectRef) (*externalscaler.IsActiveResponse, error) {
 	t, err := parse(ref)
 	if err != nil {
@@ -187,7 +215,8 @@ func (s *Server) GetMetricSpec(_ context.Context, ref *externalscaler.ScaledObje
 }
 
 // GetMetrics implements externalscaler.ExternalScalerServer: the seconds
-// one replica would need to drain the queues.
+// one replica would need to drain the queues, raised so that the work
+// producers say is due by a deadline is done in time (Work.Metric).
 func (s *Server) GetMetrics(ctx context.Context, req *externalscaler.GetMetricsRequest) (*externalscaler.GetMetricsResponse, error) {
 	t, err := parse(req.GetScaledObjectRef())
 	if err != nil {
@@ -198,8 +227,8 @@ func (s *Server) GetMetrics(ctx context.Context, req *externalscaler.GetMetricsR
 		s.log.Warn("GetMetrics", "queues", t.queues, "err", err)
 		return nil, err
 	}
-	s.log.Debug("GetMetrics", "queues", t.queues, "requests", w.Requests, "work_seconds", w.Seconds, "target_seconds", t.target)
+	s.log.Debug("GetMetrics", "queues", t.queues, "requests", w.Requests, "work_seconds", w.Seconds, "deadline_replicas", w.Replicas, "metric", w.Metric, "target_seconds", t.target)
 	return &externalscaler.GetMetricsResponse{MetricValues: []*externalscaler.MetricValue{{
-		MetricName: MetricName, MetricValue: int64(math.Ceil(w.Seconds)), MetricValueFloat: w.Seconds,
+		MetricName: MetricName, MetricValue: int64(math.Ceil(w.Metric)), MetricValueFloat: w.Metric,
 	}}}, nil
 }

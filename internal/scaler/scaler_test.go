@@ -100,3 +100,47 @@ func TestBadMetadata(t *testing.T) {
 		}
 	}
 }
+
+// A producer's demand raises the answer so that the HPA asks for the
+// replicas that finish each deadline's work in time; it never lowers
+// what the seconds of work ask for, and a queue of another trigger's is
+// not counted.
+func TestDeadlinesRaiseTheMetric(t *testing.T) {
+	t.Parallel()
+	now := time.Unix(10_000, 0)
+	view := fleet.NewView(nil)
+	// 32 slots, 16 s a request: 0.5 s of one replica per request.
+	view.Add(fleet.Report{Worker: "w1", Queue: "bulk", At: now, Limit: 32, MeanServiceS: 16})
+	d := depths{"bulk": 100, "interactive": 0, "idle": 0}
+	s := scaler.New(scaler.Config{PriorCost: 1, DeadlineMargin: 30 * time.Minute, Now: func() time.Time { return now }}, view, d, discard)
+	md := map[string]string{"queue": "interactive,bulk", "targetDrainSeconds": "300"}
+	if got := metric(t, s, md); math.Abs(got-50) > 1e-9 {
+		t.Fatalf("without a demand: %.2f s, want 100 × 0.5 = 50", got)
+	}
+	// 7,200 requests due in an hour, 30 minutes early: 3,600 s of one
+	// replica in 1,800 s, 2 replicas, so 2 × 300 s.
+	view.AddDemand(fleet.Demand{Kind: fleet.KindDemand, Source: "gw", Queue: "bulk", At: now, Due: []fleet.Due{{By: now.Add(time.Hour), Requests: 7200}}})
+	got := metric(t, s, md)
+	if math.Abs(got-600) > 1e-9 || math.Ceil(got/300) != 2 {
+		t.Fatalf("with 7200 due in an hour: %.2f s, want 600 (2 replicas at target 300)", got)
+	}
+	// A demand that asks for less than the seconds of work lowers nothing.
+	view.AddDemand(fleet.Demand{Kind: fleet.KindDemand, Source: "gw", Queue: "bulk", At: now.Add(time.Second), Due: []fleet.Due{{By: now.Add(24 * time.Hour), Requests: 100}}})
+	if got := metric(t, s, md); math.Abs(got-50) > 1e-9 {
+		t.Fatalf("with 100 due in a day: %.2f s, want the 50 s of work", got)
+	}
+	// Another trigger's queue, and an unknown queue priced at the prior.
+	view.AddDemand(fleet.Demand{Kind: fleet.KindDemand, Source: "gw", Queue: "idle", At: now, Due: []fleet.Due{{By: now.Add(time.Hour), Requests: 3600}}})
+	if got := metric(t, s, md); math.Abs(got-50) > 1e-9 {
+		t.Fatalf("another queue's demand counted: %.2f s", got)
+	}
+	if got := metric(t, s, map[string]string{"queue": "idle", "targetDrainSeconds": "300"}); math.Abs(got-600) > 1e-9 {
+		t.Fatalf("idle: %.2f s, want 3600 × 1 s prior / 1800 s = 2 replicas, 600", got)
+	}
+	// Work a producer says is due does not wake a fleet whose queues
+	// hold nothing: the gateway paces lines into the queue.
+	r, err := s.IsActive(context.Background(), ref(map[string]string{"queue": "idle", "targetDrainSeconds": "300"}))
+	if err != nil || r.Result {
+		t.Fatalf("IsActive(idle) with a demand and no request = %v, %v; want false", r, err)
+	}
+}
