@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	amqp "github.com/rabbitmq/amqp091-go"
+
 	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/integration/ollamatest"
 	"github.com/sous-run/sous/internal/pgtest"
@@ -147,6 +149,19 @@ func TestBatchOpenAINodeClient(t *testing.T) {
 			}
 		}
 		t.Logf("run: %d lines, counts %v", n, run["counts"])
+	}
+	// The cancel reached the worker, which answered the queued lines
+	// "cancelled" without a dead letter.
+	if !strings.Contains(w.Logs(), "requests cancelled by their producer") {
+		t.Error("the worker never heard of the cancel")
+	}
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if n := itest.QueueDepth(t, conn, q+".bulk.dlq"); n != 0 {
+		t.Errorf("%d dead letters; a cancelled line is not one", n)
 	}
 	// The lines ran in the bulk lane; the gateway's metrics count batches.
 	_, wm := w.GetBody("/metrics")
@@ -380,4 +395,59 @@ func TestSousctlBatch(t *testing.T) {
 		t.Fatal("sousctl's download differs from the output file")
 	}
 	c.checkOutput(b, n)
+}
+
+// TestBatchCancelTakesQueuedLinesOut: a cancel stops publishing, and the
+// lines already queued are taken out without running: every worker hears
+// the cancel and answers them "cancelled" (acked, not dead-lettered); the
+// line on the engine finishes and is kept.
+func TestBatchCancelTakesQueuedLinesOut(t *testing.T) {
+	t.Parallel()
+	q := queueName(t, "")
+	queues.Add(q+".interactive", q+".bulk", q+".interactive.dlq", q+".bulk.dlq", q+".batch.results")
+	// One slot, and answers long enough that most lines are still queued
+	// (in the broker or in the worker) when the cancel comes.
+	w := startBatchWorker(t, q, "SOUS_ENGINE_PARALLEL=1")
+	gw := startBatchGateway(t, q, "sqlite:"+filepath.Join(t.TempDir(), "gw.db"), "SOUS_GATEWAY_BATCH_OUTSTANDING=100")
+	const n = 100
+	var sb strings.Builder
+	for i := range n {
+		fmt.Fprintf(&sb, `{"custom_id":"req-%d","method":"POST","url":"/v1/chat/completions","body":{"model":%q,"max_tokens":300,"messages":[{"role":"user","content":"Tell me a story"}]}}`+"\n", i, ollamatest.EndlessModelName)
+	}
+	input := filepath.Join(t.TempDir(), "input.jsonl")
+	if err := os.WriteFile(input, []byte(sb.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := client{t: t, api: gw.api}
+	b := c.start(input)
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	itest.WaitUntil(t, 2*time.Minute, "the lines queued", func() bool { return itest.QueueDepth(t, conn, q+".bulk") >= n/2 })
+	if st := c.do("POST", "/v1/batches/"+b.ID+"/cancel", nil, "", nil); st != 200 {
+		t.Fatalf("cancel: %d", st)
+	}
+	itest.WaitUntil(t, 3*time.Minute, "the batch cancelled", func() bool { return c.get(b.ID).Status == "cancelled" })
+	b = c.get(b.ID)
+	t.Logf("cancelled: %+v", b.RequestCounts)
+	if b.RequestCounts.Total != n || b.RequestCounts.Completed+b.RequestCounts.Failed != n || b.RequestCounts.Completed >= n/2 {
+		t.Fatalf("counts %+v: most lines should have been taken out unrun", b.RequestCounts)
+	}
+	var text string
+	if st := c.do("GET", "/v1/files/"+b.ErrorFileID+"/content", nil, "", &text); st != 200 {
+		t.Fatalf("error file: %d", st)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(text), "\n") {
+		if !strings.Contains(l, `"code":"batch_cancelled"`) {
+			t.Fatalf("error line %s", l)
+		}
+	}
+	if !strings.Contains(w.Logs(), "requests cancelled by their producer") {
+		t.Error("the worker never heard of the cancel")
+	}
+	if d := itest.QueueDepth(t, conn, q+".bulk") + itest.QueueDepth(t, conn, q+".bulk.dlq"); d != 0 {
+		t.Errorf("%d messages left in the bulk queue and its dead-letter queue", d)
+	}
 }
