@@ -746,3 +746,46 @@ func TestBatchTellsTheScalerItsDeadlines(t *testing.T) {
 	}
 	eventually(t, func() bool { d := br.lastDemand(); return len(d.Due) == 1 && d.Due[0].Requests == 6 })
 }
+
+// A result for a batch this store does not know is handed back to the
+// queue (another gateway's store may know it), not acked and lost.
+func TestBatchHandsBackResultsOfUnknownBatches(t *testing.T) {
+	t.Parallel()
+	br := newFakeBatchBroker()
+	setupBatches(t, batchOpts{br: br})
+	br.reply(Message{ID: lineCorrelation("batch_elsewhere", 0, epChat, false), Body: []byte(`{"id":"x","messages":[{"role":"user","content":"hi"}]}`)})
+	eventually(t, func() bool { br.mu.Lock(); defer br.mu.Unlock(); return br.nacks == 1 })
+	br.mu.Lock()
+	defer br.mu.Unlock()
+	if br.acks != 0 {
+		t.Fatalf("%d acks", br.acks)
+	}
+}
+
+func TestBatchRefusesHugeLinesAndUnknownCursors(t *testing.T) {
+	t.Parallel()
+	e := setupBatches(t, batchOpts{})
+	// One line, no newline, longer than any request: refused as it
+	// arrives, never held whole.
+	_, st, eb := e.upload(t, "", "batch", `{"custom_id":"`+strings.Repeat("x", 20000)+`"}`)
+	if st != 400 || eb.Error.Code == nil || *eb.Error.Code != "invalid_file_format" {
+		t.Fatalf("a 20 kB line: %d %+v", st, eb.Error)
+	}
+	for _, path := range []string{"/v1/batches?after=batch_nope", "/v1/files?after=file-nope"} {
+		var eb errorBody
+		if st := e.call(t, "", "GET", path, nil, "", &eb); st != 400 || eb.Error.Param == nil || *eb.Error.Param != "after" {
+			t.Errorf("%s: %d %+v", path, st, eb.Error)
+		}
+	}
+}
+
+func TestBatchDropsAnOrphanResultInTheEnd(t *testing.T) {
+	t.Parallel()
+	br := newFakeBatchBroker()
+	setupBatches(t, batchOpts{br: br})
+	body, _ := json.Marshal(wire.Result{ID: "x", Status: wire.StatusOK})
+	br.results <- Delivery{CorrelationID: lineCorrelation("batch_gone", 0, epChat, false), Body: body, Returned: maxHandBacks,
+		Ack:  func() error { br.mu.Lock(); br.acks++; br.mu.Unlock(); return nil },
+		Nack: func() error { br.mu.Lock(); br.nacks++; br.mu.Unlock(); return nil }}
+	eventually(t, func() bool { br.mu.Lock(); defer br.mu.Unlock(); return br.acks == 1 })
+}

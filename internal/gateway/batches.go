@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"regexp"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -48,8 +49,26 @@ type BatchConfig struct {
 	// 200ms; sooner when this replica records results).
 	Poll time.Duration
 
-	uploads chan struct{}
-	wake    chan struct{}
+	uploads   chan struct{}
+	wake      chan struct{}
+	upMu      sync.Mutex
+	uploading map[string]bool // keys uploading now
+}
+
+func (b *BatchConfig) startUpload(key string) bool {
+	b.upMu.Lock()
+	defer b.upMu.Unlock()
+	if b.uploading[key] {
+		return false
+	}
+	b.uploading[key] = true
+	return true
+}
+
+func (b *BatchConfig) endUpload(key string) {
+	b.upMu.Lock()
+	defer b.upMu.Unlock()
+	delete(b.uploading, key)
 }
 
 func (b *BatchConfig) defaults() {
@@ -84,6 +103,7 @@ func (b *BatchConfig) defaults() {
 		b.Holder = "gateway-" + newID()[:12]
 	}
 	b.uploads = make(chan struct{}, b.MaxUploads)
+	b.uploading = map[string]bool{}
 	b.wake = make(chan struct{}, 1)
 }
 
@@ -332,6 +352,9 @@ func (s *Server) listBatches(w http.ResponseWriter, r *http.Request, k *Key) *ap
 		return fail(w, aerr)
 	}
 	bs, more, err := s.cfg.Batch.Store.Batches(r.Context(), owner(k), q.Get("after"), limit)
+	if errors.Is(err, batchstore.ErrNotFound) {
+		return fail(w, badRequest("after", "no batch with id `%s` to list after", truncate(q.Get("after"), 64)))
+	}
 	if err != nil {
 		s.log.Error("batch store", "err", err)
 		return fail(w, errStore())

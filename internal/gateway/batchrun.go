@@ -73,6 +73,7 @@ type runner struct {
 	validating  map[string]bool
 
 	announced map[string]bool // cancelling batches told to the workers (lead's goroutine only)
+	leadCtx   context.Context // lasts while this replica holds the lease (lead's goroutine only)
 }
 
 // record writes the results this replica takes, many to a transaction,
@@ -110,30 +111,85 @@ func (r *runner) record(ctx context.Context) {
 		if len(rs) == 0 {
 			continue
 		}
+		// A store that fails is retried with the results held, not handed
+		// back: a requeue counts against the queue's delivery limit, and
+		// an outage of the database must not cost results.
 		n, err := r.b.Store.RecordResults(ctx, rs)
-		if err != nil {
-			r.s.log.Error("cannot record batch results; handing them back", "results", len(rs), "err", err)
-			for _, d := range keep {
-				_ = d.Nack()
+		for wait := time.Second; err != nil; wait = min(2*wait, 30*time.Second) {
+			if ctx.Err() != nil {
+				return // unacked: the broker hands them to another replica
 			}
+			r.s.log.Error("cannot record batch results; retrying", "results", len(rs), "retry_in", wait, "err", err)
 			select {
 			case <-ctx.Done():
 				return
-			case <-time.After(time.Second):
+			case <-time.After(wait):
 			}
-			continue
+			n, err = r.b.Store.RecordResults(ctx, rs)
 		}
-		for _, d := range keep {
+		unknown := map[string]bool{}
+		if n < len(rs) {
+			unknown = r.unknownBatches(ctx, rs)
+		}
+		handedBack := 0
+		dropped := 0
+		for i, d := range keep {
+			if unknown[rs[i].BatchID] {
+				if d.Returned >= maxHandBacks {
+					dropped++ // no store has it: a result of a store that is gone
+					_ = d.Ack()
+					continue
+				}
+				handedBack++
+				_ = d.Nack()
+				continue
+			}
 			_ = d.Ack()
 		}
+		if dropped > 0 {
+			r.s.log.Warn("results of batches no gateway's store knows, dropped after being handed back", "results", dropped, "times", maxHandBacks)
+		}
 		r.m.recorded(n)
-		if dup := len(rs) - n; dup > 0 {
-			// A redelivery (a worker or a gateway died before its ack), or
-			// a line published again after a failover: recorded once.
-			r.s.log.Info("duplicate batch results ignored", "count", dup)
+		if handedBack > 0 {
+			r.s.log.Warn("results of batches this gateway's store does not know, handed back to the queue: does another gateway with a store of its own consume SOUS_GATEWAY_BATCH_RESULTS_QUEUE? Give each store its own queue",
+				"results", handedBack)
+		}
+		if dup := len(rs) - n - handedBack - dropped; dup > 0 {
+			// A redelivery (a worker or a gateway died before its ack), a
+			// line published again after a failover, or a late result of
+			// a finished batch: recorded once, or not at all.
+			r.s.log.Info("duplicate or late batch results ignored", "count", dup)
 		}
 		r.b.poke()
 	}
+}
+
+// maxHandBacks is how often a result of a batch this store does not know
+// goes back to the queue, for another store's gateway, before it is
+// dropped.
+const maxHandBacks = 10
+
+// unknownBatches are the batches of rs that this store does not know.
+func (r *runner) unknownBatches(ctx context.Context, rs []batchstore.Result) map[string]bool {
+	var ids []string
+	seen := map[string]bool{}
+	for _, res := range rs {
+		if !seen[res.BatchID] {
+			seen[res.BatchID] = true
+			ids = append(ids, res.BatchID)
+		}
+	}
+	known, err := r.b.Store.Known(ctx, ids)
+	if err != nil {
+		return nil // acked as duplicates: the store just took the results
+	}
+	out := map[string]bool{}
+	for _, id := range ids {
+		if !known[id] {
+			out[id] = true
+		}
+	}
+	return out
 }
 
 // corrPrefix starts the correlation id of every batch line:
@@ -226,7 +282,7 @@ func (r *runner) result(d Delivery) (batchstore.Result, bool) {
 		if e == nil {
 			e = &wire.ErrorInfo{Code: "unknown", Message: "the worker reported an error without details"}
 		}
-		r.s.log.Warn("a batch line failed", "batch_id", batchID, "index", index, "code", e.Code, "detail", e.Message)
+		r.s.log.Debug("a batch line failed", "batch_id", batchID, "index", index, "code", e.Code, "detail", e.Message)
 		ae := fromResult(e, res.Model, reqID)
 		line.Response = &lineResponse{StatusCode: ae.Status, RequestID: reqID, Body: ae.body()}
 	}
@@ -240,6 +296,26 @@ func (r *runner) lead(ctx context.Context) {
 	defer t.Stop()
 	leading := false
 	var lastDemand, renewed time.Time
+	// leadCtx lasts while this replica holds the lease: validations run
+	// in it, so that a replica that lost the lease stops validating.
+	type term struct {
+		ctx context.Context
+		end context.CancelFunc
+	}
+	newTerm := func() term {
+		c, end := context.WithCancel(ctx)
+		return term{c, end}
+	}
+	lead := newTerm()
+	defer func() {
+		lead.end()
+		if leading {
+			// Hand the lease on at once rather than after its time to live.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			_, _ = r.b.Store.Lease(rctx, leaseName, r.b.Holder, time.Nanosecond, time.Now())
+			cancel()
+		}
+	}()
 	for {
 		// The lease is renewed every third of its time to live, not every
 		// step: a write to the store each time.
@@ -258,12 +334,20 @@ func (r *runner) lead(ctx context.Context) {
 		case !held && leading:
 			r.s.log.Info("another gateway publishes batch lines now")
 		}
+		if leading && !(held && err == nil) {
+			lead.end()
+			lead = newTerm()
+		}
+		r.leadCtx = lead.ctx
 		leading = held && err == nil
 		if leading {
-			active := r.step(ctx)
+			// A step ends before the lease could pass to another replica.
+			stepCtx, cancel := context.WithDeadline(lead.ctx, renewed.Add(r.b.LeaseTTL*2/3))
+			active := r.step(stepCtx)
+			cancel()
 			if now := time.Now(); now.Sub(lastDemand) >= demandEvery {
 				lastDemand = now
-				r.demand(ctx, active)
+				r.demand(lead.ctx, active)
 			}
 		}
 		select {
@@ -289,7 +373,11 @@ func (r *runner) step(ctx context.Context) []batchstore.Batch {
 	for _, b := range active {
 		switch b.Status {
 		case batchstore.Validating:
-			r.startValidation(ctx, b)
+			if !now.Before(b.ExpiresAt) {
+				r.fail(ctx, b, []batchstore.LineError{{Code: "batch_expired", Message: "the completion window ended before the input file was validated"}})
+				continue
+			}
+			r.startValidation(r.leadCtx, b)
 		case batchstore.InProgress:
 			switch {
 			case b.Completed+b.Failed >= b.Total:
@@ -308,6 +396,12 @@ func (r *runner) step(ctx context.Context) []batchstore.Batch {
 			if !r.announced[b.ID] {
 				r.announced[b.ID] = true
 				r.cancel(ctx, b)
+			}
+			if b.InProgressAt.IsZero() {
+				// Cancelled while validating: nothing of it was published.
+				if err := r.b.Store.DeleteLines(ctx, b.ID); err != nil {
+					continue
+				}
 			}
 			if outstanding(b) <= 0 || now.Sub(b.CancellingAt) >= r.b.CancelGrace {
 				r.finalize(ctx, b, batchstore.Cancelling, batchstore.Cancelled, "batch_cancelled",
@@ -437,7 +531,12 @@ func (r *runner) publish(ctx context.Context, running []batchstore.Batch) {
 		budget -= len(lines)
 		done := r.sendLines(ctx, b, lines)
 		if len(done) > 0 {
-			if err := r.b.Store.MarkPublished(ctx, b.ID, done); err != nil && ctx.Err() == nil {
+			// Confirmed by the broker: mark them even if the step ends now,
+			// or the next publisher sends them again.
+			mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			err := r.b.Store.MarkPublished(mctx, b.ID, done)
+			cancel()
+			if err != nil {
 				// Published again by the next step: recorded once.
 				r.s.log.Warn("batch store: cannot mark lines published", "batch_id", b.ID, "err", err)
 			}
@@ -535,7 +634,9 @@ func (r *runner) validate(ctx context.Context, b batchstore.Batch) {
 	log := r.s.log.With("batch_id", b.ID)
 	st := r.b.Store
 	if err := st.DeleteLines(ctx, b.ID); err != nil { // a validation cut short before
-		log.Warn("batch store: cannot validate now", "err", err)
+		if !errors.Is(err, batchstore.ErrNotValidating) && ctx.Err() == nil {
+			log.Warn("batch store: cannot validate now", "err", err)
+		}
 		return
 	}
 	var k *Key
@@ -578,12 +679,14 @@ func (r *runner) validate(ctx context.Context, b batchstore.Batch) {
 			}
 			if len(pending) >= 500 {
 				if err := flush(); err != nil {
-					log.Warn("batch store: cannot store lines", "err", err)
+					if !errors.Is(err, batchstore.ErrNotValidating) && ctx.Err() == nil {
+						log.Warn("batch store: cannot store lines", "err", err)
+					}
 					return
 				}
 			}
-			if len(v.errs) >= maxErrors {
-				break
+			if len(v.errs) >= maxErrors || v.n > v.maxLines {
+				break // enough to say why; the rest need not be read
 			}
 		}
 		if errors.Is(rerr, errLineTooLong) {
@@ -599,7 +702,9 @@ func (r *runner) validate(ctx context.Context, b batchstore.Batch) {
 		}
 	}
 	if err := flush(); err != nil {
-		log.Warn("batch store: cannot store lines", "err", err)
+		if !errors.Is(err, batchstore.ErrNotValidating) && ctx.Err() == nil {
+			log.Warn("batch store: cannot store lines", "err", err)
+		}
 		return
 	}
 	if v.n == 0 && len(v.errs) == 0 {
@@ -611,7 +716,9 @@ func (r *runner) validate(ctx context.Context, b batchstore.Batch) {
 	}
 	ok, err := st.Start(ctx, b.ID, v.n, r.s.cfg.Now())
 	if err != nil {
-		log.Warn("batch store: cannot start the batch", "err", err)
+		if !errors.Is(err, batchstore.ErrNotValidating) && ctx.Err() == nil {
+			log.Warn("batch store: cannot start the batch", "err", err)
+		}
 		return
 	}
 	if ok {

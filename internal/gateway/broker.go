@@ -675,7 +675,10 @@ type Delivery struct {
 	CorrelationID string
 	Chunk         bool
 	Body          []byte
-	Ack, Nack     func() error
+	// Returned is how many times the broker handed it back before
+	// (a quorum queue's x-delivery-count).
+	Returned  int64
+	Ack, Nack func() error
 }
 
 // BatchResults delivers the batch results this replica takes from
@@ -717,7 +720,8 @@ func (a *AMQP) consumeBatchResults(conn *amqp.Connection, closed *[]<-chan *amqp
 	go func() {
 		for d := range deliveries {
 			status, _ := d.Headers["x-sous-status"].(string)
-			dv := Delivery{CorrelationID: d.CorrelationId, Chunk: status == "chunk", Body: d.Body,
+			returned, _ := d.Headers["x-delivery-count"].(int64)
+			dv := Delivery{CorrelationID: d.CorrelationId, Chunk: status == "chunk", Body: d.Body, Returned: returned,
 				Ack: func() error { return d.Ack(false) }, Nack: func() error { return d.Nack(false, true) }}
 			select {
 			case a.results <- dv:

@@ -78,6 +78,15 @@ func errStore() *apiError {
 // holds the store.
 func (s *Server) createFile(w http.ResponseWriter, r *http.Request, k *Key) *apiError {
 	b := s.cfg.Batch
+	if k != nil {
+		// One upload at a time per key: a key that trickles its uploads
+		// holds its own slot, not everyone's.
+		if !b.startUpload(k.Name) {
+			return fail(w, &apiError{Status: 429, Type: "requests", Code: "too_many_uploads", RetryAfter: 5 * time.Second,
+				Message: "this API key is already uploading a file; upload one file at a time"})
+		}
+		defer b.endUpload(k.Name)
+	}
 	select {
 	case b.uploads <- struct{}{}:
 		defer func() { <-b.uploads }()
@@ -125,7 +134,7 @@ func (s *Server) createFile(w http.ResponseWriter, r *http.Request, k *Key) *api
 				s.log.Error("cannot spool an upload", "err", err)
 				return fail(w, errUnavailable("the gateway cannot store uploads now (its temporary directory); retry shortly"))
 			}
-			n, aerr := spoolLines(spool, p, b.MaxFileBytes)
+			n, aerr := spoolLines(spool, p, b.MaxFileBytes, s.maxLine())
 			if aerr != nil {
 				return fail(w, aerr)
 			}
@@ -183,14 +192,19 @@ func uploadError(err error, b *BatchConfig) *apiError {
 	return badRequest("file", "cannot read the upload: the connection failed or the multipart body is malformed")
 }
 
+// maxLine bounds a line of a batch file: a request body, JSON-escaped in
+// its line, at most twice SOUS_MAX_BODY_BYTES and some room.
+func (s *Server) maxLine() int64 { return int64(s.cfg.MaxBodyBytes)*2 + 4096 }
+
 // spoolLines copies a JSONL upload to w, checking that every non-empty
-// line is a JSON object, and returns its size.
-func spoolLines(w io.Writer, r io.Reader, max int64) (int64, *apiError) {
+// line is a JSON object of at most maxLine bytes (a line is held whole
+// while it is checked), and returns its size.
+func spoolLines(w io.Writer, r io.Reader, max, maxLine int64) (int64, *apiError) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	var n int64
 	line := 0
 	for {
-		l, err := readLine(br, max)
+		l, err := readLine(br, maxLine)
 		if len(l) > 0 {
 			line++
 			n += int64(len(l))
@@ -210,8 +224,12 @@ func spoolLines(w io.Writer, r io.Reader, max int64) (int64, *apiError) {
 		}
 		if err != nil {
 			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) || errors.Is(err, errLineTooLong) {
+			if errors.As(err, &mbe) {
 				return n, errFileTooLarge(max)
+			}
+			if errors.Is(err, errLineTooLong) {
+				return n, &apiError{Status: 400, Type: "invalid_request_error", Code: "invalid_file_format", Param: "file",
+					Message: "line " + strconv.Itoa(line+1) + " is longer than " + strconv.FormatInt(maxLine, 10) + " bytes (twice SOUS_MAX_BODY_BYTES): a batch file has one request object per line (JSONL)"}
 			}
 			return n, badRequest("file", "cannot read the upload: the connection failed or the multipart body is malformed")
 		}
@@ -323,6 +341,9 @@ func (s *Server) listFiles(w http.ResponseWriter, r *http.Request, k *Key) *apiE
 		return fail(w, badRequest("order", "order must be asc or desc"))
 	}
 	files, more, err := s.cfg.Batch.Store.Files(r.Context(), owner(k), q.Get("purpose"), q.Get("after"), limit, asc)
+	if errors.Is(err, batchstore.ErrNotFound) {
+		return fail(w, badRequest("after", "no file with id `%s` to list after", truncate(q.Get("after"), 64)))
+	}
 	if err != nil {
 		s.log.Error("batch store", "err", err)
 		return fail(w, errStore())

@@ -194,6 +194,19 @@ func (s *Store) Start(ctx context.Context, id string, total int, at time.Time) (
 	var ok bool
 	err := s.tx(ctx, "start", func(tx *sql.Tx) error {
 		var err error
+		// The lines must be the validation's whole work: two validations
+		// of one batch (a leader that lost its lease and the next) cannot
+		// both start it with lines added twice or missing.
+		if st, _, err := s.lockBatch(ctx, tx, id); err != nil || st != Validating {
+			return err // not validating: ok stays false
+		}
+		var n int
+		if err := tx.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM bs_lines WHERE batch_id = ?`), id).Scan(&n); err != nil {
+			return err
+		}
+		if n != total {
+			return fmt.Errorf("%w: it holds %d lines, not %d", ErrNotValidating, n, total)
+		}
 		ok, _, err = s.transition(ctx, tx, id, []Status{Validating}, InProgress, at, `, total = ?`, total)
 		return err
 	})
@@ -218,4 +231,29 @@ func (s *Store) Fail(ctx context.Context, id string, errs []LineError, at time.T
 		return err
 	})
 	return ok, err
+}
+
+// Known returns which of ids are batches of this store.
+func (s *Store) Known(ctx context.Context, ids []string) (map[string]bool, error) {
+	out := make(map[string]bool, len(ids))
+	if len(ids) == 0 {
+		return out, nil
+	}
+	args := make([]any, len(ids))
+	for i, id := range ids {
+		args[i] = id
+	}
+	rows, err := s.r.QueryContext(ctx, s.d.q(`SELECT id FROM bs_batches WHERE id IN (`+placeholders(len(ids))+`)`), args...)
+	if err != nil {
+		return nil, fmt.Errorf("batchstore: known: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("batchstore: known: %w", err)
+		}
+		out[id] = true
+	}
+	return out, rows.Err()
 }

@@ -17,7 +17,7 @@ import (
 // first copied to a temporary file beside the database, so that a slow
 // upload holds up no other write; the transaction then runs at disk speed.
 func (s *Store) CreateFile(ctx context.Context, f File, content io.Reader, maxBytes int64) (File, error) {
-	if s.spoolDir != "" {
+	if _, onDisk := content.(*os.File); s.spoolDir != "" && !onDisk {
 		spool, err := s.spool(content, maxBytes)
 		if err != nil {
 			return File{}, err

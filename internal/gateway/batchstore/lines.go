@@ -27,8 +27,10 @@ func (s *Store) AddLines(ctx context.Context, batchID string, lines []Line) erro
 		seen[l.CustomID] = true
 	}
 	return s.tx(ctx, "add lines", func(tx *sql.Tx) error {
-		if _, _, err := s.lockBatch(ctx, tx, batchID); err != nil {
+		if st, _, err := s.lockBatch(ctx, tx, batchID); err != nil {
 			return err
+		} else if st != Validating {
+			return ErrNotValidating
 		}
 		for part := range slices.Chunk(lines, linesPerInsert) {
 			// The batch's row lock keeps other AddLines out, so what this
@@ -64,23 +66,29 @@ func (s *Store) AddLines(ctx context.Context, batchID string, lines []Line) erro
 	})
 }
 
-// DeleteLines removes every line of batch id: a validation cut short
-// (its gateway died) starts again from an empty batch. ErrNotFound if
-// there is no such batch.
+// DeleteLines removes every line of batch id, which must be validating
+// (a validation cut short, its gateway died, starts again from an empty
+// batch) or cancelling (cancelled while validating: nothing of it ran);
+// else ErrNotValidating. ErrNotFound if there is no such batch.
 func (s *Store) DeleteLines(ctx context.Context, batchID string) error {
 	return s.tx(ctx, "delete lines", func(tx *sql.Tx) error {
-		if _, _, err := s.lockBatch(ctx, tx, batchID); err != nil {
+		if st, _, err := s.lockBatch(ctx, tx, batchID); err != nil {
 			return err
+		} else if st != Validating && st != Cancelling {
+			return ErrNotValidating
 		}
 		_, err := tx.ExecContext(ctx, s.d.q(`DELETE FROM bs_lines WHERE batch_id = ?`), batchID)
 		return err
 	})
 }
 
-// Unpublished returns up to n of batch id's lines not yet marked published,
-// in Index order.
+// Unpublished returns up to n of batch id's lines not yet marked published
+// and not yet answered (a line answered before it was marked, when its
+// publisher died between the two, is not published again), in Index order.
 func (s *Store) Unpublished(ctx context.Context, batchID string, n int) ([]Line, error) {
-	rows, err := s.r.QueryContext(ctx, s.d.q(`SELECT idx, custom_id, request FROM bs_lines WHERE batch_id = ? AND published = 0 ORDER BY idx LIMIT ?`), batchID, n)
+	rows, err := s.r.QueryContext(ctx, s.d.q(`SELECT idx, custom_id, request FROM bs_lines WHERE batch_id = ? AND published = 0
+		AND NOT EXISTS (SELECT 1 FROM bs_results r WHERE r.batch_id = bs_lines.batch_id AND r.custom_id = bs_lines.custom_id)
+		ORDER BY idx LIMIT ?`), batchID, n)
 	if err != nil {
 		return nil, fmt.Errorf("batchstore: unpublished: %w", err)
 	}
@@ -135,8 +143,9 @@ func (s *Store) MarkPublished(ctx context.Context, batchID string, indexes []int
 var recording = []Status{InProgress, Finalizing, Cancelling}
 
 // RecordResults records rs in one transaction, idempotently by (BatchID,
-// CustomID): a result already recorded, or for a batch that does not exist
-// or is not in_progress, finalizing or cancelling, is ignored. Each new
+// CustomID): a result already recorded, for a batch that does not exist
+// or is not in_progress, finalizing or cancelling, or that names no line
+// of its batch (by Index and CustomID), is ignored. Each new
 // result adds one to its batch's Completed (OK) or Failed (!OK). It returns
 // how many results were new.
 func (s *Store) RecordResults(ctx context.Context, rs []Result) (int, error) {
@@ -163,6 +172,16 @@ func (s *Store) RecordResults(ctx context.Context, rs []Result) (int, error) {
 			}
 			var ok, failed int
 			for _, r := range byBatch[id] {
+				// Only a result for one of the batch's own lines, by index and
+				// custom_id both: a result naming no line would count twice.
+				var one int
+				err := tx.QueryRowContext(ctx, s.d.q(`SELECT 1 FROM bs_lines WHERE batch_id = ? AND idx = ? AND custom_id = ?`), r.BatchID, r.Index, r.CustomID).Scan(&one)
+				if errors.Is(err, sql.ErrNoRows) {
+					continue
+				}
+				if err != nil {
+					return err
+				}
 				res, err := tx.ExecContext(ctx, s.d.q(`INSERT INTO bs_results (batch_id, custom_id, idx, ok, line) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING`),
 					r.BatchID, r.CustomID, r.Index, boolInt(r.OK), r.Line)
 				if err != nil {
@@ -222,11 +241,8 @@ func (s *Store) Finalize(ctx context.Context, id string, from []Status, to Statu
 			name = "batch_" + name
 		}
 		out := &chunkWriter{ctx: ctx, tx: tx, s: s, file: File{ID: outputID, Owner: owner, Purpose: "batch_output", Filename: name + "_output.jsonl", CreatedAt: at}}
-		if err := s.writeOutput(ctx, tx, id, out); err != nil {
-			return err
-		}
 		errw := &chunkWriter{ctx: ctx, tx: tx, s: s, file: File{ID: errorID, Owner: owner, Purpose: "batch_output", Filename: name + "_error.jsonl", CreatedAt: at}}
-		pending, err := s.writeErrors(ctx, tx, id, errw, unfinished)
+		pending, err := s.writeFiles(ctx, tx, id, out, errw, unfinished)
 		if err != nil {
 			return err
 		}
@@ -258,77 +274,31 @@ func (s *Store) Finalize(ctx context.Context, id string, from []Status, to Statu
 	return done, err
 }
 
-// writeOutput writes batch id's OK results to w in Index order, a page at a
-// time (each page read whole before it is written, as a transaction's
-// connection runs one statement at a time).
-func (s *Store) writeOutput(ctx context.Context, tx *sql.Tx, id string, w *chunkWriter) error {
+// writeFiles writes batch id's lines in Index order, a page at a time (each
+// page read whole before it is written, as a transaction's connection runs
+// one statement at a time), in one pass: an OK result's line to out, a
+// failed result's to errw, and for a line without a result the line
+// unfinished renders to errw; it returns how many had no result.
+func (s *Store) writeFiles(ctx context.Context, tx *sql.Tx, id string, out, errw *chunkWriter, unfinished func(string) []byte) (int, error) {
 	type row struct {
 		idx  int
 		cid  string
+		ok   sql.NullInt64
 		line []byte
 	}
-	lastIdx, lastCID := -1, ""
-	for {
-		rows, err := tx.QueryContext(ctx, s.d.q(`SELECT idx, custom_id, line FROM bs_results
-			WHERE batch_id = ? AND ok = 1 AND (idx > ? OR (idx = ? AND custom_id > ?))
-			ORDER BY idx, custom_id LIMIT ?`), id, lastIdx, lastIdx, lastCID, finalizePage)
-		if err != nil {
-			return err
-		}
-		var page []row
-		for rows.Next() {
-			var r row
-			if err := rows.Scan(&r.idx, &r.cid, &r.line); err != nil {
-				rows.Close()
-				return err
-			}
-			page = append(page, r)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return err
-		}
-		for _, r := range page {
-			if err := w.writeLine(r.line); err != nil {
-				return err
-			}
-		}
-		if len(page) < finalizePage {
-			return nil
-		}
-		lastIdx, lastCID = page[len(page)-1].idx, page[len(page)-1].cid
-	}
-}
-
-// writeErrors writes batch id's failed results and, rendered by unfinished,
-// its lines without a result to w in Index order, and returns how many lines
-// had no result.
-func (s *Store) writeErrors(ctx context.Context, tx *sql.Tx, id string, w *chunkWriter, unfinished func(string) []byte) (int, error) {
-	type row struct {
-		idx     int
-		cid     string
-		line    []byte
-		pending int
-	}
 	var pending int
-	lastIdx, lastCID := -1, ""
+	last := -1
 	for {
-		rows, err := tx.QueryContext(ctx, s.d.q(`SELECT idx, custom_id, line, pending FROM (
-				SELECT r.idx, r.custom_id, r.line, 0 AS pending FROM bs_results r
-				WHERE r.batch_id = ? AND r.ok = 0 AND (r.idx > ? OR (r.idx = ? AND r.custom_id > ?))
-				UNION ALL
-				SELECT l.idx, l.custom_id, NULL, 1 FROM bs_lines l
-				WHERE l.batch_id = ? AND (l.idx > ? OR (l.idx = ? AND l.custom_id > ?))
-				AND NOT EXISTS (SELECT 1 FROM bs_results x WHERE x.batch_id = l.batch_id AND x.custom_id = l.custom_id)
-			) u ORDER BY idx, custom_id LIMIT ?`),
-			id, lastIdx, lastIdx, lastCID, id, lastIdx, lastIdx, lastCID, finalizePage)
+		rows, err := tx.QueryContext(ctx, s.d.q(`SELECT l.idx, l.custom_id, r.ok, r.line FROM bs_lines l
+			LEFT JOIN bs_results r ON r.batch_id = l.batch_id AND r.custom_id = l.custom_id
+			WHERE l.batch_id = ? AND l.idx > ? ORDER BY l.idx LIMIT ?`), id, last, finalizePage)
 		if err != nil {
 			return 0, err
 		}
 		var page []row
 		for rows.Next() {
 			var r row
-			if err := rows.Scan(&r.idx, &r.cid, &r.line, &r.pending); err != nil {
+			if err := rows.Scan(&r.idx, &r.cid, &r.ok, &r.line); err != nil {
 				rows.Close()
 				return 0, err
 			}
@@ -339,22 +309,26 @@ func (s *Store) writeErrors(ctx context.Context, tx *sql.Tx, id string, w *chunk
 			return 0, err
 		}
 		for _, r := range page {
-			line := r.line
-			if r.pending == 1 {
-				if unfinished == nil {
-					return 0, fmt.Errorf("line %d (custom_id %q) has no result and unfinished is nil", r.idx, r.cid)
-				}
-				line = unfinished(r.cid)
+			var err error
+			switch {
+			case r.ok.Valid && r.ok.Int64 == 1:
+				err = out.writeLine(r.line)
+			case r.ok.Valid:
+				err = errw.writeLine(r.line)
+			case unfinished == nil:
+				err = fmt.Errorf("line %d (%s) has no result and no unfinished renderer", r.idx, r.cid)
+			default:
 				pending++
+				err = errw.writeLine(unfinished(r.cid))
 			}
-			if err := w.writeLine(line); err != nil {
+			if err != nil {
 				return 0, err
 			}
 		}
 		if len(page) < finalizePage {
 			return pending, nil
 		}
-		lastIdx, lastCID = page[len(page)-1].idx, page[len(page)-1].cid
+		last = page[len(page)-1].idx
 	}
 }
 

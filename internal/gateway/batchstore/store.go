@@ -20,6 +20,11 @@ var ErrNotFound = errors.New("batchstore: not found")
 // ErrTooLarge: CreateFile's content was longer than its maxBytes.
 var ErrTooLarge = errors.New("batchstore: file too large")
 
+// ErrNotValidating: lines were added to, or removed from, a batch that is
+// no longer validating (its validation was overtaken: cancelled, or
+// finished by another).
+var ErrNotValidating = errors.New("batchstore: the batch is not validating")
+
 // DuplicateError is AddLines' error for a custom_id already in the batch (or
 // twice in the lines given).
 type DuplicateError struct{ CustomID string }
@@ -328,7 +333,7 @@ func (s *Store) tx(ctx context.Context, op string, fn func(*sql.Tx) error) error
 	if err := fn(tx); err != nil {
 		tx.Rollback()
 		var dup *DuplicateError
-		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrTooLarge) || errors.As(err, &dup) {
+		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrTooLarge) || errors.Is(err, ErrNotValidating) || errors.As(err, &dup) {
 			return err
 		}
 		return fmt.Errorf("batchstore: %s: %w", op, err)

@@ -400,8 +400,24 @@ func testTransitions(t *testing.T, url newURL) {
 			t.Errorf("%s = %v, %v, want %v", name, ok, err, want)
 		}
 	}
+	var seven []batchstore.Line
+	for i := range 7 {
+		seven = append(seven, batchstore.Line{Index: i, CustomID: fmt.Sprint("a-", i), Request: []byte(`{}`)})
+	}
+	if err := s.AddLines(ctx, "a", seven); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := s.Start(ctx, "b", 2, at(10)); ok || !errors.Is(err, batchstore.ErrNotValidating) {
+		t.Errorf("Start with lines missing = %v, %v, want ErrNotValidating", ok, err)
+	}
 	ok, err := s.Start(ctx, "a", 7, at(10))
 	check("Start", ok, err, true)
+	if err := s.AddLines(ctx, "a", []batchstore.Line{{Index: 7, CustomID: "late", Request: []byte(`{}`)}}); !errors.Is(err, batchstore.ErrNotValidating) {
+		t.Errorf("AddLines to an in_progress batch = %v, want ErrNotValidating", err)
+	}
+	if err := s.DeleteLines(ctx, "a"); !errors.Is(err, batchstore.ErrNotValidating) {
+		t.Errorf("DeleteLines of an in_progress batch = %v, want ErrNotValidating", err)
+	}
 	ok, err = s.Start(ctx, "a", 9, at(11))
 	check("Start again", ok, err, false)
 	a := mustBatch(t, s, "a")
@@ -808,10 +824,17 @@ func testReopen(t *testing.T, url newURL) {
 	if got := readFile(t, s, "f"); !bytes.Equal(got, content) {
 		t.Error("file changed on reopening")
 	}
-	if ls, err := s.Unpublished(ctx, "b", 10); err != nil || !reflect.DeepEqual(indexes(ls), []int{1, 2}) {
+	// Line 1 was answered before it was marked: it is not published again.
+	if ls, err := s.Unpublished(ctx, "b", 10); err != nil || !reflect.DeepEqual(indexes(ls), []int{2}) {
 		t.Errorf("Unpublished after reopening = %v, %v", ls, err)
 	}
 	record(t, s, 0, result("b", 1, true))
+	// A result that names no line of its batch is not recorded.
+	record(t, s, 0, batchstore.Result{BatchID: "b", Index: 2, CustomID: "not-a-line", OK: true, Line: []byte(`{}`)})
+	record(t, s, 0, batchstore.Result{BatchID: "b", Index: 7, CustomID: "req-2", OK: true, Line: []byte(`{}`)})
+	if k, err := s.Known(ctx, []string{"b", "nope"}); err != nil || !k["b"] || k["nope"] {
+		t.Errorf("Known = %v, %v", k, err)
+	}
 }
 
 // testConcurrentOpen opens one new store several times at once, as replicas
