@@ -21,6 +21,7 @@ import (
 
 	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/integration/ollamatest"
+	"github.com/sous-run/sous/internal/fleet"
 	"github.com/sous-run/sous/internal/pgtest"
 	"github.com/sous-run/sous/internal/tinymodel"
 )
@@ -296,7 +297,16 @@ func killMidBatch(t *testing.T, q string, n int, gateways func() []*proc) {
 	w := startBatchWorker(t, q)
 	gws := gateways()
 	c := client{t: t, api: gws[len(gws)-1].api}
+	demands := listenDemands(t, q+".bulk")
 	b := c.start(batchInput(t, n))
+	// The publisher tells the scaler what the batch still needs, by its
+	// deadline (fleet.Demand on sous.reports).
+	select {
+	case d := <-demands:
+		t.Logf("demand for the scaler: %+v", d.Due)
+	case <-time.After(time.Minute):
+		t.Fatal("no demand report for the batch's queue within a minute")
+	}
 	start := time.Now()
 	itest.WaitUntil(t, 3*time.Minute, "a third of the batch done", func() bool {
 		return c.get(b.ID).RequestCounts.Completed >= n/3
@@ -450,4 +460,49 @@ func TestBatchCancelTakesQueuedLinesOut(t *testing.T) {
 	if d := itest.QueueDepth(t, conn, q+".bulk") + itest.QueueDepth(t, conn, q+".bulk.dlq"); d != 0 {
 		t.Errorf("%d messages left in the bulk queue and its dead-letter queue", d)
 	}
+}
+
+// listenDemands returns the demand reports for queue that ask for work,
+// from a queue of the test's own bound to the reports exchange.
+func listenDemands(t *testing.T, queue string) <-chan fleet.Demand {
+	t.Helper()
+	conn, err := amqp.Dial(brokerURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ch, err := conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare(fleet.Exchange, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	rq, err := ch.QueueDeclare("", false, true, true, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind(rq.Name, "", fleet.Exchange, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := ch.Consume(rq.Name, "", true, true, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make(chan fleet.Demand, 1)
+	go func() {
+		for d := range ds {
+			if !fleet.IsDemand(d.Body) {
+				continue
+			}
+			dm, err := fleet.DecodeDemand(d.Body)
+			if err == nil && dm.Queue == queue && len(dm.Due) > 0 && dm.Due[0].Requests > 0 {
+				select {
+				case out <- dm:
+				default:
+				}
+			}
+		}
+	}()
+	return out
 }
