@@ -100,7 +100,9 @@ func BenchmarkBatchAPI(b *testing.B) {
 		}
 		b.ReportMetric(time.Since(created).Seconds(), "validate-s")
 		b.StartTimer()
-		st = waitBatch(b, api, batchID, func(s batchStatus) bool { return s.Status == "completed" || s.Status == "failed" || s.Status == "expired" })
+		st = waitBatch(b, api, batchID, func(s batchStatus) bool {
+			return s.Status == "completed" || s.Status == "failed" || s.Status == "expired"
+		})
 		b.StopTimer()
 		if st.Status != "completed" || st.RequestCounts.Completed != b.N || st.RequestCounts.Failed != 0 {
 			b.Fatalf("batch ended %+v", st)
