@@ -116,7 +116,7 @@ k8s-node:
 	@scripts/build-k8s.sh node
 
 .PHONY: test-k8s-node
-test-k8s-node: k8s
+test-k8s-node: k8s k8s-node
 	SOUS_K8S_NODE=1 $(GO) test -count=1 -timeout 15m -v -run 'TestNode' ./integration/k8s
 
 # Qpid Proton for the Service Bus protocol test double (a Debian package;

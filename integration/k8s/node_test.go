@@ -1,0 +1,146 @@
+package k8s
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/sous-run/sous/integration/itest"
+)
+
+// workerImage is what `make images` builds; the node loads it from Docker.
+const workerImage = "sous-worker:dev"
+
+// TestNodeRunsAPod is the first step of issue 23: a real kube-scheduler
+// and kubelet (with a private containerd) beside the control plane, and
+// one host-network sous-worker pod from the local image, scheduled,
+// Running, and Ready by its own /readyz probe (the real broker connected,
+// the engine, an Ollama stand-in in this test, answering with the model),
+// then deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
+func TestNodeRunsAPod(t *testing.T) {
+	nb := NeedNode(t) // first: without SOUS_K8S_NODE=1 the test skips, even in CI
+	b := NeedControlPlane(t)
+	if out, err := exec.Command("docker", "image", "inspect", "-f", "{{.Id}}", workerImage).CombinedOutput(); err != nil {
+		t.Fatalf("k8s: %s is not in the local Docker engine (make images): %v: %s", workerImage, err, out)
+	}
+	_, queue := testQueue(t)
+	engine := ollamaStandIn(t)
+
+	began := time.Now()
+	c := Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController}})
+	n := c.StartNode(t, nb, workerImage)
+	t.Logf("k8s: control plane and node ready in %s", time.Since(began).Round(100*time.Millisecond))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	const ns = "node-test"
+	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// No serviceaccount controller runs here: the pod's ServiceAccount is
+	// created by hand, and the pod mounts no token (this test needs none).
+	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+
+	httpPort := itest.FreePort(t)
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "sous-worker", Namespace: ns},
+		Spec: corev1.PodSpec{
+			HostNetwork:                   true,
+			AutomountServiceAccountToken:  new(false),
+			TerminationGracePeriodSeconds: new(int64(10)),
+			Containers: []corev1.Container{{
+				Name:            "worker",
+				Image:           workerImage,
+				ImagePullPolicy: corev1.PullNever,
+				Env: []corev1.EnvVar{
+					{Name: "SOUS_AMQP_URL", Value: amqpURL},
+					{Name: "SOUS_QUEUE", Value: queue},
+					{Name: "SOUS_RESULTS_QUEUE", Value: queue + ".results"},
+					{Name: "SOUS_ENGINE_URL", Value: engine},
+					{Name: "SOUS_MODEL", Value: "tiny"},
+					{Name: "SOUS_HTTP_ADDR", Value: "127.0.0.1:" + strconv.Itoa(httpPort)},
+				},
+				ReadinessProbe: &corev1.Probe{
+					ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
+						Host: "127.0.0.1", Path: "/readyz", Port: intstr.FromInt(httpPort),
+					}},
+					PeriodSeconds: 1,
+				},
+			}},
+		},
+	}
+	created := time.Now()
+	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var scheduled, running, ready time.Duration
+	if !itest.Eventually(3*time.Minute, func() bool {
+		p, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		if scheduled == 0 && p.Spec.NodeName != "" {
+			scheduled = time.Since(created)
+		}
+		if running == 0 && p.Status.Phase == corev1.PodRunning {
+			running = time.Since(created)
+		}
+		for _, cond := range p.Status.Conditions {
+			if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue {
+				ready = time.Since(created)
+				return true
+			}
+		}
+		return false
+	}) {
+		p, _ := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+		t.Fatalf("pod not Ready in 3m (scheduled %s, running %s): status %+v\n%s", scheduled, running, p.Status, n.Logs(30))
+	}
+	t.Logf("k8s: pod created → scheduled on %s %s → Running %s → Ready %s", NodeName,
+		scheduled.Round(100*time.Millisecond), running.Round(100*time.Millisecond), ready.Round(100*time.Millisecond))
+
+	deleted := time.Now()
+	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	itest.WaitUntil(t, time.Minute, "the kubelet to stop the pod and the pod to be gone", func() bool {
+		_, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	})
+	t.Logf("k8s: pod deleted and gone in %s", time.Since(deleted).Round(100*time.Millisecond))
+}
+
+// ollamaStandIn serves the part of Ollama's API that the worker's
+// readiness asks (version, the model list) on loopback, where a
+// host-network pod reaches it; it returns its URL.
+func ollamaStandIn(t *testing.T) string {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
+	})
+	mux.HandleFunc("GET /api/tags", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
+	})
+	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return fmt.Sprintf("http://%s", ln.Addr())
+}
