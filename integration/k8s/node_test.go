@@ -2,6 +2,7 @@ package k8s
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -10,12 +11,14 @@ import (
 	"testing"
 	"time"
 
+	amqp "github.com/rabbitmq/amqp091-go"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/sous-run/sous/integration/itest"
+	"github.com/sous-run/sous/internal/wire"
 )
 
 // workerImage is what `make images` builds; the node loads it from Docker.
@@ -26,14 +29,20 @@ const workerImage = "sous-worker:dev"
 // one host-network sous-worker pod from the local image, scheduled,
 // Running, and Ready by its own /readyz probe (the real broker connected,
 // the engine, an Ollama stand-in in this test, answering with the model),
-// then deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
+// answering one request from the real broker, then deleted: the kubelet
+// stops its container. Opt-in: SOUS_K8S_NODE=1.
 func TestNodeRunsAPod(t *testing.T) {
 	nb := NeedNode(t) // first: without SOUS_K8S_NODE=1 the test skips, even in CI
 	b := NeedControlPlane(t)
 	if out, err := exec.Command("docker", "image", "inspect", "-f", "{{.Id}}", workerImage).CombinedOutput(); err != nil {
 		t.Fatalf("k8s: %s is not in the local Docker engine (make images): %v: %s", workerImage, err, out)
 	}
-	_, queue := testQueue(t)
+	ch, queue := testQueue(t)
+	results := queue + ".results"
+	t.Cleanup(func() {
+		_, _ = ch.QueueDelete(results, false, false, false)
+		_, _ = ch.QueueDelete(queue+".dlq", false, false, false)
+	})
 	engine := ollamaStandIn(t)
 
 	began := time.Now()
@@ -67,7 +76,7 @@ func TestNodeRunsAPod(t *testing.T) {
 				Env: []corev1.EnvVar{
 					{Name: "SOUS_AMQP_URL", Value: amqpURL},
 					{Name: "SOUS_QUEUE", Value: queue},
-					{Name: "SOUS_RESULTS_QUEUE", Value: queue + ".results"},
+					{Name: "SOUS_RESULTS_QUEUE", Value: results},
 					{Name: "SOUS_ENGINE_URL", Value: engine},
 					{Name: "SOUS_MODEL", Value: "tiny"},
 					{Name: "SOUS_HTTP_ADDR", Value: "127.0.0.1:" + strconv.Itoa(httpPort)},
@@ -111,6 +120,31 @@ func TestNodeRunsAPod(t *testing.T) {
 	t.Logf("k8s: pod created → scheduled on %s %s → Running %s → Ready %s", NodeName,
 		scheduled.Round(100*time.Millisecond), running.Round(100*time.Millisecond), ready.Round(100*time.Millisecond))
 
+	// The pod does work: one request through the real broker, answered by
+	// the worker in the pod (the stand-in engine echoes the prompt).
+	published := time.Now()
+	if err := ch.PublishWithContext(ctx, "", queue, false, false, amqp.Publishing{
+		MessageId: "node-1", ContentType: "application/json", DeliveryMode: amqp.Persistent,
+		Body: []byte(`{"prompt":"node-1","options":{"num_predict":4}}`),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var res wire.Result
+	itest.WaitUntil(t, time.Minute, "the pod's result for node-1", func() bool {
+		d, ok, err := ch.Get(results, true)
+		if err != nil || !ok {
+			return false
+		}
+		if err := json.Unmarshal(d.Body, &res); err != nil {
+			t.Fatalf("result %s: %v", d.Body, err)
+		}
+		return true
+	})
+	if res.ID != "node-1" || res.Status != wire.StatusOK || res.Response == nil || *res.Response != "echo:node-1" {
+		t.Fatalf("result: %+v", res)
+	}
+	t.Logf("k8s: the pod answered node-1 (worker %s) in %s", res.Worker, time.Since(published).Round(100*time.Millisecond))
+
 	deleted := time.Now()
 	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -123,7 +157,8 @@ func TestNodeRunsAPod(t *testing.T) {
 }
 
 // ollamaStandIn serves the part of Ollama's API that the worker's
-// readiness asks (version, the model list) on loopback, where a
+// readiness asks (version, the model list) and a generate that echoes the
+// prompt, on loopback, where a
 // host-network pod reaches it; it returns its URL.
 func ollamaStandIn(t *testing.T) string {
 	t.Helper()
@@ -135,6 +170,22 @@ func ollamaStandIn(t *testing.T) string {
 		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
 	})
 	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
+	mux.HandleFunc("POST /api/generate", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Model  string `json:"model"`
+			Prompt string `json:"prompt"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		_ = json.NewEncoder(w).Encode(map[string]any{
+			"model": req.Model, "created_at": time.Now().UTC().Format(time.RFC3339Nano),
+			"response": "echo:" + req.Prompt, "done": true, "done_reason": "stop",
+			"prompt_eval_count": 1, "eval_count": 1,
+		})
+	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
