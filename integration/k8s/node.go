@@ -88,6 +88,15 @@ func NeedNode(t testing.TB) NodeBinaries {
 // taint(s)"). Add it to Options.Controllers for a node.
 const NodeLifecycleController = "node-lifecycle-controller"
 
+// The controllers a pod's service-account token needs: the "default"
+// ServiceAccount of each namespace (admission refuses a pod without its
+// ServiceAccount) and the kube-root-ca.crt ConfigMap the projected token
+// volume mounts.
+const (
+	ServiceAccountController = "serviceaccount-controller"
+	RootCAPublisher          = "root-ca-certificate-publisher-controller"
+)
+
 // NodeName is the name the kubelet registers its node under: its loopback
 // address. The kubelet refuses --node-ip=127.0.0.1 ("nodeIP can't be
 // loopback address"), but takes a hostname override that parses as an IP

@@ -6,16 +6,21 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 
 	"github.com/sous-run/sous/integration/itest"
 	"github.com/sous-run/sous/internal/wire"
@@ -29,8 +34,9 @@ const workerImage = "sous-worker:dev"
 // one host-network sous-worker pod from the local image, scheduled,
 // Running, and Ready by its own /readyz probe (the real broker connected,
 // the engine, an Ollama stand-in in this test, answering with the model),
-// answering one request from the real broker, then deleted: the kubelet
-// stops its container. Opt-in: SOUS_K8S_NODE=1.
+// with its service-account token mounted (one the apiserver takes as the
+// pod's ServiceAccount), answering one request from the real broker, then
+// deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
 func TestNodeRunsAPod(t *testing.T) {
 	nb := NeedNode(t) // first: without SOUS_K8S_NODE=1 the test skips, even in CI
 	b := NeedControlPlane(t)
@@ -46,7 +52,7 @@ func TestNodeRunsAPod(t *testing.T) {
 	engine := ollamaStandIn(t)
 
 	began := time.Now()
-	c := Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController}})
+	c := Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController, ServiceAccountController, RootCAPublisher}})
 	n := c.StartNode(t, nb, workerImage)
 	t.Logf("k8s: control plane and node ready in %s", time.Since(began).Round(100*time.Millisecond))
 
@@ -56,18 +62,18 @@ func TestNodeRunsAPod(t *testing.T) {
 	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	// No serviceaccount controller runs here: the pod's ServiceAccount is
-	// created by hand, and the pod mounts no token (this test needs none).
-	if _, err := c.Client.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
+	// The serviceaccount controller makes the namespace's "default"
+	// ServiceAccount; the pod waits for it or admission refuses the pod.
+	itest.WaitUntil(t, time.Minute, "the default ServiceAccount", func() bool {
+		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		return err == nil
+	})
 
 	httpPort := itest.FreePort(t)
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "sous-worker", Namespace: ns},
 		Spec: corev1.PodSpec{
 			HostNetwork:                   true,
-			AutomountServiceAccountToken:  new(false),
 			TerminationGracePeriodSeconds: new(int64(10)),
 			Containers: []corev1.Container{{
 				Name:            "worker",
@@ -119,6 +125,36 @@ func TestNodeRunsAPod(t *testing.T) {
 	}
 	t.Logf("k8s: pod created → scheduled on %s %s → Running %s → Ready %s", NodeName,
 		scheduled.Round(100*time.Millisecond), running.Round(100*time.Millisecond), ready.Round(100*time.Millisecond))
+
+	// The kubelet mounted the pod's projected service-account token (a
+	// TokenRequest to the apiserver): the apiserver takes it as the pod's
+	// ServiceAccount.
+	p, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens, _ := filepath.Glob(filepath.Join(n.Dir, "kubelet", "pods", string(p.UID), "volumes", "kubernetes.io~projected", "*", "token"))
+	if len(tokens) != 1 {
+		t.Fatalf("the pod's projected token: found %v", tokens)
+	}
+	token, err := os.ReadFile(tokens[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	asPod := rest.AnonymousClientConfig(c.Config)
+	asPod.BearerToken = string(token)
+	podClient, err := kubernetes.NewForConfig(asPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	review, err := podClient.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authnv1.SelfSubjectReview{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("the pod's token: %v", err)
+	}
+	if want := "system:serviceaccount:" + ns + ":default"; review.Status.UserInfo.Username != want {
+		t.Fatalf("the pod's token is %q, want %q", review.Status.UserInfo.Username, want)
+	}
+	t.Logf("k8s: the pod's projected token authenticates as %s", review.Status.UserInfo.Username)
 
 	// The pod does work: one request through the real broker, answered by
 	// the worker in the pod (the stand-in engine echoes the prompt).
