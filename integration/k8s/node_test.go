@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,64 +30,78 @@ import (
 // workerImage is what `make images` builds; the node loads it from Docker.
 const workerImage = "sous-worker:dev"
 
-// TestNodeRunsAPod is the first step of issue 23: a real kube-scheduler
-// and kubelet (with a private containerd) beside the control plane, and
-// one host-network sous-worker pod from the local image, scheduled,
-// Running, and Ready by its own /readyz probe (the real broker connected,
-// the engine, an Ollama stand-in in this test, answering with the model),
-// with its service-account token mounted (one the apiserver takes as the
-// pod's ServiceAccount), answering one request from the real broker, then
-// deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
-func TestNodeRunsAPod(t *testing.T) {
+// nodeNS is the namespace the node tests' pods run in.
+const nodeNS = "node-test"
+
+// nodeCluster is a control plane with a node, a fresh queue on the real
+// broker and an Ollama stand-in, for one test.
+type nodeCluster struct {
+	c       *ControlPlane
+	n       *Node
+	ch      *amqp.Channel
+	queue   string
+	results string
+	engine  *standIn
+}
+
+// setupNode starts what a node test needs, or skips t without
+// SOUS_K8S_NODE=1. Everything stops when t ends.
+func setupNode(t *testing.T) *nodeCluster {
+	t.Helper()
 	nb := NeedNode(t) // first: without SOUS_K8S_NODE=1 the test skips, even in CI
 	b := NeedControlPlane(t)
 	if out, err := exec.Command("docker", "image", "inspect", "-f", "{{.Id}}", workerImage).CombinedOutput(); err != nil {
 		t.Fatalf("k8s: %s is not in the local Docker engine (make images): %v: %s", workerImage, err, out)
 	}
-	ch, queue := testQueue(t)
-	results := queue + ".results"
+	nc := &nodeCluster{engine: ollamaStandIn(t)}
+	nc.ch, nc.queue = testQueue(t)
+	nc.results = nc.queue + ".results"
 	t.Cleanup(func() {
-		_, _ = ch.QueueDelete(results, false, false, false)
-		_, _ = ch.QueueDelete(queue+".dlq", false, false, false)
+		_, _ = nc.ch.QueueDelete(nc.results, false, false, false)
+		_, _ = nc.ch.QueueDelete(nc.queue+".dlq", false, false, false)
 	})
-	engine := ollamaStandIn(t)
 
 	began := time.Now()
-	c := Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController, ServiceAccountController, RootCAPublisher}})
-	n := c.StartNode(t, nb, workerImage)
+	nc.c = Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController, ServiceAccountController, RootCAPublisher}})
+	nc.n = nc.c.StartNode(t, nb, workerImage)
 	t.Logf("k8s: control plane and node ready in %s", time.Since(began).Round(100*time.Millisecond))
 
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	const ns = "node-test"
-	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+	if _, err := nc.c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: nodeNS}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// The serviceaccount controller makes the namespace's "default"
-	// ServiceAccount; the pod waits for it or admission refuses the pod.
+	// ServiceAccount; admission refuses a pod until it exists.
 	itest.WaitUntil(t, time.Minute, "the default ServiceAccount", func() bool {
-		_, err := c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+		_, err := nc.c.Client.CoreV1().ServiceAccounts(nodeNS).Get(ctx, "default", metav1.GetOptions{})
 		return err == nil
 	})
+	return nc
+}
 
+// workerPod is a host-network sous-worker pod on the test's queue and
+// engine, Ready by the worker's /readyz on a loopback port of its own.
+func (nc *nodeCluster) workerPod(t *testing.T, name string, grace int64, env ...corev1.EnvVar) *corev1.Pod {
+	t.Helper()
 	httpPort := itest.FreePort(t)
-	pod := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "sous-worker", Namespace: ns},
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: nodeNS},
 		Spec: corev1.PodSpec{
 			HostNetwork:                   true,
-			TerminationGracePeriodSeconds: new(int64(10)),
+			TerminationGracePeriodSeconds: new(grace),
 			Containers: []corev1.Container{{
 				Name:            "worker",
 				Image:           workerImage,
 				ImagePullPolicy: corev1.PullNever,
-				Env: []corev1.EnvVar{
+				Env: append([]corev1.EnvVar{
 					{Name: "SOUS_AMQP_URL", Value: amqpURL},
-					{Name: "SOUS_QUEUE", Value: queue},
-					{Name: "SOUS_RESULTS_QUEUE", Value: results},
-					{Name: "SOUS_ENGINE_URL", Value: engine},
+					{Name: "SOUS_QUEUE", Value: nc.queue},
+					{Name: "SOUS_RESULTS_QUEUE", Value: nc.results},
+					{Name: "SOUS_ENGINE_URL", Value: nc.engine.url},
 					{Name: "SOUS_MODEL", Value: "tiny"},
 					{Name: "SOUS_HTTP_ADDR", Value: "127.0.0.1:" + strconv.Itoa(httpPort)},
-				},
+				}, env...),
 				ReadinessProbe: &corev1.Probe{
 					ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{
 						Host: "127.0.0.1", Path: "/readyz", Port: intstr.FromInt(httpPort),
@@ -96,16 +111,24 @@ func TestNodeRunsAPod(t *testing.T) {
 			}},
 		},
 	}
+}
+
+// runReady creates pod and waits until it is Ready; it logs the timeline
+// and returns the pod as the apiserver has it.
+func (nc *nodeCluster) runReady(t *testing.T, ctx context.Context, pod *corev1.Pod) *corev1.Pod {
+	t.Helper()
 	created := time.Now()
-	if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+	if _, err := nc.c.Client.CoreV1().Pods(nodeNS).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	var scheduled, running, ready time.Duration
+	var last *corev1.Pod
 	if !itest.Eventually(3*time.Minute, func() bool {
-		p, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
+		p, err := nc.c.Client.CoreV1().Pods(nodeNS).Get(ctx, pod.Name, metav1.GetOptions{})
 		if err != nil {
 			return false
 		}
+		last = p
 		if scheduled == 0 && p.Spec.NodeName != "" {
 			scheduled = time.Since(created)
 		}
@@ -120,20 +143,99 @@ func TestNodeRunsAPod(t *testing.T) {
 		}
 		return false
 	}) {
-		p, _ := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
-		t.Fatalf("pod not Ready in 3m (scheduled %s, running %s): status %+v\n%s", scheduled, running, p.Status, n.Logs(30))
+		var status any
+		if last != nil {
+			status = last.Status
+		}
+		t.Fatalf("pod %s not Ready in 3m (scheduled %s, running %s): status %+v\n%s", pod.Name, scheduled, running, status, nc.n.Logs(30))
 	}
-	t.Logf("k8s: pod created → scheduled on %s %s → Running %s → Ready %s", NodeName,
+	t.Logf("k8s: pod %s created → scheduled on %s %s → Running %s → Ready %s", pod.Name, NodeName,
 		scheduled.Round(100*time.Millisecond), running.Round(100*time.Millisecond), ready.Round(100*time.Millisecond))
+	return last
+}
+
+// publish puts one request with id (and the id as its prompt) on the queue.
+func (nc *nodeCluster) publish(t *testing.T, ctx context.Context, id string) {
+	t.Helper()
+	if err := nc.ch.PublishWithContext(ctx, "", nc.queue, false, false, amqp.Publishing{
+		MessageId: id, ContentType: "application/json", DeliveryMode: amqp.Persistent,
+		Body: []byte(`{"prompt":"` + id + `","options":{"num_predict":4}}`),
+	}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// result waits up to within for the next result and checks it is id's
+// echo.
+func (nc *nodeCluster) result(t *testing.T, id string, within time.Duration) wire.Result {
+	t.Helper()
+	var res wire.Result
+	itest.WaitUntil(t, within, "the result for "+id, func() bool {
+		d, ok, err := nc.ch.Get(nc.results, true)
+		if err != nil || !ok {
+			return false
+		}
+		if err := json.Unmarshal(d.Body, &res); err != nil {
+			t.Fatalf("result %s: %v", d.Body, err)
+		}
+		return true
+	})
+	if res.ID != id || res.Status != wire.StatusOK || res.Response == nil || *res.Response != "echo:"+id {
+		t.Fatalf("result for %s: %+v", id, res)
+	}
+	return res
+}
+
+// deletePod deletes the pod, as a user or a controller would: the kubelet
+// then sends its container SIGTERM, and SIGKILL after its grace period.
+func (nc *nodeCluster) deletePod(t *testing.T, ctx context.Context, name string) {
+	t.Helper()
+	if err := nc.c.Client.CoreV1().Pods(nodeNS).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitGone waits until the kubelet has stopped the pod and the apiserver
+// no longer has it; it returns the container's exit code when a poll saw
+// it terminated (-1 when none did: the pod can be gone between two polls).
+func (nc *nodeCluster) waitGone(t *testing.T, ctx context.Context, name string) int32 {
+	t.Helper()
+	exit := int32(-1)
+	itest.WaitUntil(t, time.Minute, "the kubelet to stop pod "+name+" and the pod to be gone", func() bool {
+		p, err := nc.c.Client.CoreV1().Pods(nodeNS).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return true
+		}
+		if err == nil {
+			for _, cs := range p.Status.ContainerStatuses {
+				if cs.State.Terminated != nil {
+					exit = cs.State.Terminated.ExitCode
+				}
+			}
+		}
+		return false
+	})
+	return exit
+}
+
+// TestNodeRunsAPod is the first step of issue 23: a real kube-scheduler
+// and kubelet (with a private containerd) beside the control plane, and
+// one host-network sous-worker pod from the local image, scheduled,
+// Running, and Ready by its own /readyz probe (the real broker connected,
+// the engine, an Ollama stand-in in this test, answering with the model),
+// with its service-account token mounted (one the apiserver takes as the
+// pod's ServiceAccount), answering one request from the real broker, then
+// deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
+func TestNodeRunsAPod(t *testing.T) {
+	nc := setupNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	p := nc.runReady(t, ctx, nc.workerPod(t, "sous-worker", 10))
 
 	// The kubelet mounted the pod's projected service-account token (a
 	// TokenRequest to the apiserver): the apiserver takes it as the pod's
 	// ServiceAccount.
-	p, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	tokens, _ := filepath.Glob(filepath.Join(n.Dir, "kubelet", "pods", string(p.UID), "volumes", "kubernetes.io~projected", "*", "token"))
+	tokens, _ := filepath.Glob(filepath.Join(nc.n.Dir, "kubelet", "pods", string(p.UID), "volumes", "kubernetes.io~projected", "*", "token"))
 	if len(tokens) != 1 {
 		t.Fatalf("the pod's projected token: found %v", tokens)
 	}
@@ -141,7 +243,7 @@ func TestNodeRunsAPod(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	asPod := rest.AnonymousClientConfig(c.Config)
+	asPod := rest.AnonymousClientConfig(nc.c.Config)
 	asPod.BearerToken = string(token)
 	podClient, err := kubernetes.NewForConfig(asPod)
 	if err != nil {
@@ -151,7 +253,7 @@ func TestNodeRunsAPod(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the pod's token: %v", err)
 	}
-	if want := "system:serviceaccount:" + ns + ":default"; review.Status.UserInfo.Username != want {
+	if want := "system:serviceaccount:" + nodeNS + ":default"; review.Status.UserInfo.Username != want {
 		t.Fatalf("the pod's token is %q, want %q", review.Status.UserInfo.Username, want)
 	}
 	t.Logf("k8s: the pod's projected token authenticates as %s", review.Status.UserInfo.Username)
@@ -159,45 +261,65 @@ func TestNodeRunsAPod(t *testing.T) {
 	// The pod does work: one request through the real broker, answered by
 	// the worker in the pod (the stand-in engine echoes the prompt).
 	published := time.Now()
-	if err := ch.PublishWithContext(ctx, "", queue, false, false, amqp.Publishing{
-		MessageId: "node-1", ContentType: "application/json", DeliveryMode: amqp.Persistent,
-		Body: []byte(`{"prompt":"node-1","options":{"num_predict":4}}`),
-	}); err != nil {
-		t.Fatal(err)
-	}
-	var res wire.Result
-	itest.WaitUntil(t, time.Minute, "the pod's result for node-1", func() bool {
-		d, ok, err := ch.Get(results, true)
-		if err != nil || !ok {
-			return false
-		}
-		if err := json.Unmarshal(d.Body, &res); err != nil {
-			t.Fatalf("result %s: %v", d.Body, err)
-		}
-		return true
-	})
-	if res.ID != "node-1" || res.Status != wire.StatusOK || res.Response == nil || *res.Response != "echo:node-1" {
-		t.Fatalf("result: %+v", res)
-	}
+	nc.publish(t, ctx, "node-1")
+	res := nc.result(t, "node-1", time.Minute)
 	t.Logf("k8s: the pod answered node-1 (worker %s) in %s", res.Worker, time.Since(published).Round(100*time.Millisecond))
 
 	deleted := time.Now()
-	if err := c.Client.CoreV1().Pods(ns).Delete(ctx, pod.Name, metav1.DeleteOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	itest.WaitUntil(t, time.Minute, "the kubelet to stop the pod and the pod to be gone", func() bool {
-		_, err := c.Client.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{})
-		return apierrors.IsNotFound(err)
-	})
-	t.Logf("k8s: pod deleted and gone in %s", time.Since(deleted).Round(100*time.Millisecond))
+	nc.deletePod(t, ctx, p.Name)
+	exit := nc.waitGone(t, ctx, p.Name)
+	t.Logf("k8s: pod deleted and gone in %s (exit code seen: %d)", time.Since(deleted).Round(100*time.Millisecond), exit)
 }
 
-// ollamaStandIn serves the part of Ollama's API that the worker's
-// readiness asks (version, the model list) and a generate that echoes the
-// prompt, on loopback, where a
-// host-network pod reaches it; it returns its URL.
-func ollamaStandIn(t *testing.T) string {
+// TestNodeSIGTERMDrains deletes a pod while its worker has a request at
+// the engine: Kubernetes' SIGTERM (the kubelet's, through containerd)
+// makes the worker finish that request within its drain budget, publish
+// the result and exit 0, inside terminationGracePeriodSeconds. The first
+// step of the issue's test 4, with one request and no prefetch backlog.
+func TestNodeSIGTERMDrains(t *testing.T) {
+	nc := setupNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	const grace = 20
+	p := nc.runReady(t, ctx, nc.workerPod(t, "sous-worker", grace,
+		corev1.EnvVar{Name: "SOUS_DRAIN_TIMEOUT", Value: "15s"}))
+
+	nc.engine.delay.Store(int64(4 * time.Second))
+	calls := nc.engine.calls.Load()
+	nc.publish(t, ctx, "drain-1")
+	itest.WaitUntil(t, time.Minute, "drain-1 at the engine", func() bool { return nc.engine.calls.Load() > calls })
+
+	deleted := time.Now()
+	nc.deletePod(t, ctx, p.Name)
+	res := nc.result(t, "drain-1", time.Minute)
+	t.Logf("k8s: drain-1 answered %s after the delete (worker %s)", time.Since(deleted).Round(100*time.Millisecond), res.Worker)
+	exit := nc.waitGone(t, ctx, p.Name)
+	t.Logf("k8s: pod gone %s after the delete (grace %ds; exit code seen: %d)", time.Since(deleted).Round(100*time.Millisecond), grace, exit)
+	if exit != -1 && exit != 0 {
+		t.Errorf("the worker exited %d on SIGTERM, want 0 (137 is the kubelet's SIGKILL after the grace period)", exit)
+	}
+	q, err := nc.ch.QueueDeclarePassive(nc.queue, true, false, false, false, amqp.Table{"x-queue-type": "quorum"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q.Messages != 0 {
+		t.Errorf("%d requests left in %s", q.Messages, nc.queue)
+	}
+}
+
+// standIn is an Ollama stand-in: the part of Ollama's API that the
+// worker's readiness asks (version, the model list) and a generate that
+// echoes the prompt after delay, on loopback, where a host-network pod
+// reaches it.
+type standIn struct {
+	url   string
+	delay atomic.Int64 // nanoseconds before each generate answers
+	calls atomic.Int64 // generates received
+}
+
+func ollamaStandIn(t *testing.T) *standIn {
 	t.Helper()
+	s := &standIn{}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
@@ -215,6 +337,12 @@ func ollamaStandIn(t *testing.T) string {
 			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
 			return
 		}
+		s.calls.Add(1)
+		select {
+		case <-time.After(time.Duration(s.delay.Load())):
+		case <-r.Context().Done():
+			return
+		}
 		w.Header().Set("Content-Type", "application/x-ndjson")
 		_ = json.NewEncoder(w).Encode(map[string]any{
 			"model": req.Model, "created_at": time.Now().UTC().Format(time.RFC3339Nano),
@@ -229,5 +357,6 @@ func ollamaStandIn(t *testing.T) string {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() { _ = srv.Close() })
-	return fmt.Sprintf("http://%s", ln.Addr())
+	s.url = fmt.Sprintf("http://%s", ln.Addr())
+	return s
 }
