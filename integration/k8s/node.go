@@ -430,8 +430,8 @@ func readSysctls() (map[string]string, error) {
 	return m, nil
 }
 
-// stop deletes the node's pods while the kubelet runs (so it unmounts
-// their volumes), stops the kubelet and the scheduler, removes whatever
+// stop deletes the node's pods (and the Deployments and ReplicaSets that
+// would replace them) while the kubelet runs (so it unmounts their volumes), stops the kubelet and the scheduler, removes whatever
 // containers are left through containerd, stops containerd, unmounts what
 // is still mounted under Dir, restores the kernel tunables and removes Dir.
 // Safe to call twice.
@@ -463,11 +463,22 @@ func (n *Node) stop() {
 	n.c = nil
 }
 
-// deletePods deletes every pod on the node and waits, up to a minute, for
-// the kubelet to finish them.
+// deletePods deletes every Deployment and ReplicaSet (so no controller
+// makes new pods), then every pod on the node, and waits, up to a minute,
+// for the kubelet to finish them.
 func (n *Node) deletePods() {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+	if ds, err := n.c.Client.AppsV1().Deployments("").List(ctx, metav1.ListOptions{}); err == nil {
+		for _, d := range ds.Items {
+			_ = n.c.Client.AppsV1().Deployments(d.Namespace).Delete(ctx, d.Name, metav1.DeleteOptions{})
+		}
+	}
+	if rs, err := n.c.Client.AppsV1().ReplicaSets("").List(ctx, metav1.ListOptions{}); err == nil {
+		for _, r := range rs.Items {
+			_ = n.c.Client.AppsV1().ReplicaSets(r.Namespace).Delete(ctx, r.Name, metav1.DeleteOptions{})
+		}
+	}
 	sel := metav1.ListOptions{FieldSelector: "spec.nodeName=" + NodeName}
 	pods, err := n.c.Client.CoreV1().Pods("").List(ctx, sel)
 	if err != nil {
