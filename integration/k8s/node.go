@@ -97,17 +97,30 @@ const (
 	RootCAPublisher          = "root-ca-certificate-publisher-controller"
 )
 
-// NodeName is the name the kubelet registers its node under: its loopback
-// address. The kubelet refuses --node-ip=127.0.0.1 ("nodeIP can't be
-// loopback address"), but takes a hostname override that parses as an IP
-// as the node's InternalIP unchecked, so the node's address, and so every
-// host-network pod's IP and probe target, is 127.0.0.1.
+// NodeName is the name of the first node: the kubelet registers its node
+// under its loopback address. The kubelet refuses --node-ip=127.0.0.1
+// ("nodeIP can't be loopback address"), but takes a hostname override that
+// parses as an IP as the node's InternalIP unchecked, so the node's
+// address, and so every host-network pod's IP and probe target, is
+// 127.0.0.1. Further nodes take other addresses of 127/8, all on lo.
 const NodeName = "127.0.0.1"
+
+// NodeOptions choose a node's name and what it can run.
+type NodeOptions struct {
+	// Name is the node's name and address, a loopback address; the
+	// default is NodeName. Each node of a cluster needs its own.
+	Name string
+	// Images are loaded from the local Docker engine (docker save) besides
+	// the pause image.
+	Images []string
+}
 
 // Node is a kube-scheduler, a kubelet and the private containerd it runs
 // pods with, all on loopback, their state under Dir. Pods must use host
 // networking: the node has a loopback-only CNI network (see StartNode).
 type Node struct {
+	// Name is the node's name and its address (NodeOptions.Name).
+	Name string
 	// Dir holds the node's state (containerd's, the kubelet's); its
 	// processes log into the control plane's Dir, which outlives it.
 	Dir string
@@ -117,7 +130,12 @@ type Node struct {
 	c          *ControlPlane
 	bins       NodeBinaries
 	containerd *process
-	procs      []*process // scheduler, kubelet
+	scheduler  *process // only on the cluster's first node
+	kubelet    *process
+	// cgroupRoot is the kubelet's cgroupRoot, made for it in every
+	// hierarchy: two kubelets under one /kubepods would remove each
+	// other's pod cgroups as orphans.
+	cgroupRoot string
 	sysctls    map[string]string
 }
 
@@ -126,16 +144,20 @@ type Node struct {
 // scheduler and the kubelet; it returns once the node is Ready and has no
 // NoSchedule taint (c must run NodeLifecycleController). Everything
 // is stopped, and the pods' containers and mounts removed, when t ends.
-func (c *ControlPlane) StartNode(t testing.TB, nb NodeBinaries, images ...string) *Node {
+func (c *ControlPlane) StartNode(t testing.TB, nb NodeBinaries, o NodeOptions) *Node {
 	t.Helper()
+	if o.Name == "" {
+		o.Name = NodeName
+	}
 	// A short path: containerd's socket must fit a sockaddr_un (108 bytes).
 	dir, err := os.MkdirTemp("", "sous-node-")
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Node{Dir: dir, Socket: filepath.Join(dir, "containerd.sock"), c: c, bins: nb}
+	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock"), c: c, bins: nb,
+		cgroupRoot: "/" + filepath.Base(dir)}
 	t.Cleanup(n.stop)
-	if err := n.start(t, images); err != nil {
+	if err := n.start(t, o.Images); err != nil {
 		t.Fatalf("k8s: node: %v\n%s", err, n.logs(40))
 	}
 	return n
@@ -159,7 +181,71 @@ func (n *Node) start(t testing.TB, images []string) error {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
+	if !n.c.hasScheduler {
+		if err := n.startScheduler(t, ctx); err != nil {
+			return err
+		}
+		n.c.hasScheduler = true
+	}
 
+	kubeletStart := time.Now()
+	sysctls, err := readSysctls()
+	if err != nil {
+		return err
+	}
+	n.sysctls = sysctls
+	if err := makeCgroup(n.cgroupRoot); err != nil {
+		return err
+	}
+	cfg, err := n.kubeletConfig(t)
+	if err != nil {
+		return err
+	}
+	kubelet, err := startProcess(n.c.Dir, "kubelet-"+n.Name, n.bins.Kubelet, nil,
+		"--config="+cfg,
+		"--kubeconfig="+n.c.Kubeconfig,
+		"--root-dir="+filepath.Join(n.Dir, "kubelet"),
+		"--cert-dir="+filepath.Join(n.Dir, "kubelet-pki"),
+		"--hostname-override="+n.Name,
+		"--v=2",
+	)
+	if err != nil {
+		return err
+	}
+	n.kubelet = kubelet
+	if err := n.c.waitFor(ctx, kubelet, func(ctx context.Context) error {
+		node, err := n.c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		ready := false
+		for _, cond := range node.Status.Conditions {
+			if cond.Type == corev1.NodeReady {
+				if cond.Status != corev1.ConditionTrue {
+					return fmt.Errorf("node %s not ready: %s: %s", n.Name, cond.Reason, cond.Message)
+				}
+				ready = true
+			}
+		}
+		if !ready {
+			return fmt.Errorf("node %s has no Ready condition yet", n.Name)
+		}
+		for _, taint := range node.Spec.Taints {
+			if taint.Effect == corev1.TaintEffectNoSchedule || taint.Effect == corev1.TaintEffectNoExecute {
+				return fmt.Errorf("node %s is Ready but tainted %s (is %s running?)", n.Name, taint.ToString(), NodeLifecycleController)
+			}
+		}
+		return nil
+	}); err != nil {
+		return fmt.Errorf("kubelet: %w", err)
+	}
+	t.Logf("k8s: kubelet registered node %s, Ready and untainted in %s", n.Name, time.Since(kubeletStart).Round(100*time.Millisecond))
+	return nil
+}
+
+// startScheduler runs kube-scheduler for the whole cluster, on the first
+// node, and waits until it is healthy.
+func (n *Node) startScheduler(t testing.TB, ctx context.Context) error {
 	schedPort := itest.FreePort(t)
 	schedCert, schedKey, err := n.c.ca.serving(n.Dir, "scheduler")
 	if err != nil {
@@ -179,59 +265,11 @@ func (n *Node) start(t testing.TB, images []string) error {
 	if err != nil {
 		return err
 	}
-	n.procs = append(n.procs, sched)
+	n.scheduler = sched
 	if err := n.c.waitFor(ctx, sched, httpsOK(n.c.ca, "https://127.0.0.1:"+strconv.Itoa(schedPort)+"/healthz")); err != nil {
 		return fmt.Errorf("kube-scheduler not healthy: %w", err)
 	}
 	t.Logf("k8s: kube-scheduler healthy")
-
-	kubeletStart := time.Now()
-	if n.sysctls, err = readSysctls(); err != nil {
-		return err
-	}
-	cfg, err := n.kubeletConfig(t)
-	if err != nil {
-		return err
-	}
-	kubelet, err := startProcess(n.c.Dir, "kubelet", n.bins.Kubelet, nil,
-		"--config="+cfg,
-		"--kubeconfig="+n.c.Kubeconfig,
-		"--root-dir="+filepath.Join(n.Dir, "kubelet"),
-		"--cert-dir="+filepath.Join(n.Dir, "kubelet-pki"),
-		"--hostname-override="+NodeName,
-		"--v=2",
-	)
-	if err != nil {
-		return err
-	}
-	n.procs = append(n.procs, kubelet)
-	if err := n.c.waitFor(ctx, kubelet, func(ctx context.Context) error {
-		node, err := n.c.Client.CoreV1().Nodes().Get(ctx, NodeName, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		ready := false
-		for _, cond := range node.Status.Conditions {
-			if cond.Type == corev1.NodeReady {
-				if cond.Status != corev1.ConditionTrue {
-					return fmt.Errorf("node %s not ready: %s: %s", NodeName, cond.Reason, cond.Message)
-				}
-				ready = true
-			}
-		}
-		if !ready {
-			return fmt.Errorf("node %s has no Ready condition yet", NodeName)
-		}
-		for _, taint := range node.Spec.Taints {
-			if taint.Effect == corev1.TaintEffectNoSchedule || taint.Effect == corev1.TaintEffectNoExecute {
-				return fmt.Errorf("node %s is Ready but tainted %s (is %s running?)", NodeName, taint.ToString(), NodeLifecycleController)
-			}
-		}
-		return nil
-	}); err != nil {
-		return fmt.Errorf("kubelet: %w", err)
-	}
-	t.Logf("k8s: kubelet registered node %s, Ready and untainted in %s", NodeName, time.Since(kubeletStart).Round(100*time.Millisecond))
 	return nil
 }
 
@@ -286,7 +324,7 @@ state = %[2]q
 	if err := os.WriteFile(confFile, []byte(conf), 0o644); err != nil {
 		return err
 	}
-	p, err := startProcess(n.c.Dir, "containerd", n.bins.Containerd, nil, "--config", confFile)
+	p, err := startProcess(n.c.Dir, "containerd-"+n.Name, n.bins.Containerd, nil, "--config", confFile)
 	if err != nil {
 		return err
 	}
@@ -371,7 +409,8 @@ func (n *Node) kubeletConfig(t testing.TB) (string, error) {
 	//   makeIPTablesUtilChains: false: the host's iptables are not ours.
 	conf := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: %s
+cgroupRoot: %s
 port: %d
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -405,7 +444,7 @@ evictionHard:
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 2s
 syncFrequency: 5s
-`, itest.FreePort(t), itest.FreePort(t), cert, key, caFile, "unix://"+n.Socket, filepath.Join(n.Dir, "pod-logs"))
+`, n.Name, n.cgroupRoot, itest.FreePort(t), itest.FreePort(t), cert, key, caFile, "unix://"+n.Socket, filepath.Join(n.Dir, "pod-logs"))
 	path := filepath.Join(n.Dir, "kubelet.yaml")
 	return path, os.WriteFile(path, []byte(conf), 0o644)
 }
@@ -439,22 +478,24 @@ func (n *Node) stop() {
 	if n.c == nil {
 		return
 	}
-	if n.c.Client != nil && len(n.procs) == 2 {
-		if done, _ := n.procs[1].exited(); !done {
+	if n.c.Client != nil && n.kubelet != nil {
+		if done, _ := n.kubelet.exited(); !done {
 			n.deletePods()
 		}
 	}
-	for i := len(n.procs) - 1; i >= 0; i-- {
-		n.procs[i].stop(10 * time.Second)
+	for _, p := range []*process{n.kubelet, n.scheduler} {
+		if p != nil {
+			p.stop(10 * time.Second)
+		}
 	}
-	n.procs = nil
+	n.kubelet, n.scheduler = nil, nil
 	if n.containerd != nil {
 		n.removeContainers()
 		n.containerd.stop(10 * time.Second)
 		n.containerd = nil
 	}
 	unmountUnder(n.Dir)
-	removeKubepods()
+	removeCgroup(n.cgroupRoot)
 	for k, v := range n.sysctls {
 		_ = os.WriteFile("/proc/sys/"+k, []byte(v), 0o644)
 	}
@@ -479,7 +520,7 @@ func (n *Node) deletePods() {
 			_ = n.c.Client.AppsV1().ReplicaSets(r.Namespace).Delete(ctx, r.Name, metav1.DeleteOptions{})
 		}
 	}
-	sel := metav1.ListOptions{FieldSelector: "spec.nodeName=" + NodeName}
+	sel := metav1.ListOptions{FieldSelector: "spec.nodeName=" + n.Name}
 	pods, err := n.c.Client.CoreV1().Pods("").List(ctx, sel)
 	if err != nil {
 		return
@@ -537,16 +578,46 @@ func unmountUnder(dir string) {
 	}
 }
 
-// removeKubepods removes the kubelet's cgroups (kubepods and below, in
-// every v1 hierarchy and the unified one) that are empty: a cgroup with a
-// process in it cannot be removed, so another node's pods are safe.
-func removeKubepods() {
-	roots, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods")
-	for _, root := range roots {
+// cgroupHierarchies are the cgroup file systems mounted under
+// /sys/fs/cgroup: each v1 controller's and the unified (v2) one.
+func cgroupHierarchies() []string {
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/*")
+	var out []string
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, "cgroup.procs")); err == nil {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// makeCgroup makes cgroup path in every hierarchy; in the cpuset one it
+// copies the root's cpus and mems, without which no task may join.
+func makeCgroup(path string) error {
+	for _, h := range cgroupHierarchies() {
+		dir := filepath.Join(h, path)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("cgroup %s: %w", dir, err)
+		}
+		for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+			if b, err := os.ReadFile(filepath.Join(h, f)); err == nil {
+				if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+					return fmt.Errorf("cgroup %s: %w", filepath.Join(dir, f), err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// removeCgroup removes cgroup path and everything below it, deepest
+// first, in every hierarchy; a cgroup with a process in it stays.
+func removeCgroup(path string) {
+	for _, h := range cgroupHierarchies() {
 		var dirs []string
-		_ = filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		_ = filepath.WalkDir(filepath.Join(h, path), func(p string, d os.DirEntry, err error) error {
 			if err == nil && d.IsDir() {
-				dirs = append(dirs, path)
+				dirs = append(dirs, p)
 			}
 			return nil
 		})
@@ -559,11 +630,10 @@ func removeKubepods() {
 // logs is the tail of each of the node's logs, for a failing test.
 func (n *Node) logs(lines int) string {
 	var b strings.Builder
-	all := n.procs
-	if n.containerd != nil {
-		all = append([]*process{n.containerd}, all...)
-	}
-	for _, p := range all {
+	for _, p := range []*process{n.containerd, n.scheduler, n.kubelet} {
+		if p == nil {
+			continue
+		}
 		fmt.Fprintf(&b, "--- %s (%s) ---\n%s\n", p.name, p.log, p.tail(lines))
 	}
 	return b.String()

@@ -63,7 +63,7 @@ func setupNode(t *testing.T) *nodeCluster {
 
 	began := time.Now()
 	nc.c = Start(t, b, Options{Controllers: []string{DeploymentController, ReplicaSetController, NodeLifecycleController, ServiceAccountController, RootCAPublisher}})
-	nc.n = nc.c.StartNode(t, nb, workerImage)
+	nc.n = nc.c.StartNode(t, nb, NodeOptions{Images: []string{workerImage}})
 	t.Logf("k8s: control plane and node ready in %s", time.Since(began).Round(100*time.Millisecond))
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
