@@ -15,6 +15,7 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -305,6 +306,94 @@ func TestNodeSIGTERMDrains(t *testing.T) {
 	if q.Messages != 0 {
 		t.Errorf("%d requests left in %s", q.Messages, nc.queue)
 	}
+}
+
+// TestNodeTwoReplicasOnTwoNodes runs a Deployment of two host-network
+// workers on two nodes (kubelets named 127.0.0.1 and 127.0.0.2, each with
+// its own containerd and cgroupRoot): a host-network pod's port is a host
+// port, so the scheduler puts one on each node, and each worker listens on
+// its own pod IP (the node's loopback address, from the downward API).
+// Both become Ready and both requests are answered: what the issue's
+// 0 → N → 0 needs from the node.
+func TestNodeTwoReplicasOnTwoNodes(t *testing.T) {
+	nc := setupNode(t)
+	second := nc.c.StartNode(t, NeedNode(t), NodeOptions{Name: "127.0.0.2", Images: []string{workerImage}})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	port := itest.FreePort(t)
+	labels := map[string]string{"app": "sous-worker"}
+	pod := nc.workerPod(t, "template", 10,
+		corev1.EnvVar{Name: "POD_IP", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "status.podIP"}}},
+	)
+	c := &pod.Spec.Containers[0]
+	for i, e := range c.Env {
+		if e.Name == "SOUS_HTTP_ADDR" {
+			c.Env = append(c.Env[:i], c.Env[i+1:]...)
+			break
+		}
+	}
+	// After POD_IP: $(VAR) expands only variables defined before it.
+	c.Env = append(c.Env, corev1.EnvVar{Name: "SOUS_HTTP_ADDR", Value: "$(POD_IP):" + strconv.Itoa(port)})
+	c.Ports = []corev1.ContainerPort{{Name: "http", ContainerPort: int32(port)}}
+	c.ReadinessProbe.HTTPGet = &corev1.HTTPGetAction{Path: "/readyz", Port: intstr.FromString("http")}
+	dep := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: "sous-worker", Namespace: nodeNS},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: new(int32(2)),
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels}, Spec: pod.Spec},
+		},
+	}
+	created := time.Now()
+	if _, err := nc.c.Client.AppsV1().Deployments(nodeNS).Create(ctx, dep, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var nodes map[string]bool
+	if !itest.Eventually(3*time.Minute, func() bool {
+		pods, err := nc.c.Client.CoreV1().Pods(nodeNS).List(ctx, metav1.ListOptions{LabelSelector: "app=sous-worker"})
+		if err != nil {
+			return false
+		}
+		nodes = map[string]bool{}
+		for _, p := range pods.Items {
+			for _, cond := range p.Status.Conditions {
+				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue {
+					nodes[p.Spec.NodeName+" ("+p.Status.PodIP+")"] = true
+				}
+			}
+		}
+		return len(nodes) == 2
+	}) {
+		pods, _ := nc.c.Client.CoreV1().Pods(nodeNS).List(ctx, metav1.ListOptions{})
+		for _, p := range pods.Items {
+			t.Logf("pod %s on %q: %+v", p.Name, p.Spec.NodeName, p.Status)
+		}
+		t.Fatalf("two Ready pods in 3m: ready on %v\n%s%s", nodes, second.logs(20), nc.n.Logs(20))
+	}
+	t.Logf("k8s: Deployment created → 2 pods Ready in %s, on %v", time.Since(created).Round(100*time.Millisecond), nodes)
+
+	nc.publish(t, ctx, "two-1")
+	nc.publish(t, ctx, "two-2")
+	got := map[string]bool{}
+	for range 2 {
+		var res wire.Result
+		itest.WaitUntil(t, time.Minute, "two results", func() bool {
+			d, ok, err := nc.ch.Get(nc.results, true)
+			if err != nil || !ok {
+				return false
+			}
+			return json.Unmarshal(d.Body, &res) == nil
+		})
+		if res.Status != wire.StatusOK || res.Response == nil || *res.Response != "echo:"+res.ID {
+			t.Fatalf("result: %+v", res)
+		}
+		got[res.ID] = true
+	}
+	if !got["two-1"] || !got["two-2"] {
+		t.Fatalf("results for %v, want two-1 and two-2", got)
+	}
+	t.Logf("k8s: both requests answered")
 }
 
 // standIn is an Ollama stand-in: the part of Ollama's API that the
