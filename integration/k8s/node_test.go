@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -20,11 +22,13 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/sous-run/sous/integration/itest"
+	"github.com/sous-run/sous/internal/podcost"
 	"github.com/sous-run/sous/internal/wire"
 )
 
@@ -394,6 +398,144 @@ func TestNodeTwoReplicasOnTwoNodes(t *testing.T) {
 		t.Fatalf("results for %v, want two-1 and two-2", got)
 	}
 	t.Logf("k8s: both requests answered")
+}
+
+// nodeOverlay is the project's rabbitmq overlay as a user applies it, with
+// what this node needs changed in a kustomize patch, nothing else: the
+// local image (sous-worker:dev, never pulled, the stand-in engine's URL
+// instead of an engine child), one replica (no KEDA runs here), host
+// networking with the worker listening on its pod IP, no GPU limit or
+// 2-CPU/16-GiB requests (this machine has 2 CPUs and no GPU), the model
+// volume an emptyDir (no storage provisioner), the test's queue, the
+// apiserver's loopback address for the in-cluster client (no kube-proxy),
+// and the namespace's Pod Security level: the overlay enforces
+// "restricted", which refuses host networking and host ports ("violates
+// PodSecurity "restricted:latest": host namespaces (hostNetwork=true),
+// hostPort ..."), so the test's namespace is "privileged"; the pod's own
+// security context stays as shipped.
+func nodeOverlay(queue, engine string, httpPort, apiPort int) map[string]string {
+	return map[string]string{"k8stest/node/kustomization.yaml": fmt.Sprintf(`apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../../deploy/k8s/overlays/rabbitmq
+images:
+  - name: ghcr.io/sous-run/sous-worker-ollama
+    newName: sous-worker
+    newTag: dev
+patches:
+  - target: {kind: Namespace}
+    patch: |-
+      - {op: replace, path: /metadata/labels/pod-security.kubernetes.io~1enforce, value: privileged}
+  - target: {kind: ConfigMap, name: sous-config}
+    patch: |-
+      - {op: replace, path: /data/SOUS_QUEUE, value: %[1]q}
+      - {op: replace, path: /data/SOUS_RESULTS_QUEUE, value: %[2]q}
+      - {op: replace, path: /data/SOUS_DEAD_LETTER_QUEUE, value: %[3]q}
+      - {op: replace, path: /data/SOUS_ENGINE_URL, value: %[4]q}
+      - {op: replace, path: /data/SOUS_ENGINE_EXEC, value: ""}
+      - {op: replace, path: /data/SOUS_MODEL, value: tiny}
+      - {op: replace, path: /data/SOUS_MODELS_ALLOWED, value: tiny}
+  - target: {kind: Deployment, name: sous-worker}
+    patch: |-
+      - {op: add, path: /spec/replicas, value: 1}
+      - {op: add, path: /spec/template/spec/hostNetwork, value: true}
+      - {op: replace, path: /spec/template/spec/containers/0/imagePullPolicy, value: Never}
+      - {op: replace, path: /spec/template/spec/containers/0/resources, value: {}}
+      - {op: replace, path: /spec/template/spec/containers/0/ports/0/containerPort, value: %[5]d}
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}}
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: SOUS_HTTP_ADDR, value: "$(POD_IP):%[5]d"}}
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: KUBERNETES_SERVICE_HOST, value: "127.0.0.1"}}
+      - {op: add, path: /spec/template/spec/containers/0/env/-, value: {name: KUBERNETES_SERVICE_PORT, value: "%[6]d"}}
+      - {op: replace, path: /spec/template/spec/volumes/0, value: {name: models, emptyDir: {}}}
+`, queue, queue+".results", queue+".dlq", engine, httpPort, apiPort)}
+}
+
+// TestNodeOverlayWorkerReady applies the rabbitmq overlay (nodeOverlay)
+// and runs its worker on the node: the Deployment's pod, with the
+// overlay's security context (non-root, read-only root file system, no
+// capabilities, RuntimeDefault seccomp), probes, ServiceAccount and RBAC,
+// becomes Ready, answers a request, and patches its own pod's deletion
+// cost through the apiserver. KEDA's objects and the gateway are
+// left out: no KEDA operator runs here, and the gateway is test 5's.
+func TestNodeOverlayWorkerReady(t *testing.T) {
+	nc := setupNode(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	u, err := url.Parse(nc.c.Config.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	apiPort, err := strconv.Atoi(u.Port())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rendered, err := Kustomize("k8stest/node", nodeOverlay(nc.queue, nc.engine.url, itest.FreePort(t), apiPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs, err := Decode(rendered)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ns, rest []*unstructured.Unstructured
+	for _, o := range objs {
+		switch {
+		case o.GetKind() == "Namespace":
+			ns = append(ns, o)
+		case strings.HasPrefix(o.GetAPIVersion(), "keda.sh/"), strings.Contains(o.GetName(), "gateway"):
+			t.Logf("k8s: left out %s %s", o.GetKind(), o.GetName())
+		default:
+			rest = append(rest, o)
+		}
+	}
+	if err := nc.c.ApplyObjects(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	createRabbitSecrets(t, ctx, nc.c, rabbitNS, nil)
+	applied := time.Now()
+	if err := nc.c.ApplyObjects(ctx, rest); err != nil {
+		t.Fatalf("%v\n%s", err, nc.c.Logs(20))
+	}
+	var pod corev1.Pod
+	if !itest.Eventually(3*time.Minute, func() bool {
+		pods, err := nc.c.Client.CoreV1().Pods(rabbitNS).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=worker"})
+		if err != nil {
+			return false
+		}
+		for _, p := range pods.Items {
+			for _, cond := range p.Status.Conditions {
+				if cond.Type == corev1.PodReady && cond.Status == corev1.ConditionTrue {
+					pod = p
+					return true
+				}
+			}
+		}
+		return false
+	}) {
+		pods, _ := nc.c.Client.CoreV1().Pods(rabbitNS).List(ctx, metav1.ListOptions{})
+		for _, p := range pods.Items {
+			t.Logf("pod %s on %q: %+v", p.Name, p.Spec.NodeName, p.Status)
+		}
+		t.Fatalf("no Ready worker pod in 3m\n%s", nc.n.Logs(30))
+	}
+	t.Logf("k8s: overlay applied → worker pod %s Ready on %s in %s", pod.Name, pod.Spec.NodeName, time.Since(applied).Round(100*time.Millisecond))
+
+	nc.publish(t, ctx, "overlay-1")
+	nc.result(t, "overlay-1", time.Minute)
+	// The worker keeps its pod's deletion cost current through the
+	// apiserver, with its own ServiceAccount token and the overlay's Role:
+	// the path busy-aware scale-in (the issue's test 3) rests on.
+	var cost string
+	itest.WaitUntil(t, 30*time.Second, "the worker to patch its pod's deletion cost", func() bool {
+		p, err := nc.c.Client.CoreV1().Pods(rabbitNS).Get(ctx, pod.Name, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		c, ok := p.Annotations[podcost.Annotation]
+		cost = c
+		return ok
+	})
+	t.Logf("k8s: overlay-1 answered; the worker patched its pod's deletion cost to %q", cost)
 }
 
 // standIn is an Ollama stand-in: the part of Ollama's API that the
