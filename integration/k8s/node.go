@@ -402,8 +402,10 @@ func (n *Node) kubeletConfig(t testing.TB) (string, error) {
 	//   cgroupDriver: cgroupfs: no systemd here, and containerd 1.6 has no
 	//     RuntimeConfig RPC to tell the kubelet its driver (1.37 falls back
 	//     to this setting, with a log line).
-	//   the kubelet's API on 127.0.0.1 only, anonymous and AlwaysAllow: the
-	//     apiserver has no kubelet client certificate here (logs, exec).
+	//   the kubelet's API on the node's own loopback address only,
+	//     anonymous and AlwaysAllow: the apiserver has no kubelet client
+	//     certificate here (logs, exec).
+	//   cgroupRoot: the node's own (see Node.cgroupRoot).
 	//   eviction and image GC thresholds off: a shared disk's usage must not
 	//     taint the node or remove the pause image.
 	//   makeIPTablesUtilChains: false: the host's iptables are not ours.
