@@ -106,6 +106,19 @@ push:
 k8s:
 	@scripts/build-k8s.sh
 
+# kube-scheduler and the kubelet (tools/node, the control plane's
+# k8s.io/kubernetes release) for the opt-in node test, which also needs
+# root, Docker with `make images` done, and Debian's containerd, runc and
+# containernetworking-plugins (docs/design/kubelet.md). Not part of `make k8s`
+# or `make test`: run `make k8s-node test-k8s-node`.
+.PHONY: k8s-node
+k8s-node:
+	@scripts/build-k8s.sh node
+
+.PHONY: test-k8s-node
+test-k8s-node: k8s k8s-node
+	SOUS_K8S_NODE=1 $(GO) test -count=1 -timeout 15m -v -run 'TestNode' ./integration/k8s
+
 # Qpid Proton for the Service Bus protocol test double (a Debian package;
 # installs only when missing).
 .PHONY: sbpeer

@@ -62,6 +62,9 @@ type ControlPlane struct {
 	}
 	mapper *restmapper.DeferredDiscoveryRESTMapper
 	procs  []*process
+	// hasScheduler is set by the first StartNode, which runs kube-scheduler
+	// for every node.
+	hasScheduler bool
 }
 
 // Options choose what the control plane runs.

@@ -15,10 +15,21 @@
 // on the shared 2-core machine, at nice 19 beside other builds); seconds
 // once built. scripts/build-k8s.sh has the figure per binary.
 //
-// There is no kubelet and no scheduler: pods are created by the
+// By default there is no kubelet and no scheduler: pods are created by the
 // ReplicaSet controller and stay Pending, which is all these tests need,
 // since KEDA and the HPA change a Deployment's replicas and the ReplicaSet
 // controller picks which pods to delete.
+//
+// A node is opt-in (SOUS_K8S_NODE=1, `make k8s-node test-k8s-node`;
+// docs/design/kubelet.md): StartNode runs a private containerd with the
+// CRI plugin, kube-scheduler and a kubelet (tools/node, the control
+// plane's release) on loopback, loads images from the local Docker engine
+// and a pause image built here (./pause), and returns once the node is
+// Ready; pods use host networking. NeedNode skips the test without the
+// variable, also under CI=true. The node's teardown runs before the
+// control plane's: it deletes the pods, stops its processes, removes left
+// containers, mounts and empty kubepods cgroups, and restores the kernel
+// tunables the kubelet sets.
 //
 // 1 ↔ N runs as in a cluster: the apiserver has the aggregation layer on
 // (front-proxy CA, --proxy-client-cert-file, --requestheader-* flags),
