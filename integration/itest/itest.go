@@ -8,6 +8,7 @@ package itest
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -112,6 +113,11 @@ func StartWorker(t testing.TB, o WorkerOptions) *Worker {
 	// are the worker's own.
 	cmd.Env = append(append(os.Environ(), "SOUS_HTTP_ADDR="+w.Addr, "GORACE=atexit_sleep_ms=0"), o.Env...)
 	w.Cmd = cmd
+	// A grandchild that outlives the worker (an engine's model runner,
+	// orphaned by a SIGKILL) may hold the output pipe open: Wait returns
+	// this long after the worker exits all the same, so a failed test
+	// reports its failure instead of hanging until the package's timeout.
+	cmd.WaitDelay = 10 * time.Second
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	if err := cmd.Start(); err != nil {
@@ -192,10 +198,42 @@ func (w *Worker) Logs() string {
 	return w.log.String()
 }
 
-// Kill SIGKILLs the worker and waits for it to exit.
+// Kill SIGKILLs the worker and waits for it to exit. The process groups
+// of its children (a supervised engine runs in one of its own, with its
+// model runner) are killed first: nothing the worker started outlives it.
 func (w *Worker) Kill() {
+	for _, pgid := range childGroups(w.Cmd.Process.Pid) {
+		_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	}
 	_ = w.Cmd.Process.Signal(syscall.SIGKILL)
 	<-w.exited
+}
+
+// childGroups are the process groups of pid's children, other than pid's
+// own (Linux's /proc; none elsewhere).
+func childGroups(pid int) []int {
+	own, _ := syscall.Getpgid(pid)
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid pgrp ...: comm may hold spaces; it ends at
+		// the last ')'.
+		rest := string(b)
+		if i := strings.LastIndexByte(rest, ')'); i >= 0 {
+			rest = rest[i+1:]
+		}
+		var state string
+		var ppid, pgrp int
+		if _, err := fmt.Sscan(rest, &state, &ppid, &pgrp); err != nil || ppid != pid || pgrp == own || pgrp <= 1 {
+			continue
+		}
+		out = append(out, pgrp)
+	}
+	return out
 }
 
 // Exited is closed when the process has exited.
