@@ -296,6 +296,7 @@ func (r *runner) lead(ctx context.Context) {
 	defer t.Stop()
 	leading := false
 	var lastDemand, renewed time.Time
+	var lastRunning string // the running batches the last demand report described
 	// leadCtx lasts while this replica holds the lease: validations run
 	// in it, so that a replica that lost the lease stops validating.
 	type term struct {
@@ -345,8 +346,10 @@ func (r *runner) lead(ctx context.Context) {
 			stepCtx, cancel := context.WithDeadline(lead.ctx, renewed.Add(r.b.LeaseTTL*2/3))
 			active := r.step(stepCtx)
 			cancel()
-			if now := time.Now(); now.Sub(lastDemand) >= demandEvery {
-				lastDemand = now
+			// At once when a batch starts or ends, else every demandEvery:
+			// a short batch is over before the first periodic report.
+			if now, key := time.Now(), runningKey(active); key != lastRunning || now.Sub(lastDemand) >= demandEvery {
+				lastDemand, lastRunning = now, key
 				r.demand(lead.ctx, active)
 			}
 		}
@@ -432,6 +435,19 @@ func (r *runner) cancel(ctx context.Context, b batchstore.Batch) {
 	if err := cp.PublishCancel(ctx, body); err != nil && ctx.Err() == nil {
 		r.s.log.Warn("cannot tell the workers a batch is cancelled; its queued lines will run", "batch_id", b.ID, "err", err)
 	}
+}
+
+// runningKey names the set of batches in progress, to notice one
+// starting or ending.
+func runningKey(active []batchstore.Batch) string {
+	var ids []string
+	for _, b := range active {
+		if b.Status == batchstore.InProgress {
+			ids = append(ids, b.ID)
+		}
+	}
+	slices.Sort(ids)
+	return strings.Join(ids, ",")
 }
 
 // demandEvery is how often the publisher tells the scaler what its
