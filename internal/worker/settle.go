@@ -59,7 +59,16 @@ func (w *Worker) settle(it *item, out outcome) {
 func (w *Worker) decide(ctx context.Context, it *item, out outcome) queue.Settlement {
 	d := it.d
 	if out.requeue != "" {
-		return queue.Settlement{Action: queue.Requeue, Reason: out.requeue}
+		reason := out.requeue
+		if !queue.Counts(reason) && it.streamed.Load() {
+			// Chunks of it went out: its next delivery streams it again,
+			// and a client learns to drop what it has from the first
+			// chunk's restart marker, which a delivery carries from its
+			// second attempt on (wire.Chunk.Restart). So this hand-back
+			// spends an attempt after all.
+			reason = "stream_restart"
+		}
+		return queue.Settlement{Action: queue.Requeue, Reason: reason}
 	}
 	if reason := it.d.Headers[headerAnswered]; reason != "" {
 		// Answered, then its dead-letter failed: dead-letter it now, with
