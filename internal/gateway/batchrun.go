@@ -842,7 +842,7 @@ func (v *validator) line(no int, raw []byte) (batchstore.Line, bool) {
 	if t.req.Model == "" {
 		t.req.Model = v.s.cfg.Model
 	}
-	if !containsString(v.models, t.req.Model) {
+	if !slices.Contains(v.models, t.req.Model) {
 		v.lineErr(no, errModelNotFound(t.req.Model))
 		return batchstore.Line{}, false
 	}
@@ -871,15 +871,6 @@ func (v *validator) lineErr(no int, e *apiError) {
 		param = "body." + param
 	}
 	v.addErr(no, e.Code, param, "line %d: %s", no, e.Message)
-}
-
-func containsString(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // batchMetrics are the Batch API's instruments.
