@@ -132,18 +132,27 @@ sbpeer:
 .PHONY: test
 # The integration suite's end-to-end checks run a second time on a RabbitMQ
 # container started with testcontainers-go (SOUS_IT_BROKER).
+# Each step prints the time it starts, so a slow run's log says where it went.
+STEP = @echo "== make test: $$(date -u +%H:%M:%S)"
 test: ollama rabbitmq sbpeer test-images k8s
+	$(STEP) vet
 	$(GO) vet ./...
 	$(GO) mod tidy -diff
+	$(STEP) unit and integration tests
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) SOUS_SKIP_IMAGE_BUILD=1 $(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /integration/k8s$$)
+	$(STEP) integration/k8s
 	# Verbose: the scaling transitions and their timings are the point.
 	$(GO) test -race -count=1 -timeout 15m -v ./integration/k8s
+	$(STEP) testcontainers
 	time SOUS_OLLAMA_BIN=$(OLLAMA_BIN) SOUS_SKIP_IMAGE_BUILD=1 SOUS_IT_BROKER=testcontainers $(GO) test -race -count=1 -timeout 10m \
 	  -run 'TestPromptAndChatEndToEnd|TestSousctlDirectReplyTo|TestBadInputDeadLettered|TestSIGTERMDrains' ./integration
+	$(STEP) fuzz
 	$(GO) test -run='^$$' -fuzz=FuzzDecodeRequest -fuzztime=$(FUZZTIME) ./internal/wire
 	$(GO) test -run='^$$' -fuzz=FuzzDeliveryHeaders -fuzztime=$(FUZZTIME) ./internal/queue/rabbitmq
 	$(GO) test -run='^$$' -fuzz=FuzzTranslate -fuzztime=$(FUZZTIME) ./internal/gateway
+	$(STEP) benchmarks, 3 iterations each
 	$(GO) test -run='^$$' -bench=. -benchtime=3x ./...
+	$(STEP) done
 
 # The first run: RabbitMQ (started if down), the dev Ollama with a tiny
 # random-weight model, the worker; publishes a few prompts with sousctl and
