@@ -97,8 +97,11 @@ func setupFleet(t *testing.T, keda bool, hold func(prompt string) bool) *nodeFle
 	for _, name := range []string{NodeName, secondNode} {
 		f.nodes = append(f.nodes, f.c.StartNode(t, nb, NodeOptions{Name: name, Images: []string{workerImage}}))
 	}
-	t.Logf("k8s: control plane%s and nodes %s, %s ready in %s", map[bool]string{true: ", KEDA (operator, metrics adapter)", false: ""}[keda],
-		NodeName, secondNode, time.Since(began).Round(100*time.Millisecond))
+	with := ""
+	if keda {
+		with = ", KEDA (operator, metrics adapter)"
+	}
+	t.Logf("k8s: control plane%s and nodes %s, %s ready in %s", with, NodeName, secondNode, time.Since(began).Round(100*time.Millisecond))
 	u, err := url.Parse(f.c.Config.Host)
 	if err != nil {
 		t.Fatal(err)
