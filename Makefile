@@ -98,26 +98,30 @@ push:
 	@REGISTRY="$(REGISTRY)" TAG="$(TAG)" PLATFORMS="$(PLATFORMS)" BASES="$(BASES)" scripts/push.sh
 
 # The control plane, the KEDA operator and KEDA's metrics apiserver for
-# integration/k8s, and helm for the chart's tests (deploy/, integration/k8s),
-# each built from its Go module into .cache/k8s (scripts/build-k8s.sh): about
-# 17 minutes cold on 2 idle cores, plus a few for helm, one binary at a time;
-# seconds once built.
+# integration/k8s, helm for the chart's tests (deploy/, integration/k8s),
+# and the node's kube-scheduler and kubelet, each built from its Go module
+# into .cache/k8s (scripts/build-k8s.sh): about 17 minutes cold on 2 idle
+# cores, plus a few for helm and the node, one binary at a time; seconds
+# once built.
 .PHONY: k8s
 k8s:
 	@scripts/build-k8s.sh
 
-# kube-scheduler and the kubelet (tools/node, the control plane's
-# k8s.io/kubernetes release) for the opt-in node test, which also needs
-# root, Docker with `make images` done, and Debian's containerd, runc and
-# containernetworking-plugins (docs/design/kubelet.md). Not part of `make k8s`
-# or `make test`: run `make k8s-node test-k8s-node`.
+# Only kube-scheduler and the kubelet (tools/node, the control plane's
+# k8s.io/kubernetes release; `make k8s` builds them too). The node tests
+# also need root, Docker with `make images` done, and Debian's containerd,
+# runc and containernetworking-plugins (scripts/ensure-node.sh;
+# docs/design/kubelet.md). `make test` runs them with the rest of
+# integration/k8s; `make test-k8s-node` runs only them; SOUS_K8S_NODE=0
+# turns them off.
 .PHONY: k8s-node
 k8s-node:
 	@scripts/build-k8s.sh node
 
 .PHONY: test-k8s-node
-test-k8s-node: k8s k8s-node
-	SOUS_K8S_NODE=1 $(GO) test -count=1 -timeout 15m -v -run 'TestNode' ./integration/k8s
+test-k8s-node: k8s test-images
+	@scripts/ensure-node.sh
+	$(GO) test -count=1 -timeout 20m -v -run 'TestNode' ./integration/k8s
 
 # Qpid Proton for the Service Bus protocol test double (a Debian package;
 # installs only when missing).
@@ -142,7 +146,7 @@ test: ollama rabbitmq sbpeer test-images k8s
 	SOUS_OLLAMA_BIN=$(OLLAMA_BIN) SOUS_SKIP_IMAGE_BUILD=1 $(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v /integration/k8s$$)
 	$(STEP) integration/k8s
 	# Verbose: the scaling transitions and their timings are the point.
-	$(GO) test -race -count=1 -timeout 15m -v ./integration/k8s
+	$(GO) test -race -count=1 -timeout 25m -v ./integration/k8s
 	$(STEP) testcontainers
 	time SOUS_OLLAMA_BIN=$(OLLAMA_BIN) SOUS_SKIP_IMAGE_BUILD=1 SOUS_IT_BROKER=testcontainers $(GO) test -race -count=1 -timeout 10m \
 	  -run 'TestPromptAndChatEndToEnd|TestSousctlDirectReplyTo|TestBadInputDeadLettered|TestSIGTERMDrains' ./integration

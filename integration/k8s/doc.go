@@ -9,27 +9,34 @@
 // KEDA operator and KEDA's metrics apiserver (github.com/kedacore/keda/v2,
 // tools/keda; the adapter is KEDA's cmd/adapter/main.go with its /metrics
 // listener moved from every interface to 127.0.0.1, the only change), and
-// helm (helm.sh/helm/v3, tools/helm), which installs deploy/helm/sous. Each
-// wrapper is a module of its own, so the project's go.mod carries none of
-// them. Cold, the five take about 17 minutes on 2 idle cores (30 measured
-// on the shared 2-core machine, at nice 19 beside other builds); seconds
-// once built. scripts/build-k8s.sh has the figure per binary.
+// helm (helm.sh/helm/v3, tools/helm), which installs deploy/helm/sous,
+// then kube-scheduler and the kubelet (tools/node, the control plane's
+// release). Each wrapper is a module of its own, so the project's go.mod
+// carries none of them. Cold, the control plane and KEDA take about 17
+// minutes on 2 idle cores (30 measured on the shared 2-core machine, at
+// nice 19 beside other builds), helm and the node a few more; seconds once
+// built. scripts/build-k8s.sh has the figure per binary.
 //
-// By default there is no kubelet and no scheduler: pods are created by the
-// ReplicaSet controller and stay Pending, which is all these tests need,
-// since KEDA and the HPA change a Deployment's replicas and the ReplicaSet
+// Most tests run no kubelet and no scheduler: pods are created by the
+// ReplicaSet controller and stay Pending, which is all they need, since
+// KEDA and the HPA change a Deployment's replicas and the ReplicaSet
 // controller picks which pods to delete.
 //
-// A node is opt-in (SOUS_K8S_NODE=1, `make k8s-node test-k8s-node`;
-// docs/design/kubelet.md): StartNode runs a private containerd with the
-// CRI plugin, kube-scheduler and a kubelet (tools/node, the control
-// plane's release) on loopback, loads images from the local Docker engine
-// and a pause image built here (./pause), and returns once the node is
-// Ready; pods use host networking. NeedNode skips the test without the
-// variable, also under CI=true. The node's teardown runs before the
-// control plane's: it deletes the pods, stops its processes, removes left
-// containers, mounts and empty kubepods cgroups, and restores the kernel
-// tunables the kubelet sets.
+// The node tests (TestNode*, docs/design/kubelet.md) add nodes:
+// StartNode runs a private containerd with the CRI plugin, kube-scheduler
+// (on the cluster's first node) and a kubelet on loopback, loads images
+// from the local Docker engine and a pause image built here (./pause), and
+// returns once the node is Ready; pods use host networking, so a
+// Deployment of N replicas needs N nodes (127.0.0.1 … 127.0.0.N). They
+// need root, `make k8s`, `make images` and Debian's containerd, runc and
+// containernetworking-plugins (scripts/ensure-node.sh, which CI runs);
+// NeedNode skips the test with the reason where one is missing, and fails
+// it under CI=true. SOUS_K8S_NODE=0 turns them off, also under CI=true.
+// A host lock (/run/sous-k8s-node.lock) lets one process's node tests run
+// at a time. The node's teardown runs before the control plane's: it
+// deletes the pods, stops its processes, removes left containers, mounts
+// and empty kubepods cgroups, and restores the kernel tunables the kubelet
+// sets.
 //
 // 1 ↔ N runs as in a cluster: the apiserver has the aggregation layer on
 // (front-proxy CA, --proxy-client-cert-file, --requestheader-* flags),

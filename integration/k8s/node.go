@@ -20,13 +20,19 @@ import (
 	"github.com/sous-run/sous/integration/itest"
 )
 
-// NodeEnv is the environment variable that opts in to the node tests: a
+// NodeEnv is the environment variable that turns the node tests off: a
 // kube-scheduler, a kubelet and a private containerd beside the control
-// plane (docs/design/kubelet.md). They change the host (cgroups, mounts,
-// kernel tunables the kubelet sets, restored afterwards) and need root,
-// Docker, containerd, runc and `make k8s-node`, so they run only with
-// SOUS_K8S_NODE=1.
+// plane (docs/design/kubelet.md). They run by default; they change the
+// host while they run (cgroups, mounts, kernel tunables the kubelet sets,
+// all restored afterwards), so SOUS_K8S_NODE=0 skips them, also under
+// CI=true.
 const NodeEnv = "SOUS_K8S_NODE"
+
+// nodeLockFile serializes the node tests of every process on the host (two
+// worktrees' `make test`, say): a node reads the kernel tunables before its
+// kubelet sets them and writes them back afterwards, which only works when
+// no other kubelet of this kind runs meanwhile.
+const nodeLockFile = "/run/sous-k8s-node.lock"
 
 // PauseImage is the sandbox image the node test builds (integration/k8s/pause)
 // and containerd's sandbox_image: nothing can be pulled here.
@@ -42,15 +48,27 @@ type NodeBinaries struct {
 	Runc, CNIDir       string
 }
 
-// NeedNode returns the node's programs, or skips t unless SOUS_K8S_NODE=1;
-// with it set, a missing program fails t.
+// NeedNode returns the node's programs. It skips t with SOUS_K8S_NODE=0.
+// Where the node cannot run (not root; kube-scheduler or the kubelet not
+// built: `make k8s`; containerd, runc or the CNI plugins not installed:
+// scripts/ensure-node.sh; no Docker engine) it skips t with the reason,
+// or fails t under CI=true: CI installs and builds all of it, so a
+// missing part there is a broken setup, not a reason to skip.
 func NeedNode(t testing.TB) NodeBinaries {
 	t.Helper()
-	if os.Getenv(NodeEnv) != "1" {
-		t.Skipf("k8s: the node tests (kubelet, kube-scheduler, a private containerd) run only with %s=1; see docs/design/kubelet.md", NodeEnv)
+	if os.Getenv(NodeEnv) == "0" {
+		t.Skipf("k8s: %s=0: the node tests (kubelet, kube-scheduler, a private containerd) are off", NodeEnv)
+	}
+	cannot := func(format string, args ...any) {
+		t.Helper()
+		msg := fmt.Sprintf(format, args...)
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("k8s: CI=true and the node tests cannot run: %s", msg)
+		}
+		t.Skipf("k8s: the node tests cannot run: %s (%s=0 turns them off)", msg, NodeEnv)
 	}
 	if os.Geteuid() != 0 {
-		t.Fatalf("k8s: %s=1: the kubelet and containerd need root", NodeEnv)
+		cannot("the kubelet and containerd need root")
 	}
 	root, err := RepoRoot()
 	if err != nil {
@@ -67,16 +85,21 @@ func NeedNode(t testing.TB) NodeBinaries {
 	}
 	for _, p := range []string{nb.Scheduler, nb.Kubelet} {
 		if _, err := os.Stat(p); err != nil {
-			t.Fatalf("k8s: %s is missing: run `make k8s-node`", p)
+			cannot("%s is missing: run `make k8s`", p)
 		}
 	}
 	for _, p := range []string{nb.Containerd, nb.Ctr, nb.Runc, "/usr/bin/containerd-shim-runc-v2", filepath.Join(nb.CNIDir, "loopback")} {
 		if _, err := os.Stat(p); err != nil {
-			t.Fatalf("k8s: %s is missing (apt-get install containerd runc containernetworking-plugins)", p)
+			cannot("%s is missing: run scripts/ensure-node.sh (Debian's containerd, runc and containernetworking-plugins)", p)
 		}
 	}
 	if _, err := exec.LookPath("docker"); err != nil {
-		t.Fatalf("k8s: the node's images come from Docker: %v", err)
+		cannot("the node's images come from Docker: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "docker", "version", "--format", "{{.Server.Version}}").CombinedOutput(); err != nil {
+		cannot("no Docker engine answers (scripts/ensure-docker.sh starts one): %v: %s", err, strings.TrimSpace(string(out)))
 	}
 	return nb
 }
@@ -156,11 +179,36 @@ func (c *ControlPlane) StartNode(t testing.TB, nb NodeBinaries, o NodeOptions) *
 	}
 	n := &Node{Name: o.Name, Dir: dir, Socket: filepath.Join(dir, "containerd.sock"), c: c, bins: nb,
 		cgroupRoot: "/" + filepath.Base(dir)}
+	if !c.hasScheduler {
+		// The cluster's first node holds the host's lock until every
+		// node of the cluster has stopped (cleanups run last first).
+		lockHost(t)
+	}
 	t.Cleanup(n.stop)
 	if err := n.start(t, o.Images); err != nil {
 		t.Fatalf("k8s: node: %v\n%s", err, n.logs(40))
 	}
 	return n
+}
+
+// lockHost takes nodeLockFile until t ends, waiting while another
+// process's node test holds it.
+func lockHost(t testing.TB) {
+	t.Helper()
+	f, err := os.OpenFile(nodeLockFile, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatalf("k8s: the node tests' host lock: %v", err)
+	}
+	t.Cleanup(func() { f.Close() }) // closing releases the lock
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
+		return
+	}
+	began := time.Now()
+	t.Logf("k8s: another process's node test holds %s; waiting for it", nodeLockFile)
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatalf("k8s: the node tests' host lock: %v", err)
+	}
+	t.Logf("k8s: got %s after %s", nodeLockFile, time.Since(began).Round(100*time.Millisecond))
 }
 
 func (n *Node) start(t testing.TB, images []string) error {

@@ -49,11 +49,11 @@ type nodeCluster struct {
 	engine  *standIn
 }
 
-// setupNode starts what a node test needs, or skips t without
-// SOUS_K8S_NODE=1. Everything stops when t ends.
+// setupNode starts what a node test needs, or skips t where no node can
+// run (NeedNode). Everything stops when t ends.
 func setupNode(t *testing.T) *nodeCluster {
 	t.Helper()
-	nb := NeedNode(t) // first: without SOUS_K8S_NODE=1 the test skips, even in CI
+	nb := NeedNode(t) // first: it skips (fails under CI=true) where no node can run
 	b := NeedControlPlane(t)
 	if out, err := exec.Command("docker", "image", "inspect", "-f", "{{.Id}}", workerImage).CombinedOutput(); err != nil {
 		t.Fatalf("k8s: %s is not in the local Docker engine (make images): %v: %s", workerImage, err, out)
@@ -230,7 +230,7 @@ func (nc *nodeCluster) waitGone(t *testing.T, ctx context.Context, name string) 
 // the engine, an Ollama stand-in in this test, answering with the model),
 // with its service-account token mounted (one the apiserver takes as the
 // pod's ServiceAccount), answering one request from the real broker, then
-// deleted: the kubelet stops its container. Opt-in: SOUS_K8S_NODE=1.
+// deleted: the kubelet stops its container.
 func TestNodeRunsAPod(t *testing.T) {
 	nc := setupNode(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
