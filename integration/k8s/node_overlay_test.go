@@ -222,6 +222,13 @@ func (nc *nodeCluster) waitLog(t *testing.T, ns, pod, container, what string, wi
 	return seen
 }
 
+// What the gated engine's chat answers, and the token counts it reports.
+const (
+	standInChat         = "Blue light scatters more than red in the air."
+	standInPromptTokens = 5
+	standInOutputTokens = 9
+)
+
 // gatedEngine is an Ollama stand-in (the part of Ollama's API the worker
 // uses) whose generate echoes the prompt once its gate is open: while the
 // gate is held, calls wait at the engine, so a test knows exactly which
@@ -280,6 +287,43 @@ func startGatedEngine(t *testing.T) *gatedEngine {
 			"response": "echo:" + req.Prompt, "done": true, "done_reason": "stop",
 			"prompt_eval_count": 1, "eval_count": 1,
 		})
+	})
+	// A chat answers standInChat, streamed one word a line when asked.
+	mux.HandleFunc("POST /api/chat", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Model  string `json:"model"`
+			Stream *bool  `json:"stream"`
+		}
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+			return
+		}
+		e.mu.Lock()
+		e.calls["chat"]++
+		e.mu.Unlock()
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		enc := json.NewEncoder(w)
+		line := func(content string, done bool) {
+			l := map[string]any{"model": req.Model, "created_at": time.Now().UTC().Format(time.RFC3339Nano),
+				"message": map[string]any{"role": "assistant", "content": content}, "done": done}
+			if done {
+				l["done_reason"] = "stop"
+				l["prompt_eval_count"], l["eval_count"] = standInPromptTokens, standInOutputTokens
+			}
+			_ = enc.Encode(l)
+			if f, ok := w.(http.Flusher); ok {
+				f.Flush()
+			}
+		}
+		if req.Stream == nil || *req.Stream {
+			words := strings.SplitAfter(standInChat, " ")
+			for _, word := range words {
+				line(word, false)
+			}
+			line("", true)
+			return
+		}
+		line(standInChat, true)
 	})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
