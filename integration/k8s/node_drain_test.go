@@ -48,7 +48,7 @@ const drainSlots = 4
 // drain is clean by design, so a duplicate is a failure (and logged).
 func TestNodeRolloutDrainsPrefetched(t *testing.T) {
 	nc := setupNode(t)
-	engine := startGatedEngine(t)
+	engine := startGateStandIn(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 

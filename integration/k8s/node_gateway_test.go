@@ -124,7 +124,7 @@ func TestNodeGatewayOpenAIClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("k8s: %s loaded into the node's containerd in %s", gatewayImage, time.Since(loaded).Round(100*time.Millisecond))
-	engine := startGatedEngine(t)
+	engine := startGateStandIn(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 

@@ -222,18 +222,18 @@ func (nc *nodeCluster) waitLog(t *testing.T, ns, pod, container, what string, wi
 	return seen
 }
 
-// What the gated engine's chat answers, and the token counts it reports.
+// What the gate stand-in's chat answers, and the token counts it reports.
 const (
 	standInChat         = "Blue light scatters more than red in the air."
 	standInPromptTokens = 5
 	standInOutputTokens = 9
 )
 
-// gatedEngine is an Ollama stand-in (the part of Ollama's API the worker
+// gateStandIn is an Ollama stand-in (the part of Ollama's API the worker
 // uses) whose generate echoes the prompt once its gate is open: while the
 // gate is held, calls wait at the engine, so a test knows exactly which
 // requests are in flight, with no timing.
-type gatedEngine struct {
+type gateStandIn struct {
 	url string
 
 	mu       sync.Mutex
@@ -242,9 +242,9 @@ type gatedEngine struct {
 	calls    map[string]int // generate calls received, by prompt
 }
 
-func startGatedEngine(t *testing.T) *gatedEngine {
+func startGateStandIn(t *testing.T) *gateStandIn {
 	t.Helper()
-	e := &gatedEngine{inflight: map[string]int{}, calls: map[string]int{}}
+	e := &gateStandIn{inflight: map[string]int{}, calls: map[string]int{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
@@ -340,7 +340,7 @@ func startGatedEngine(t *testing.T) *gatedEngine {
 }
 
 // hold makes generate calls from now on wait until open.
-func (e *gatedEngine) hold() {
+func (e *gateStandIn) hold() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.gate == nil {
@@ -349,7 +349,7 @@ func (e *gatedEngine) hold() {
 }
 
 // open lets every waiting and later call answer.
-func (e *gatedEngine) open() {
+func (e *gateStandIn) open() {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.gate != nil {
@@ -359,7 +359,7 @@ func (e *gatedEngine) open() {
 }
 
 // inFlight returns the prompts whose calls are at the engine now.
-func (e *gatedEngine) inFlight() []string {
+func (e *gateStandIn) inFlight() []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	out := make([]string, 0, len(e.inflight))
@@ -371,7 +371,7 @@ func (e *gatedEngine) inFlight() []string {
 }
 
 // callsFor returns how many generate calls prompt got.
-func (e *gatedEngine) callsFor(prompt string) int {
+func (e *gateStandIn) callsFor(prompt string) int {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.calls[prompt]
