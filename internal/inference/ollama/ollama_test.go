@@ -27,6 +27,12 @@ func setup(t *testing.T) (*ollama.Engine, *ollamatest.Server, map[string]*atomic
 		if c, ok := calls[r.URL.Path]; ok {
 			c.Add(1)
 		}
+		// Full duplex: otherwise the server closes the request body when the
+		// engine's answer starts, the proxy's transport, still finishing the
+		// body it forwards, fails and cuts the answer short ("ReverseProxy
+		// read error during body copy: use of closed network connection",
+		// golang/go#40747), now and then, on a loaded machine.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 		proxy.ServeHTTP(w, r)
 	}))
 	t.Cleanup(front.Close)

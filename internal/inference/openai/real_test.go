@@ -30,6 +30,12 @@ func TestRealOllamaV1(t *testing.T) {
 		if r.URL.Path == "/v1/completions" {
 			completionCalls.Add(1)
 		}
+		// Full duplex: otherwise the server closes the request body when the
+		// engine's answer starts, the proxy's transport, still finishing the
+		// body it forwards, fails and cuts the answer short ("ReverseProxy
+		// read error during body copy: use of closed network connection",
+		// golang/go#40747), now and then, on a loaded machine.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 		proxy.ServeHTTP(w, r)
 	}))
 	defer counting.Close()
