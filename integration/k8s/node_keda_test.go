@@ -815,21 +815,10 @@ func gatedStandIn(t *testing.T, hold func(prompt string) bool) *gatedEngine {
 	g := &gatedEngine{hold: hold, open: make(chan struct{})}
 	var once sync.Once
 	g.release = func() { once.Do(func() { close(g.open) }) }
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
-	})
-	mux.HandleFunc("GET /api/tags", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
-	})
-	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
+	mux := standInMux()
 	mux.HandleFunc("POST /api/generate", func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Model  string `json:"model"`
-			Prompt string `json:"prompt"`
-		}
-		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+		req, ok := decodeGenerate(w, r)
+		if !ok {
 			return
 		}
 		g.calls.Add(1)

@@ -245,21 +245,10 @@ type gateStandIn struct {
 func startGateStandIn(t *testing.T) *gateStandIn {
 	t.Helper()
 	e := &gateStandIn{inflight: map[string]int{}, calls: map[string]int{}}
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
-	})
-	mux.HandleFunc("GET /api/tags", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
-	})
-	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
+	mux := standInMux()
 	mux.HandleFunc("POST /api/generate", func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Model  string `json:"model"`
-			Prompt string `json:"prompt"`
-		}
-		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+		req, ok := decodeGenerate(w, r)
+		if !ok {
 			return
 		}
 		e.mu.Lock()

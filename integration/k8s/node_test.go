@@ -548,9 +548,10 @@ type standIn struct {
 	calls atomic.Int64 // generates received
 }
 
-func ollamaStandIn(t *testing.T) *standIn {
-	t.Helper()
-	s := &standIn{}
+// standInMux answers the part of Ollama's API that the worker's readiness
+// asks (the version, the model list, the root); each stand-in adds its
+// generate (and chat) to it.
+func standInMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/version", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = w.Write([]byte(`{"version":"0.6.5"}`))
@@ -559,13 +560,32 @@ func ollamaStandIn(t *testing.T) *standIn {
 		_, _ = w.Write([]byte(`{"models":[{"name":"tiny:latest","model":"tiny:latest"}]}`))
 	})
 	mux.HandleFunc("GET /", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("Ollama is running")) })
+	return mux
+}
+
+// generateReq is the part of a generate request the stand-ins read.
+type generateReq struct {
+	Model  string `json:"model"`
+	Prompt string `json:"prompt"`
+}
+
+// decodeGenerate reads a generate request, or answers 400 and returns false.
+func decodeGenerate(w http.ResponseWriter, r *http.Request) (generateReq, bool) {
+	var req generateReq
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+		return req, false
+	}
+	return req, true
+}
+
+func ollamaStandIn(t *testing.T) *standIn {
+	t.Helper()
+	s := &standIn{}
+	mux := standInMux()
 	mux.HandleFunc("POST /api/generate", func(w http.ResponseWriter, r *http.Request) {
-		var req struct {
-			Model  string `json:"model"`
-			Prompt string `json:"prompt"`
-		}
-		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-			http.Error(w, `{"error":"bad request"}`, http.StatusBadRequest)
+		req, ok := decodeGenerate(w, r)
+		if !ok {
 			return
 		}
 		s.calls.Add(1)
