@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -262,7 +263,13 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 		Heartbeat:       d.cfg.Heartbeat,
 		TLSClientConfig: d.cfg.TLS,
 		Properties:      amqp.Table{"connection_name": d.cfg.ConnectionName},
-		Dial:            dialer,
+		Dial: func(network, addr string) (net.Conn, error) {
+			c, err := dialer(network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return newCoalescingConn(c), nil
+		},
 	})
 	if err != nil {
 		se := &scrubbedError{msg: fmt.Sprintf("dial %s: %s", secret.URL(d.cfg.URL.Reveal()), secret.Scrub(err.Error(), d.cfg.URL))}
