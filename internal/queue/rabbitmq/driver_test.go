@@ -88,6 +88,48 @@ func TestUnroutableIsAnError(t *testing.T) {
 	}
 }
 
+// TestReturnsFindTheirPublish: publishes to queues that exist and to queues
+// that do not, many in flight at once on one channel, each with its own
+// ids. Each one to a missing queue is unroutable to its caller, each other
+// one succeeds and lands: a basic.return is matched to its own publish.
+func TestReturnsFindTheirPublish(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 1, Consume: false})
+	const n = 400
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		to := q
+		if i%3 == 0 {
+			to = fmt.Sprintf("%s.nowhere-%d", q, i%7)
+		}
+		wg.Go(func() {
+			errs[i] = d.Publish(ctx, queue.Message{To: to, MessageID: fmt.Sprint("m-", i), CorrelationID: fmt.Sprint("c-", i), Body: []byte("{}")})
+		})
+	}
+	wg.Wait()
+	landed := 0
+	for i, err := range errs {
+		switch {
+		case i%3 == 0 && !errors.Is(err, queue.ErrUnroutable):
+			t.Errorf("publish %d to a missing queue: %v, want ErrUnroutable", i, err)
+		case i%3 != 0 && err != nil:
+			t.Errorf("publish %d to %s: %v", i, q, err)
+		case i%3 != 0:
+			landed++
+		}
+	}
+	qi, err := rawChannel(t).QueueDeclarePassive(q, true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if qi.Messages != landed {
+		t.Fatalf("%d messages in %s, want the %d publishes that succeeded", qi.Messages, q, landed)
+	}
+}
+
 // TestLongIDsDoNotKillTheChannel: AMQP short strings end at 255 bytes.
 func TestLongIDsDoNotKillTheChannel(t *testing.T) {
 	t.Parallel()

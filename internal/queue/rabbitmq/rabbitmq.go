@@ -114,10 +114,7 @@ type session struct {
 	readMu     sync.Mutex           // held while reading deliveries and tracking their tags
 	dead       chan struct{}        // closed when the connection or a channel closes
 
-	pubSeq   atomic.Uint64
-	barrier  chan chan struct{} // syncs a publisher with the returns goroutine
-	retMu    sync.Mutex
-	returned map[string]string // publish id -> the broker's reply text
+	ret returns // matches basic.returns to publishes (returns.go)
 }
 
 type handle struct {
@@ -134,7 +131,9 @@ type pendingDelivery struct {
 // directReplyTo prefixes RabbitMQ's direct reply-to addresses.
 const directReplyTo = "amq.rabbitmq.reply-to"
 
-// publishIDHeader tags each publish so a basic.return can be matched to it.
+// publishIDHeader tagged each publish, up to v0.x, so a basic.return could
+// be matched to it (returns.go does without it now). Copies leave it out,
+// since requests published by then may still carry it.
 const publishIDHeader = "x-sous-publish-id"
 
 // MaxPrefetch is the largest prefetch AMQP 0-9-1 can carry: basic.qos's
@@ -286,7 +285,7 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 			return nil, err
 		}
 	}
-	s = &session{conn: conn, dead: make(chan struct{}), barrier: make(chan chan struct{}), returned: map[string]string{}, acker: newAcker()}
+	s = &session{conn: conn, dead: make(chan struct{}), acker: newAcker()}
 	if s.pub, err = conn.Channel(); err != nil {
 		return nil, fmt.Errorf("open publish channel: %w", err)
 	}
@@ -317,13 +316,10 @@ func (d *Driver) dial(ctx context.Context) (s *session, err error) {
 	pubClosed := s.pub.NotifyClose(make(chan *amqp.Error, 1))
 	consClosed := s.cons.NotifyClose(make(chan *amqp.Error, 1))
 	blocked := conn.NotifyBlocked(make(chan amqp.Blocking, 4))
-	// Unbuffered on purpose: amqp091-go hands a basic.return to this channel
-	// before it processes the basic.ack of the same message, so once a
-	// publisher's confirm is in and it has passed the barrier, the return
-	// (if any) is recorded. See publishRaw.
-	returns := s.pub.NotifyReturn(make(chan amqp.Return))
+	// Buffered and read only by non-blocking drains: returns.go says why.
+	s.ret.ch = s.pub.NotifyReturn(make(chan amqp.Return, returnBuffer))
 	cancels := s.cons.NotifyCancel(make(chan string, 4))
-	go s.watchReturns(returns)
+	go s.ret.poll(s.dead)
 	go s.ackLoop()
 	go func() {
 		for tag := range cancels {
@@ -978,24 +974,18 @@ func (s *session) publish(ctx context.Context, m queue.Message) error {
 }
 
 func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) error {
-	for name, v := range map[string]string{"queue name": to, "message_id": p.MessageId, "correlation_id": p.CorrelationId, "reply_to": p.ReplyTo} {
-		if len(v) > 255 {
+	for _, f := range [...]struct{ name, v string }{{"queue name", to}, {"message_id", p.MessageId}, {"correlation_id", p.CorrelationId}, {"reply_to", p.ReplyTo}} {
+		if len(f.v) > 255 {
 			// AMQP short strings end at 255 bytes; amqp091-go would close the
 			// channel over it, taking every delivery in flight with it.
-			return fmt.Errorf("publish to %q: %s is %d bytes, AMQP allows 255", truncate(to), name, len(v))
+			return fmt.Errorf("publish to %q: %s is %d bytes, AMQP allows 255", truncate(to), f.name, len(f.v))
 		}
 	}
-	id := strconv.FormatUint(s.pubSeq.Add(1), 10)
-	headers := make(amqp.Table, len(p.Headers)+1)
-	for k, v := range p.Headers {
-		headers[k] = v
-	}
-	headers[publishIDHeader] = id
-	p.Headers = headers
 	// Direct reply-to is no queue: RabbitMQ (3.10, seen here) delivers a
 	// mandatory message to it AND returns it as NO_ROUTE. A requester that
 	// left takes its reply channel with it; there is nothing to check.
 	mandatory := !strings.HasPrefix(to, directReplyTo)
+	mark := s.ret.mark()
 	s.pubMu.Lock()
 	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, mandatory, false, p)
 	s.pubMu.Unlock()
@@ -1013,44 +1003,14 @@ func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) 
 		return fmt.Errorf("publish to %q: the broker refused the message (nack)", truncate(to))
 	}
 	// A mandatory message with no queue comes back as basic.return before
-	// its ack; the barrier makes sure the returns goroutine has recorded it.
-	b := make(chan struct{})
-	select {
-	case s.barrier <- b:
-		<-b
-	case <-s.dead:
-		return fmt.Errorf("publish to %q: connection lost before the broker confirmed", truncate(to))
+	// its ack (returns.go).
+	if !mandatory {
+		return nil
 	}
-	s.retMu.Lock()
-	text, returned := s.returned[id]
-	delete(s.returned, id)
-	s.retMu.Unlock()
-	if returned {
+	if text, returned := s.ret.find(mark, to, &p); returned {
 		return fmt.Errorf("publish to %q: %w (%s): declare the queue, or check its name", truncate(to), queue.ErrUnroutable, text)
 	}
 	return nil
-}
-
-// watchReturns records basic.returns by publish id and serves barriers, in
-// one goroutine, until the channel closes.
-func (s *session) watchReturns(returns <-chan amqp.Return) {
-	for {
-		select {
-		case r, ok := <-returns:
-			if !ok {
-				return
-			}
-			if id, _ := r.Headers[publishIDHeader].(string); id != "" {
-				s.retMu.Lock()
-				s.returned[id] = r.ReplyText
-				s.retMu.Unlock()
-			}
-		case b := <-s.barrier:
-			close(b)
-		case <-s.dead:
-			return
-		}
-	}
 }
 
 func truncate(s string) string {
