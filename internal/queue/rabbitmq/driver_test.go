@@ -130,6 +130,65 @@ func TestReturnsFindTheirPublish(t *testing.T) {
 	}
 }
 
+// TestHeldAcksGo: an ack that no run can cover yet (an older delivery is
+// still out) is held, then goes alone; one held while the older delivery
+// ends is covered by that one's run. Nothing acked comes back, and the
+// older delivery handed back does.
+func TestHeldAcksGo(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	q := uniqueQueue(t)
+	d := open(t, rabbitmq.Config{Queue: q, DeadLetterQueue: q + ".dlq", Prefetch: 8, Consume: true})
+	for i := range 5 {
+		if err := d.Publish(ctx, queue.Message{To: q, MessageID: fmt.Sprint(i), Body: []byte("{}")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []*queue.Delivery
+	for len(got) < 5 {
+		ds, err := d.Receive(ctx, 5-len(got))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, ds...)
+	}
+	settle := func(del *queue.Delivery, a queue.Action) <-chan error {
+		done := make(chan error, 1)
+		go func() { done <- d.Settle(ctx, del, queue.Settlement{Action: a, Reason: queue.ReasonShutdown}) }()
+		return done
+	}
+	// 1 and 2 wait behind 0: held, then covered by 0's ack.
+	held := []<-chan error{settle(got[1], queue.Ack), settle(got[2], queue.Ack)}
+	if err := <-settle(got[0], queue.Ack); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range held {
+		if err := <-h; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 4 waits behind 3, which stays out: 4 goes alone. Then 3 goes back.
+	if err := <-settle(got[4], queue.Ack); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-settle(got[3], queue.Requeue); err != nil {
+		t.Fatal(err)
+	}
+	if again := receiveOne(t, ctx, d); again.ID != "3" {
+		t.Fatalf("got %q back, want 3 (the one handed back)", again.ID)
+	} else if err := d.Settle(ctx, again, queue.Settlement{Action: queue.Ack}); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	qi, err := rawChannel(t).QueueDeclarePassive(q, true, false, false, false, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if qi.Messages != 0 {
+		t.Fatalf("%d messages back in the queue after every delivery was acked", qi.Messages)
+	}
+}
+
 // TestLongIDsDoNotKillTheChannel: AMQP short strings end at 255 bytes.
 func TestLongIDsDoNotKillTheChannel(t *testing.T) {
 	t.Parallel()

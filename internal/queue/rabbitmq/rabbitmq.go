@@ -360,6 +360,7 @@ func (s *session) consume(queueName string, prefetch int) error {
 	if err := s.cons.Qos(prefetch, 0, false); err != nil {
 		return fmt.Errorf("set prefetch %d: %w", prefetch, err)
 	}
+	s.acker.setWindow(prefetch)
 	s.tag = "sous-" + strconv.FormatInt(time.Now().UnixNano(), 36)
 	dl, err := s.cons.Consume(queueName, s.tag, false, false, false, false, nil)
 	if err != nil {
