@@ -556,8 +556,14 @@ func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *it
 	if dec.ID == "" {
 		dec.ID = d.CorrelationKey()
 	}
-	it.key = dec.BatchKey()
 	it.perCall = w.perCall(dec.Req.Kind)
+	if it.perCall > 1 {
+		it.key = dec.BatchKey() // a list holds requests the same in all but their input
+	} else {
+		// A call of one request groups with nothing: kind and model order
+		// the batcher's groups as well, without encoding the options.
+		it.key = dec.Req.Kind.String() + "\x00" + dec.Req.Model
+	}
 	return it, true
 }
 
