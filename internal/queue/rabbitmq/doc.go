@@ -31,6 +31,16 @@
 // sends the copy once more; without, the error goes to the worker, which
 // keeps the request.
 //
+// The broker path is kept as cheap as a hand-written amqp091-go worker's
+// (issue 29, docs/benchmarks.md section 4):
+//   - acks are coalesced into multiple acks over runs of delivery tags; an
+//     ack no run can cover yet is held for the older delivery's run, for
+//     at most 50 ms and at most two thirds of the prefetch (acks.go);
+//   - a basic.return is matched to its publish by order, queue and ids,
+//     with no header added to the message (returns.go);
+//   - what amqp091-go writes gathers into as few socket writes as the load
+//     allows, with no timer (coalesce.go).
+//
 // Concurrency: Receive and SetPrefetch must be called from one goroutine (the
 // worker's receive loop). Publish, Settle, Ready, Close, Pause, Resume and
 // StopReceiving are safe for concurrent use. The consumer's lifecycle has
