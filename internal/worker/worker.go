@@ -652,6 +652,8 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 		return out
 	}
 	var calls sync.WaitGroup // engine calls, each settling its items
+	var pool callPool
+	defer pool.close()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	stopping := false
@@ -760,10 +762,10 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 				w.onEngine.Add(k)
 				w.lanes[li].onEngine.Add(k)
 				calls.Add(1)
-				go func() {
+				pool.run(func() {
 					defer calls.Done()
 					w.runCall(workCtx, bt, total+int(k))
-				}()
+				})
 				started = true
 				break
 			}
@@ -791,6 +793,42 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 		}
 		timer.Reset(next)
 	}
+}
+
+// callPool runs the dispatcher's engine calls on goroutines it keeps: a call
+// goes to an idle one, or to a new one when none is idle. A call's stack
+// grows deep (the engine's HTTP client, JSON, the broker's frames); a fresh
+// goroutine per call grew it again each time, by copying, which cost the
+// broker path about a tenth of its CPU (issue 29). There are never more
+// goroutines than calls once ran at once, which the in-flight limit bounds.
+// Only the dispatcher calls run and close.
+type callPool struct {
+	work chan func() // unbuffered: taken only by an idle goroutine
+	wg   sync.WaitGroup
+}
+
+func (p *callPool) run(f func()) {
+	if p.work == nil {
+		p.work = make(chan func())
+	}
+	select {
+	case p.work <- f:
+	default:
+		p.wg.Go(func() {
+			f()
+			for f := range p.work {
+				f()
+			}
+		})
+	}
+}
+
+// close ends the idle goroutines once their calls return, and waits for them.
+func (p *callPool) close() {
+	if p.work != nil {
+		close(p.work)
+	}
+	p.wg.Wait()
 }
 
 // handBack requeues items with reason, concurrently: the dispatcher does
