@@ -1,6 +1,7 @@
 package rabbitmq
 
 import (
+	"context"
 	"errors"
 	"sync"
 	"sync/atomic"
@@ -50,8 +51,8 @@ type acker struct {
 }
 
 type ackReq struct {
-	tag  uint64
-	done chan error
+	tag   uint64
+	flush chan struct{} // not nil: write every ack held, then close it
 }
 
 type tagState uint8
@@ -145,19 +146,37 @@ func (a *acker) alone(tags []uint64) {
 	}
 }
 
-// ack asks for tag to be acked and waits until the frame is sent.
+// ack asks for tag to be acked and returns: ackLoop writes the frame, at
+// once or in a later run (held). Nothing is lost by not waiting for it: an
+// ack has no answer in AMQP 0-9-1, so a frame written is no surer to be
+// taken than one about to be, and a connection lost before the broker took
+// either means it redelivers (results are at least once). Not waiting
+// spares the settling goroutine a hand-off and a wake-up per delivery.
+// Driver.Close writes the held acks before it closes the connection.
 func (s *session) ack(tag uint64) error {
-	r := ackReq{tag: tag, done: make(chan error, 1)}
 	select {
-	case s.acker.reqs <- r:
+	case s.acker.reqs <- ackReq{tag: tag}:
+		return nil
 	case <-s.dead:
 		return errAckLost
 	}
+}
+
+// flushAcks writes every ack asked for so far, held or not, and returns
+// once they are written, the session died, or ctx ended.
+func (s *session) flushAcks(ctx context.Context) {
+	done := make(chan struct{})
 	select {
-	case err := <-r.done:
-		return err
+	case s.acker.reqs <- ackReq{flush: done}:
 	case <-s.dead:
-		return errAckLost
+		return
+	case <-ctx.Done():
+		return
+	}
+	select {
+	case <-done:
+	case <-s.dead:
+	case <-ctx.Done():
 	}
 }
 
@@ -178,9 +197,6 @@ func (s *session) ackLoop() {
 		case <-timer.C:
 			expired = true
 		case <-s.dead:
-			for _, r := range held {
-				r.done <- errAckLost
-			}
 			return
 		}
 	more:
@@ -192,38 +208,45 @@ func (s *session) ackLoop() {
 				break more
 			}
 		}
+		var flushes []chan struct{}
+		wasHeld := len(held) > 0
 		for _, r := range batch {
+			if r.flush != nil {
+				flushes = append(flushes, r.flush)
+				continue
+			}
 			tags = append(tags, r.tag)
+			held = append(held, r)
 		}
 		last, coverable := s.acker.plan(tags)
-		wasHeld := len(held) > 0
-		held = append(held, batch...)
+		// An ack's error is the channel's: the session is dying, and the
+		// broker redelivers what it did not take.
 		s.consMu.Lock()
-		var runErr error
 		if last != 0 {
-			runErr = s.cons.Ack(last, true)
+			_ = s.cons.Ack(last, true)
 		}
 		keep := held[:0]
 		for _, r := range held {
-			if r.tag <= last {
-				r.done <- runErr
-			} else {
+			if r.tag > last {
 				keep = append(keep, r)
 			}
 		}
 		held = keep
-		if len(held) > 0 && (!coverable || expired || int64(len(held)) > s.acker.holdMax.Load()) {
+		if len(held) > 0 && (!coverable || expired || flushes != nil || int64(len(held)) > s.acker.holdMax.Load()) {
 			tags = tags[:0]
 			for _, r := range held {
 				tags = append(tags, r.tag)
 			}
 			s.acker.alone(tags)
 			for _, r := range held {
-				r.done <- s.cons.Ack(r.tag, false)
+				_ = s.cons.Ack(r.tag, false)
 			}
 			held = held[:0]
 		}
 		s.consMu.Unlock()
+		for _, f := range flushes {
+			close(f)
+		}
 		switch {
 		case len(held) == 0:
 			timer.Stop()

@@ -1189,6 +1189,9 @@ func (d *Driver) Close() error {
 		d.stop()
 		<-d.done
 		if s != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			s.flushAcks(ctx) // the held acks, before the connection goes
+			cancel()
 			_ = s.conn.Close()
 		}
 	})
