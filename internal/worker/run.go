@@ -52,9 +52,15 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		}
 		release(nil)
 	}()
-	index := make(map[*item]int, len(bt.Items))
-	for i, it := range bt.Items {
-		index[it] = i
+	// index finds an item's place in the call: a call holds few items, and
+	// a map per call cost more than the search.
+	index := func(it *item) int {
+		for i, x := range bt.Items {
+			if x == it {
+				return i
+			}
+		}
+		panic("worker: an item not in its own call")
 	}
 	start := w.now()
 	info := &wire.BatchInfo{ID: bt.ID, Size: len(bt.Items)}
@@ -72,7 +78,7 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	for _, it := range bt.Items {
 		it.dispatched = start
 		if !it.dec.Deadline.IsZero() && !start.Before(it.dec.Deadline) {
-			done[index[it]].Store(true)
+			done[index(it)].Store(true)
 			w.settle(it, outcome{err: errDeadline, batch: info})
 			continue
 		}
@@ -89,7 +95,7 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		err := results[i].Err
 		if inference.KindOf(err) == inference.Overloaded && ctx.Err() == nil && it.overloads < w.cfg.MaxAttempts {
 			it.overloads++
-			done[index[it]].Store(true)
+			done[index(it)].Store(true)
 			back = append(back, it)
 			continue
 		}
@@ -110,7 +116,7 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	// overlap; a call of one settles here, without a goroutine hand-off.
 	var wg sync.WaitGroup
 	for i, it := range keep {
-		done[index[it]].Store(true)
+		done[index(it)].Store(true)
 		out := outcome{resp: keepRes[i].Response, err: keepRes[i].Err, batch: info, inference: elapsed}
 		if out.err != nil && w.workerFault(it, out.err) {
 			out = outcome{requeue: queue.ReasonEngineDown}
