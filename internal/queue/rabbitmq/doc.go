@@ -35,7 +35,9 @@
 // (issue 29, docs/benchmarks.md section 4):
 //   - acks are coalesced into multiple acks over runs of delivery tags; an
 //     ack no run can cover yet is held for the older delivery's run, for
-//     at most 50 ms and at most two thirds of the prefetch (acks.go);
+//     at most 50 ms and at most two thirds of the prefetch; Settle(Ack)
+//     hands the ack over and returns, and Close writes the held ones
+//     before it closes the connection (acks.go);
 //   - a basic.return is matched to its publish by order, queue and ids,
 //     with no header added to the message (returns.go);
 //   - what amqp091-go writes gathers into as few socket writes as the load

@@ -105,7 +105,6 @@ type session struct {
 	cons       *amqp.Channel
 	pub        *amqp.Channel
 	consMu     sync.Mutex           // serialises ack/nack/qos on cons
-	pubMu      sync.Mutex           // serialises publishes on pub
 	deliveries <-chan amqp.Delivery // written under Driver.consumerMu; read by the receive goroutine
 	tag        string               // guarded by Driver.consumerMu
 	consuming  bool                 // a consumer was started and not cancelled by us; guarded by Driver.consumerMu
@@ -987,9 +986,9 @@ func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) 
 	// left takes its reply channel with it; there is nothing to check.
 	mandatory := !strings.HasPrefix(to, directReplyTo)
 	mark := s.ret.mark()
-	s.pubMu.Lock()
+	// amqp091-go serialises publishes on a channel itself (Channel.m), the
+	// confirm sequence number with them.
 	conf, err := s.pub.PublishWithDeferredConfirmWithContext(ctx, "", to, mandatory, false, p)
-	s.pubMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("publish to %q: %w", truncate(to), err)
 	}
