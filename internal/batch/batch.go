@@ -299,23 +299,33 @@ func (b *Batcher[T]) NextDue() (at time.Time, ok bool) {
 // others in their order.
 func (b *Batcher[T]) remove(drop func(entry[T]) bool) []T {
 	var out []T
-	for _, g := range append([]*group[T](nil), b.groups...) {
-		keep := g.entries[:0:0]
-		for _, e := range g.entries[g.head:] {
+	for i := 0; i < len(b.groups); {
+		g := b.groups[i]
+		live := g.entries[g.head:]
+		// The dispatcher asks on every pass and the answer is mostly
+		// nothing: a group is copied only when something in it goes.
+		first := slices.IndexFunc(live, drop)
+		if first < 0 {
+			i++
+			continue
+		}
+		keep := make([]entry[T], first, len(live))
+		copy(keep, live[:first])
+		out = append(out, live[first].v)
+		for _, e := range live[first+1:] {
 			if drop(e) {
 				out = append(out, e.v)
 			} else {
 				keep = append(keep, e)
 			}
 		}
-		if len(keep) == g.len() {
-			continue
-		}
-		b.n -= g.len() - len(keep)
+		b.n -= len(live) - len(keep)
 		g.entries, g.head = keep, 0
 		if len(keep) == 0 {
-			b.groups = slices.DeleteFunc(b.groups, func(x *group[T]) bool { return x == g })
+			b.groups = slices.Delete(b.groups, i, i+1)
+			continue
 		}
+		i++
 	}
 	return out
 }
