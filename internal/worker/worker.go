@@ -800,8 +800,12 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 // grows deep (the engine's HTTP client, JSON, the broker's frames); a fresh
 // goroutine per call grew it again each time, by copying, which cost the
 // broker path about a tenth of its CPU (issue 29). There are never more
-// goroutines than calls once ran at once, which the in-flight limit bounds.
-// Only the dispatcher calls run and close.
+// goroutines than calls once ran at once (a call lives until its results
+// are settled, so the prefetch window bounds them), and one idle for
+// callIdle ends: an idle worker holds none. Only the dispatcher calls run
+// and close.
+const callIdle = 500 * time.Millisecond
+
 type callPool struct {
 	work chan func() // unbuffered: taken only by an idle goroutine
 	wg   sync.WaitGroup
@@ -816,8 +820,19 @@ func (p *callPool) run(f func()) {
 	default:
 		p.wg.Go(func() {
 			f()
-			for f := range p.work {
-				f()
+			idle := time.NewTimer(callIdle)
+			defer idle.Stop()
+			for {
+				select {
+				case f, ok := <-p.work:
+					if !ok {
+						return
+					}
+					f()
+					idle.Reset(callIdle)
+				case <-idle.C:
+					return
+				}
 			}
 		})
 	}
