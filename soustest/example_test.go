@@ -22,8 +22,8 @@ func ExampleRun() {
 		soustest.WithHostNetwork(),
 		soustest.WithAMQPURL("amqp://guest:guest@127.0.0.1:5672/"),
 		soustest.WithQueue("soustest.example"),
-		soustest.WithModel("tiny"),
-		soustest.WithMaxNumPredict(8),
+		soustest.WithModel("tiny-scripted"), // exact answers; "tiny" says gibberish, or nothing
+		soustest.WithMaxNumPredict(16),
 	)
 	defer testcontainers.TerminateContainer(c) // in a test: testcontainers.CleanupContainer(t, c)
 	if err != nil {
@@ -35,6 +35,6 @@ func ExampleRun() {
 		fmt.Println(err)
 		return
 	}
-	fmt.Println(res.Status, res.Model, res.Response != "")
-	// Output: ok tiny true
+	fmt.Println(res.Status, res.Model, res.Response)
+	// Output: ok tiny-scripted The sky is blue because air scatters blue light more than red light.
 }
