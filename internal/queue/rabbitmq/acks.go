@@ -250,7 +250,7 @@ func (s *session) ackLoop() {
 		switch {
 		case len(held) == 0:
 			timer.Stop()
-		case !wasHeld || expired:
+		case !wasHeld: // an expiry sends every held ack: held is empty after one
 			timer.Reset(ackHold) // from the oldest held ack's ask, near enough
 		}
 	}
