@@ -253,7 +253,7 @@ func (c Config) validate() error {
 		// A delivery waits for a slot at most maxWait (then it goes back to
 		// the queue), then runs: what is left must fit consumer_timeout.
 		if run := worker.HoldBound(0, c.EngineTimeout, c.RetryBackoffMax, c.BatchWait); c.AMQPConsumerTimeout > 0 && run >= c.AMQPConsumerTimeout {
-			return bad("SOUS_ENGINE_TIMEOUT", "is %s: one engine call with its pause (SOUS_ENGINE_TIMEOUT + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT = %s) "+
+			return bad("SOUS_ENGINE_TIMEOUT", "is %s: one engine call with its pause (SOUS_ENGINE_TIMEOUT and up to a tenth more, 1s at most, + SOUS_RETRY_BACKOFF_MAX + SOUS_BATCH_WAIT = %s) "+
 				"reaches the broker's consumer_timeout (SOUS_AMQP_CONSUMER_TIMEOUT=%s): RabbitMQ would close the channel and redeliver every request in flight. "+
 				"Lower SOUS_ENGINE_TIMEOUT, or raise consumer_timeout on the broker and SOUS_AMQP_CONSUMER_TIMEOUT with it", c.EngineTimeout, run, c.AMQPConsumerTimeout)
 		}

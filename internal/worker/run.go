@@ -222,10 +222,11 @@ type outcome struct {
 	requeue string
 }
 
-// callEngine calls the engine with the engine timeout, turning a panic in the
+// callEngine calls the engine with the engine timeout (to within
+// boundStep: the bound is shared, see Worker.engineBound), turning a panic in the
 // driver into a retryable error so one bad call cannot stop the worker.
 func (w *Worker) callEngine(ctx context.Context, reqs []inference.Request) (res []inference.Result, err error) {
-	callCtx, cancel := context.WithTimeout(ctx, w.cfg.EngineTimeout)
+	callCtx, cancel := w.engineBound.Bound(ctx)
 	defer cancel()
 	defer func() {
 		if p := recover(); p != nil {

@@ -15,7 +15,15 @@ import (
 	"github.com/sous-run/sous/internal/wire"
 )
 
+// settleTimeout bounds a settle: publishing its result, then the broker's
+// settlement. A settle's bound ends up to boundStep(settleTimeout) later
+// (deadline.Source).
 const settleTimeout = 30 * time.Second
+
+// boundStep is how long the worker hands out one shared bound of d: a
+// settle or an engine call may run this much longer than its bound, a
+// tenth of it at most and never more than a second.
+func boundStep(d time.Duration) time.Duration { return min(time.Second, d/10) }
 
 // settle is the one place that decides ack, requeue or dead-letter for a
 // delivery, publishes its result first where there is one, and recovers
@@ -24,7 +32,7 @@ func (w *Worker) settle(it *item, out outcome) {
 	if it.ctx == nil {
 		it.ctx = context.Background()
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(it.ctx), settleTimeout)
+	ctx, cancel := w.settleBound.Bound(context.WithoutCancel(it.ctx))
 	defer cancel()
 	var s queue.Settlement // what the broker last took: reported to the observer
 	settled := false       // set once the broker took a settlement

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sous-run/sous/internal/batch"
+	"github.com/sous-run/sous/internal/deadline"
 	"github.com/sous-run/sous/internal/inference"
 	"github.com/sous-run/sous/internal/lanes"
 	"github.com/sous-run/sous/internal/queue"
@@ -234,6 +235,12 @@ type Worker struct {
 
 	modelsUnlisted atomic.Bool // said once: the engine does not list models
 
+	// Bounds shared by the settles and engine calls of each second, so
+	// neither costs a timer each (issue 29): settleTimeout on settles,
+	// cfg.EngineTimeout on engine calls (set by Run, on its work context).
+	settleBound *deadline.Source
+	engineBound *deadline.Source
+
 	cancels cancels // producers' cancellations (Cancel)
 }
 
@@ -249,8 +256,9 @@ func NewLanes(cfg Config, ls []Lane, e Engine, s Sizer, log *slog.Logger) *Worke
 	cfg = cfg.withDefaults()
 	w := &Worker{
 		cfg: cfg, engine: e, sizer: s, log: log, now: time.Now,
-		obs:  safeObserver{o: cfg.Observer, log: log},
-		wake: make(chan struct{}, 1),
+		obs:         safeObserver{o: cfg.Observer, log: log},
+		wake:        make(chan struct{}, 1),
+		settleBound: deadline.New(context.Background(), settleTimeout, boundStep(settleTimeout), nil),
 	}
 	for i, l := range ls {
 		w.lanes = append(w.lanes, &lane{Lane: l, idx: i, freed: make(chan struct{}, 1)})
@@ -295,6 +303,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	// drain deadline, not by the signal.
 	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelWork()
+	w.engineBound = deadline.New(workCtx, w.cfg.EngineTimeout, boundStep(w.cfg.EngineTimeout), nil)
 
 	// An engine that is down, or lacks the model, at start: take no work
 	// until it answers, rather than spend requests on it.
@@ -421,10 +430,11 @@ func Capacity(limit int) int {
 // too long (RabbitMQ's consumer_timeout): it waits for a slot at most
 // maxWait (then it goes back to the queue), a pause after an overload or a
 // failure (at most backoffMax) and a list's window (batchWait), then runs
-// in one engine call. While the engine is down nothing is held: the worker
-// hands its deliveries back.
+// in one engine call (its timeout, which ends up to a tenth of it later, a
+// second at most: see Worker.engineBound). While the engine is down nothing
+// is held: the worker hands its deliveries back.
 func HoldBound(maxWait, engineTimeout, backoffMax, batchWait time.Duration) time.Duration {
-	return maxWait + engineTimeout + backoffMax + batchWait
+	return maxWait + engineTimeout + boundStep(engineTimeout) + backoffMax + batchWait
 }
 
 // receiveLoop keeps lane l's prefetch at its capacity and hands its decoded
