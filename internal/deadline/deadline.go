@@ -78,9 +78,45 @@ func (b bound) Deadline() (time.Time, bool) { return b.deadline.Deadline() }
 func (b bound) Done() <-chan struct{}       { return b.deadline.Done() }
 func (b bound) Err() error                  { return b.deadline.Err() }
 
-// Value answers from the bounded context. context.Cause finds the parent's
-// cancel cause through it, and falls back to Err when the deadline passed.
-func (b bound) Value(key any) any { return b.values.Value(key) }
+// Value answers from the bounded context, except for the context package's
+// own key for the nearest cancelCtx, which it answers with the shared
+// deadline context's: a context derived from a bound (net/http derives one
+// for every request) then joins that context's children, as it would join
+// a context.WithTimeout's, instead of registering an AfterFunc (two
+// allocations each); and context.Cause finds the parent's cause, or the
+// deadline.
+func (b bound) Value(key any) any {
+	if key == cancelCtxKey && key != nil {
+		return b.deadline.Value(key)
+	}
+	return b.values.Value(key)
+}
+
+// cancelCtxKey is the context package's unexported key for a context's
+// nearest cancelCtx, learnt once from the one call that passes it to a
+// context of ours: context.Cause asks a done context for it. Should a
+// later Go not pass it, cancelCtxKey stays nil and derived contexts
+// register an AfterFunc instead: slower, never wrong.
+var cancelCtxKey = func() any {
+	var p keyProbe
+	_ = context.Cause(&p)
+	// Only a key that a cancellable context answers and the background
+	// does not can be that one.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if p.key == nil || ctx.Value(p.key) == nil || context.Background().Value(p.key) != nil {
+		return nil
+	}
+	return p.key
+}()
+
+// keyProbe is a done context that remembers the last key it was asked for.
+type keyProbe struct{ key any }
+
+func (*keyProbe) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (*keyProbe) Done() <-chan struct{}       { return nil }
+func (*keyProbe) Err() error                  { return context.Canceled }
+func (p *keyProbe) Value(key any) any         { p.key = key; return nil }
 
 // AfterFunc lets contexts derived from a bound (context.WithCancel and the
 // like) follow it without a goroutine each.

@@ -126,6 +126,30 @@ func TestBoundOfAContextCancelledOtherwise(t *testing.T) {
 	}
 }
 
+// A context derived from a bound joins the shared deadline context's
+// children, as one derived from context.WithTimeout does: no allocation
+// more (net/http derives one for every request).
+func TestDerivedContextsCostNoMore(t *testing.T) {
+	parent, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	values := context.WithValue(parent, key{}, "v")
+	s := deadline.New(parent, time.Hour, time.Hour, nil)
+	shared, _ := s.Bound(values)
+	timeout, stop := context.WithTimeout(values, time.Hour)
+	defer stop()
+	derive := func(ctx context.Context) func() {
+		return func() {
+			c, cancel := context.WithCancel(ctx)
+			_ = c.Done()
+			cancel()
+		}
+	}
+	got, want := testing.AllocsPerRun(100, derive(shared)), testing.AllocsPerRun(100, derive(timeout))
+	if got > want {
+		t.Fatalf("deriving from a bound costs %v allocations, from context.WithTimeout %v", got, want)
+	}
+}
+
 // BenchmarkBound: a shared bound against context.WithTimeout, on a
 // cancellable parent, as the worker's engine calls take it.
 func BenchmarkBound(b *testing.B) {
