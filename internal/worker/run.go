@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -21,22 +22,25 @@ import (
 // moment the engine answers, before its results are published, with the
 // items the engine had no room for handed back to the dispatcher.
 func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
+	rec := newCallRecord(bt)
 	// done marks items this goroutine no longer owns: settled, or handed
 	// back to the dispatcher.
-	done := make([]atomic.Bool, len(bt.Items))
-	var once sync.Once
+	done := rec.done
 	listKey := ""
 	if len(bt.Items) > 0 && bt.Items[0].perCall > 1 {
 		listKey = bt.Key
 	}
 	l := bt.Items[0].lane // a call's items share a lane
+	released := false     // only this goroutine releases
 	release := func(back []*item) {
-		once.Do(func() {
-			w.giveBack(back, l.idx, listKey)
-			w.onEngine.Add(-int64(len(bt.Items)))
-			l.onEngine.Add(-int64(len(bt.Items)))
-			w.signal()
-		})
+		if released {
+			return
+		}
+		released = true
+		w.giveBack(back, l.idx, listKey)
+		w.onEngine.Add(-int64(len(bt.Items)))
+		l.onEngine.Add(-int64(len(bt.Items)))
+		w.signal()
 	}
 	defer func() {
 		// A panic here (a stream callback, say) must not stop the worker or
@@ -63,16 +67,12 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		panic("worker: an item not in its own call")
 	}
 	start := w.now()
-	info := &wire.BatchInfo{ID: bt.ID, Size: len(bt.Items)}
-	ev := &BatchEvent{ID: bt.ID, Reason: string(bt.Reason), Start: start, Items: make([]BatchItem, len(bt.Items))}
-	for i, it := range bt.Items {
-		ev.Items[i] = BatchItem{Ctx: it.ctx, Delivery: it.d}
-	}
-	if len(bt.Items) > 0 { // items of a call share kind and model
-		ev.Kind, ev.Model = bt.Items[0].dec.Req.Kind, bt.Items[0].dec.Req.Model
-	}
+	info, ev := &rec.info, &rec.ev
+	ev.Start = start
 	ctx = w.obs.BatchStarted(ctx, ev)
-	w.log.DebugContext(ctx, "engine call", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
+	if w.log.Enabled(ctx, slog.LevelDebug) { // its arguments cost allocations even when not logged
+		w.log.DebugContext(ctx, "engine call", "batch_id", bt.ID, "batch_size", len(bt.Items), "reason", bt.Reason)
+	}
 
 	live := make([]*item, 0, len(bt.Items))
 	for _, it := range bt.Items {
@@ -89,8 +89,7 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 	// What the engine had no room for was not run: it goes back to the
 	// dispatcher, to run when there is room, and spends no attempt.
 	var back []*item
-	keep := live[:0:0]
-	keepRes := results[:0:0]
+	keep, keepRes := live[:0], results[:0] // filtered in place
 	for i, it := range live {
 		err := results[i].Err
 		if inference.KindOf(err) == inference.Overloaded && ctx.Err() == nil && it.overloads < w.cfg.MaxAttempts {
@@ -112,22 +111,58 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		}
 	}
 
+	outcomeOf := func(i int) outcome {
+		out := outcome{resp: keepRes[i].Response, err: keepRes[i].Err, batch: info, inference: elapsed}
+		if out.err != nil && w.workerFault(keep[i], out.err) {
+			out = outcome{requeue: queue.ReasonEngineDown}
+		}
+		return out
+	}
+	if len(keep) == 1 { // a call of one settles here, without a goroutine hand-off
+		done[index(keep[0])].Store(true)
+		w.settle(keep[0], outcomeOf(0))
+		return
+	}
 	// Results of a list are published concurrently, so their confirms
-	// overlap; a call of one settles here, without a goroutine hand-off.
+	// overlap.
 	var wg sync.WaitGroup
 	for i, it := range keep {
 		done[index(it)].Store(true)
-		out := outcome{resp: keepRes[i].Response, err: keepRes[i].Err, batch: info, inference: elapsed}
-		if out.err != nil && w.workerFault(it, out.err) {
-			out = outcome{requeue: queue.ReasonEngineDown}
-		}
-		if len(keep) == 1 {
-			w.settle(it, out)
-			break
-		}
+		out := outcomeOf(i)
 		wg.Go(func() { w.settle(it, out) })
 	}
 	wg.Wait()
+}
+
+// callRecord is what an engine call keeps for its observers and results,
+// in one allocation for a call of one request (most calls).
+type callRecord struct {
+	info wire.BatchInfo
+	ev   BatchEvent
+	done []atomic.Bool // per item: settled, or handed back
+
+	one     [1]BatchItem
+	oneDone [1]atomic.Bool
+}
+
+func newCallRecord(bt batch.Batch[*item]) *callRecord {
+	n := len(bt.Items)
+	rec := &callRecord{
+		info: wire.BatchInfo{ID: bt.ID, Size: n},
+		ev:   BatchEvent{ID: bt.ID, Reason: string(bt.Reason)},
+	}
+	if n == 1 {
+		rec.ev.Items, rec.done = rec.one[:], rec.oneDone[:]
+	} else {
+		rec.ev.Items, rec.done = make([]BatchItem, n), make([]atomic.Bool, n)
+	}
+	for i, it := range bt.Items {
+		rec.ev.Items[i] = BatchItem{Ctx: it.ctx, Delivery: it.d}
+	}
+	if n > 0 { // items of a call share kind and model
+		rec.ev.Kind, rec.ev.Model = bt.Items[0].dec.Req.Kind, bt.Items[0].dec.Req.Model
+	}
+	return rec
 }
 
 // infer makes the engine call for items and learns from the answer: the
