@@ -199,6 +199,23 @@ type lane struct {
 	// lane's gauge; written by the dispatcher only.
 	waiting atomic.Int64
 	meter   meter // its completions, for LaneRates
+
+	// The last one-request call's batcher key, kept by the lane's receive
+	// loop (see oneKey).
+	keyKind  inference.Kind
+	keyModel string
+	key      string
+}
+
+// oneKey is the batcher key of a one-request call of kind and model: they
+// order the batcher's groups, and a call of one groups with nothing. The
+// last key is kept, for a lane's requests mostly ask for one model, so the
+// key is not built again for each. Only the lane's receive loop calls it.
+func (l *lane) oneKey(kind inference.Kind, model string) string {
+	if l.key == "" || kind != l.keyKind || model != l.keyModel {
+		l.keyKind, l.keyModel, l.key = kind, model, kind.String()+"\x00"+model
+	}
+	return l.key
 }
 
 // Worker is the runtime. Create it with New or NewLanes and call Run once.
@@ -570,9 +587,7 @@ func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *it
 	if it.perCall > 1 {
 		it.key = dec.BatchKey() // a list holds requests the same in all but their input
 	} else {
-		// A call of one request groups with nothing: kind and model order
-		// the batcher's groups as well, without encoding the options.
-		it.key = dec.Req.Kind.String() + "\x00" + dec.Req.Model
+		it.key = l.oneKey(dec.Req.Kind, dec.Req.Model)
 	}
 	return it, true
 }
