@@ -122,6 +122,9 @@ type env struct {
 	work    workload
 	// streamInterval is the worker's StreamInterval (0: its default, 50ms).
 	streamInterval time.Duration
+	// cpu, when set, is stopped the moment the timer stops: checking the
+	// results is not the design's work.
+	cpu *cpuMeter
 }
 
 // limits are cmd/worker's defaults (SOUS_MAX_BODY_BYTES and so on) with
@@ -361,6 +364,7 @@ func (e *env) runSous(engine worker.Engine, slots, n int) {
 		e.b.Fatalf("%d of %d requests acked", o.acks.Load(), n)
 	}
 	e.b.StopTimer()
+	e.cpu.stop()
 	stop()
 	e.checkResults(n)
 	o.report(e.b)
@@ -476,6 +480,9 @@ func (bl *baseline) ratio(b *testing.B, rate float64, unit string) {
 type cpuMeter struct {
 	self, broker time.Duration
 	brokerPID    int
+	stopped      bool
+	selfEnd      time.Duration // at stop
+	brokerEnd    time.Duration
 }
 
 func startCPU() *cpuMeter {
@@ -484,9 +491,18 @@ func startCPU() *cpuMeter {
 	return m
 }
 
-// report adds cpu-us/msg (this process) and broker-cpu-us/msg metrics.
+// stop ends the measurement (nil: nothing is measured).
+func (m *cpuMeter) stop() {
+	if m != nil && !m.stopped {
+		m.stopped, m.selfEnd, m.brokerEnd = true, selfCPU(), procCPU(m.brokerPID)
+	}
+}
+
+// report adds cpu-us/msg (this process) and broker-cpu-us/msg metrics,
+// up to stop.
 func (m *cpuMeter) report(b *testing.B) {
-	self, broker := selfCPU()-m.self, procCPU(m.brokerPID)-m.broker
+	m.stop()
+	self, broker := m.selfEnd-m.self, m.brokerEnd-m.broker
 	b.ReportMetric(float64(self.Microseconds())/float64(b.N), "cpu-us/msg")
 	if m.brokerPID > 0 {
 		b.ReportMetric(float64(broker.Microseconds())/float64(b.N), "broker-cpu-us/msg")
