@@ -114,6 +114,8 @@ type session struct {
 	dead       chan struct{}        // closed when the connection or a channel closes
 
 	ret returns // matches basic.returns to publishes (returns.go)
+
+	tables sync.Pool // of amqp.Table: publish's header tables, recycled (see table)
 }
 
 type handle struct {
@@ -965,12 +967,44 @@ func (s *session) publish(ctx context.Context, m queue.Message) error {
 		p.DeliveryMode = amqp.Persistent
 	}
 	if len(m.Headers) > 0 {
-		p.Headers = make(amqp.Table, len(m.Headers))
-		for k, v := range m.Headers {
-			p.Headers[k] = v
-		}
+		t := s.table(m.Headers)
+		defer s.tables.Put(t)
+		p.Headers = t
 	}
 	return s.publishRaw(ctx, m.To, p)
+}
+
+// table returns a header table holding exactly h, recycled: amqp091-go has
+// written a publish's frames by the time its Publish returns, so the table
+// can carry a later publish's headers (the caller puts it back in
+// s.tables). A value the table already holds is kept, so a header that
+// repeats, as a result's status does, is not allocated again.
+func (s *session) table(h map[string]string) amqp.Table {
+	t, _ := s.tables.Get().(amqp.Table)
+	if t == nil {
+		return tableOf(h)
+	}
+	for k, old := range t {
+		if v, ok := h[k]; !ok {
+			delete(t, k)
+		} else if o, _ := old.(string); o != v {
+			t[k] = v
+		}
+	}
+	for k, v := range h {
+		if _, ok := t[k]; !ok {
+			t[k] = v
+		}
+	}
+	return t
+}
+
+func tableOf(h map[string]string) amqp.Table {
+	t := make(amqp.Table, len(h))
+	for k, v := range h {
+		t[k] = v
+	}
+	return t
 }
 
 func (s *session) publishRaw(ctx context.Context, to string, p amqp.Publishing) error {
