@@ -246,7 +246,8 @@ func (b *Batcher[T]) take(g *group[T], size int, reason Reason) Batch[T] {
 		g.head = 0
 	}
 	b.seq++
-	return Batch[T]{ID: b.prefix + strconv.FormatUint(b.seq, 10), Key: g.key, Items: items, Reason: reason, Oldest: oldest}
+	var id [64]byte // prefix and sequence built in place: one allocation, the string
+	return Batch[T]{ID: string(strconv.AppendUint(append(id[:0], b.prefix...), b.seq, 10)), Key: g.key, Items: items, Reason: reason, Oldest: oldest}
 }
 
 // Deadline is the instant the earliest window of a list group ends; ok is
