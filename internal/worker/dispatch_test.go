@@ -508,13 +508,20 @@ func TestBadInputDoesNotHoldBackValidWork(t *testing.T) {
 	b.WaitSettled(t, 6)
 }
 
-// panicky panics in the hooks that run after the broker took a settlement.
+// panicky panics in the hooks that run after the broker took a settlement,
+// and in the ends of the engine call's and the publish's.
 type panicky struct{ worker.NopObserver }
 
 func (panicky) Settling(context.Context, *queue.Delivery, queue.Settlement) func(error) {
 	return func(error) { panic("settling hook") }
 }
 func (panicky) Done(context.Context, *queue.Delivery, worker.Outcome) { panic("done hook") }
+func (panicky) Publishing(context.Context, *queue.Message, string) func(error) {
+	return func(error) { panic("publishing hook") }
+}
+func (panicky) EngineCall(ctx context.Context, _ worker.EngineCall) (context.Context, func([]inference.Result)) {
+	return ctx, func([]inference.Result) { panic("engine call hook") }
+}
 
 // TestObserverPanicsAfterTheAckDoNotSettleTwice: a panic in a hook after
 // the broker took the ack used to requeue the delivery as well (a 406 that
@@ -529,6 +536,14 @@ func TestObserverPanicsAfterTheAckDoNotSettleTwice(t *testing.T) {
 	for _, ev := range b.Events() {
 		if strings.HasPrefix(ev, "requeue:") {
 			t.Fatalf("settled twice: %v", b.Events())
+		}
+	}
+	if n := len(b.Published()); n != 2 {
+		t.Fatalf("%d results published, want 2", n)
+	}
+	for _, id := range []string{"a", "b"} {
+		if st, _ := b.Settlement(id); st.Action != queue.Ack {
+			t.Errorf("%s settled %v, want ack: a panicking hook changed what happened to it", id, st)
 		}
 	}
 }

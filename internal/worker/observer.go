@@ -173,14 +173,20 @@ func (s safeObserver) BatchStarted(ctx context.Context, b *BatchEvent) (out cont
 	return s.o.BatchStarted(ctx, b)
 }
 
+// EngineCall returns the observer's own end: the caller ends it through
+// engineCallEnded, which contains its panics, so no wrapper is allocated
+// per call.
 func (s safeObserver) EngineCall(ctx context.Context, c EngineCall) (out context.Context, end func([]inference.Result)) {
-	out, end = ctx, func([]inference.Result) {}
+	out, end = ctx, nopEngineCallEnd
 	defer s.recover("EngineCall")
-	c2, e := s.o.EngineCall(ctx, c)
-	return c2, func(r []inference.Result) {
-		defer s.recover("EngineCall end")
-		e(r)
-	}
+	return s.o.EngineCall(ctx, c)
+}
+
+func nopEngineCallEnd([]inference.Result) {}
+
+func (s safeObserver) engineCallEnded(end func([]inference.Result), r []inference.Result) {
+	defer s.recover("EngineCall end")
+	end(r)
 }
 
 func (s safeObserver) BatchFinished(ctx context.Context, b *BatchEvent, elapsed time.Duration) {
@@ -188,24 +194,26 @@ func (s safeObserver) BatchFinished(ctx context.Context, b *BatchEvent, elapsed 
 	s.o.BatchFinished(ctx, b, elapsed)
 }
 
+// Publishing and Settling return the observer's own end, for ended.
 func (s safeObserver) Publishing(ctx context.Context, m *queue.Message, status string) (end func(error)) {
-	end = func(error) {}
+	end = nopEnd
 	defer s.recover("Publishing")
-	e := s.o.Publishing(ctx, m, status)
-	return func(err error) {
-		defer s.recover("Publishing end")
-		e(err)
-	}
+	return s.o.Publishing(ctx, m, status)
 }
 
 func (s safeObserver) Settling(ctx context.Context, d *queue.Delivery, st queue.Settlement) (end func(error)) {
-	end = func(error) {}
+	end = nopEnd
 	defer s.recover("Settling")
-	e := s.o.Settling(ctx, d, st)
-	return func(err error) {
-		defer s.recover("Settling end")
-		e(err)
-	}
+	return s.o.Settling(ctx, d, st)
+}
+
+func nopEnd(error) {}
+
+// ended calls the end that a hook returned, containing its panics; hook
+// names it in the log ("Publishing end").
+func (s safeObserver) ended(hook string, end func(error), err error) {
+	defer s.recover(hook)
+	end(err)
 }
 
 func (s safeObserver) Done(ctx context.Context, d *queue.Delivery, o Outcome) {

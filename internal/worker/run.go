@@ -193,7 +193,7 @@ func (w *Worker) infer(ctx context.Context, items []*item, on int) []inference.R
 			results[i].Err = err
 		}
 	}
-	end(results)
+	w.obs.engineCallEnded(end, results)
 	for _, s := range streams {
 		if s != nil {
 			s.flush()

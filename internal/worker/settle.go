@@ -205,7 +205,7 @@ func (w *Worker) brokerSettle(ctx context.Context, it *item, s queue.Settlement,
 	if err == nil || errors.Is(err, queue.ErrStale) {
 		*settled = true
 	}
-	end(err)
+	w.obs.ended("Settling end", end, err)
 	return err
 }
 
@@ -250,7 +250,7 @@ func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, o
 func (w *Worker) publish(ctx context.Context, it *item, m queue.Message, status string) error {
 	end := w.obs.Publishing(it.ctx, &m, status)
 	err := it.lane.Broker.Publish(ctx, m)
-	end(err)
+	w.obs.ended("Publishing end", end, err)
 	return err
 }
 

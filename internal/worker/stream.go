@@ -39,9 +39,7 @@ func (c *chunker) add(delta string) {
 	defer c.mu.Unlock()
 	if !c.first && delta != "" {
 		c.first = true
-		if f, ok := c.w.obs.(FirstTokenObserver); ok {
-			f.FirstToken(c.it.ctx, c.it.dec.Req.Model, c.w.now().Sub(c.start))
-		}
+		c.w.obs.FirstToken(c.it.ctx, c.it.dec.Req.Model, c.w.now().Sub(c.start))
 	}
 	c.buf.WriteString(delta)
 	// The first token goes at once (time to first token is what a reader

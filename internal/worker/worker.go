@@ -224,7 +224,7 @@ type Worker struct {
 	lanes  []*lane
 	engine Engine
 	sizer  Sizer
-	obs    Observer // cfg.Observer with its panics contained
+	obs    safeObserver // cfg.Observer with its panics contained
 	log    *slog.Logger
 	now    func() time.Time
 

@@ -674,8 +674,15 @@ func (d *Driver) setConsumeLost(err error) {
 	d.consumeLost = err
 }
 
+// received is a delivery with its handle, in one allocation.
+type received struct {
+	del queue.Delivery
+	h   handle
+}
+
 func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
-	del := &queue.Delivery{
+	r := &received{h: handle{s: s, tag: raw.DeliveryTag, raw: raw}}
+	r.del = queue.Delivery{
 		ID:                 raw.MessageId,
 		CorrelationID:      raw.CorrelationId,
 		ReplyTo:            raw.ReplyTo,
@@ -686,9 +693,9 @@ func (d *Driver) toDelivery(s *session, raw amqp.Delivery) *queue.Delivery {
 		EnqueuedAt:         enqueuedAt(raw),
 		EnqueuedResolution: enqueuedResolution(raw),
 		ReceivedAt:         time.Now(),
-		Handle:             &handle{s: s, tag: raw.DeliveryTag, raw: raw},
+		Handle:             &r.h,
 	}
-	return del
+	return &r.del
 }
 
 // enqueuedAt is when the message was published: the timestamp_in_ms
