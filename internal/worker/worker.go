@@ -463,6 +463,10 @@ func (w *Worker) receiveLoop(ctx context.Context, l *lane, in chan<- []*item) {
 	base := context.WithoutCancel(ctx)
 	lastPrefetch := 0
 	errWait := 100 * time.Millisecond
+	// rctx is what Receive runs on: kept from one Receive to the next until
+	// stopReceiving cuts it, so a receive of one delivery does not cost a
+	// context and a place among ctx's children each.
+	var rctx context.Context
 	for ctx.Err() == nil {
 		if o := w.down.Load(); o != nil {
 			// Take nothing while the engine is down: what the broker holds
@@ -496,17 +500,18 @@ func (w *Worker) receiveLoop(ctx context.Context, l *lane, in chan<- []*item) {
 			}
 			continue
 		}
-		rctx, cancel := context.WithCancel(ctx)
-		l.stopRecv.Store(&cancel)
+		if rctx == nil || rctx.Err() != nil {
+			var cancel context.CancelFunc
+			rctx, cancel = context.WithCancel(ctx) // released with ctx, or by stopReceiving
+			l.stopRecv.Store(&cancel)
+		}
 		if w.down.Load() != nil || w.dlq.pausedFor(w.now()) > 0 { // since the checks above
-			cancel()
+			(*l.stopRecv.Load())()
 		}
 		if rctx.Err() != nil {
-			cancel()
 			continue // cut already: take nothing, not even what is ready
 		}
 		ds, err := l.Broker.Receive(rctx, free)
-		cancel()
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, queue.ErrClosed) {
 				return
