@@ -101,10 +101,10 @@ func (w *Worker) runCall(ctx context.Context, bt batch.Batch[*item], on int) {
 		keep, keepRes = append(keep, it), append(keepRes, results[i])
 	}
 	release(back)
-	elapsed := w.now().Sub(start)
+	end := w.now()
+	elapsed := end.Sub(start)
 	w.obs.BatchFinished(ctx, ev, elapsed)
 
-	end := w.now()
 	for i := range keep {
 		if keepRes[i].Err == nil {
 			l.meter.observe(end, elapsed, keepRes[i].Response.Usage.OutputTokens)

@@ -572,7 +572,8 @@ func (w *Worker) receive(ctx context.Context, l *lane, in chan<- []*item) (ended
 // before its dead-letter failed.
 func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *item, ok bool) {
 	it = &item{ctx: ctx, lane: l, d: d}
-	dec, err := wire.DecodeRequest(d.Body, d.ContentType, d.ID, w.cfg.Limits, w.now())
+	now := w.now()
+	dec, err := wire.DecodeRequest(d.Body, d.ContentType, d.ID, w.cfg.Limits, now)
 	it.dec = dec
 	if err != nil {
 		it.bad = outcome{err: err}
@@ -581,7 +582,7 @@ func (w *Worker) decode(ctx context.Context, l *lane, d *queue.Delivery) (it *it
 	if d.Headers[headerAnswered] != "" {
 		return it, false // decide dead-letters it
 	}
-	if w.cancels.match(d, w.now()) {
+	if w.cancels.match(d, now) {
 		it.bad = outcome{err: errCancelled}
 		return it, false
 	}
