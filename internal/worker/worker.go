@@ -683,7 +683,7 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 		return out
 	}
 	var calls sync.WaitGroup // engine calls, each settling its items
-	var pool callPool
+	pool := callPool{w: w}
 	defer pool.close()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -793,10 +793,7 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 				w.onEngine.Add(k)
 				w.lanes[li].onEngine.Add(k)
 				calls.Add(1)
-				pool.run(func() {
-					defer calls.Done()
-					w.runCall(workCtx, bt, total+int(k))
-				})
+				pool.run(call{ctx: workCtx, bt: bt, on: total + int(k), done: &calls})
 				started = true
 				break
 			}
@@ -838,28 +835,38 @@ func (w *Worker) dispatch(workCtx context.Context, stop <-chan struct{}, in <-ch
 const callIdle = 500 * time.Millisecond
 
 type callPool struct {
-	work chan func() // unbuffered: taken only by an idle goroutine
+	w    *Worker
+	work chan call // unbuffered: taken only by an idle goroutine
 	wg   sync.WaitGroup
 }
 
-func (p *callPool) run(f func()) {
+// call is one engine call for the pool: a value, so handing it over costs
+// no closure.
+type call struct {
+	ctx  context.Context
+	bt   batch.Batch[*item]
+	on   int             // requests on the engine counting this call's
+	done *sync.WaitGroup // told when the call has settled its items
+}
+
+func (p *callPool) run(c call) {
 	if p.work == nil {
-		p.work = make(chan func())
+		p.work = make(chan call)
 	}
 	select {
-	case p.work <- f:
+	case p.work <- c:
 	default:
 		p.wg.Go(func() {
-			f()
+			p.do(c)
 			idle := time.NewTimer(callIdle)
 			defer idle.Stop()
 			for {
 				select {
-				case f, ok := <-p.work:
+				case c, ok := <-p.work:
 					if !ok {
 						return
 					}
-					f()
+					p.do(c)
 					idle.Reset(callIdle)
 				case <-idle.C:
 					return
@@ -867,6 +874,11 @@ func (p *callPool) run(f func()) {
 			}
 		})
 	}
+}
+
+func (p *callPool) do(c call) {
+	defer c.done.Done()
+	p.w.runCall(c.ctx, c.bt, c.on)
 }
 
 // close ends the idle goroutines once their calls return, and waits for them.
