@@ -243,7 +243,10 @@ func (w *Worker) publishResult(ctx context.Context, it *item, res wire.Result, o
 	if err != nil {
 		return err
 	}
-	return w.publish(ctx, it, w.reply(d, body, res.Status), res.Status)
+	m := w.reply(d, body, res.Status)
+	err = w.publish(ctx, it, m, res.Status)
+	w.headers.Put(m.Headers) // the broker kept nothing of it (Broker.Publish)
+	return err
 }
 
 // publish publishes m, a result or chunk for it, through the Observer.
@@ -259,7 +262,12 @@ func (w *Worker) reply(d *queue.Delivery, body []byte, status string) queue.Mess
 	if to == "" {
 		to = w.cfg.ResultsQueue
 	}
-	h := map[string]string{"x-sous-status": status}
+	h, _ := w.headers.Get().(map[string]string)
+	if h == nil {
+		h = make(map[string]string, 1)
+	}
+	clear(h) // an observer may have added to it (trace context)
+	h["x-sous-status"] = status
 	return queue.Message{
 		To:            to,
 		SessionID:     d.ReplyToSessionID,

@@ -24,7 +24,9 @@ type Broker interface {
 	// Receive blocks until at least one delivery is available and returns at
 	// most max.
 	Receive(ctx context.Context, max int) ([]*queue.Delivery, error)
-	// Publish returns once the broker has accepted m.
+	// Publish returns once the broker has accepted m. It keeps nothing of
+	// m.Headers once it returns: the worker hands the map to its next
+	// result.
 	Publish(ctx context.Context, m queue.Message) error
 	// Settle acks, requeues or dead-letters d.
 	Settle(ctx context.Context, d *queue.Delivery, s queue.Settlement) error
@@ -257,6 +259,8 @@ type Worker struct {
 	// cfg.EngineTimeout on engine calls (set by Run, on its work context).
 	settleBound *deadline.Source
 	engineBound *deadline.Source
+
+	headers sync.Pool // of map[string]string: results' header maps (reply)
 
 	cancels cancels // producers' cancellations (Cancel)
 }

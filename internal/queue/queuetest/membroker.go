@@ -3,6 +3,7 @@ package queuetest
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sync"
 	"testing"
 	"time"
@@ -78,8 +79,10 @@ func (b *MemBroker) Receive(ctx context.Context, max int) ([]*queue.Delivery, er
 	return out, nil
 }
 
-// Publish implements the driver contract.
+// Publish implements the driver contract. It keeps a copy of m's headers,
+// as a driver that encodes them does: the caller may reuse the map.
 func (b *MemBroker) Publish(_ context.Context, m queue.Message) error {
+	m.Headers = maps.Clone(m.Headers)
 	b.mu.Lock()
 	hook := b.publishHook
 	b.mu.Unlock()
