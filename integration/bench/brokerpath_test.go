@@ -51,30 +51,26 @@ func BenchmarkBrokerPath(b *testing.B) {
 		e.fill(warmRequests)
 		run(e, warmRequests)
 	}
+	// timed runs one design on b.N fresh requests with the timer and the CPU
+	// meters on, from a collected heap.
+	timed := func(b *testing.B, run func(e *env)) {
+		e := setup(b, "tiny", work)
+		e.fill(b.N)
+		runtime.GC()
+		e.cpu = startCPU()
+		b.ResetTimer()
+		run(e)
+		b.StopTimer()
+		e.cpu.report(b)
+	}
 	var hand baseline
 	handwritten := func(b *testing.B) {
-		e := setup(b, "tiny", work)
-		e.fill(b.N)
-		runtime.GC()
-		cpu := startCPU()
-		e.cpu = cpu
-		b.ResetTimer()
-		e.runHandwritten(srv.client(b), prefetch, b.N, handOptions{})
-		b.StopTimer()
+		timed(b, func(e *env) { e.runHandwritten(srv.client(b), prefetch, b.N, handOptions{}) })
 		hand.set(b, perSecond(b))
-		cpu.report(b)
 	}
 	sous := func(b *testing.B) {
-		e := setup(b, "tiny", work)
-		e.fill(b.N)
-		runtime.GC()
-		cpu := startCPU()
-		e.cpu = cpu
-		b.ResetTimer()
-		e.runSous(srv.client(b), slots, b.N)
-		b.StopTimer()
+		timed(b, func(e *env) { e.runSous(srv.client(b), slots, b.N) })
 		hand.ratio(b, perSecond(b), "xhandwritten")
-		cpu.report(b)
 	}
 	if os.Getenv("SOUS_BENCH_ORDER") == "sous-first" {
 		b.Run("design=sous", sous)
@@ -95,16 +91,8 @@ func BenchmarkBrokerPath(b *testing.B) {
 			{"ack-each+sous-publish", handOptions{ackEach: true, sousPublish: true}},
 		} {
 			b.Run("design=handwritten/"+v.name, func(b *testing.B) {
-				e := setup(b, "tiny", work)
-				e.fill(b.N)
-				runtime.GC()
-				cpu := startCPU()
-				e.cpu = cpu
-				b.ResetTimer()
-				e.runHandwritten(srv.client(b), prefetch, b.N, v.opt)
-				b.StopTimer()
+				timed(b, func(e *env) { e.runHandwritten(srv.client(b), prefetch, b.N, v.opt) })
 				hand.ratio(b, perSecond(b), "xhandwritten")
-				cpu.report(b)
 			})
 		}
 	}
