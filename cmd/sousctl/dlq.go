@@ -201,10 +201,18 @@ func browse(ctx context.Context, ch *amqp.Channel, o dlqOptions) ([]deadLetter, 
 	if err := ch.Qos(want, 0, false); err != nil {
 		return nil, err
 	}
-	msgs, err := ch.ConsumeWithContext(ctx, o.dlq, "", false, false, false, false, nil)
+	// The consumer is cancelled here, before the caller goes on with the
+	// channel. ConsumeWithContext would cancel it from a goroutine of its
+	// own when ctx ends, an RPC racing the caller's next one on the same
+	// channel (its Close, or replay's Confirm): amqp091-go does not
+	// serialise a channel's RPCs, a reply can reach the wrong waiter, and a
+	// CI run saw `dlq list` hang until it was killed.
+	tag := fmt.Sprintf("sousctl-dlq-%d", time.Now().UnixNano())
+	msgs, err := ch.Consume(o.dlq, tag, false, false, false, false, nil)
 	if err != nil {
 		return nil, fmt.Errorf("read %q: %w", o.dlq, err)
 	}
+	defer func() { _ = ch.Cancel(tag, false) }() // what it took stays unacked: closing the channel hands it back
 	var out []deadLetter
 	for len(out) < want {
 		select {
